@@ -1,0 +1,112 @@
+# bench/lib.sh - shell helpers shared by bench/anchor-server.sh, bench/run.sh
+# and bench/smoke.sh. Source it; it defines functions only (plus ZMB_REPO).
+# Every process it starts is tracked by PID by the caller; nothing here kills
+# by name.
+
+ZMB_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+# The server's schema v1 (mirrors src/store/migrate.c): used only when the
+# binary cannot create it itself (no --migrate-only). Idempotent, like the
+# server's own migrations, which run again at start-up and record versions.
+ZMB_SCHEMA_SQL="
+CREATE TABLE IF NOT EXISTS managed_identities(
+  ziti_identity_id TEXT PRIMARY KEY, identity_id TEXT NOT NULL,
+  identity_type SMALLINT NOT NULL, created_at TIMESTAMP NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS service_identities(
+  ziti_identity_id TEXT PRIMARY KEY, service_type SMALLINT NOT NULL,
+  lease_expires_at TIMESTAMP NOT NULL, created_at TIMESTAMP NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS service_identities_lease_expires_at_idx
+  ON service_identities(lease_expires_at, ziti_identity_id);"
+
+# zmb_schema STORE_PATH BIN: creates the schema (the server's own
+# --migrate-only when it works, else the DDL above). Returns non-zero on failure.
+zmb_schema() {
+  local store=$1 bin=$2
+  if [[ -x $bin ]] && STORE_PATH=$store ZITI_CONTROLLER_URL= LOG_LEVEL=warn \
+    "$bin" --migrate-only >/dev/null 2>&1; then
+    return 0
+  fi
+  sqlite3 "$store" "$ZMB_SCHEMA_SQL"
+}
+
+# zmb_seed STORE_PATH N [LEASE_S] [FIRST]: inserts the anchors' keys
+# i = FIRST..FIRST+N-1 into both tables: managed 'zid-%06d' ->
+# 'a9e1c0de-0000-4000-8000-%012d', AGENT; service identities with the same
+# ids, service_type 3 (runner), lease now+LEASE_S s (default 300); times as
+# the server's canonical TEXT 'YYYY-MM-DD HH:MM:SS.mmm' UTC. One transaction.
+zmb_seed() {
+  local store=$1 n=$2 lease=${3:-300} first=${4:-0}
+  sqlite3 "$store" >/dev/null <<SQL
+PRAGMA journal_mode=WAL;
+BEGIN;
+WITH RECURSIVE seq(i) AS (SELECT $first UNION ALL SELECT i + 1 FROM seq WHERE i < $first + $n - 1)
+INSERT INTO managed_identities(ziti_identity_id, identity_id, identity_type, created_at)
+  SELECT printf('zid-%06d', i), printf('a9e1c0de-0000-4000-8000-%012d', i), 1,
+         strftime('%Y-%m-%d %H:%M:%f', 'now') FROM seq;
+WITH RECURSIVE seq(i) AS (SELECT $first UNION ALL SELECT i + 1 FROM seq WHERE i < $first + $n - 1)
+INSERT INTO service_identities(ziti_identity_id, service_type, lease_expires_at, created_at)
+  SELECT printf('zid-%06d', i), 3, strftime('%Y-%m-%d %H:%M:%f', 'now', '+$lease seconds'),
+         strftime('%Y-%m-%d %H:%M:%f', 'now') FROM seq;
+COMMIT;
+SQL
+}
+
+# zmb_seed_expired STORE_PATH N: N service identities 'gc-%06d' whose lease
+# expired a minute ago (with their managed rows, type RUNNER): GC work.
+zmb_seed_expired() {
+  local store=$1 n=$2
+  sqlite3 "$store" >/dev/null <<SQL
+PRAGMA journal_mode=WAL;
+BEGIN;
+WITH RECURSIVE seq(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM seq WHERE i < $n - 1)
+INSERT INTO managed_identities(ziti_identity_id, identity_id, identity_type, created_at)
+  SELECT printf('gc-%06d', i), printf('9c000000-0000-4000-8000-%012d', i), 2,
+         strftime('%Y-%m-%d %H:%M:%f', 'now', '-1 hour') FROM seq;
+WITH RECURSIVE seq(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM seq WHERE i < $n - 1)
+INSERT INTO service_identities(ziti_identity_id, service_type, lease_expires_at, created_at)
+  SELECT printf('gc-%06d', i), 3, strftime('%Y-%m-%d %H:%M:%f', 'now', '-60 seconds'),
+         strftime('%Y-%m-%d %H:%M:%f', 'now', '-1 hour') FROM seq;
+COMMIT;
+SQL
+}
+
+# zmb_wait_port PORT PID TIMEOUT_S: 0 once 127.0.0.1:PORT accepts, 1 if PID
+# died or time ran out.
+zmb_wait_port() {
+  local port=$1 pid=$2 t=$3 i
+  for ((i = 0; i < t * 50; i++)); do
+    kill -0 "$pid" 2>/dev/null || return 1
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+    sleep 0.02
+  done
+  return 1
+}
+
+# zmb_wait_health BENCH PORT PID TIMEOUT_S: 0 once grpc.health.v1 Check
+# answers SERVING.
+zmb_wait_health() {
+  local bench=$1 port=$2 pid=$3 t=$4 i
+  for ((i = 0; i < t * 20; i++)); do
+    kill -0 "$pid" 2>/dev/null || return 1
+    "$bench" --target "127.0.0.1:$port" --scenario health -n 1 --timeout-ms 1000 \
+      --quiet --show-errors 0 >/dev/null 2>&1 && return 0
+    sleep 0.05
+  done
+  return 1
+}
+
+# zmb_stop PID: SIGTERM, then SIGKILL after 10 s; reaps it if it is our child.
+zmb_stop() {
+  local pid=$1 i
+  [[ -n $pid ]] || return 0
+  kill "$pid" 2>/dev/null || return 0
+  for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null
+  return 0
+}
+
+# zmb_vm PID KEY: a /proc/PID/status field in kB (VmRSS, VmHWM).
+zmb_vm() { awk -v k="$2:" '$1==k{print $2}' "/proc/$1/status" 2>/dev/null; }
+# zmb_ticks PID: utime+stime in clock ticks.
+zmb_ticks() { awk '{print $14+$15}' "/proc/$1/stat" 2>/dev/null || echo 0; }

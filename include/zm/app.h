@@ -1,0 +1,86 @@
+/*
+ * app.h - the service context (zm_app_t) that wires the modules together,
+ * and the entry points of the RPC handlers, the enrollment saga and the
+ * lease GC. server wiring lives in src/app/app.c; it is the only code that
+ * knows every module.
+ */
+#ifndef ZM_APP_H
+#define ZM_APP_H
+
+#include "zm/config.h"
+#include "zm/grpc.h"
+#include "zm/health.h"
+#include "zm/index.h"
+#include "zm/store.h"
+#include "zm/ziti.h"
+
+#include <uv.h>
+
+typedef struct zm_gc zm_gc_t;
+
+/* Bound on id-like strings from clients (ziti ids, agent ids). */
+#define ZM_MAX_ID_LEN 256u
+
+typedef struct {
+  uint64_t enroll_started, enroll_ok, enroll_failed, enroll_compensated,
+      enroll_compensate_failed;
+  uint64_t gc_collected, gc_failed, gc_retried, gc_sweeps, recovered_pending;
+  /* loop lag probe: max lateness of a 1 ms repeating timer since the last
+   * report, and the worst ever (ms) */
+  uint64_t lag_max_ms, lag_worst_ms;
+  uint32_t enroll_gauge[16]; /* sagas currently in each ZM_ENROLL_* state */
+} zm_app_stats_t;
+
+typedef struct zm_app {
+  uv_loop_t *loop;
+  zm_config_t cfg;
+  zm_grpc_server_t *grpc;
+  zm_health_t health;
+  zm_store_t *store;
+  zm_index_t *index;
+  zm_ziti_t *ziti; /* NULL when no controller is configured */
+  zm_gc_t *gc;
+  uv_signal_t sigterm, sigint;
+  uv_timer_t lag_timer;
+  uint64_t lag_expected;
+  int shutting_down;
+  int exit_code;
+  unsigned enroll_inflight;
+  unsigned writes_inflight; /* store units submitted by handlers, not yet done */
+  zm_app_stats_t stats;
+} zm_app_t;
+
+/* Runs the service until SIGTERM/SIGINT; returns the process exit code. */
+int zm_app_run(const zm_config_t *cfg);
+/* Opens/migrates the store and exits: returns 0 or 1. */
+int zm_app_migrate_only(const zm_config_t *cfg);
+
+/* ---- RPC handlers (ctx = zm_app_t *) --------------------------------------- */
+void zm_rpc_resolve_identity(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
+void zm_rpc_extend_lease(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
+void zm_rpc_list_managed(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
+void zm_rpc_create_agent(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
+void zm_rpc_delete_identity(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
+void zm_rpc_request_service_identity(zm_call_t *c, const ProtobufCMessage *req,
+                                     void *ctx);
+
+/* Validates a client-supplied id: non-empty, <= ZM_MAX_ID_LEN bytes, valid
+ * UTF-8, no NUL/control characters. Returns NULL if valid, else the reason. */
+const char *zm_rpc_check_id(const char *s, const char *field);
+
+/* ---- lease GC + recovery (src/lease/gc.c) --------------------------------- */
+zm_gc_t *zm_gc_new(zm_app_t *app);
+/* Starts the periodic timer; the first sweep runs promptly. */
+void zm_gc_start(zm_gc_t *gc);
+/* Stops timers; in-flight deletes finish; done(data) when nothing is left. */
+void zm_gc_stop(zm_gc_t *gc, void (*done)(void *), void *data);
+void zm_gc_free(zm_gc_t *gc);
+/* Test hook: run a sweep now (if none is running). */
+void zm_gc_trigger(zm_gc_t *gc);
+
+/* ---- test hooks -------------------------------------------------------------- */
+/* With ZM_TEST_HOOKS builds, env ZM_TEST_CRASH_AT=<STATE> makes the enrollment
+ * saga _exit(137) when it enters that state (crash tests). */
+void zm_test_crash_point(const char *state);
+
+#endif /* ZM_APP_H */

@@ -1,0 +1,72 @@
+/*
+ * config.h - the service configuration, from environment variables (names
+ * compatible with the existing Go service) and a few command-line flags.
+ * Pure: zm_config_load() reads a getenv-like function so tests can feed it.
+ */
+#ifndef ZM_CONFIG_H
+#define ZM_CONFIG_H
+
+#include "zm/crypto.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define ZM_MAX_SERVICE_TYPES 32
+#define ZM_MAX_ROLES 4
+
+/* One service type: proto number -> name prefix + role attributes. */
+typedef struct {
+  int number;             /* ServiceType enum value, > 0 */
+  char name[32];          /* "gateway": identities are named svc-<name>-<short> */
+  char roles[ZM_MAX_ROLES][64];
+  size_t n_roles;
+} zm_service_type_t;
+
+typedef struct {
+  char grpc_address[128];    /* GRPC_ADDRESS, default ":50051" */
+  char store_path[512];      /* STORE_PATH, default "./ziti-management.db" */
+  int store_sync_full;       /* STORE_SYNC=full|normal, default full */
+  char controller_url[512];  /* ZITI_CONTROLLER_URL; empty = no controller */
+  char ca_file[512];         /* ZITI_CA_FILE */
+  char cert_file[512];       /* ZITI_CERT_FILE */
+  char key_file[512];        /* ZITI_KEY_FILE */
+  uint64_t lease_ttl_ms;     /* SERVICE_IDENTITY_LEASE_TTL, default 5m */
+  uint64_t gc_interval_ms;   /* SERVICE_IDENTITY_GC_INTERVAL, default 1m */
+  unsigned gc_concurrency;   /* SERVICE_IDENTITY_GC_CONCURRENCY, default 16 */
+  uint64_t pending_age_ms;   /* PENDING_RECOVERY_AGE: pending records older than
+                                this are resolved by GC, default 10m */
+  uint64_t enroll_timeout_ms; /* ENROLLMENT_TIMEOUT: bound of one enrollment when
+                                 the caller sets no deadline, default 60s */
+  unsigned enroll_max_inflight; /* ENROLLMENT_MAX_INFLIGHT, default 256 */
+  zm_key_alg_t key_alg;      /* ENROLLMENT_KEY_ALG, default ec-p384 */
+  uint64_t ziti_timeout_ms;  /* ZITI_REQUEST_TIMEOUT, default 15s */
+  unsigned ziti_pool_size;   /* ZITI_POOL_SIZE, default 16 */
+  size_t max_recv_msg;       /* GRPC_MAX_RECV_MSG_SIZE bytes, default 4 MiB */
+  uint64_t idle_timeout_ms;  /* GRPC_IDLE_TIMEOUT, default 5m; 0 = never */
+  uint32_t max_streams;      /* GRPC_MAX_CONCURRENT_STREAMS, default 1024 */
+  uint64_t shutdown_grace_ms; /* SHUTDOWN_GRACE, default 20s */
+  char log_level[16];        /* LOG_LEVEL, default info */
+  zm_service_type_t types[ZM_MAX_SERVICE_TYPES]; /* built-ins + SERVICE_TYPES */
+  size_t n_types;
+} zm_config_t;
+
+/*
+ * Fills cfg from getenv_fn (NULL = getenv). On error returns ZM_E_INVAL and
+ * writes a one-line reason naming the variable into err.
+ * SERVICE_TYPES extends/overrides the built-in table (gateway=1,
+ * orchestrator=2, runner=3): "4:llm-proxy:llm-proxies,5:tracing:tracing+otel"
+ * (number:name:role[+role...], comma-separated).
+ */
+int zm_config_load(zm_config_t *cfg, const char *(*getenv_fn)(const char *),
+                   char *err, size_t errlen);
+
+/* Go time.ParseDuration subset: "300ms", "1.5h", "2h45m", "5m", "10s",
+ * "100us"/"100µs", "0". Result rounded up to whole ms (a non-zero duration
+ * below 1 ms becomes 1 ms). Returns 0 or ZM_E_INVAL. */
+int zm_duration_parse(const char *s, uint64_t *ms);
+
+/* The service type with this proto number, or NULL. */
+const zm_service_type_t *zm_config_service_type(const zm_config_t *cfg,
+                                                int number);
+
+#endif /* ZM_CONFIG_H */

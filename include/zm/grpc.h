@@ -1,0 +1,131 @@
+/*
+ * grpc.h - the gRPC server: plaintext HTTP/2 (h2c, prior knowledge) on libuv
+ * with nghttp2, unary methods only, one loop.
+ *
+ * A handler gets the decoded request and finishes the call later, exactly
+ * once, with zm_call_reply() or zm_call_fail() - possibly long after the
+ * client went away: a call whose stream was reset, whose deadline passed or
+ * whose connection closed is "cancelled"; finishing it then just frees it.
+ * Handlers that wait on I/O may register a cancel callback to stop early.
+ */
+#ifndef ZM_GRPC_H
+#define ZM_GRPC_H
+
+#include "zm/zm.h"
+
+#include <protobuf-c/protobuf-c.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+/* gRPC status codes (grpc/doc/statuscodes.md). */
+typedef enum {
+  ZM_GRPC_OK = 0,
+  ZM_GRPC_CANCELLED = 1,
+  ZM_GRPC_UNKNOWN = 2,
+  ZM_GRPC_INVALID_ARGUMENT = 3,
+  ZM_GRPC_DEADLINE_EXCEEDED = 4,
+  ZM_GRPC_NOT_FOUND = 5,
+  ZM_GRPC_ALREADY_EXISTS = 6,
+  ZM_GRPC_PERMISSION_DENIED = 7,
+  ZM_GRPC_RESOURCE_EXHAUSTED = 8,
+  ZM_GRPC_FAILED_PRECONDITION = 9,
+  ZM_GRPC_ABORTED = 10,
+  ZM_GRPC_OUT_OF_RANGE = 11,
+  ZM_GRPC_UNIMPLEMENTED = 12,
+  ZM_GRPC_INTERNAL = 13,
+  ZM_GRPC_UNAVAILABLE = 14,
+  ZM_GRPC_DATA_LOSS = 15,
+  ZM_GRPC_UNAUTHENTICATED = 16,
+} zm_grpc_status_t;
+
+typedef struct zm_grpc_server zm_grpc_server_t;
+typedef struct zm_call zm_call_t;
+
+/* Called with the decoded request (allocated in the call's arena, valid until
+ * the call is finished). */
+typedef void (*zm_grpc_handler_fn)(zm_call_t *call, const ProtobufCMessage *req,
+                                   void *ctx);
+
+typedef struct {
+  const char *path; /* "/package.Service/Method", not owned */
+  const ProtobufCMessageDescriptor *input;
+  zm_grpc_handler_fn fn;
+  void *ctx;
+} zm_grpc_method_t;
+
+typedef struct {
+  const char *address;      /* "host:port", ":port" = all interfaces */
+  size_t max_recv_msg;      /* bytes, default 4 MiB */
+  uint32_t max_streams;     /* SETTINGS_MAX_CONCURRENT_STREAMS, default 1024 */
+  uint64_t idle_timeout_ms; /* close connections without streams after this, 0 = never */
+  unsigned max_conns;       /* accepted connections cap, default 65536 */
+} zm_grpc_config_t;
+
+/* Counters (loop thread only). */
+typedef struct {
+  uint64_t conns_accepted, conns_open, calls_started, calls_active,
+      calls_cancelled, deadline_exceeded, protocol_errors;
+} zm_grpc_stats_t;
+
+/* Creates the server (binds nothing yet). The method table is copied. */
+int zm_grpc_server_new(zm_grpc_server_t **out, uv_loop_t *loop,
+                       const zm_grpc_config_t *cfg,
+                       const zm_grpc_method_t *methods, size_t n_methods);
+/* Binds and listens. Returns 0, ZM_E_INVAL (bad address) or a libuv error. */
+int zm_grpc_server_listen(zm_grpc_server_t *srv);
+/* The bound port (after listen), for ":0" configurations. */
+int zm_grpc_server_port(const zm_grpc_server_t *srv);
+/*
+ * Graceful shutdown: stops accepting, sends GOAWAY on every connection, lets
+ * calls in flight finish; after grace_ms closes whatever is left. Calls
+ * done(data) once every connection and handle is closed and every call the
+ * handlers still held was finished... except calls still held by handlers:
+ * those are detached and freed when their handler finishes them.
+ */
+void zm_grpc_server_drain(zm_grpc_server_t *srv, uint64_t grace_ms,
+                          void (*done)(void *data), void *data);
+/* Frees the server after drain completed. */
+void zm_grpc_server_free(zm_grpc_server_t *srv);
+void zm_grpc_server_get_stats(const zm_grpc_server_t *srv, zm_grpc_stats_t *out);
+
+/* ---- calls (used by handlers) ------------------------------------------- */
+
+/* Finishes the call with OK and the response message. */
+void zm_call_reply(zm_call_t *c, const ProtobufCMessage *resp);
+/* Finishes the call with an error status and message (percent-encoded on the
+ * wire; keep it free of secrets). */
+void zm_call_fail(zm_call_t *c, zm_grpc_status_t status, const char *msg);
+/* 1 once the client can no longer receive an answer. */
+int zm_call_is_cancelled(const zm_call_t *c);
+/* cb fires at most once, from the loop, when the call becomes cancelled while
+ * the handler still holds it. */
+void zm_call_on_cancel(zm_call_t *c, void (*cb)(zm_call_t *c, void *data),
+                       void *data);
+/* The call's deadline as a uv_now() time in ms, or 0 if the client set none. */
+uint64_t zm_call_deadline(const zm_call_t *c);
+/* Bump allocation from the call's arena, freed with the call. Aborts on OOM. */
+void *zm_call_alloc(zm_call_t *c, size_t n);
+char *zm_call_strdup(zm_call_t *c, const char *s);
+/* The server the call belongs to (never NULL). */
+zm_grpc_server_t *zm_call_server(const zm_call_t *c);
+/* The method path, for logs. */
+const char *zm_call_path(const zm_call_t *c);
+
+/* ---- pure helpers (unit-tested) ----------------------------------------- */
+
+/*
+ * Decodes one length-prefixed gRPC message from src. Returns the bytes
+ * consumed (5 + length) with *flags and *msg and *msg_len set, or
+ * ZM_E_INCOMPLETE, or ZM_E_MSG_TOO_LARGE when the declared length exceeds max.
+ */
+ssize_t zm_grpc_deframe(const uint8_t *src, size_t len, size_t max,
+                        uint8_t *flags, const uint8_t **msg, size_t *msg_len);
+/* Parses a grpc-timeout header value ("1-8 digits" + H|M|S|m|u|n) into ms
+ * (rounded up, so "1n" is 1 ms). Returns 0 or ZM_E_INVAL. */
+int zm_grpc_timeout_parse(const char *v, size_t len, uint64_t *ms);
+/* Percent-encodes a grpc-message per the spec (bytes outside 0x20-0x7E and
+ * '%' become %XX). Writes at most cap-1 bytes + NUL; returns the length. */
+size_t zm_grpc_pct_encode(const char *src, size_t len, char *dst, size_t cap);
+
+#endif /* ZM_GRPC_H */

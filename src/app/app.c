@@ -1,0 +1,276 @@
+/*
+ * app.c - wiring: configuration -> store + index -> controller client ->
+ * gRPC server -> GC; signals and graceful shutdown. The only file that
+ * knows every module.
+ */
+#include "zm/app.h"
+#include "zm/log.h"
+
+#include "agynio/api/ziti_management/v1/ziti_management.pb-c.h"
+#include "grpc/health/v1/health.pb-c.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define SVC "/agynio.api.ziti_management.v1.ZitiManagementService/"
+#define SVC_NAME "agynio.api.ziti_management.v1.ZitiManagementService"
+/* Loop-lag probe period (ms) when LOOP_LAG_PROBE is set. */
+#define ZM_LAG_PERIOD_MS 1u
+
+/* ===================== start-up ========================================= */
+
+static void on_load_managed(const zm_managed_row_t *r, void *data) {
+  zm_app_t *app = data;
+  zm_index_put_managed(app->index, r->ziti_identity_id,
+                       strlen(r->ziti_identity_id), r->identity_id,
+                       strlen(r->identity_id), r->identity_type,
+                       r->created_at_ms);
+}
+
+static void on_load_service(const zm_service_row_t *r, void *data) {
+  zm_app_t *app = data;
+  zm_index_put_service(app->index, r->ziti_identity_id,
+                       strlen(r->ziti_identity_id), r->service_type,
+                       r->lease_expires_ms, r->created_at_ms);
+}
+
+static void on_load_pending(const zm_pending_row_t *r, void *data) {
+  (void)r;
+  size_t *n = data;
+  (*n)++;
+}
+
+struct load_ctx {
+  zm_app_t *app;
+  size_t pending;
+};
+
+static void on_load_pending_ctx(const zm_pending_row_t *r, void *data) {
+  struct load_ctx *lc = data;
+  on_load_pending(r, &lc->pending);
+}
+static void on_load_managed_ctx(const zm_managed_row_t *r, void *data) {
+  on_load_managed(r, ((struct load_ctx *)data)->app);
+}
+static void on_load_service_ctx(const zm_service_row_t *r, void *data) {
+  on_load_service(r, ((struct load_ctx *)data)->app);
+}
+
+static int open_store(zm_app_t *app) {
+  zm_store_config_t sc = {.path = app->cfg.store_path,
+                          .sync_full = app->cfg.store_sync_full};
+  if (zm_store_open(&app->store, app->loop, &sc) != 0) {
+    ZM_ERROR("store: cannot open %s", app->cfg.store_path);
+    return -1;
+  }
+  return 0;
+}
+
+/* ===================== loop-lag probe ==================================== */
+
+static void on_lag(uv_timer_t *t) {
+  zm_app_t *app = t->data;
+  uint64_t now = uv_now(app->loop);
+  if (now > app->lag_expected) {
+    uint64_t late = now - app->lag_expected;
+    if (late > app->stats.lag_max_ms)
+      app->stats.lag_max_ms = late;
+    if (late > app->stats.lag_worst_ms)
+      app->stats.lag_worst_ms = late;
+  }
+  app->lag_expected = now + ZM_LAG_PERIOD_MS;
+}
+
+/* ===================== shutdown ========================================== */
+
+static void on_handle_closed(uv_handle_t *h) { (void)h; }
+
+static void on_ziti_closed(void *data) {
+  zm_app_t *app = data;
+  app->ziti = NULL;
+}
+
+static void finish_shutdown(zm_app_t *app) {
+  if (app->ziti != NULL)
+    zm_ziti_close(app->ziti, on_ziti_closed, app);
+  /* Commits whatever handlers queued; callbacks run before it returns. */
+  zm_store_close(app->store);
+  app->store = NULL;
+  uv_close((uv_handle_t *)&app->sigterm, on_handle_closed);
+  uv_close((uv_handle_t *)&app->sigint, on_handle_closed);
+  if (uv_is_active((uv_handle_t *)&app->lag_timer) ||
+      !uv_is_closing((uv_handle_t *)&app->lag_timer))
+    uv_close((uv_handle_t *)&app->lag_timer, on_handle_closed);
+  ZM_INFO("shutdown complete");
+}
+
+static void on_gc_stopped(void *data) { finish_shutdown(data); }
+
+static void on_drained(void *data) {
+  zm_app_t *app = data;
+  ZM_INFO("grpc: drained");
+  if (app->gc != NULL)
+    zm_gc_stop(app->gc, on_gc_stopped, app);
+  else
+    finish_shutdown(app);
+}
+
+static void on_signal(uv_signal_t *s, int signum) {
+  zm_app_t *app = s->data;
+  if (app->shutting_down) {
+    ZM_WARN("second signal (%d): exiting now", signum);
+    _exit(1);
+  }
+  app->shutting_down = 1;
+  ZM_INFO("signal %d: draining (grace %llu ms)", signum,
+          (unsigned long long)app->cfg.shutdown_grace_ms);
+  zm_health_set_all(&app->health, 0);
+  zm_grpc_server_drain(app->grpc, app->cfg.shutdown_grace_ms, on_drained, app);
+}
+
+/* ===================== run =============================================== */
+
+int zm_app_migrate_only(const zm_config_t *cfg) {
+  zm_app_t app;
+  memset(&app, 0, sizeof app);
+  app.cfg = *cfg;
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  app.loop = &loop;
+  int rv = open_store(&app);
+  if (rv == 0)
+    zm_store_close(app.store);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  uv_loop_close(&loop);
+  return rv == 0 ? 0 : 1;
+}
+
+int zm_app_run(const zm_config_t *cfg) {
+  static zm_app_t app; /* one per process; static keeps it off the stack */
+  memset(&app, 0, sizeof app);
+  app.cfg = *cfg;
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  app.loop = &loop;
+
+  if (open_store(&app) != 0)
+    return 1;
+  app.index = zm_index_new();
+  uint64_t t0 = uv_hrtime();
+  struct load_ctx lc = {&app, 0};
+  if (zm_store_load(app.store, on_load_managed_ctx, on_load_service_ctx,
+                    on_load_pending_ctx, &lc) != 0) {
+    ZM_ERROR("store: cannot load %s", cfg->store_path);
+    return 1;
+  }
+  ZM_INFO("store: loaded %zu managed, %zu service identities, %zu pending "
+          "creations from %s in %.3f s",
+          zm_index_managed_count(app.index), zm_index_service_count(app.index),
+          lc.pending, cfg->store_path, (double)(uv_hrtime() - t0) / 1e9);
+
+  if (cfg->controller_url[0] != '\0') {
+    zm_ziti_config_t zc = {.controller_url = cfg->controller_url,
+                           .ca_file = cfg->ca_file,
+                           .cert_file = cfg->cert_file,
+                           .key_file = cfg->key_file,
+                           .pool_size = cfg->ziti_pool_size,
+                           .request_timeout_ms = cfg->ziti_timeout_ms};
+    if (zm_ziti_new(&app.ziti, &loop, &zc) != 0) {
+      ZM_ERROR("controller: cannot set up the client for %s",
+               cfg->controller_url);
+      return 1;
+    }
+  } else {
+    ZM_WARN("ZITI_CONTROLLER_URL is not set: controller RPCs answer "
+            "UNAVAILABLE; hot paths only");
+  }
+
+  zm_health_init(&app.health);
+  zm_health_set(&app.health, "", 0);
+  zm_health_set(&app.health, SVC_NAME, 0);
+  const zm_grpc_method_t methods[] = {
+      {SVC "ResolveIdentity",
+       &agynio__api__ziti_management__v1__resolve_identity_request__descriptor,
+       zm_rpc_resolve_identity, &app},
+      {SVC "ExtendIdentityLease",
+       &agynio__api__ziti_management__v1__extend_identity_lease_request__descriptor,
+       zm_rpc_extend_lease, &app},
+      {SVC "ListManagedIdentities",
+       &agynio__api__ziti_management__v1__list_managed_identities_request__descriptor,
+       zm_rpc_list_managed, &app},
+      {SVC "CreateAgentIdentity",
+       &agynio__api__ziti_management__v1__create_agent_identity_request__descriptor,
+       zm_rpc_create_agent, &app},
+      {SVC "DeleteIdentity",
+       &agynio__api__ziti_management__v1__delete_identity_request__descriptor,
+       zm_rpc_delete_identity, &app},
+      {SVC "RequestServiceIdentity",
+       &agynio__api__ziti_management__v1__request_service_identity_request__descriptor,
+       zm_rpc_request_service_identity, &app},
+      {"/grpc.health.v1.Health/Check",
+       &grpc__health__v1__health_check_request__descriptor, zm_health_check,
+       &app.health},
+  };
+  zm_grpc_config_t gc = {.address = cfg->grpc_address,
+                         .max_recv_msg = cfg->max_recv_msg,
+                         .max_streams = cfg->max_streams,
+                         .idle_timeout_ms = cfg->idle_timeout_ms};
+  zm_grpc_server_new(&app.grpc, &loop, &gc, methods, ZM_ARRAY_SIZE(methods));
+  int rv = zm_grpc_server_listen(app.grpc);
+  if (rv != 0) {
+    ZM_ERROR("grpc: cannot listen on %s: %s", cfg->grpc_address,
+             zm_strerror(rv));
+    return 1;
+  }
+
+  uv_signal_init(&loop, &app.sigterm);
+  uv_signal_init(&loop, &app.sigint);
+  app.sigterm.data = app.sigint.data = &app;
+  uv_signal_start(&app.sigterm, on_signal, SIGTERM);
+  uv_signal_start(&app.sigint, on_signal, SIGINT);
+  uv_timer_init(&loop, &app.lag_timer);
+  app.lag_timer.data = &app;
+  if (getenv("LOOP_LAG_PROBE") != NULL) {
+    app.lag_expected = uv_now(&loop) + ZM_LAG_PERIOD_MS;
+    uv_timer_start(&app.lag_timer, on_lag, ZM_LAG_PERIOD_MS, ZM_LAG_PERIOD_MS);
+    uv_unref((uv_handle_t *)&app.lag_timer);
+  }
+
+  if (app.ziti != NULL) {
+    app.gc = zm_gc_new(&app);
+    zm_gc_start(app.gc);
+  }
+  zm_health_set_all(&app.health, 1);
+  ZM_INFO("listening on %s (port %d), serving", cfg->grpc_address,
+          zm_grpc_server_port(app.grpc));
+
+  uv_run(&loop, UV_RUN_DEFAULT);
+
+  if (app.gc != NULL)
+    zm_gc_free(app.gc);
+  zm_grpc_server_free(app.grpc);
+  zm_index_free(app.index);
+  rv = uv_loop_close(&loop);
+  if (rv != 0)
+    ZM_WARN("loop closed with handles open: %s", uv_strerror(rv));
+  return app.exit_code;
+}
+
+void zm_test_crash_point(const char *state) {
+#ifdef ZM_TEST_HOOKS
+  static const char *target;
+  static int checked;
+  if (!checked) {
+    checked = 1;
+    target = getenv("ZM_TEST_CRASH_AT");
+  }
+  if (target != NULL && strcmp(target, state) == 0) {
+    ZM_WARN("test hook: crashing at %s", state);
+    _exit(137);
+  }
+#else
+  (void)state;
+#endif
+}

@@ -1,0 +1,313 @@
+/* config.c - environment -> zm_config_t (pure; unit-tested). */
+#include "zm/config.h"
+#include "zm/zm.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__GNUC__)
+__attribute__((format(printf, 3, 4)))
+#endif
+static int fail(char *err, size_t errlen, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(err, errlen, fmt, ap);
+  va_end(ap);
+  return ZM_E_INVAL;
+}
+
+int zm_duration_parse(const char *s, uint64_t *ms) {
+  /* Units in nanoseconds, longest suffix first where prefixes collide. */
+  static const struct {
+    const char *u;
+    double ns;
+  } UNITS[] = {{"ns", 1},     {"us", 1e3},   {"\xc2\xb5s", 1e3},
+               {"\xce\xbcs", 1e3}, {"ms", 1e6}, {"s", 1e9},
+               {"m", 60e9},   {"h", 3600e9}};
+  if (s == NULL || *s == '\0')
+    return ZM_E_INVAL;
+  if (strcmp(s, "0") == 0) {
+    *ms = 0;
+    return 0;
+  }
+  if (*s == '+')
+    s++;
+  if (*s == '-')
+    return ZM_E_INVAL; /* negative durations make no sense here */
+  double total_ns = 0;
+  while (*s) {
+    if (!((*s >= '0' && *s <= '9') || *s == '.'))
+      return ZM_E_INVAL;
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || errno != 0 || v < 0)
+      return ZM_E_INVAL;
+    s = end;
+    size_t best = 0;
+    double unit = 0;
+    for (size_t i = 0; i < ZM_ARRAY_SIZE(UNITS); i++) {
+      size_t n = strlen(UNITS[i].u);
+      if (strncmp(s, UNITS[i].u, n) == 0 && n > best) {
+        best = n;
+        unit = UNITS[i].ns;
+      }
+    }
+    if (best == 0)
+      return ZM_E_INVAL; /* Go requires a unit on every number */
+    s += best;
+    total_ns += v * unit;
+  }
+  if (total_ns > 1e18)
+    return ZM_E_INVAL;
+  uint64_t r = (uint64_t)((total_ns + 999999.0) / 1e6);
+  *ms = r;
+  return 0;
+}
+
+static int copy_str(char *dst, size_t cap, const char *v, const char *name,
+                    char *err, size_t errlen) {
+  size_t n = strlen(v);
+  if (n >= cap)
+    return fail(err, errlen, "%s is too long (max %zu bytes)", name, cap - 1);
+  memcpy(dst, v, n + 1);
+  return 0;
+}
+
+static int env_duration(const char *(*get)(const char *), const char *name,
+                        uint64_t *out, int allow_zero, char *err,
+                        size_t errlen) {
+  const char *v = get(name);
+  if (v == NULL || *v == '\0')
+    return 0;
+  uint64_t ms;
+  if (zm_duration_parse(v, &ms) != 0)
+    return fail(err, errlen,
+                "%s=%s: not a duration (Go syntax, e.g. 300ms, 5m, 1h30m)",
+                name, v);
+  if (!allow_zero && ms == 0)
+    return fail(err, errlen, "%s must be > 0", name);
+  *out = ms;
+  return 0;
+}
+
+static int env_uint(const char *(*get)(const char *), const char *name,
+                    uint64_t min, uint64_t max, uint64_t *out, char *err,
+                    size_t errlen) {
+  const char *v = get(name);
+  if (v == NULL || *v == '\0')
+    return 0;
+  char *end;
+  errno = 0;
+  unsigned long long x = strtoull(v, &end, 10);
+  if (*end != '\0' || errno != 0 || v[0] == '-' || x < min || x > max)
+    return fail(err, errlen, "%s=%s: expected an integer in [%llu, %llu]",
+                name, v, (unsigned long long)min, (unsigned long long)max);
+  *out = x;
+  return 0;
+}
+
+static void add_type(zm_config_t *cfg, int number, const char *name,
+                     const char *role) {
+  zm_service_type_t *t = NULL;
+  for (size_t i = 0; i < cfg->n_types; i++)
+    if (cfg->types[i].number == number)
+      t = &cfg->types[i];
+  if (t == NULL)
+    t = &cfg->types[cfg->n_types++];
+  memset(t, 0, sizeof *t);
+  t->number = number;
+  snprintf(t->name, sizeof t->name, "%s", name);
+  snprintf(t->roles[0], sizeof t->roles[0], "%s", role);
+  t->n_roles = 1;
+}
+
+static int valid_label(const char *s, size_t n) {
+  if (n == 0)
+    return 0;
+  for (size_t i = 0; i < n; i++) {
+    char c = s[i];
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+          (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.'))
+      return 0;
+  }
+  return 1;
+}
+
+/* "4:llm-proxy:llm-proxies,5:tracing:tracing+otel" */
+static int parse_service_types(zm_config_t *cfg, const char *v, char *err,
+                               size_t errlen) {
+  char buf[1024];
+  if (strlen(v) >= sizeof buf)
+    return fail(err, errlen, "SERVICE_TYPES is too long");
+  strcpy(buf, v);
+  char *save = NULL;
+  for (char *tok = strtok_r(buf, ",", &save); tok;
+       tok = strtok_r(NULL, ",", &save)) {
+    char *c1 = strchr(tok, ':');
+    char *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
+    if (c1 == NULL || c2 == NULL)
+      return fail(err, errlen,
+                  "SERVICE_TYPES entry '%s': expected number:name:role[+role]",
+                  tok);
+    *c1 = *c2 = '\0';
+    char *end;
+    long num = strtol(tok, &end, 10);
+    if (*end != '\0' || num <= 0 || num > 1000000)
+      return fail(err, errlen, "SERVICE_TYPES: bad number '%s'", tok);
+    const char *name = c1 + 1;
+    if (!valid_label(name, strlen(name)) || strlen(name) >= 32)
+      return fail(err, errlen, "SERVICE_TYPES: bad name '%s'", name);
+    zm_service_type_t *t = NULL;
+    for (size_t i = 0; i < cfg->n_types; i++)
+      if (cfg->types[i].number == (int)num)
+        t = &cfg->types[i];
+    if (t == NULL) {
+      if (cfg->n_types == ZM_MAX_SERVICE_TYPES)
+        return fail(err, errlen, "SERVICE_TYPES: more than %d types",
+                    ZM_MAX_SERVICE_TYPES);
+      t = &cfg->types[cfg->n_types++];
+    }
+    memset(t, 0, sizeof *t);
+    t->number = (int)num;
+    snprintf(t->name, sizeof t->name, "%s", name);
+    char *rsave = NULL;
+    for (char *r = strtok_r(c2 + 1, "+", &rsave); r;
+         r = strtok_r(NULL, "+", &rsave)) {
+      if (t->n_roles == ZM_MAX_ROLES || !valid_label(r, strlen(r)) ||
+          strlen(r) >= sizeof t->roles[0])
+        return fail(err, errlen, "SERVICE_TYPES: bad role '%s' for %s", r,
+                    name);
+      snprintf(t->roles[t->n_roles++], sizeof t->roles[0], "%s", r);
+    }
+    if (t->n_roles == 0)
+      return fail(err, errlen, "SERVICE_TYPES: %s has no role", name);
+  }
+  return 0;
+}
+
+static const char *default_getenv(const char *name) { return getenv(name); }
+
+int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
+                   char *err, size_t errlen) {
+  if (get == NULL)
+    get = default_getenv;
+  memset(cfg, 0, sizeof *cfg);
+  strcpy(cfg->grpc_address, ":50051");
+  strcpy(cfg->store_path, "./ziti-management.db");
+  cfg->store_sync_full = 1;
+  cfg->lease_ttl_ms = 5 * 60 * 1000;
+  cfg->gc_interval_ms = 60 * 1000;
+  cfg->gc_concurrency = 16;
+  cfg->pending_age_ms = 10 * 60 * 1000;
+  cfg->enroll_timeout_ms = 60 * 1000;
+  cfg->enroll_max_inflight = 256;
+  cfg->key_alg = ZM_KEY_EC_P384;
+  cfg->ziti_timeout_ms = 15000;
+  cfg->ziti_pool_size = 16;
+  cfg->max_recv_msg = 4u << 20;
+  cfg->idle_timeout_ms = 5 * 60 * 1000;
+  cfg->max_streams = 1024;
+  cfg->shutdown_grace_ms = 20000;
+  strcpy(cfg->log_level, "info");
+  add_type(cfg, 1, "gateway", "gateway-hosts");
+  add_type(cfg, 2, "orchestrator", "orchestrators");
+  add_type(cfg, 3, "runner", "runners");
+
+  int rv;
+  const char *v;
+#define STR(field, name)                                                       \
+  if ((v = get(name)) != NULL && *v != '\0' &&                                 \
+      (rv = copy_str(cfg->field, sizeof cfg->field, v, name, err, errlen)))    \
+    return rv;
+  STR(grpc_address, "GRPC_ADDRESS");
+  STR(store_path, "STORE_PATH");
+  STR(controller_url, "ZITI_CONTROLLER_URL");
+  STR(ca_file, "ZITI_CA_FILE");
+  STR(cert_file, "ZITI_CERT_FILE");
+  STR(key_file, "ZITI_KEY_FILE");
+  STR(log_level, "LOG_LEVEL");
+#undef STR
+  if ((v = get("DATABASE_URL")) != NULL && *v != '\0')
+    return fail(err, errlen,
+                "DATABASE_URL is set, but the PostgreSQL backend is not built "
+                "into this version; use STORE_PATH (SQLite)");
+  if ((v = get("STORE_SYNC")) != NULL && *v != '\0') {
+    if (strcmp(v, "full") == 0)
+      cfg->store_sync_full = 1;
+    else if (strcmp(v, "normal") == 0)
+      cfg->store_sync_full = 0;
+    else
+      return fail(err, errlen, "STORE_SYNC=%s: expected full or normal", v);
+  }
+  if ((rv = env_duration(get, "SERVICE_IDENTITY_LEASE_TTL", &cfg->lease_ttl_ms,
+                         0, err, errlen)) ||
+      (rv = env_duration(get, "SERVICE_IDENTITY_GC_INTERVAL",
+                         &cfg->gc_interval_ms, 0, err, errlen)) ||
+      (rv = env_duration(get, "PENDING_RECOVERY_AGE", &cfg->pending_age_ms, 0,
+                         err, errlen)) ||
+      (rv = env_duration(get, "ENROLLMENT_TIMEOUT", &cfg->enroll_timeout_ms, 0,
+                         err, errlen)) ||
+      (rv = env_duration(get, "ZITI_REQUEST_TIMEOUT", &cfg->ziti_timeout_ms, 0,
+                         err, errlen)) ||
+      (rv = env_duration(get, "GRPC_IDLE_TIMEOUT", &cfg->idle_timeout_ms, 1,
+                         err, errlen)) ||
+      (rv = env_duration(get, "SHUTDOWN_GRACE", &cfg->shutdown_grace_ms, 1, err,
+                         errlen)))
+    return rv;
+  uint64_t x;
+  x = cfg->gc_concurrency;
+  if ((rv = env_uint(get, "SERVICE_IDENTITY_GC_CONCURRENCY", 1, 1024, &x, err,
+                     errlen)))
+    return rv;
+  cfg->gc_concurrency = (unsigned)x;
+  x = cfg->enroll_max_inflight;
+  if ((rv = env_uint(get, "ENROLLMENT_MAX_INFLIGHT", 1, 100000, &x, err,
+                     errlen)))
+    return rv;
+  cfg->enroll_max_inflight = (unsigned)x;
+  x = cfg->ziti_pool_size;
+  if ((rv = env_uint(get, "ZITI_POOL_SIZE", 1, 1024, &x, err, errlen)))
+    return rv;
+  cfg->ziti_pool_size = (unsigned)x;
+  x = cfg->max_recv_msg;
+  if ((rv = env_uint(get, "GRPC_MAX_RECV_MSG_SIZE", 64, 64u << 20, &x, err,
+                     errlen)))
+    return rv;
+  cfg->max_recv_msg = (size_t)x;
+  x = cfg->max_streams;
+  if ((rv = env_uint(get, "GRPC_MAX_CONCURRENT_STREAMS", 1, 1u << 20, &x, err,
+                     errlen)))
+    return rv;
+  cfg->max_streams = (uint32_t)x;
+  if ((v = get("ENROLLMENT_KEY_ALG")) != NULL && *v != '\0' &&
+      zm_key_alg_parse(v, &cfg->key_alg) != 0)
+    return fail(err, errlen,
+                "ENROLLMENT_KEY_ALG=%s: expected ec-p384, ec-p256, rsa-2048 or "
+                "rsa-4096",
+                v);
+  if ((v = get("SERVICE_TYPES")) != NULL && *v != '\0' &&
+      (rv = parse_service_types(cfg, v, err, errlen)))
+    return rv;
+  if (cfg->controller_url[0] != '\0' &&
+      strncmp(cfg->controller_url, "https://", 8) != 0)
+    return fail(err, errlen, "ZITI_CONTROLLER_URL must start with https://");
+  if (cfg->controller_url[0] != '\0' &&
+      (cfg->ca_file[0] == '\0' || cfg->cert_file[0] == '\0' ||
+       cfg->key_file[0] == '\0'))
+    return fail(err, errlen,
+                "ZITI_CONTROLLER_URL needs ZITI_CA_FILE, ZITI_CERT_FILE and "
+                "ZITI_KEY_FILE");
+  return 0;
+}
+
+const zm_service_type_t *zm_config_service_type(const zm_config_t *cfg,
+                                                int number) {
+  for (size_t i = 0; i < cfg->n_types; i++)
+    if (cfg->types[i].number == number)
+      return &cfg->types[i];
+  return NULL;
+}

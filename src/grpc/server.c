@@ -1,0 +1,1121 @@
+/*
+ * server.c - the gRPC server: listener, HTTP/2 connections (nghttp2 over
+ * uv_tcp), unary calls (framing, deadline, status, trailers).
+ *
+ * Ownership, in one place:
+ * - a connection owns its nghttp2 session and its uv_tcp handle; it is freed
+ *   in the uv_close callback. It is never closed from inside an nghttp2
+ *   callback: those only set flags, and the code that called into nghttp2
+ *   (on_read, flush) closes afterwards.
+ * - a call is owned jointly by its stream and its handler: it is freed when
+ *   the stream is closed AND the handler has finished it (or was never
+ *   given it). A stream that closes first detaches the call (conn = NULL) and
+ *   marks it cancelled.
+ * - writes: nghttp2 output of one loop turn is gathered into conn->out and
+ *   flushed by one uv_prepare before the loop blocks; one uv_write in flight
+ *   per connection; above ZM_CONN_OUT_SOFT_MAX we stop reading.
+ */
+#include "zm/grpc.h"
+#include "zm/log.h"
+
+#include <nghttp2/nghttp2.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* One read buffer for every connection: nghttp2 consumes all it is given. */
+#define ZM_READ_BUF_SIZE (64u * 1024)
+/* Output gathered per connection before we stop pulling from nghttp2 and stop
+ * reading from the peer (backpressure). */
+#define ZM_CONN_OUT_SOFT_MAX (256u * 1024)
+/* Request bytes buffered across all calls of one connection. Bounds memory
+ * against a client opening many streams with large messages. */
+#define ZM_CONN_RECV_BUDGET (32u * 1024 * 1024)
+/* A connection that has not sent its preface / any frame within this is closed. */
+#define ZM_HANDSHAKE_TIMEOUT_MS 10000u
+/* Inline arena bytes per call: enough for every request/response of the
+ * service without a second allocation. */
+#define ZM_CALL_ARENA_INLINE 1536u
+#define ZM_CALL_ARENA_BLOCK 8192u
+/* grpc-message is truncated past this many encoded bytes. */
+#define ZM_GRPC_MSG_MAX 1024u
+/* Calls kept for reuse instead of free()/malloc() per call. */
+#define ZM_CALL_FREELIST_MAX 1024u
+
+typedef struct zm_conn zm_conn_t;
+
+typedef enum {
+  CALL_HEADERS,   /* receiving headers */
+  CALL_RECEIVING, /* headers ok, receiving the request message */
+  CALL_HANDLER,   /* handler holds the call */
+  CALL_FINISHED,  /* response (or error) submitted / client gone */
+} call_state_t;
+
+typedef struct arena_block {
+  struct arena_block *next;
+  size_t cap, used;
+  char data[];
+} arena_block_t;
+
+struct zm_call {
+  zm_grpc_server_t *srv;
+  zm_conn_t *conn; /* NULL once the stream closed (detached) */
+  zm_call_t *prev, *next; /* conn->calls */
+  int32_t stream_id;
+  call_state_t state;
+  unsigned handler_holds : 1;
+  unsigned stream_closed : 1;
+  unsigned cancelled : 1;
+  unsigned end_stream_seen : 1;
+  unsigned bad_method : 1;
+  unsigned bad_ctype : 1;
+  unsigned compressed_ok : 1; /* grpc-encoding identity or absent */
+  unsigned bad_timeout : 1;
+  unsigned failed_early : 1; /* an error was already submitted */
+  const zm_grpc_method_t *method;
+  uint64_t deadline; /* uv_now() ms, 0 = none */
+  size_t heap_idx;   /* position in srv->heap, SIZE_MAX if not there */
+  uint8_t *rbuf;     /* request bytes (malloc'd), rlen used */
+  size_t rlen, rcap;
+  uint8_t *resp; /* framed response (arena) */
+  size_t resp_len, resp_off;
+  void (*cancel_cb)(zm_call_t *c, void *data);
+  void *cancel_data;
+  arena_block_t *arena_extra;
+  size_t arena_used;
+  _Alignas(16) char arena[ZM_CALL_ARENA_INLINE];
+};
+
+typedef enum { CONN_OPEN, CONN_CLOSING } conn_state_t;
+
+struct zm_conn {
+  uv_tcp_t tcp;
+  zm_grpc_server_t *srv;
+  nghttp2_session *h2;
+  zm_conn_t *prev, *next;   /* srv->conns */
+  zm_conn_t *dirty_next;    /* srv->dirty, valid while dirty */
+  zm_call_t *calls;         /* open calls */
+  conn_state_t state;
+  unsigned dirty : 1;
+  unsigned writing : 1;
+  unsigned reading : 1;
+  unsigned in_recv : 1;
+  unsigned close_after_flush : 1;
+  unsigned got_frame : 1;
+  unsigned goaway_sent : 1;
+  unsigned n_calls;
+  size_t recv_buffered;
+  uint64_t last_active; /* uv_now() ms */
+  char *out;            /* gathered output */
+  size_t out_len, out_cap;
+  char *wr; /* output in flight */
+  size_t wr_len, wr_cap;
+  uv_write_t wreq;
+};
+
+struct zm_grpc_server {
+  uv_loop_t *loop;
+  zm_grpc_config_t cfg;
+  char *address;
+  zm_grpc_method_t *methods;
+  size_t *path_lens;
+  size_t n_methods;
+  uv_tcp_t listener;
+  uv_prepare_t flush;
+  uv_timer_t tick;
+  uv_timer_t deadline_timer;
+  uv_timer_t grace_timer;
+  unsigned open_handles;
+  int listening;
+  int port;
+  zm_conn_t *conns;
+  zm_conn_t *dirty;
+  zm_call_t **heap;
+  size_t heap_len, heap_cap;
+  zm_call_t *freelist;
+  size_t freelist_len;
+  nghttp2_session_callbacks *cbs;
+  nghttp2_option *opt;
+  int draining;
+  void (*drain_done)(void *data);
+  void *drain_data;
+  zm_grpc_stats_t stats;
+  char readbuf[ZM_READ_BUF_SIZE];
+};
+
+static void conn_close(zm_conn_t *c);
+static void conn_flush(zm_conn_t *c);
+static void conn_mark_dirty(zm_conn_t *c);
+static void call_free(zm_call_t *call);
+static void call_cancel(zm_call_t *call);
+static void drain_check(zm_grpc_server_t *srv);
+static void on_deadline(uv_timer_t *t);
+
+/* ===================== arena ============================================ */
+
+void *zm_call_alloc(zm_call_t *c, size_t n) {
+  n = (n + 15u) & ~(size_t)15u;
+  if (c->arena_used + n <= sizeof c->arena) {
+    void *p = c->arena + c->arena_used;
+    c->arena_used += n;
+    return p;
+  }
+  arena_block_t *b = c->arena_extra;
+  if (b == NULL || b->used + n > b->cap) {
+    size_t cap = n > ZM_CALL_ARENA_BLOCK ? n : ZM_CALL_ARENA_BLOCK;
+    arena_block_t *nb = zm_xmalloc(sizeof *nb + cap);
+    nb->cap = cap;
+    nb->used = 0;
+    nb->next = b;
+    c->arena_extra = b = nb;
+  }
+  void *p = b->data + b->used;
+  b->used += n;
+  return p;
+}
+
+char *zm_call_strdup(zm_call_t *c, const char *s) {
+  size_t n = strlen(s);
+  char *p = zm_call_alloc(c, n + 1);
+  memcpy(p, s, n + 1);
+  return p;
+}
+
+static void *pb_alloc(void *data, size_t n) { return zm_call_alloc(data, n); }
+static void pb_free(void *data, void *p) {
+  (void)data;
+  (void)p;
+}
+
+/* ===================== deadline heap ===================================== */
+
+static void heap_swap(zm_call_t **h, size_t a, size_t b) {
+  zm_call_t *t = h[a];
+  h[a] = h[b];
+  h[b] = t;
+  h[a]->heap_idx = a;
+  h[b]->heap_idx = b;
+}
+
+static void heap_up(zm_call_t **h, size_t i) {
+  while (i > 0) {
+    size_t p = (i - 1) / 2;
+    if (h[p]->deadline <= h[i]->deadline)
+      break;
+    heap_swap(h, p, i);
+    i = p;
+  }
+}
+
+static void heap_down(zm_call_t **h, size_t len, size_t i) {
+  for (;;) {
+    size_t l = 2 * i + 1, r = l + 1, m = i;
+    if (l < len && h[l]->deadline < h[m]->deadline)
+      m = l;
+    if (r < len && h[r]->deadline < h[m]->deadline)
+      m = r;
+    if (m == i)
+      return;
+    heap_swap(h, i, m);
+    i = m;
+  }
+}
+
+static void deadline_arm(zm_grpc_server_t *srv) {
+  if (srv->heap_len == 0) {
+    uv_timer_stop(&srv->deadline_timer);
+    return;
+  }
+  uint64_t now = uv_now(srv->loop), d = srv->heap[0]->deadline;
+  uv_timer_start(&srv->deadline_timer, on_deadline,
+                 d > now ? d - now : 0, 0);
+}
+
+static void heap_remove(zm_grpc_server_t *srv, zm_call_t *call) {
+  size_t i = call->heap_idx;
+  if (i == SIZE_MAX)
+    return;
+  call->heap_idx = SIZE_MAX;
+  srv->heap_len--;
+  if (i != srv->heap_len) {
+    srv->heap[i] = srv->heap[srv->heap_len];
+    srv->heap[i]->heap_idx = i;
+    heap_up(srv->heap, i);
+    heap_down(srv->heap, srv->heap_len, srv->heap[i]->heap_idx);
+  }
+}
+
+static void heap_insert(zm_grpc_server_t *srv, zm_call_t *call) {
+  if (srv->heap_len == srv->heap_cap) {
+    srv->heap_cap = srv->heap_cap ? srv->heap_cap * 2 : 64;
+    srv->heap = zm_xrealloc(srv->heap, srv->heap_cap * sizeof *srv->heap);
+  }
+  call->heap_idx = srv->heap_len;
+  srv->heap[srv->heap_len++] = call;
+  heap_up(srv->heap, call->heap_idx);
+}
+
+/* ===================== responses ======================================== */
+
+static ssize_t on_data_read(nghttp2_session *s, int32_t sid, uint8_t *buf,
+                            size_t len, uint32_t *flags,
+                            nghttp2_data_source *src, void *ud) {
+  (void)ud;
+  zm_call_t *call = src->ptr;
+  size_t n = call->resp_len - call->resp_off;
+  if (n > len)
+    n = len;
+  memcpy(buf, call->resp + call->resp_off, n);
+  call->resp_off += n;
+  if (call->resp_off == call->resp_len) {
+    static const nghttp2_nv trailers[] = {
+        {(uint8_t *)"grpc-status", (uint8_t *)"0", 11, 1,
+         NGHTTP2_NV_FLAG_NO_COPY_NAME | NGHTTP2_NV_FLAG_NO_COPY_VALUE}};
+    *flags |= NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM;
+    if (nghttp2_submit_trailer(s, sid, trailers, 1) != 0)
+      return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+  }
+  return (ssize_t)n;
+}
+
+#define NV(n, v)                                                               \
+  {                                                                            \
+    (uint8_t *)(n), (uint8_t *)(v), sizeof(n) - 1, sizeof(v) - 1,              \
+        NGHTTP2_NV_FLAG_NO_COPY_NAME | NGHTTP2_NV_FLAG_NO_COPY_VALUE           \
+  }
+
+/* Submits a Trailers-Only error response; resets the stream when the client
+ * has not finished sending (so it stops). */
+static void submit_status(zm_call_t *call, zm_grpc_status_t st,
+                          const char *msg) {
+  zm_conn_t *c = call->conn;
+  char code[8], enc[ZM_GRPC_MSG_MAX];
+  int codelen = snprintf(code, sizeof code, "%d", (int)st);
+  size_t enclen = zm_grpc_pct_encode(msg ? msg : "", msg ? strlen(msg) : 0,
+                                     enc, sizeof enc);
+  nghttp2_nv hdrs[5] = {
+      NV(":status", "200"),
+      NV("content-type", "application/grpc"),
+      {(uint8_t *)"grpc-status", (uint8_t *)code, 11, (size_t)codelen,
+       NGHTTP2_NV_FLAG_NO_COPY_NAME},
+      {(uint8_t *)"grpc-message", (uint8_t *)enc, 12, enclen,
+       NGHTTP2_NV_FLAG_NO_COPY_NAME},
+  };
+  size_t n = enclen > 0 ? 4 : 3;
+  call->state = CALL_FINISHED;
+  if (c == NULL)
+    return;
+  if (nghttp2_submit_response(c->h2, call->stream_id, hdrs, n, NULL) != 0)
+    nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, call->stream_id,
+                              NGHTTP2_INTERNAL_ERROR);
+  else if (!call->end_stream_seen)
+    nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, call->stream_id,
+                              NGHTTP2_NO_ERROR);
+  conn_mark_dirty(c);
+}
+
+static void submit_http_error(zm_call_t *call, const char *status) {
+  zm_conn_t *c = call->conn;
+  nghttp2_nv hdrs[1] = {{(uint8_t *)":status", (uint8_t *)status, 7,
+                         strlen(status), NGHTTP2_NV_FLAG_NO_COPY_NAME}};
+  call->state = CALL_FINISHED;
+  nghttp2_submit_response(c->h2, call->stream_id, hdrs, 1, NULL);
+  if (!call->end_stream_seen)
+    nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, call->stream_id,
+                              NGHTTP2_NO_ERROR);
+  conn_mark_dirty(c);
+}
+
+static void call_handler_done(zm_call_t *call) {
+  zm_grpc_server_t *srv = call->srv;
+  call->handler_holds = 0;
+  heap_remove(srv, call);
+  if (srv->stats.calls_active > 0)
+    srv->stats.calls_active--;
+  if (call->stream_closed)
+    call_free(call);
+  if (srv->draining && srv->stats.calls_active == 0)
+    drain_check(srv);
+}
+
+void zm_call_reply(zm_call_t *call, const ProtobufCMessage *resp) {
+  ZM_ASSERT(call->handler_holds);
+  if (call->conn != NULL && call->state == CALL_HANDLER) {
+    size_t n = protobuf_c_message_get_packed_size(resp);
+    uint8_t *buf = zm_call_alloc(call, n + 5);
+    buf[0] = 0;
+    buf[1] = (uint8_t)(n >> 24);
+    buf[2] = (uint8_t)(n >> 16);
+    buf[3] = (uint8_t)(n >> 8);
+    buf[4] = (uint8_t)n;
+    protobuf_c_message_pack(resp, buf + 5);
+    call->resp = buf;
+    call->resp_len = n + 5;
+    call->resp_off = 0;
+    static const nghttp2_nv hdrs[] = {NV(":status", "200"),
+                                      NV("content-type", "application/grpc")};
+    nghttp2_data_provider dp = {.source.ptr = call, .read_callback = on_data_read};
+    call->state = CALL_FINISHED;
+    if (nghttp2_submit_response(call->conn->h2, call->stream_id, hdrs,
+                                ZM_ARRAY_SIZE(hdrs), &dp) != 0)
+      nghttp2_submit_rst_stream(call->conn->h2, NGHTTP2_FLAG_NONE,
+                                call->stream_id, NGHTTP2_INTERNAL_ERROR);
+    conn_mark_dirty(call->conn);
+  }
+  call_handler_done(call);
+}
+
+void zm_call_fail(zm_call_t *call, zm_grpc_status_t status, const char *msg) {
+  ZM_ASSERT(call->handler_holds);
+  if (call->conn != NULL && call->state == CALL_HANDLER)
+    submit_status(call, status, msg);
+  call_handler_done(call);
+}
+
+int zm_call_is_cancelled(const zm_call_t *c) { return c->cancelled; }
+
+void zm_call_on_cancel(zm_call_t *c, void (*cb)(zm_call_t *, void *),
+                       void *data) {
+  c->cancel_cb = cb;
+  c->cancel_data = data;
+}
+
+uint64_t zm_call_deadline(const zm_call_t *c) { return c->deadline; }
+zm_grpc_server_t *zm_call_server(const zm_call_t *c) { return c->srv; }
+const char *zm_call_path(const zm_call_t *c) {
+  return c->method ? c->method->path : "?";
+}
+
+/* The client can no longer get an answer: tell the handler, once. */
+static void call_cancel(zm_call_t *call) {
+  if (call->cancelled)
+    return;
+  call->cancelled = 1;
+  call->srv->stats.calls_cancelled++;
+  if (call->handler_holds && call->cancel_cb != NULL) {
+    void (*cb)(zm_call_t *, void *) = call->cancel_cb;
+    call->cancel_cb = NULL;
+    cb(call, call->cancel_data);
+  }
+}
+
+/* ===================== call lifecycle =================================== */
+
+static zm_call_t *call_new(zm_conn_t *c, int32_t sid) {
+  zm_grpc_server_t *srv = c->srv;
+  zm_call_t *call = srv->freelist;
+  if (call != NULL) {
+    srv->freelist = call->next;
+    srv->freelist_len--;
+  } else {
+    call = zm_xmalloc(sizeof *call);
+  }
+  memset(call, 0, offsetof(zm_call_t, arena));
+  call->srv = srv;
+  call->conn = c;
+  call->stream_id = sid;
+  call->state = CALL_HEADERS;
+  call->compressed_ok = 1;
+  call->heap_idx = SIZE_MAX;
+  call->next = c->calls;
+  if (c->calls)
+    c->calls->prev = call;
+  c->calls = call;
+  c->n_calls++;
+  return call;
+}
+
+static void call_unlink(zm_call_t *call) {
+  zm_conn_t *c = call->conn;
+  if (c == NULL)
+    return;
+  if (call->prev)
+    call->prev->next = call->next;
+  else
+    c->calls = call->next;
+  if (call->next)
+    call->next->prev = call->prev;
+  call->prev = call->next = NULL;
+  c->n_calls--;
+  c->recv_buffered -= call->rlen;
+  call->conn = NULL;
+}
+
+static void call_free(zm_call_t *call) {
+  zm_grpc_server_t *srv = call->srv;
+  call_unlink(call);
+  heap_remove(srv, call);
+  free(call->rbuf);
+  for (arena_block_t *b = call->arena_extra, *n; b != NULL; b = n) {
+    n = b->next;
+    free(b);
+  }
+  if (srv->freelist_len < ZM_CALL_FREELIST_MAX) {
+    call->next = srv->freelist;
+    srv->freelist = call;
+    srv->freelist_len++;
+  } else {
+    free(call);
+  }
+}
+
+/* The stream is gone (closed by nghttp2, or its connection closed). */
+static void call_stream_closed(zm_call_t *call) {
+  call_unlink(call);
+  call->stream_closed = 1;
+  if (call->handler_holds) {
+    if (call->state == CALL_HANDLER)
+      call_cancel(call);
+    /* the handler frees it when it finishes */
+  } else {
+    call_free(call);
+  }
+}
+
+static void call_dispatch(zm_call_t *call) {
+  zm_grpc_server_t *srv = call->srv;
+  uint8_t flags;
+  const uint8_t *msg;
+  size_t msg_len;
+  ssize_t n = zm_grpc_deframe(call->rbuf, call->rlen, srv->cfg.max_recv_msg,
+                              &flags, &msg, &msg_len);
+  if (n == ZM_E_INCOMPLETE) {
+    submit_status(call, ZM_GRPC_INTERNAL,
+                  call->rlen == 0 ? "missing request message"
+                                  : "truncated request message");
+    return;
+  }
+  if (n == ZM_E_MSG_TOO_LARGE) {
+    submit_status(call, ZM_GRPC_RESOURCE_EXHAUSTED,
+                  "request message larger than max");
+    return;
+  }
+  if ((size_t)n != call->rlen) {
+    submit_status(call, ZM_GRPC_INTERNAL,
+                  "more than one request message for a unary method");
+    return;
+  }
+  if (flags & 1u) {
+    submit_status(call, ZM_GRPC_INTERNAL,
+                  "compressed message without negotiated grpc-encoding");
+    return;
+  }
+  ProtobufCAllocator a = {pb_alloc, pb_free, call};
+  ProtobufCMessage *req =
+      protobuf_c_message_unpack(call->method->input, &a, msg_len, msg);
+  if (req == NULL) {
+    submit_status(call, ZM_GRPC_INTERNAL, "cannot parse request message");
+    return;
+  }
+  call->state = CALL_HANDLER;
+  call->handler_holds = 1;
+  srv->stats.calls_active++;
+  call->method->fn(call, req, call->method->ctx);
+}
+
+/* ===================== nghttp2 callbacks ================================ */
+
+static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *f,
+                            void *ud) {
+  zm_conn_t *c = ud;
+  if (f->hd.type != NGHTTP2_HEADERS || f->headers.cat != NGHTTP2_HCAT_REQUEST)
+    return 0;
+  zm_call_t *call = call_new(c, f->hd.stream_id);
+  c->srv->stats.calls_started++;
+  nghttp2_session_set_stream_user_data(s, f->hd.stream_id, call);
+  return 0;
+}
+
+static int on_header(nghttp2_session *s, const nghttp2_frame *f,
+                     const uint8_t *name, size_t namelen, const uint8_t *value,
+                     size_t valuelen, uint8_t flags, void *ud) {
+  (void)flags;
+  zm_conn_t *c = ud;
+  if (f->hd.type != NGHTTP2_HEADERS || f->headers.cat != NGHTTP2_HCAT_REQUEST)
+    return 0;
+  zm_call_t *call = nghttp2_session_get_stream_user_data(s, f->hd.stream_id);
+  if (call == NULL)
+    return 0;
+  switch (namelen) {
+  case 5:
+    if (memcmp(name, ":path", 5) == 0) {
+      zm_grpc_server_t *srv = c->srv;
+      for (size_t i = 0; i < srv->n_methods; i++) {
+        if (srv->path_lens[i] == valuelen &&
+            memcmp(srv->methods[i].path, value, valuelen) == 0) {
+          call->method = &srv->methods[i];
+          break;
+        }
+      }
+    }
+    break;
+  case 7:
+    if (memcmp(name, ":method", 7) == 0)
+      call->bad_method = !(valuelen == 4 && memcmp(value, "POST", 4) == 0);
+    break;
+  case 12:
+    if (memcmp(name, "content-type", 12) == 0) {
+      /* application/grpc, optionally followed by "+proto" or ";params" */
+      call->bad_ctype = !(valuelen >= 16 &&
+                          memcmp(value, "application/grpc", 16) == 0 &&
+                          (valuelen == 16 || value[16] == '+' ||
+                           value[16] == ';'));
+    } else if (memcmp(name, "grpc-timeout", 12) == 0) {
+      uint64_t ms;
+      if (zm_grpc_timeout_parse((const char *)value, valuelen, &ms) == 0)
+        call->deadline = uv_now(c->srv->loop) + (ms ? ms : 1);
+      else
+        call->bad_timeout = 1;
+    }
+    break;
+  case 13:
+    if (memcmp(name, "grpc-encoding", 13) == 0)
+      call->compressed_ok =
+          valuelen == 8 && memcmp(value, "identity", 8) == 0;
+    break;
+  default:
+    break;
+  }
+  return 0;
+}
+
+/* Headers complete: validate, arm the deadline, or answer at once. */
+static void call_headers_done(zm_call_t *call) {
+  if (call->state != CALL_HEADERS)
+    return;
+  if (call->bad_method) {
+    submit_http_error(call, "405");
+    return;
+  }
+  if (call->bad_ctype) {
+    submit_http_error(call, "415");
+    return;
+  }
+  if (call->bad_timeout) {
+    submit_status(call, ZM_GRPC_INTERNAL, "malformed grpc-timeout");
+    return;
+  }
+  if (call->method == NULL) {
+    submit_status(call, ZM_GRPC_UNIMPLEMENTED, "unknown service or method");
+    return;
+  }
+  if (!call->compressed_ok) {
+    submit_status(call, ZM_GRPC_UNIMPLEMENTED,
+                  "grpc-encoding not supported; use identity");
+    return;
+  }
+  call->state = CALL_RECEIVING;
+  if (call->deadline != 0) {
+    heap_insert(call->srv, call);
+    if (call->srv->heap[0] == call)
+      deadline_arm(call->srv);
+  }
+}
+
+static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f,
+                         void *ud) {
+  zm_conn_t *c = ud;
+  c->got_frame = 1;
+  if (f->hd.type != NGHTTP2_HEADERS && f->hd.type != NGHTTP2_DATA)
+    return 0;
+  zm_call_t *call = nghttp2_session_get_stream_user_data(s, f->hd.stream_id);
+  if (call == NULL)
+    return 0;
+  if (f->hd.type == NGHTTP2_HEADERS && call->state == CALL_HEADERS)
+    call_headers_done(call);
+  if (f->hd.flags & NGHTTP2_FLAG_END_STREAM) {
+    call->end_stream_seen = 1;
+    if (call->state == CALL_RECEIVING)
+      call_dispatch(call);
+  }
+  return 0;
+}
+
+static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid,
+                         const uint8_t *data, size_t len, void *ud) {
+  (void)flags;
+  zm_conn_t *c = ud;
+  zm_call_t *call = nghttp2_session_get_stream_user_data(s, sid);
+  if (call == NULL || call->state != CALL_RECEIVING)
+    return 0;
+  size_t max = c->srv->cfg.max_recv_msg + 5;
+  if (call->rlen + len > max ||
+      c->recv_buffered + len > ZM_CONN_RECV_BUDGET) {
+    /* Report the declared size when we have the prefix. */
+    submit_status(call, ZM_GRPC_RESOURCE_EXHAUSTED,
+                  "request message larger than max");
+    return 0;
+  }
+  /* Early check of the declared length: refuse before buffering it all. */
+  if (call->rlen + len >= 5 && call->rlen < 5) {
+    uint8_t hdr[5];
+    size_t have = call->rlen;
+    memcpy(hdr, call->rbuf, have);
+    memcpy(hdr + have, data, 5 - have);
+    uint32_t n = ((uint32_t)hdr[1] << 24) | ((uint32_t)hdr[2] << 16) |
+                 ((uint32_t)hdr[3] << 8) | hdr[4];
+    if (n > c->srv->cfg.max_recv_msg) {
+      submit_status(call, ZM_GRPC_RESOURCE_EXHAUSTED,
+                    "request message larger than max");
+      return 0;
+    }
+  }
+  if (call->rlen + len > call->rcap) {
+    size_t cap = call->rcap ? call->rcap : 64;
+    while (cap < call->rlen + len)
+      cap *= 2;
+    call->rbuf = zm_xrealloc(call->rbuf, cap);
+    call->rcap = cap;
+  }
+  memcpy(call->rbuf + call->rlen, data, len);
+  call->rlen += len;
+  c->recv_buffered += len;
+  return 0;
+}
+
+static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t err,
+                           void *ud) {
+  (void)err;
+  (void)ud;
+  zm_call_t *call = nghttp2_session_get_stream_user_data(s, sid);
+  if (call == NULL)
+    return 0;
+  nghttp2_session_set_stream_user_data(s, sid, NULL);
+  call_stream_closed(call);
+  return 0;
+}
+
+/* ===================== connections ====================================== */
+
+static void buf_append(char **b, size_t *len, size_t *cap, const void *p,
+                       size_t n) {
+  if (*len + n > *cap) {
+    size_t nc = *cap ? *cap : 16384;
+    while (nc < *len + n)
+      nc *= 2;
+    *b = zm_xrealloc(*b, nc);
+    *cap = nc;
+  }
+  memcpy(*b + *len, p, n);
+  *len += n;
+}
+
+static void conn_mark_dirty(zm_conn_t *c) {
+  if (c->dirty || c->state != CONN_OPEN)
+    return;
+  c->dirty = 1;
+  c->dirty_next = c->srv->dirty;
+  c->srv->dirty = c;
+}
+
+static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
+  (void)hint;
+  zm_conn_t *c = h->data;
+  buf->base = c->srv->readbuf;
+  buf->len = sizeof c->srv->readbuf;
+}
+
+static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
+  zm_conn_t *c = st->data;
+  if (nread == 0)
+    return;
+  if (nread < 0) {
+    conn_close(c);
+    return;
+  }
+  c->last_active = uv_now(c->srv->loop);
+  c->in_recv = 1;
+  ssize_t rv = nghttp2_session_mem_recv(c->h2, (const uint8_t *)buf->base,
+                                        (size_t)nread);
+  c->in_recv = 0;
+  if (rv < 0) {
+    c->srv->stats.protocol_errors++;
+    ZM_DEBUG("h2 connection error: %s", nghttp2_strerror((int)rv));
+    if (rv == NGHTTP2_ERR_BAD_CLIENT_MAGIC || !c->got_frame) {
+      conn_close(c);
+      return;
+    }
+    nghttp2_session_terminate_session(c->h2, NGHTTP2_PROTOCOL_ERROR);
+    c->close_after_flush = 1;
+  }
+  conn_mark_dirty(c);
+}
+
+static void on_write(uv_write_t *req, int status) {
+  zm_conn_t *c = req->data;
+  c->writing = 0;
+  c->wr_len = 0;
+  if (c->state != CONN_OPEN)
+    return;
+  if (status < 0) {
+    conn_close(c);
+    return;
+  }
+  conn_flush(c);
+}
+
+/* Pulls nghttp2's output, writes it, applies backpressure, closes when done. */
+static void conn_flush(zm_conn_t *c) {
+  if (c->state != CONN_OPEN)
+    return;
+  while (c->out_len < ZM_CONN_OUT_SOFT_MAX) {
+    const uint8_t *p;
+    ssize_t n = nghttp2_session_mem_send(c->h2, &p);
+    if (n < 0) {
+      conn_close(c);
+      return;
+    }
+    if (n == 0)
+      break;
+    buf_append(&c->out, &c->out_len, &c->out_cap, p, (size_t)n);
+  }
+  if (!c->writing && c->out_len > 0) {
+    /* swap gathered output into the in-flight buffer */
+    char *t = c->wr;
+    size_t tc = c->wr_cap;
+    c->wr = c->out;
+    c->wr_cap = c->out_cap;
+    c->wr_len = c->out_len;
+    c->out = t;
+    c->out_cap = tc;
+    c->out_len = 0;
+    uv_buf_t b = uv_buf_init(c->wr, (unsigned)c->wr_len);
+    c->wreq.data = c;
+    int rv = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_write);
+    if (rv < 0) {
+      conn_close(c);
+      return;
+    }
+    c->writing = 1;
+  }
+  int congested = c->out_len >= ZM_CONN_OUT_SOFT_MAX ||
+                  nghttp2_session_want_write(c->h2);
+  if (congested && c->writing && c->reading) {
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    c->reading = 0;
+  } else if (!congested && !c->reading && !c->close_after_flush) {
+    uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+    c->reading = 1;
+  }
+  int idle_out = !c->writing && c->out_len == 0 &&
+                 !nghttp2_session_want_write(c->h2);
+  if (idle_out &&
+      (c->close_after_flush || !nghttp2_session_want_read(c->h2) ||
+       (c->srv->draining && c->n_calls == 0)))
+    conn_close(c);
+}
+
+static void on_conn_closed(uv_handle_t *h) {
+  zm_conn_t *c = h->data;
+  zm_grpc_server_t *srv = c->srv;
+  free(c->out);
+  free(c->wr);
+  free(c);
+  srv->stats.conns_open--;
+  srv->open_handles--;
+  drain_check(srv);
+}
+
+static void conn_close(zm_conn_t *c) {
+  if (c->state != CONN_OPEN)
+    return;
+  ZM_ASSERT(!c->in_recv);
+  c->state = CONN_CLOSING;
+  zm_grpc_server_t *srv = c->srv;
+  /* Detach every call; handlers holding one are told it is cancelled. */
+  while (c->calls != NULL)
+    call_stream_closed(c->calls);
+  nghttp2_session_del(c->h2);
+  c->h2 = NULL;
+  if (c->prev)
+    c->prev->next = c->next;
+  else
+    srv->conns = c->next;
+  if (c->next)
+    c->next->prev = c->prev;
+  /* a dirty connection stays on the dirty list; flush skips CLOSING ones */
+  uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
+}
+
+static void on_connection(uv_stream_t *ls, int status) {
+  zm_grpc_server_t *srv = ls->data;
+  if (status < 0) {
+    ZM_WARN("grpc: accept: %s", uv_strerror(status));
+    return;
+  }
+  zm_conn_t *c = zm_xcalloc(1, sizeof *c);
+  c->srv = srv;
+  uv_tcp_init(srv->loop, &c->tcp);
+  c->tcp.data = c;
+  srv->open_handles++;
+  srv->stats.conns_open++;
+  if (uv_accept(ls, (uv_stream_t *)&c->tcp) != 0 || srv->draining ||
+      srv->stats.conns_open > srv->cfg.max_conns) {
+    c->state = CONN_CLOSING;
+    uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
+    return;
+  }
+  srv->stats.conns_accepted++;
+  uv_tcp_nodelay(&c->tcp, 1);
+  if (nghttp2_session_server_new2(&c->h2, srv->cbs, c, srv->opt) != 0) {
+    c->state = CONN_CLOSING;
+    uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
+    return;
+  }
+  nghttp2_settings_entry iv[] = {
+      {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, srv->cfg.max_streams},
+      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, 1u << 20},
+      {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, 16u * 1024},
+  };
+  nghttp2_submit_settings(c->h2, NGHTTP2_FLAG_NONE, iv, ZM_ARRAY_SIZE(iv));
+  nghttp2_session_set_local_window_size(c->h2, NGHTTP2_FLAG_NONE, 0,
+                                        16u << 20);
+  c->last_active = uv_now(srv->loop);
+  c->next = srv->conns;
+  if (srv->conns)
+    srv->conns->prev = c;
+  srv->conns = c;
+  uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+  c->reading = 1;
+  conn_mark_dirty(c);
+}
+
+/* ===================== loop hooks ======================================= */
+
+static void on_flush(uv_prepare_t *p) {
+  zm_grpc_server_t *srv = p->data;
+  while (srv->dirty != NULL) {
+    zm_conn_t *c = srv->dirty;
+    srv->dirty = c->dirty_next;
+    c->dirty = 0;
+    conn_flush(c);
+  }
+}
+
+static void on_deadline(uv_timer_t *t) {
+  zm_grpc_server_t *srv = t->data;
+  uint64_t now = uv_now(srv->loop);
+  while (srv->heap_len > 0 && srv->heap[0]->deadline <= now) {
+    zm_call_t *call = srv->heap[0];
+    heap_remove(srv, call);
+    srv->stats.deadline_exceeded++;
+    if (call->state == CALL_RECEIVING || call->state == CALL_HANDLER) {
+      int held = call->state == CALL_HANDLER;
+      submit_status(call, ZM_GRPC_DEADLINE_EXCEEDED, "deadline exceeded");
+      if (held)
+        call_cancel(call);
+    }
+  }
+  deadline_arm(srv);
+}
+
+static void on_tick(uv_timer_t *t) {
+  zm_grpc_server_t *srv = t->data;
+  uint64_t now = uv_now(srv->loop);
+  for (zm_conn_t *c = srv->conns, *n; c != NULL; c = n) {
+    n = c->next;
+    if (!c->got_frame && now - c->last_active >= ZM_HANDSHAKE_TIMEOUT_MS) {
+      conn_close(c);
+    } else if (srv->cfg.idle_timeout_ms > 0 && c->n_calls == 0 &&
+               !c->goaway_sent &&
+               now - c->last_active >= srv->cfg.idle_timeout_ms) {
+      /* idle: say goodbye; flush closes it once the GOAWAY is out */
+      nghttp2_submit_goaway(c->h2, NGHTTP2_FLAG_NONE,
+                            nghttp2_session_get_last_proc_stream_id(c->h2),
+                            NGHTTP2_NO_ERROR, (const uint8_t *)"idle", 4);
+      c->goaway_sent = 1;
+      c->close_after_flush = 1;
+      conn_mark_dirty(c);
+    }
+  }
+}
+
+/* ===================== server =========================================== */
+
+static int parse_address(const char *addr, struct sockaddr_storage *ss) {
+  const char *colon = strrchr(addr, ':');
+  if (colon == NULL)
+    return ZM_E_INVAL;
+  char *end;
+  long port = strtol(colon + 1, &end, 10);
+  if (*end != '\0' || colon[1] == '\0' || port < 0 || port > 65535)
+    return ZM_E_INVAL;
+  char host[64];
+  size_t hl = (size_t)(colon - addr);
+  if (hl >= sizeof host)
+    return ZM_E_INVAL;
+  memcpy(host, addr, hl);
+  host[hl] = '\0';
+  if (hl >= 2 && host[0] == '[' && host[hl - 1] == ']') {
+    memmove(host, host + 1, hl - 2);
+    host[hl - 2] = '\0';
+    return uv_ip6_addr(host, (int)port, (struct sockaddr_in6 *)ss) == 0
+               ? 0
+               : ZM_E_INVAL;
+  }
+  if (hl == 0)
+    return uv_ip6_addr("::", (int)port, (struct sockaddr_in6 *)ss) == 0
+               ? 0
+               : ZM_E_INVAL;
+  if (uv_ip4_addr(host, (int)port, (struct sockaddr_in *)ss) == 0)
+    return 0;
+  if (uv_ip6_addr(host, (int)port, (struct sockaddr_in6 *)ss) == 0)
+    return 0;
+  if (strcmp(host, "localhost") == 0)
+    return uv_ip4_addr("127.0.0.1", (int)port, (struct sockaddr_in *)ss) == 0
+               ? 0
+               : ZM_E_INVAL;
+  return ZM_E_INVAL;
+}
+
+int zm_grpc_server_new(zm_grpc_server_t **out, uv_loop_t *loop,
+                       const zm_grpc_config_t *cfg,
+                       const zm_grpc_method_t *methods, size_t n_methods) {
+  zm_grpc_server_t *srv = zm_xcalloc(1, sizeof *srv);
+  srv->loop = loop;
+  srv->cfg = *cfg;
+  if (srv->cfg.max_recv_msg == 0)
+    srv->cfg.max_recv_msg = 4u << 20;
+  if (srv->cfg.max_streams == 0)
+    srv->cfg.max_streams = 1024;
+  if (srv->cfg.max_conns == 0)
+    srv->cfg.max_conns = 65536;
+  srv->address = zm_xstrdup(cfg->address ? cfg->address : ":50051");
+  srv->cfg.address = srv->address;
+  srv->methods = zm_xcalloc(n_methods, sizeof *methods);
+  srv->path_lens = zm_xcalloc(n_methods, sizeof *srv->path_lens);
+  memcpy(srv->methods, methods, n_methods * sizeof *methods);
+  for (size_t i = 0; i < n_methods; i++)
+    srv->path_lens[i] = strlen(methods[i].path);
+  srv->n_methods = n_methods;
+  if (nghttp2_session_callbacks_new(&srv->cbs) != 0 ||
+      nghttp2_option_new(&srv->opt) != 0)
+    abort();
+  nghttp2_session_callbacks_set_on_begin_headers_callback(srv->cbs,
+                                                          on_begin_headers);
+  nghttp2_session_callbacks_set_on_header_callback(srv->cbs, on_header);
+  nghttp2_session_callbacks_set_on_frame_recv_callback(srv->cbs, on_frame_recv);
+  nghttp2_session_callbacks_set_on_data_chunk_recv_callback(srv->cbs,
+                                                            on_data_chunk);
+  nghttp2_session_callbacks_set_on_stream_close_callback(srv->cbs,
+                                                         on_stream_close);
+  nghttp2_option_set_max_deflate_dynamic_table_size(srv->opt, 4096);
+  uv_prepare_init(loop, &srv->flush);
+  srv->flush.data = srv;
+  uv_prepare_start(&srv->flush, on_flush);
+  uv_unref((uv_handle_t *)&srv->flush);
+  uv_timer_init(loop, &srv->tick);
+  srv->tick.data = srv;
+  uv_timer_start(&srv->tick, on_tick, 1000, 1000);
+  uv_unref((uv_handle_t *)&srv->tick);
+  uv_timer_init(loop, &srv->deadline_timer);
+  srv->deadline_timer.data = srv;
+  uv_timer_init(loop, &srv->grace_timer);
+  srv->grace_timer.data = srv;
+  srv->open_handles = 4;
+  *out = srv;
+  return 0;
+}
+
+int zm_grpc_server_listen(zm_grpc_server_t *srv) {
+  struct sockaddr_storage ss;
+  memset(&ss, 0, sizeof ss);
+  if (parse_address(srv->address, &ss) != 0)
+    return ZM_E_INVAL;
+  uv_tcp_init(srv->loop, &srv->listener);
+  srv->listener.data = srv;
+  srv->open_handles++;
+  srv->listening = 1;
+  int rv = uv_tcp_bind(&srv->listener, (struct sockaddr *)&ss, 0);
+  if (rv == 0)
+    rv = uv_listen((uv_stream_t *)&srv->listener, 4096, on_connection);
+  if (rv != 0)
+    return rv;
+  struct sockaddr_storage bound;
+  int len = sizeof bound;
+  uv_tcp_getsockname(&srv->listener, (struct sockaddr *)&bound, &len);
+  srv->port = ntohs(bound.ss_family == AF_INET6
+                        ? ((struct sockaddr_in6 *)&bound)->sin6_port
+                        : ((struct sockaddr_in *)&bound)->sin_port);
+  return 0;
+}
+
+int zm_grpc_server_port(const zm_grpc_server_t *srv) { return srv->port; }
+
+static void on_handle_closed(uv_handle_t *h) {
+  zm_grpc_server_t *srv = h->data;
+  srv->open_handles--;
+  drain_check(srv);
+}
+
+/* Drain finishes when no connection is left; then our own handles close. */
+static void drain_check(zm_grpc_server_t *srv) {
+  if (!srv->draining)
+    return;
+  if (srv->conns == NULL && srv->stats.calls_active == 0 &&
+      srv->draining == 1) {
+    srv->draining = 2;
+    uv_close((uv_handle_t *)&srv->flush, on_handle_closed);
+    uv_close((uv_handle_t *)&srv->tick, on_handle_closed);
+    uv_close((uv_handle_t *)&srv->deadline_timer, on_handle_closed);
+    uv_close((uv_handle_t *)&srv->grace_timer, on_handle_closed);
+    return;
+  }
+  if (srv->draining == 2 && srv->open_handles == 0 && srv->drain_done) {
+    void (*done)(void *) = srv->drain_done;
+    srv->drain_done = NULL;
+    done(srv->drain_data);
+  }
+}
+
+static void on_grace(uv_timer_t *t) {
+  zm_grpc_server_t *srv = t->data;
+  ZM_WARN("grpc: grace period over, closing %s",
+          srv->conns ? "remaining connections" : "");
+  while (srv->conns != NULL)
+    conn_close(srv->conns);
+}
+
+void zm_grpc_server_drain(zm_grpc_server_t *srv, uint64_t grace_ms,
+                          void (*done)(void *), void *data) {
+  if (srv->draining)
+    return;
+  srv->draining = 1;
+  srv->drain_done = done;
+  srv->drain_data = data;
+  if (srv->listening) {
+    srv->listening = 0;
+    uv_close((uv_handle_t *)&srv->listener, on_handle_closed);
+  }
+  for (zm_conn_t *c = srv->conns; c != NULL; c = c->next) {
+    nghttp2_submit_goaway(c->h2, NGHTTP2_FLAG_NONE,
+                          nghttp2_session_get_last_proc_stream_id(c->h2),
+                          NGHTTP2_NO_ERROR, NULL, 0);
+    c->goaway_sent = 1;
+    conn_mark_dirty(c);
+  }
+  uv_timer_start(&srv->grace_timer, on_grace, grace_ms, 0);
+  /* keep the loop alive for the flush hook while draining */
+  uv_ref((uv_handle_t *)&srv->flush);
+  drain_check(srv);
+}
+
+void zm_grpc_server_free(zm_grpc_server_t *srv) {
+  while (srv->freelist) {
+    zm_call_t *c = srv->freelist;
+    srv->freelist = c->next;
+    free(c);
+  }
+  nghttp2_session_callbacks_del(srv->cbs);
+  nghttp2_option_del(srv->opt);
+  free(srv->heap);
+  free(srv->methods);
+  free(srv->path_lens);
+  free(srv->address);
+  free(srv);
+}
+
+void zm_grpc_server_get_stats(const zm_grpc_server_t *srv,
+                              zm_grpc_stats_t *out) {
+  *out = srv->stats;
+}
