@@ -110,3 +110,49 @@ zmb_stop() {
 zmb_vm() { awk -v k="$2:" '$1==k{print $2}' "/proc/$1/status" 2>/dev/null; }
 # zmb_ticks PID: utime+stime in clock ticks.
 zmb_ticks() { awk '{print $14+$15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
+# zmb_free_port: prints a currently free TCP port on 127.0.0.1.
+zmb_free_port() {
+  /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# zmb_start_sim DIR [CPU]: starts the controller simulator (test/sim) in DIR,
+# optionally pinned to CPU; sets ZMB_SIM_PID, ZMB_SIM_URL, ZMB_SIM_CA,
+# ZMB_SIM_CERT, ZMB_SIM_KEY, ZMB_SIM_CTL. Returns non-zero if it did not come up.
+zmb_start_sim() {
+  local dir=$1 cpu=${2:-} i pin=()
+  mkdir -p "$dir"
+  [[ -n $cpu ]] && pin=(taskset -c "$cpu")
+  "${pin[@]}" /usr/bin/python3 "$ZMB_REPO/test/sim/ziti_sim.py" --dir "$dir" --port 0 --ctl-port 0 \
+    >"$dir/sim.log" 2>&1 &
+  ZMB_SIM_PID=$!
+  for ((i = 0; i < 600; i++)); do
+    [[ -s $dir/sim.json ]] && break
+    kill -0 "$ZMB_SIM_PID" 2>/dev/null || return 1
+    sleep 0.05
+  done
+  [[ -s $dir/sim.json ]] || return 1
+  local vals
+  vals=$(/usr/bin/python3 -c 'import json,sys; d=json.load(open(sys.argv[1]));
+print(d["url"], d["ca_file"], d["cert_file"], d["key_file"], d["ctl_port"])' "$dir/sim.json") || return 1
+  read -r ZMB_SIM_URL ZMB_SIM_CA ZMB_SIM_CERT ZMB_SIM_KEY ZMB_SIM_CTL <<<"$vals"
+}
+
+# zmb_sim_latency MS: added latency of every simulator answer.
+zmb_sim_latency() {
+  curl -sf -X POST "http://127.0.0.1:$ZMB_SIM_CTL/faults" -d "{\"latency_ms\":$1}" >/dev/null
+}
+
+# zmb_start_server BIN STORE PORT CPU LOG [ENV=VAL...]: starts the server
+# (pinned to CPU when non-empty) with the simulator as its controller when
+# ZMB_SIM_URL is set; sets ZMB_SRV_PID.
+zmb_start_server() {
+  local bin=$1 store=$2 port=$3 cpu=$4 log=$5 pin=()
+  shift 5
+  [[ -n $cpu ]] && pin=(taskset -c "$cpu")
+  local ctl=(ZITI_CONTROLLER_URL=)
+  [[ -n ${ZMB_SIM_URL:-} ]] && ctl=(ZITI_CONTROLLER_URL="$ZMB_SIM_URL" ZITI_CA_FILE="$ZMB_SIM_CA"
+    ZITI_CERT_FILE="$ZMB_SIM_CERT" ZITI_KEY_FILE="$ZMB_SIM_KEY")
+  "${pin[@]}" env STORE_PATH="$store" GRPC_ADDRESS="127.0.0.1:$port" "${ctl[@]}" "$@" "$bin" >"$log" 2>&1 &
+  ZMB_SRV_PID=$!
+}

@@ -284,8 +284,7 @@ static ssize_t on_data_read(nghttp2_session *s, int32_t sid, uint8_t *buf,
         NGHTTP2_NV_FLAG_NO_COPY_NAME | NGHTTP2_NV_FLAG_NO_COPY_VALUE           \
   }
 
-/* Submits a Trailers-Only error response; resets the stream when the client
- * has not finished sending (so it stops). */
+/* Submits a Trailers-Only error response. */
 static void submit_status(zm_call_t *call, zm_grpc_status_t st,
                           const char *msg) {
   zm_conn_t *c = call->conn;
@@ -305,12 +304,12 @@ static void submit_status(zm_call_t *call, zm_grpc_status_t st,
   call->state = CALL_FINISHED;
   if (c == NULL)
     return;
+  /* No RST_STREAM after an early answer: gRPC clients treat any RST before
+   * they finished sending as an error of its own; the rest of the request
+   * is discarded as it arrives. */
   if (nghttp2_submit_response(c->h2, call->stream_id, hdrs, n, NULL) != 0)
     nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, call->stream_id,
                               NGHTTP2_INTERNAL_ERROR);
-  else if (!call->end_stream_seen)
-    nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, call->stream_id,
-                              NGHTTP2_NO_ERROR);
   conn_mark_dirty(c);
 }
 
@@ -320,9 +319,6 @@ static void submit_http_error(zm_call_t *call, const char *status) {
                          strlen(status), NGHTTP2_NV_FLAG_NO_COPY_NAME}};
   call->state = CALL_FINISHED;
   nghttp2_submit_response(c->h2, call->stream_id, hdrs, 1, NULL);
-  if (!call->end_stream_seen)
-    nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, call->stream_id,
-                              NGHTTP2_NO_ERROR);
   conn_mark_dirty(c);
 }
 

@@ -119,8 +119,7 @@ int zm__store_migrate(sqlite3 *db, const char *path) {
       continue;
     if (sqlite3_exec(db, m->sql, NULL, NULL, NULL) != SQLITE_OK ||
         record(db, m->version, now) != 0) {
-      ZM_ERROR("store %s: migration %d (%s) failed", path, m->version,
-               m->name);
+      ZM_ERROR("store %s: migration %d (%s) failed", path, m->version, m->name);
       return fail(db, path, "migrate");
     }
     ZM_INFO("store %s: applied migration %d (%s)", path, m->version, m->name);

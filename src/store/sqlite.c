@@ -122,13 +122,13 @@ typedef struct item {
   } cb;
   zm_store_op_t *ops; /* ITEM_UNIT: nops copies, in this block */
   size_t nops;
-  int type;           /* LIST_MANAGED: identity type, 0 = any */
-  int64_t t1, t2;     /* LIST_EXPIRED: now, after; LIST_PENDING: older_than */
-  const char *key;    /* LIST_*: cursor id, in this block, "" = start */
-  size_t limit;       /* LIST_*: max rows */
-  void *rows;         /* result rows (malloc), nrows of them */
+  int type;        /* LIST_MANAGED: identity type, 0 = any */
+  int64_t t1, t2;  /* LIST_EXPIRED: now, after; LIST_PENDING: older_than */
+  const char *key; /* LIST_*: cursor id, in this block, "" = start */
+  size_t limit;    /* LIST_*: max rows */
+  void *rows;      /* result rows (malloc), nrows of them */
   size_t nrows;
-  char *strs;         /* result strings the rows point into (malloc) */
+  char *strs; /* result strings the rows point into (malloc) */
 } item_t;
 
 typedef struct {
@@ -649,10 +649,9 @@ int zm_store_open(zm_store_t **out, uv_loop_t *loop,
   zm_store_t *st = zm_xcalloc(1, sizeof *st);
   st->loop = loop;
   st->path = zm_xstrdup(cfg->path);
-  int rc = sqlite3_open_v2(cfg->path, &st->db,
-                           SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
-                               SQLITE_OPEN_NOMUTEX,
-                           NULL);
+  int rc = sqlite3_open_v2(
+      cfg->path, &st->db,
+      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
   if (rc != SQLITE_OK) {
     ZM_ERROR("store %s: open: %s", st->path,
              st->db ? sqlite3_errmsg(st->db) : sqlite3_errstr(rc));

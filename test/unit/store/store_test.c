@@ -244,11 +244,22 @@ static void test_time_codec(void **state) {
     assert_int_equal(ms, ok[i].ms);
   }
   static const char *const bad[] = {
-      "", "2023", "2023-11-14 ", "2023-13-01", "2023-02-29", "2023-11-31",
-      "2023-11-14 24:00:00", "2023-11-14 22:60", "2023-11-14 22:13:20.",
-      "2023-11-14 22:13:20.1234567890", "2023-11-14 22:13:20Zx",
-      "2023-11-14 22:13:20+2", "2023-11-14x22:13:20", "abcd-ef-gh",
-      "2023-11-14 22:13:20 ", "2023-11-14 22:13:20+24:00",
+      "",
+      "2023",
+      "2023-11-14 ",
+      "2023-13-01",
+      "2023-02-29",
+      "2023-11-31",
+      "2023-11-14 24:00:00",
+      "2023-11-14 22:60",
+      "2023-11-14 22:13:20.",
+      "2023-11-14 22:13:20.1234567890",
+      "2023-11-14 22:13:20Zx",
+      "2023-11-14 22:13:20+2",
+      "2023-11-14x22:13:20",
+      "abcd-ef-gh",
+      "2023-11-14 22:13:20 ",
+      "2023-11-14 22:13:20+24:00",
   };
   for (size_t i = 0; i < ZM_ARRAY_SIZE(bad); i++)
     assert_int_equal(zm__store_time_parse(bad[i], strlen(bad[i]), &ms),
@@ -433,11 +444,10 @@ static void on_gc_unit(int err, void *data) {
   /* Visible to another connection = committed (and in the WAL file). */
   char id[32];
   snprintf(id, sizeof id, "g-%05d", i);
-  if (i % 97 == 0 &&
-      peek_int(gc.peek,
-               "SELECT count(*) FROM managed_identities WHERE "
-               "ziti_identity_id=?",
-               id) != 1)
+  if (i % 97 == 0 && peek_int(gc.peek,
+                              "SELECT count(*) FROM managed_identities WHERE "
+                              "ziti_identity_id=?",
+                              id) != 1)
     gc.not_durable++;
 }
 
@@ -830,27 +840,25 @@ static void test_hand_seeded_times(void **state) {
   zm_store_t *st = open_store(&loop, path, 0);
   close_all(st, &loop);
   sqlite3 *db = peek_open(path);
-  peek_exec(db,
-            "INSERT INTO service_identities VALUES"
-            "('t1', 3, '2023-11-14T22:13:20Z', '2023-11-14 22:13:20'),"
-            "('t2', 3, '2023-11-14 22:13:20.500+00:00', "
-            "'2023-11-14T22:13:20.123Z'),"
-            "('t3', 3, '2023-11-14 23:13:20.250+01:00', '2023-11-14'),"
-            "('t4', 3, 'garbage', 'garbage'),"
-            "('t5', 3, strftime('%Y-%m-%d %H:%M:%f','now','+300 seconds'),"
-            " strftime('%Y-%m-%d %H:%M:%f','now'));"
-            "INSERT INTO managed_identities VALUES"
-            "('m1', 'i1', 1, '2023-11-14 22:13:20.123456');");
+  peek_exec(db, "INSERT INTO service_identities VALUES"
+                "('t1', 3, '2023-11-14T22:13:20Z', '2023-11-14 22:13:20'),"
+                "('t2', 3, '2023-11-14 22:13:20.500+00:00', "
+                "'2023-11-14T22:13:20.123Z'),"
+                "('t3', 3, '2023-11-14 23:13:20.250+01:00', '2023-11-14'),"
+                "('t4', 3, 'garbage', 'garbage'),"
+                "('t5', 3, strftime('%Y-%m-%d %H:%M:%f','now','+300 seconds'),"
+                " strftime('%Y-%m-%d %H:%M:%f','now'));"
+                "INSERT INTO managed_identities VALUES"
+                "('m1', 'i1', 1, '2023-11-14 22:13:20.123456');");
   sqlite3_close(db);
   uv_loop_init(&loop);
   st = open_store(&loop, path, 0);
   db = peek_open(path);
-  assert_int_equal(
-      peek_int(db,
-               "SELECT count(*) FROM service_identities WHERE "
-               "lease_expires_at='2023-11-14 22:13:20.000'",
-               NULL),
-      1);
+  assert_int_equal(peek_int(db,
+                            "SELECT count(*) FROM service_identities WHERE "
+                            "lease_expires_at='2023-11-14 22:13:20.000'",
+                            NULL),
+                   1);
   sqlite3_close(db);
   loaded_t l;
   int64_t before = zm_wall_ms();
@@ -905,9 +913,8 @@ static void test_close_drains(void **state) {
   assert_int_equal(uv_run(&loop, UV_RUN_DEFAULT), 0);
   assert_int_equal(uv_loop_close(&loop), 0);
   sqlite3 *db = peek_open(path);
-  assert_int_equal(peek_int(db, "SELECT count(*) FROM service_identities",
-                            NULL),
-                   300);
+  assert_int_equal(
+      peek_int(db, "SELECT count(*) FROM service_identities", NULL), 300);
   sqlite3_close(db);
 }
 
@@ -1054,7 +1061,8 @@ static void test_crash_durability(void **state) {
     snprintf(name, sizeof name, "crash-%d", sync);
     const char *path = db_path(name);
     for (int rep = 0; rep < 3; rep++)
-      crash_once(path, sync, &seed); /* same file: recovery on top of recovery */
+      crash_once(path, sync,
+                 &seed); /* same file: recovery on top of recovery */
   }
 }
 
