@@ -42,8 +42,7 @@ static void test_layout(void **state) {
   }
   /* The largest value fits; larger values clamp into the same bucket. */
   assert_true(zmb_hist_index(ZMB_HIST_MAX_NS) < ZMB_HIST_BUCKETS);
-  assert_int_equal(zmb_hist_index(UINT64_MAX),
-                   zmb_hist_index(ZMB_HIST_MAX_NS));
+  assert_int_equal(zmb_hist_index(UINT64_MAX), zmb_hist_index(ZMB_HIST_MAX_NS));
 }
 
 /* Relative error of the reported (highest equivalent) value <= 1/128. */

@@ -414,7 +414,8 @@ static int strictly_less(const char *a, const char *b) {
   return strcmp(a, b) < 0;
 }
 
-/* ---- verification ---------------------------------------------------------- */
+/* ---- verification ----------------------------------------------------------
+ */
 
 zmb_verdict_t zmb_resp_verify(const zmb_req_t *r, int grpc_status,
                               const uint8_t *body, size_t len,
@@ -448,8 +449,9 @@ zmb_verdict_t zmb_resp_verify(const zmb_req_t *r, int grpc_status,
       v = fail(ZMB_V_BAD_CONTENT, why, whylen,
                "resolve zid-%06lld: identity_id '%.64s', want '%s'",
                (long long)r->key, m->identity_id, want_id);
-    else if (m->identity_type !=
-             AGYNIO__API__ZITI_MANAGEMENT__V1__IDENTITY_TYPE__IDENTITY_TYPE_AGENT)
+    else if (
+        m->identity_type !=
+        AGYNIO__API__ZITI_MANAGEMENT__V1__IDENTITY_TYPE__IDENTITY_TYPE_AGENT)
       v = fail(ZMB_V_BAD_CONTENT, why, whylen,
                "resolve zid-%06lld: identity_type %d, want AGENT",
                (long long)r->key, (int)m->identity_type);
@@ -474,8 +476,9 @@ zmb_verdict_t zmb_resp_verify(const zmb_req_t *r, int grpc_status,
             NULL, mlen, msg);
     if (!m)
       return fail(ZMB_V_BAD_CONTENT, why, whylen, "list: undecodable reply");
-    size_t limit = r->page_size <= 0 ? 50 : (r->page_size > 100 ? 100
-                                                                 : (size_t)r->page_size);
+    size_t limit = r->page_size <= 0
+                       ? 50
+                       : (r->page_size > 100 ? 100 : (size_t)r->page_size);
     if (m->n_identities > limit)
       v = fail(ZMB_V_BAD_CONTENT, why, whylen, "list: %zu rows > page size %zu",
                m->n_identities, limit);
@@ -486,9 +489,9 @@ zmb_verdict_t zmb_resp_verify(const zmb_req_t *r, int grpc_status,
     for (size_t i = 0; v == ZMB_V_OK && i < m->n_identities; i++) {
       const Agynio__Api__ZitiManagement__V1__ManagedIdentity *e =
           m->identities[i];
-      const char *prev = i ? m->identities[i - 1]->ziti_identity_id
-                           : (r->page_token && r->page_token[0] ? r->after_id
-                                                                : NULL);
+      const char *prev =
+          i ? m->identities[i - 1]->ziti_identity_id
+            : (r->page_token && r->page_token[0] ? r->after_id : NULL);
       if (!e->ziti_identity_id[0] || !e->identity_id[0])
         v = fail(ZMB_V_BAD_CONTENT, why, whylen, "list: row %zu has empty ids",
                  i);
@@ -543,7 +546,8 @@ zmb_verdict_t zmb_resp_verify(const zmb_req_t *r, int grpc_status,
     const char *d1 = strchr(jwt, '.');
     const char *d2 = d1 ? strchr(d1 + 1, '.') : NULL;
     if (!m->ziti_identity_id[0])
-      v = fail(ZMB_V_BAD_CONTENT, why, whylen, "create: empty ziti_identity_id");
+      v = fail(ZMB_V_BAD_CONTENT, why, whylen,
+               "create: empty ziti_identity_id");
     else if (!d1 || !d2 || strchr(d2 + 1, '.') || d1 == jwt || d2 == d1 + 1 ||
              d2[1] == '\0')
       v = fail(ZMB_V_BAD_CONTENT, why, whylen,
@@ -562,9 +566,10 @@ zmb_verdict_t zmb_resp_verify(const zmb_req_t *r, int grpc_status,
         grpc__health__v1__health_check_response__unpack(NULL, mlen, msg);
     if (!m)
       return fail(ZMB_V_BAD_CONTENT, why, whylen, "health: undecodable reply");
-    if (m->status != GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING)
-      v = fail(ZMB_V_BAD_CONTENT, why, whylen, "health: status %d, want SERVING",
-               (int)m->status);
+    if (m->status !=
+        GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING)
+      v = fail(ZMB_V_BAD_CONTENT, why, whylen,
+               "health: status %d, want SERVING", (int)m->status);
     grpc__health__v1__health_check_response__free_unpacked(m, NULL);
     return v;
   }

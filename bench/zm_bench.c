@@ -32,7 +32,8 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
-/* ---- limits ----------------------------------------------------------------- */
+/* ---- limits -----------------------------------------------------------------
+ */
 
 /* Largest response body we keep (RSI identity JSON is a few KiB; a list page
  * of 100 rows is ~10 KiB); anything larger is a protocol error. */
@@ -68,7 +69,8 @@
       die("%s:%d: check failed: %s", __FILE__, __LINE__, #cond);               \
   } while (0)
 
-/* ---- transport error kinds --------------------------------------------------- */
+/* ---- transport error kinds
+ * --------------------------------------------------- */
 
 #define TERRS(X)                                                               \
   X(CONNECT, "connect")                                                        \
@@ -93,7 +95,8 @@ static const char *const TE_NAMES[] = {
 #undef X
 };
 
-/* ---- types ------------------------------------------------------------------- */
+/* ---- types
+ * ------------------------------------------------------------------- */
 
 typedef struct bench_s bench_t;
 typedef struct conn_s conn_t;
@@ -135,14 +138,14 @@ struct conn_s {
   stream_t *streams; /* in flight */
   int inflight;
   int reconnects;
-  int idle_done; /* idle mode: health call answered */
+  int idle_done;    /* idle mode: health call answered */
   char *list_token; /* LIST walker: token of the next page ("" = start) */
   char *list_last;  /* last id seen by the walker */
 };
 
 typedef struct {
-  uint64_t ok;              /* verified answers (in window) */
-  zmb_hist_t hist;          /* latency of verified answers (in window) */
+  uint64_t ok;     /* verified answers (in window) */
+  zmb_hist_t hist; /* latency of verified answers (in window) */
   uint64_t status[ZMB_GRPC_CODES + 1]; /* every answer's grpc-status */
 } op_stats_t;
 
@@ -182,12 +185,12 @@ struct bench_s {
   uv_timer_t tick;
   uv_timer_t hold_timer;
   uint64_t rng;
-  int started;   /* load started (all connected) */
-  int stopping;  /* no new requests */
+  int started;  /* load started (all connected) */
+  int stopping; /* no new requests */
   int finished;
-  int finish_requested; /* finish() runs from the prepare handle, never
-                           inside an nghttp2 callback */
-  int rr;               /* open loop: next connection to try */
+  int finish_requested;    /* finish() runs from the prepare handle, never
+                              inside an nghttp2 callback */
+  int rr;                  /* open loop: next connection to try */
   uint64_t t0, t_ws, t_we; /* run start, window start/end (ns) */
   uint64_t t_stop;         /* when issuing stopped */
   uint64_t t_last_done;    /* last completion (count mode duration) */
@@ -214,7 +217,8 @@ struct bench_s {
 
 static uint8_t g_rbuf[RBUF_SIZE]; /* the shared read buffer (see header) */
 
-/* ---- small helpers --------------------------------------------------------------- */
+/* ---- small helpers
+ * --------------------------------------------------------------- */
 
 static void die(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void die(const char *fmt, ...) {
@@ -278,7 +282,8 @@ static void transport_error(bench_t *b, int kind, const char *detail) {
              detail ? detail : "");
 }
 
-/* ---- forward declarations ------------------------------------------------------ */
+/* ---- forward declarations
+ * ------------------------------------------------------ */
 
 static void conn_start(conn_t *c);
 static void conn_fail(conn_t *c, const char *why);
@@ -288,7 +293,8 @@ static void pump(bench_t *b);
 static void maybe_finish(bench_t *b);
 static void on_tcp_closed(uv_handle_t *h);
 
-/* ---- request choice --------------------------------------------------------------- */
+/* ---- request choice
+ * --------------------------------------------------------------- */
 
 static zmb_op_t pick_op(bench_t *b) {
   int r = (int)(rnd(b) % (uint64_t)b->weight_sum);
@@ -332,7 +338,8 @@ static void fill_req(bench_t *b, conn_t *c, stream_t *s, zmb_op_t op) {
   }
 }
 
-/* ---- streams ------------------------------------------------------------------------ */
+/* ---- streams
+ * ------------------------------------------------------------------------ */
 
 static void stream_free(stream_t *s) {
   free(s->in);
@@ -362,7 +369,7 @@ static int in_window(bench_t *b, uint64_t now) {
 /* Accounts a finished stream: verification, counters, histogram. Returns 1
  * if the answer was the expected one. */
 static int stream_account(bench_t *b, conn_t *c, stream_t *s,
-                           uint32_t h2_error) {
+                          uint32_t h2_error) {
   uint64_t now = uv_hrtime();
   char why[200] = "";
   int measured = in_window(b, now);
@@ -394,9 +401,9 @@ static int stream_account(bench_t *b, conn_t *c, stream_t *s,
     return 0;
   }
   zmb_list_next_t next = {0};
-  zmb_verdict_t v =
-      zmb_resp_verify(&s->req, s->grpc_status, s->in, s->in_len,
-                      s->req.op == ZMB_OP_LIST ? &next : NULL, why, sizeof(why));
+  zmb_verdict_t v = zmb_resp_verify(&s->req, s->grpc_status, s->in, s->in_len,
+                                    s->req.op == ZMB_OP_LIST ? &next : NULL,
+                                    why, sizeof(why));
   /* The RSI answer carries a private key: wipe our copy of the body. */
   if (s->in && s->req.op == ZMB_OP_RSI) {
     volatile uint8_t *p = s->in;
@@ -464,12 +471,12 @@ static void stream_finish(conn_t *c, stream_t *s, uint32_t h2_error,
   stream_free(s);
 }
 
-/* ---- nghttp2 callbacks ---------------------------------------------------------------- */
+/* ---- nghttp2 callbacks
+ * ---------------------------------------------------------------- */
 
 static ssize_t on_data_source_read(nghttp2_session *h2, int32_t sid,
-                                   uint8_t *buf, size_t len,
-                                   uint32_t *flags, nghttp2_data_source *src,
-                                   void *ud) {
+                                   uint8_t *buf, size_t len, uint32_t *flags,
+                                   nghttp2_data_source *src, void *ud) {
   (void)h2;
   (void)sid;
   (void)ud;
@@ -572,7 +579,8 @@ static void make_callbacks(void) {
                                                          on_stream_close);
 }
 
-/* ---- connection I/O -------------------------------------------------------------------- */
+/* ---- connection I/O
+ * -------------------------------------------------------------------- */
 
 static void conn_mark_dirty(conn_t *c) {
   if (c->dirty || c->state != C_READY)
@@ -625,8 +633,7 @@ static void conn_flush(conn_t *c) {
       break;
   }
   if (c->wlen == 0) {
-    if (!nghttp2_session_want_read(c->h2) &&
-        !nghttp2_session_want_write(c->h2))
+    if (!nghttp2_session_want_read(c->h2) && !nghttp2_session_want_write(c->h2))
       conn_fail(c, "session ended (GOAWAY)");
     return;
   }
@@ -780,7 +787,9 @@ static void conn_start(conn_t *c) {
   }
 }
 
-/* ---- issuing --------------------------------------------------------------------------- */
+/* ---- issuing
+ * ---------------------------------------------------------------------------
+ */
 
 static int issue(conn_t *c, uint64_t t_intended) {
   bench_t *b = c->b;
@@ -854,7 +863,9 @@ static void pump(bench_t *b) {
   if (b->idle_conns || !b->started)
     return;
   uint64_t now = uv_hrtime();
-  if (!b->count && !b->stopping && now >= b->t_we) {
+  /* Closed loop stops issuing at the end of the window; open loop once
+   * the next intended send time is past it (below). */
+  if (!b->count && !b->stopping && b->rate <= 0 && now >= b->t_we) {
     b->stopping = 1;
     b->t_stop = now;
   }
@@ -871,8 +882,11 @@ static void pump(bench_t *b) {
       uint64_t due = b->t0 + (uint64_t)((double)b->issued / per_ns);
       if (due > now)
         break;
-      if (!b->count && due >= b->t_we)
+      if (!b->count && due >= b->t_we) {
+        b->stopping = 1;
+        b->t_stop = now;
         break;
+      }
       int sent = 0;
       for (int k = 0; k < b->nconns; k++) {
         conn_t *c = &b->cv[(b->rr + k) % b->nconns];
@@ -885,11 +899,18 @@ static void pump(bench_t *b) {
       if (!sent)
         break;
     }
+    /* Whatever is still due but unsent at the end has no free stream: it
+     * is reported as open-loop backlog, not sent late. */
+    if (!b->count && !b->stopping && now >= b->t_we) {
+      b->stopping = 1;
+      b->t_stop = now;
+    }
   }
   maybe_finish(b);
 }
 
-/* ---- run control ------------------------------------------------------------------------- */
+/* ---- run control
+ * ------------------------------------------------------------------------- */
 
 static void finish(bench_t *b) {
   if (b->finished)
@@ -979,8 +1000,8 @@ static void on_tick(uv_timer_t *t) {
       b->t_we = now;
       printf("READY %d\n", b->idle_ready);
       fflush(stdout);
-      uv_timer_start(&b->hold_timer, on_hold_done,
-                     (uint64_t)(b->hold * 1000.0), 0);
+      uv_timer_start(&b->hold_timer, on_hold_done, (uint64_t)(b->hold * 1000.0),
+                     0);
     }
   } else if (!b->started && b->connecting == 0) {
     if (b->connected == 0)
@@ -1013,7 +1034,9 @@ static void on_tick(uv_timer_t *t) {
   }
 }
 
-/* ---- reporting ------------------------------------------------------------------------------ */
+/* ---- reporting
+ * ------------------------------------------------------------------------------
+ */
 
 static double run_seconds(const bench_t *b) {
   if (b->count) {
@@ -1108,7 +1131,8 @@ static void report(bench_t *b) {
     }
   }
   if (b->json_path) {
-    FILE *f = strcmp(b->json_path, "-") == 0 ? stdout : fopen(b->json_path, "w");
+    FILE *f =
+        strcmp(b->json_path, "-") == 0 ? stdout : fopen(b->json_path, "w");
     if (!f)
       die("cannot write %s: %s", b->json_path, strerror(errno));
     fprintf(f, "{\n  \"scenario\": \"%s\",\n  \"target\": \"%s:%d\",\n",
@@ -1146,8 +1170,9 @@ static void report(bench_t *b) {
       fprintf(f, "}}");
       first = 0;
     }
-    fprintf(f, "\n  },\n  \"errors\": {\"total\": %" PRIu64
-               ", \"wrong_content\": %" PRIu64 ", \"by_status\": {",
+    fprintf(f,
+            "\n  },\n  \"errors\": {\"total\": %" PRIu64
+            ", \"wrong_content\": %" PRIu64 ", \"by_status\": {",
             b->errors, b->err_content);
     int fk = 1;
     for (int k = 0; k <= ZMB_GRPC_CODES; k++)
@@ -1172,7 +1197,9 @@ static void report(bench_t *b) {
   }
 }
 
-/* ---- options ----------------------------------------------------------------------------------- */
+/* ---- options
+ * -----------------------------------------------------------------------------------
+ */
 
 static void usage(void) {
   fputs(
@@ -1186,7 +1213,8 @@ static void usage(void) {
       "                         intended send time)\n"
       "      --scenario NAME    resolve | extend | list | "
       "request-service-identity |\n"
-      "                         create-agent | health | mixed (default resolve)\n"
+      "                         create-agent | health | mixed (default "
+      "resolve)\n"
       "      --mix SPEC         weights for mixed, e.g. "
       "resolve:80,extend:19,rsi:1\n"
       "      --target HOST:PORT (default 127.0.0.1:50051)\n"
@@ -1195,7 +1223,8 @@ static void usage(void) {
       "      --miss-ratio F     share of resolve/extend on unknown keys "
       "(default 0)\n"
       "      --page-size N      list page size (default 50)\n"
-      "      --service-type T   RequestServiceIdentity service_type (default 3)\n"
+      "      --service-type T   RequestServiceIdentity service_type (default "
+      "3)\n"
       "      --timeout-ms MS    grpc-timeout per call (client gives up at MS+1 "
       "s)\n"
       "      --json FILE        machine-readable results ('-' = stdout)\n"
@@ -1458,7 +1487,9 @@ static void raise_nofile(int need) {
             (unsigned long long)rl.rlim_cur, need);
 }
 
-/* ---- main ----------------------------------------------------------------------------------------- */
+/* ---- main
+ * -----------------------------------------------------------------------------------------
+ */
 
 int main(int argc, char **argv) {
   bench_t *b = calloc(1, sizeof(*b));

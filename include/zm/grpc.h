@@ -128,4 +128,10 @@ int zm_grpc_timeout_parse(const char *v, size_t len, uint64_t *ms);
  * '%' become %XX). Writes at most cap-1 bytes + NUL; returns the length. */
 size_t zm_grpc_pct_encode(const char *src, size_t len, char *dst, size_t cap);
 
+/* The method whose path equals path[0..len), or NULL. Linear: the table is
+ * a handful of entries and the length check rejects most in one compare. */
+const zm_grpc_method_t *zm_grpc_route(const zm_grpc_method_t *methods,
+                                      const size_t *path_lens, size_t n,
+                                      const uint8_t *path, size_t len);
+
 #endif /* ZM_GRPC_H */

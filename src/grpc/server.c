@@ -536,13 +536,8 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *f,
   case 5:
     if (memcmp(name, ":path", 5) == 0) {
       zm_grpc_server_t *srv = c->srv;
-      for (size_t i = 0; i < srv->n_methods; i++) {
-        if (srv->path_lens[i] == valuelen &&
-            memcmp(srv->methods[i].path, value, valuelen) == 0) {
-          call->method = &srv->methods[i];
-          break;
-        }
-      }
+      call->method = zm_grpc_route(srv->methods, srv->path_lens,
+                                   srv->n_methods, value, valuelen);
     }
     break;
   case 7:

@@ -77,3 +77,12 @@ size_t zm_grpc_pct_encode(const char *src, size_t len, char *dst, size_t cap) {
   dst[o] = '\0';
   return o;
 }
+
+const zm_grpc_method_t *zm_grpc_route(const zm_grpc_method_t *methods,
+                                      const size_t *path_lens, size_t n,
+                                      const uint8_t *path, size_t len) {
+  for (size_t i = 0; i < n; i++)
+    if (path_lens[i] == len && memcmp(methods[i].path, path, len) == 0)
+      return &methods[i];
+  return NULL;
+}

@@ -841,8 +841,7 @@ void zm_store_submit(zm_store_t *st, const zm_store_op_t *ops, size_t n,
   kick(st);
 }
 
-static item_t *new_read(zm_store_t *st, int kind, const char *key, size_t limit,
-                        void *data) {
+static item_t *new_read(int kind, const char *key, size_t limit, void *data) {
   if (key == NULL)
     key = "";
   size_t klen = strlen(key) + 1;
@@ -852,7 +851,6 @@ static item_t *new_read(zm_store_t *st, int kind, const char *key, size_t limit,
   memcpy(it + 1, key, klen);
   it->key = (const char *)(it + 1);
   it->limit = limit;
-  (void)st;
   return it;
 }
 
@@ -860,7 +858,7 @@ void zm_store_list_managed(zm_store_t *st, int type, const char *after_id,
                            size_t limit, zm_store_managed_list_cb cb,
                            void *data) {
   ZM_ASSERT(st != NULL && cb != NULL);
-  item_t *it = new_read(st, ITEM_LIST_MANAGED, after_id, limit, data);
+  item_t *it = new_read(ITEM_LIST_MANAGED, after_id, limit, data);
   it->type = type;
   it->cb.managed = cb;
   q_push(&st->queue, it);
@@ -871,7 +869,7 @@ void zm_store_list_expired(zm_store_t *st, int64_t now_ms, int64_t after_ms,
                            const char *after_id, size_t limit,
                            zm_store_service_list_cb cb, void *data) {
   ZM_ASSERT(st != NULL && cb != NULL);
-  item_t *it = new_read(st, ITEM_LIST_EXPIRED, after_id, limit, data);
+  item_t *it = new_read(ITEM_LIST_EXPIRED, after_id, limit, data);
   it->t1 = now_ms;
   it->t2 = after_ms;
   it->cb.service = cb;
@@ -882,7 +880,7 @@ void zm_store_list_expired(zm_store_t *st, int64_t now_ms, int64_t after_ms,
 void zm_store_list_pending(zm_store_t *st, int64_t older_than_ms, size_t limit,
                            zm_store_pending_list_cb cb, void *data) {
   ZM_ASSERT(st != NULL && cb != NULL);
-  item_t *it = new_read(st, ITEM_LIST_PENDING, NULL, limit, data);
+  item_t *it = new_read(ITEM_LIST_PENDING, NULL, limit, data);
   it->t1 = older_than_ms;
   it->cb.pending = cb;
   q_push(&st->queue, it);

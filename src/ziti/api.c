@@ -49,7 +49,13 @@ static const char *const OP_NAME[] = {
     [OP_ENROLL] = "enroll",          [OP_CACERTS] = "fetch CA bundle",
 };
 
-typedef enum { OPS_NEW, OPS_WAIT_AUTH, OPS_XCHG, OPS_BACKOFF, OPS_DONE } op_state_t;
+typedef enum {
+  OPS_NEW,
+  OPS_WAIT_AUTH,
+  OPS_XCHG,
+  OPS_BACKOFF,
+  OPS_DONE
+} op_state_t;
 
 struct zm__ziti_op {
   zm_ziti_t *z;
@@ -89,7 +95,8 @@ static void op_finish(zm__ziti_op_t *op, int err, const char *fmt, ...)
 #endif
     ;
 
-/* ---- helpers ------------------------------------------------------------------------- */
+/* ---- helpers
+ * ------------------------------------------------------------------------- */
 
 static int unreserved(unsigned char ch) {
   return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
@@ -127,12 +134,24 @@ static char *zitiql_quote(const char *s) {
     unsigned char ch = (unsigned char)*s;
     const char *esc = NULL;
     switch (ch) {
-    case '"': esc = "\\\""; break;
-    case '\\': esc = "\\\\"; break;
-    case '\n': esc = "\\n"; break;
-    case '\r': esc = "\\r"; break;
-    case '\t': esc = "\\t"; break;
-    case '\f': esc = "\\f"; break;
+    case '"':
+      esc = "\\\"";
+      break;
+    case '\\':
+      esc = "\\\\";
+      break;
+    case '\n':
+      esc = "\\n";
+      break;
+    case '\r':
+      esc = "\\r";
+      break;
+    case '\t':
+      esc = "\\t";
+      break;
+    case '\f':
+      esc = "\\f";
+      break;
     default:
       if (ch < 0x20 || ch == 0x7f) {
         free(out);
@@ -223,7 +242,8 @@ static void parse_ctrl_error(const zm_http1_resp_t *r, ctrl_error_t *e) {
   json_decref(root);
 }
 
-/* ---- op lifecycle ------------------------------------------------------------------ */
+/* ---- op lifecycle
+ * ------------------------------------------------------------------ */
 
 static void on_op_closed(uv_handle_t *h) {
   zm__ziti_op_t *op = h->data;
@@ -336,7 +356,8 @@ static void op_begin(zm__ziti_op_t *op) {
   op_send(op);
 }
 
-/* ---- authentication (single flight) ------------------------------------------ */
+/* ---- authentication (single flight)
+ * ------------------------------------------ */
 
 static void on_op_timer(uv_timer_t *t);
 static void on_auth_xchg(zm__ziti_xchg_t *x, int err, const char *why);
@@ -421,9 +442,10 @@ static void on_auth_xchg(zm__ziti_xchg_t *x, int err, const char *why) {
       op->http_status = st;
       free(op->code);
       op->code = ce.code[0] ? zm_xstrdup(ce.code) : NULL;
-      op_finish(op, st == 401 || st == 403 ? ZM_E_UNAUTHORIZED
-                    : st >= 500             ? ZM_E_UNAVAILABLE
-                                            : ZM_E_HTTP,
+      op_finish(op,
+                st == 401 || st == 403 ? ZM_E_UNAUTHORIZED
+                : st >= 500            ? ZM_E_UNAVAILABLE
+                                       : ZM_E_HTTP,
                 "authentication failed: HTTP %d %s %s", st, ce.code,
                 ce.message);
     }
@@ -431,7 +453,8 @@ static void on_auth_xchg(zm__ziti_xchg_t *x, int err, const char *why) {
   zm_http1_resp_reset(&x->resp);
 }
 
-/* ---- sending and answers -------------------------------------------------------- */
+/* ---- sending and answers
+ * -------------------------------------------------------- */
 
 static void op_send(zm__ziti_op_t *op) {
   zm_ziti_t *z = op->z;
@@ -571,7 +594,8 @@ static void on_op_xchg(zm__ziti_xchg_t *x, int err, const char *why) {
   op_fail_status(op, &ce);
 }
 
-/* ---- per-call success handling ---------------------------------------------------- */
+/* ---- per-call success handling
+ * ---------------------------------------------------- */
 
 static json_t *load_body(zm__ziti_op_t *op) {
   const zm_http1_resp_t *r = &op->x.resp;
@@ -583,8 +607,7 @@ static json_t *load_body(zm__ziti_op_t *op) {
            !json_is_array(json_object_get(root, "data"))) {
     json_decref(root);
     root = NULL;
-    op_finish(op, ZM_E_JSON, "%s: response has no \"data\"",
-              OP_NAME[op->kind]);
+    op_finish(op, ZM_E_JSON, "%s: response has no \"data\"", OP_NAME[op->kind]);
   }
   return root;
 }
@@ -593,8 +616,8 @@ static void on_create_ok(zm__ziti_op_t *op) {
   json_t *root = load_body(op);
   if (!root)
     return;
-  const char *id = json_string_value(
-      json_object_get(json_object_get(root, "data"), "id"));
+  const char *id =
+      json_string_value(json_object_get(json_object_get(root, "data"), "id"));
   if (id == NULL || id[0] == '\0') {
     op_finish(op, ZM_E_JSON, "create identity: response has no data.id");
   } else {
@@ -616,7 +639,8 @@ static void on_get_ok(zm__ziti_op_t *op) {
   if (!json_is_object(data)) {
     op_finish(op, ZM_E_JSON, "get identity: data is not an object");
   } else if (jwt != NULL && !json_is_null(jwt) && !json_is_string(jwt)) {
-    op_finish(op, ZM_E_JSON, "get identity: enrollment.ott.jwt is not a string");
+    op_finish(op, ZM_E_JSON,
+              "get identity: enrollment.ott.jwt is not a string");
   } else {
     if (json_is_string(jwt) && json_string_length(jwt) > 0)
       zm_secret_set(&op->jwt, json_string_value(jwt), json_string_length(jwt));
@@ -641,7 +665,8 @@ static void on_find_ok(zm__ziti_op_t *op) {
     return;
   json_t *data = json_object_get(root, "data");
   json_t *pg = json_object_get(json_object_get(root, "meta"), "pagination");
-  json_t *jl = json_object_get(pg, "limit"), *jo = json_object_get(pg, "offset"),
+  json_t *jl = json_object_get(pg, "limit"),
+         *jo = json_object_get(pg, "offset"),
          *jt = json_object_get(pg, "totalCount");
   if (!json_is_array(data)) {
     op_finish(op, ZM_E_JSON, "find identities: data is not an array");
@@ -685,9 +710,8 @@ static void on_find_ok(zm__ziti_op_t *op) {
   if (op->offset >= total) {
     op_finish(op, 0, NULL);
   } else if (len == 0) {
-    op_finish(op, ZM_E_JSON,
-              "find identities: empty page at offset %zu of %zu", op->offset,
-              total);
+    op_finish(op, ZM_E_JSON, "find identities: empty page at offset %zu of %zu",
+              op->offset, total);
   } else {
     find_next_page(op);
   }
@@ -713,7 +737,8 @@ static void on_enroll_ok(zm__ziti_op_t *op) {
     json_decref(root);
     return;
   }
-  if (r->body_len == 0 || strstr(r->body, "-----BEGIN CERTIFICATE-----") == NULL) {
+  if (r->body_len == 0 ||
+      strstr(r->body, "-----BEGIN CERTIFICATE-----") == NULL) {
     op_finish(op, ZM_E_PROTO, "enroll: response holds no certificate");
     return;
   }
@@ -760,7 +785,8 @@ static void op_on_success(zm__ziti_op_t *op) {
   }
 }
 
-/* ---- public calls ------------------------------------------------------------------ */
+/* ---- public calls
+ * ------------------------------------------------------------------ */
 
 static void fail_inval(zm__ziti_op_t *op, const char *what) {
   op_finish(op, ZM_E_INVAL, "%s: %s", OP_NAME[op->kind], what);
@@ -777,7 +803,8 @@ void zm_ziti_create_identity(zm_ziti_t *z, const char *name,
   }
   json_t *jr = json_array();
   for (size_t i = 0; i < n_roles; i++) {
-    if (roles[i] == NULL || json_array_append_new(jr, json_string(roles[i])) != 0) {
+    if (roles[i] == NULL ||
+        json_array_append_new(jr, json_string(roles[i])) != 0) {
       json_decref(jr);
       fail_inval(op, "role attribute is not valid UTF-8");
       return;
@@ -902,7 +929,8 @@ void zm_ziti_fetch_ca_bundle(zm_ziti_t *z, uint64_t deadline, zm_ziti_cb cb,
 
 const char *zm_ziti_ca_bundle(const zm_ziti_t *z) { return z->ca_bundle; }
 
-/* ---- lifecycle ------------------------------------------------------------------------ */
+/* ---- lifecycle
+ * ------------------------------------------------------------------------ */
 
 static void on_cacerts_timer(uv_timer_t *t) {
   zm_ziti_t *z = container_of(t, zm_ziti_t, cacerts_timer);

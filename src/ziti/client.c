@@ -35,7 +35,8 @@ static const char err_first_byte[] = "no response from the controller in time";
 static const char err_queue_timeout[] = "timed out waiting for a connection";
 static const char err_connect_timeout[] = "connect/TLS handshake timed out";
 static const char err_closed_before[] = "connection closed before the response";
-static const char err_closed_mid[] = "connection closed in the middle of the response";
+static const char err_closed_mid[] =
+    "connection closed in the middle of the response";
 static const char err_tls_io[] = "TLS error on the connection";
 static const char err_bad_response[] = "malformed HTTP response";
 static const char err_big_response[] = "HTTP response exceeds limits";
@@ -43,10 +44,10 @@ static const char err_resolve[] = "cannot resolve the controller host";
 static const char err_connect[] = "cannot connect to the controller";
 static const char err_write[] = "write to the controller failed";
 
-/* ---- connections ------------------------------------------------------------ */
+/* ---- connections ------------------------------------------------------------
+ */
 
-#define CONN_STATES(X)                                                         \
-  X(CONNECTING) X(TLS_HANDSHAKE) X(IDLE) X(BUSY) X(CLOSING)
+#define CONN_STATES(X) X(CONNECTING) X(TLS_HANDSHAKE) X(IDLE) X(BUSY) X(CLOSING)
 
 typedef enum {
 #define X(s) CONN_##s,
@@ -111,7 +112,6 @@ static void conn_set_state(zm__ziti_conn_t *c, conn_state_t next) {
   c->state = next;
 }
 
-
 static void xchg_done(zm__ziti_xchg_t *x, int err, const char *why) {
   x->conn = NULL;
   x->cb(x, err, why);
@@ -131,7 +131,8 @@ static void xchg_fail_later(zm__ziti_xchg_t *x, int err, const char *why) {
   zm__ziti_defer(x->z, &x->defer, on_xchg_deferred);
 }
 
-/* ---- deferral ---------------------------------------------------------------- */
+/* ---- deferral
+ * ---------------------------------------------------------------- */
 
 void zm__ziti_defer(zm_ziti_t *z, zm__ziti_defer_t *d,
                     void (*fn)(zm__ziti_defer_t *d)) {
@@ -166,7 +167,8 @@ static void on_idle(uv_idle_t *h) {
   zm__ziti_maybe_finish(z);
 }
 
-/* ---- the queue ------------------------------------------------------------------ */
+/* ---- the queue
+ * ------------------------------------------------------------------ */
 
 static void on_queue_timer(uv_timer_t *t);
 
@@ -175,8 +177,7 @@ static void queue_arm(zm_ziti_t *z, uint64_t due) {
     return; /* an earlier wake-up is armed; it rescans */
   uint64_t now = uv_now(z->loop);
   z->queue_timer_due = due;
-  uv_timer_start(&z->queue_timer, on_queue_timer, due > now ? due - now : 0,
-                 0);
+  uv_timer_start(&z->queue_timer, on_queue_timer, due > now ? due - now : 0, 0);
 }
 
 static void enqueue(zm_ziti_t *z, zm__ziti_xchg_t *x, int at_head) {
@@ -222,7 +223,8 @@ static void on_queue_timer(uv_timer_t *t) {
     queue_arm(z, next);
 }
 
-/* ---- connections: timers, writes, closing ------------------------------------- */
+/* ---- connections: timers, writes, closing
+ * ------------------------------------- */
 
 static void on_conn_timer(uv_timer_t *t);
 
@@ -339,7 +341,8 @@ static void conn_flush(zm__ziti_conn_t *c) {
   }
 }
 
-/* ---- connections: reading -------------------------------------------------------- */
+/* ---- connections: reading
+ * -------------------------------------------------------- */
 
 /* The response in flight completed. */
 static void conn_complete(zm__ziti_conn_t *c, int reuse) {
@@ -436,7 +439,8 @@ static void conn_handshake(zm__ziti_conn_t *c) {
     return;
   if (rc == ZM_E_INCOMPLETE) {
     if (c->tls.eof)
-      conn_fail_connect(c, ZM_E_TLS, "connection closed during the TLS handshake");
+      conn_fail_connect(c, ZM_E_TLS,
+                        "connection closed during the TLS handshake");
     return;
   }
   if (rc != 0) {
@@ -573,7 +577,7 @@ static void on_conn_timer(uv_timer_t *t) {
   case CONN_BUSY:
     conn_fail(c, ZM_E_TIMEOUT,
               uv_now(c->z->loop) >= c->x->deadline ? err_deadline
-                                                    : err_first_byte,
+                                                   : err_first_byte,
               0);
     return;
   case CONN_CLOSING:
@@ -581,7 +585,8 @@ static void on_conn_timer(uv_timer_t *t) {
   }
 }
 
-/* ---- dispatch ---------------------------------------------------------------------- */
+/* ---- dispatch
+ * ---------------------------------------------------------------------- */
 
 static void conn_assign(zm__ziti_conn_t *c, zm__ziti_xchg_t *x) {
   zm_ziti_t *z = c->z;
@@ -635,7 +640,8 @@ void zm__ziti_xchg_start(zm_ziti_t *z, zm__ziti_xchg_t *x) {
   dispatch(z);
 }
 
-/* ---- lifecycle --------------------------------------------------------------------- */
+/* ---- lifecycle
+ * --------------------------------------------------------------------- */
 
 int zm__ziti_pool_init(zm_ziti_t *z) {
   zm__ziti_list_init(&z->conns);
@@ -704,7 +710,8 @@ void zm__ziti_maybe_finish(zm_ziti_t *z) {
   uv_close((uv_handle_t *)&z->cacerts_timer, on_z_handle_closed);
 }
 
-/* ---- the public object ---------------------------------------------------------- */
+/* ---- the public object
+ * ---------------------------------------------------------- */
 
 static int parse_url(zm_ziti_t *z, const char *url) {
   if (url == NULL || strncasecmp(url, "https://", 8) != 0)
@@ -778,9 +785,8 @@ int zm_ziti_new(zm_ziti_t **out, uv_loop_t *loop, const zm_ziti_config_t *cfg) {
     goto fail;
   }
   const char *why = NULL;
-  if ((rc = zm__ziti_tls_ctx_new(&z->tls_ctx, z->cfg.ca_file,
-                                 z->cfg.cert_file, z->cfg.key_file, &why)) !=
-      0) {
+  if ((rc = zm__ziti_tls_ctx_new(&z->tls_ctx, z->cfg.ca_file, z->cfg.cert_file,
+                                 z->cfg.key_file, &why)) != 0) {
     ZM_ERROR("ziti: %s", why);
     goto fail;
   }

@@ -15,7 +15,8 @@
  * real bound, this only keeps the arithmetic small. */
 #define MAX_RETRY_AFTER_S 3600
 
-/* ---- parser callbacks ------------------------------------------------------ */
+/* ---- parser callbacks ------------------------------------------------------
+ */
 
 static zm_http1_resp_t *resp_of(llhttp_t *p) { return p->data; }
 
@@ -130,7 +131,8 @@ static int on_header_value_complete(llhttp_t *p) {
     } else if (name_is(r, "retry-after")) {
       r->retry_after = parse_retry_after(v, n);
     } else if (name_is(r, "content-type")) {
-      size_t k = n < sizeof(r->content_type) - 1 ? n : sizeof(r->content_type) - 1;
+      size_t k =
+          n < sizeof(r->content_type) - 1 ? n : sizeof(r->content_type) - 1;
       memcpy(r->content_type, v, k);
       r->content_type[k] = '\0';
     } else if (name_is(r, "connection")) {

@@ -32,14 +32,14 @@
 typedef struct {
   llhttp_t parser;
   llhttp_settings_t settings;
-  size_t max_body;    /* bound for this response's body, bytes */
-  int status;         /* HTTP status, 0 until the status line is parsed */
-  int retry_after;    /* Retry-After seconds, -1 when absent or not a number */
-  int conn_close;     /* the response said Connection: close */
-  int keep_alive;     /* at completion: llhttp_should_keep_alive() */
-  int complete;       /* the whole response has been parsed */
-  int err;            /* sticky error (ZM_E_PROTO / ZM_E_MSG_TOO_LARGE) */
-  size_t seen;        /* bytes fed so far (0 = nothing received yet) */
+  size_t max_body; /* bound for this response's body, bytes */
+  int status;      /* HTTP status, 0 until the status line is parsed */
+  int retry_after; /* Retry-After seconds, -1 when absent or not a number */
+  int conn_close;  /* the response said Connection: close */
+  int keep_alive;  /* at completion: llhttp_should_keep_alive() */
+  int complete;    /* the whole response has been parsed */
+  int err;         /* sticky error (ZM_E_PROTO / ZM_E_MSG_TOO_LARGE) */
+  size_t seen;     /* bytes fed so far (0 = nothing received yet) */
   char content_type[128]; /* Content-Type value, truncated, NUL-terminated */
   zm_secret_t session;    /* zt-session header value (a secret) */
   char *body;             /* owned; wiped on reset (it may hold a JWT) */

@@ -11,7 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ---- I/O callbacks ---------------------------------------------------------- */
+/* ---- I/O callbacks ----------------------------------------------------------
+ */
 
 static int on_recv(WOLFSSL *ssl, char *buf, int sz, void *ctx) {
   (void)ssl;
@@ -43,7 +44,8 @@ static int on_send(WOLFSSL *ssl, char *buf, int sz, void *ctx) {
   return sz;
 }
 
-/* ---- context ------------------------------------------------------------------ */
+/* ---- context
+ * ------------------------------------------------------------------ */
 
 int zm__ziti_tls_ctx_new(WOLFSSL_CTX **out, const char *ca_file,
                          const char *cert_file, const char *key_file,
@@ -61,15 +63,13 @@ int zm__ziti_tls_ctx_new(WOLFSSL_CTX **out, const char *ca_file,
     *why = "cannot set the minimum TLS version";
     goto fail_ctx;
   }
-  if (ca_file == NULL ||
-      wolfSSL_CTX_load_verify_locations(ctx, ca_file, NULL) !=
-          WOLFSSL_SUCCESS) {
+  if (ca_file == NULL || wolfSSL_CTX_load_verify_locations(
+                             ctx, ca_file, NULL) != WOLFSSL_SUCCESS) {
     *why = "cannot load the controller CA file";
     goto fail_ctx;
   }
-  if (cert_file != NULL &&
-      wolfSSL_CTX_use_certificate_chain_file(ctx, cert_file) !=
-          WOLFSSL_SUCCESS) {
+  if (cert_file != NULL && wolfSSL_CTX_use_certificate_chain_file(
+                               ctx, cert_file) != WOLFSSL_SUCCESS) {
     *why = "cannot load the client certificate file";
     goto fail_ctx;
   }
@@ -91,7 +91,8 @@ fail:
   return ZM_E_TLS;
 }
 
-/* ---- session ------------------------------------------------------------------ */
+/* ---- session
+ * ------------------------------------------------------------------ */
 
 int zm__ziti_tls_init(zm_tls_t *t, WOLFSSL_CTX *ctx, const char *host) {
   memset(t, 0, sizeof(*t));
@@ -100,8 +101,8 @@ int zm__ziti_tls_init(zm_tls_t *t, WOLFSSL_CTX *ctx, const char *host) {
     return ZM_E_TLS;
   memcpy(t->host, host, hl + 1);
   unsigned char tmp[16];
-  t->host_is_ip = inet_pton(AF_INET, host, tmp) == 1 ||
-                  inet_pton(AF_INET6, host, tmp) == 1;
+  t->host_is_ip =
+      inet_pton(AF_INET, host, tmp) == 1 || inet_pton(AF_INET6, host, tmp) == 1;
   t->ssl = wolfSSL_new(ctx);
   if (t->ssl == NULL)
     return ZM_E_TLS;

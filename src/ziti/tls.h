@@ -33,10 +33,11 @@ typedef struct {
   size_t in_off, in_len, in_cap;
   char *out; /* ciphertext to send; owned */
   size_t out_len, out_cap;
-  int eof;  /* the transport reached EOF */
+  int eof; /* the transport reached EOF */
 } zm_tls_t;
 
-/* Starts a client session for host (SNI + name check). Returns 0 or ZM_E_TLS. */
+/* Starts a client session for host (SNI + name check). Returns 0 or ZM_E_TLS.
+ */
 int zm__ziti_tls_init(zm_tls_t *t, WOLFSSL_CTX *ctx, const char *host);
 void zm__ziti_tls_dispose(zm_tls_t *t);
 /* Appends received ciphertext. Returns 0 or ZM_E_MSG_TOO_LARGE. */

@@ -7,9 +7,9 @@
 #ifndef ZM_ZITI_INT_H
 #define ZM_ZITI_INT_H
 
-#include "zm/ziti.h"
 #include "http1.h"
 #include "tls.h"
+#include "zm/ziti.h"
 
 #include <uv.h>
 
@@ -53,7 +53,8 @@ typedef struct zm__ziti_defer {
   int queued;
 } zm__ziti_defer_t;
 
-/* ---- exchanges --------------------------------------------------------------- */
+/* ---- exchanges
+ * --------------------------------------------------------------- */
 
 typedef struct zm__ziti_xchg zm__ziti_xchg_t;
 typedef struct zm__ziti_conn zm__ziti_conn_t;
@@ -65,13 +66,13 @@ typedef void (*zm__ziti_xchg_cb)(zm__ziti_xchg_t *x, int err, const char *why);
 
 struct zm__ziti_xchg {
   zm_ziti_t *z;
-  zm_secret_t req;   /* serialized request: owned, may hold the session */
-  uint64_t deadline; /* uv_now() ms */
-  int retried;       /* already retried on a fresh connection */
-  int queued;        /* on z->queue */
+  zm_secret_t req;      /* serialized request: owned, may hold the session */
+  uint64_t deadline;    /* uv_now() ms */
+  int retried;          /* already retried on a fresh connection */
+  int queued;           /* on z->queue */
   zm_http1_resp_t resp; /* initialized by the owner, reset on start */
   zm__ziti_conn_t *conn;
-  zm__ziti_link_t link; /* z->queue */
+  zm__ziti_link_t link;   /* z->queue */
   zm__ziti_defer_t defer; /* early failure */
   int err;
   const char *why;
@@ -79,7 +80,8 @@ struct zm__ziti_xchg {
   void *data;
 };
 
-/* ---- the client --------------------------------------------------------------- */
+/* ---- the client
+ * --------------------------------------------------------------- */
 
 typedef struct zm__ziti_op zm__ziti_op_t;
 
@@ -98,7 +100,7 @@ struct zm_ziti {
   unsigned n_connecting;
   zm__ziti_link_t queue; /* exchanges waiting for a connection, FIFO */
   unsigned n_queued;
-  uv_timer_t queue_timer; /* earliest deadline of a queued exchange */
+  uv_timer_t queue_timer;   /* earliest deadline of a queued exchange */
   uint64_t queue_timer_due; /* 0 = not armed */
 
   /* deferral */
@@ -106,17 +108,17 @@ struct zm_ziti {
   zm__ziti_link_t deferred;
 
   /* api (api.c) */
-  zm__ziti_link_t ops;     /* every live op */
+  zm__ziti_link_t ops; /* every live op */
   zm__ziti_link_t auth_waiters;
-  zm_secret_t session;     /* zt-session token, empty when none */
-  unsigned session_gen;    /* bumped whenever the session changes */
+  zm_secret_t session;  /* zt-session token, empty when none */
+  unsigned session_gen; /* bumped whenever the session changes */
   int auth_inflight;
   zm__ziti_xchg_t auth_x;
   uv_timer_t cacerts_timer;
-  char *ca_bundle;         /* PEM, owned */
-  uint8_t *server_cert;    /* DER, owned */
+  char *ca_bundle;      /* PEM, owned */
+  uint8_t *server_cert; /* DER, owned */
   size_t server_cert_len;
-  uint64_t rng;            /* xorshift state for backoff jitter */
+  uint64_t rng; /* xorshift state for backoff jitter */
 
   zm_ziti_stats_t stats;
 

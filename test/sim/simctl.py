@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 SIM_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ziti_sim.py")

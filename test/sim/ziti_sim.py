@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import datetime
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -200,7 +201,8 @@ def err_csr(msg):
 
 
 FAULT_CODES = {
-    429: ("SERVER_TOO_MANY_REQUESTS", "Too many requests to alter state have been issued. Please slow your request rate or try again later."),
+    429: ("SERVER_TOO_MANY_REQUESTS",
+          "Too many requests to alter state have been issued. Please slow your request rate or try again later."),
     500: ("UNHANDLED", "An unhandled error occurred"),
     502: ("BAD_GATEWAY", "Bad gateway"),
     503: ("TIMEOUT", "Timeout"),
@@ -350,7 +352,7 @@ class Pki:
         key = _gen_key(kind)
         b = self._base(_name("localhost"), self.root.subject, key.public_key(), now, 825)
         b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                         x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]),
+                                                         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                             critical=False)
         b = b.add_extension(x509.KeyUsage(True, kind == "rsa", False, False, kind != "rsa", False, False, False, False),
                             critical=True)
@@ -1034,6 +1036,8 @@ _GO_TYPES = {"name": "string", "externalId": "string", "authPolicyId": "string",
 
 
 def _json_kind(v):
+    if isinstance(v, _Pairs):
+        return "object"
     if isinstance(v, bool):
         return "bool"
     if isinstance(v, (int, float)):
@@ -1788,6 +1792,11 @@ class Sim:
         now = time.monotonic()
         for c in list(self.conns):
             c.check_timeout(now)
+        self._sweeps = getattr(self, "_sweeps", 0) + 1
+        if self._sweeps % 40 == 0:  # every ~10 s: forget expired API sessions
+            wall = now_ts()
+            for tok in [t for t, x in self.sessions.items() if wall - x.last > self.args.session_timeout]:
+                del self.sessions[tok]
         self.loop.call_later(0.25, self.sweep)
 
 
@@ -1807,7 +1816,10 @@ def _install_accept_any(ctx):
     Install an OpenSSL verify callback that accepts any certificate on the SSL_CTX behind ctx.
     The SSL_CTX* is the first field after PyObject_HEAD in PySSLContext. Returns True on success."""
     try:
-        lib = ctypes.CDLL(ctypes.util.find_library("ssl") or "libssl.so.3")
+        try:
+            lib = ctypes.CDLL("libssl.so.3")  # what Debian's _ssl module links against
+        except OSError:
+            lib = ctypes.CDLL(ctypes.util.find_library("ssl"))
         set_verify = lib.SSL_CTX_set_verify
         set_verify.argtypes = [ctypes.c_void_p, ctypes.c_int, _VERIFY_CB_TYPE]
         set_verify.restype = None

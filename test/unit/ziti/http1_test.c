@@ -7,6 +7,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+
 #include <cmocka.h>
 
 #include "ziti/http1.h"
@@ -18,8 +19,8 @@
 
 /* What one run produced. */
 typedef struct {
-  int rc;       /* 1 = complete, ZM_E_INCOMPLETE, or an error */
-  size_t end;   /* offset just past the response when complete */
+  int rc;     /* 1 = complete, ZM_E_INCOMPLETE, or an error */
+  size_t end; /* offset just past the response when complete */
   int status;
   char body[4096];
   size_t body_len;
@@ -87,7 +88,8 @@ static void assert_same(const outcome_t *a, const outcome_t *b) {
   assert_int_equal(a->end, b->end);
   assert_int_equal(a->status, b->status);
   assert_int_equal(a->body_len, b->body_len);
-  assert_memory_equal(a->body, b->body, a->body_len < sizeof(a->body) ? a->body_len : 0);
+  assert_memory_equal(a->body, b->body,
+                      a->body_len < sizeof(a->body) ? a->body_len : 0);
   assert_string_equal(a->ctype, b->ctype);
   assert_string_equal(a->session, b->session);
   assert_int_equal(a->retry_after, b->retry_after);
@@ -360,16 +362,17 @@ static void test_request_serialize(void **state) {
       .body_len = 7,
   };
   assert_int_equal(zm_http1_req_serialize(&q, &out), 0);
-  assert_string_equal(out.base, "POST /edge/management/v1/identities HTTP/1.1\r\n"
-                                "Host: 127.0.0.1:1280\r\n"
-                                "User-Agent: ziti-management\r\n"
-                                "Accept: application/json\r\n"
-                                "Connection: keep-alive\r\n"
-                                "zt-session: tok-123\r\n"
-                                "Content-Type: application/json\r\n"
-                                "Content-Length: 7\r\n"
-                                "\r\n"
-                                "{\"a\":1}");
+  assert_string_equal(out.base,
+                      "POST /edge/management/v1/identities HTTP/1.1\r\n"
+                      "Host: 127.0.0.1:1280\r\n"
+                      "User-Agent: ziti-management\r\n"
+                      "Accept: application/json\r\n"
+                      "Connection: keep-alive\r\n"
+                      "zt-session: tok-123\r\n"
+                      "Content-Type: application/json\r\n"
+                      "Content-Length: 7\r\n"
+                      "\r\n"
+                      "{\"a\":1}");
   assert_int_equal(out.len, strlen(out.base));
 
   zm_http1_req_t g = {.method = "GET",

@@ -1,0 +1,46 @@
+# Convenience wrappers. The plain route works too:
+#   ./install-deps.sh && cmake -S . -B build && cmake --build build
+# `make run`  installs dependencies, builds, and starts the service against the
+#             bundled controller simulator (demo mode).
+# `make test` installs dependencies, builds, and runs every test suite: the
+#             normal build, then the ASan+UBSan build, then the format check.
+BUILD      ?= build
+ASAN_BUILD ?= build-asan
+JOBS       ?= $(shell nproc)
+
+.PHONY: deps build run test test-fast test-asan format format-check bench clean
+
+deps:
+	./install-deps.sh
+
+build: deps
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo
+	cmake --build $(BUILD) -j$(JOBS)
+
+run: build
+	./test/sim/demo.sh $(BUILD)
+
+test-fast: build
+	cd $(BUILD) && ctest --output-on-failure -j2 -E 'integ/test_container'
+
+test-asan: deps
+	cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DZM_SANITIZE=ON
+	cmake --build $(ASAN_BUILD) -j$(JOBS)
+	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  ctest --output-on-failure -j2 -E 'integ/test_container|bench/'
+
+format-check:
+	@files=$$(git ls-files '*.c' '*.h'); \
+	clang-format --dry-run --Werror $$files && echo "clang-format: clean"
+
+format:
+	clang-format -i $$(git ls-files '*.c' '*.h')
+
+test: test-fast test-asan format-check
+
+bench:
+	./bench/run.sh
+
+clean:
+	rm -rf $(BUILD) $(ASAN_BUILD)

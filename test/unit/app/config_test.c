@@ -1,0 +1,124 @@
+/* Configuration: defaults, Go durations, validation messages, service types. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <string.h>
+
+#include "zm/config.h"
+#include "zm/zm.h"
+
+static const char *const *env_pairs;
+
+static const char *fake_getenv(const char *name) {
+  for (const char *const *p = env_pairs; p && p[0]; p += 2)
+    if (strcmp(p[0], name) == 0)
+      return p[1];
+  return NULL;
+}
+
+static int load(zm_config_t *cfg, const char *const *pairs, char *err,
+                size_t errlen) {
+  env_pairs = pairs;
+  return zm_config_load(cfg, fake_getenv, err, errlen);
+}
+
+static void test_defaults(void **state) {
+  (void)state;
+  zm_config_t cfg;
+  char err[256];
+  const char *none[] = {NULL};
+  assert_int_equal(load(&cfg, none, err, sizeof err), 0);
+  assert_string_equal(cfg.grpc_address, ":50051");
+  assert_string_equal(cfg.store_path, "./ziti-management.db");
+  assert_int_equal(cfg.lease_ttl_ms, 300000);
+  assert_int_equal(cfg.gc_interval_ms, 60000);
+  assert_int_equal(cfg.max_recv_msg, 4u << 20);
+  assert_int_equal(cfg.key_alg, ZM_KEY_EC_P384);
+  const zm_service_type_t *t = zm_config_service_type(&cfg, 1);
+  assert_non_null(t);
+  assert_string_equal(t->name, "gateway");
+  assert_string_equal(t->roles[0], "gateway-hosts");
+  assert_string_equal(zm_config_service_type(&cfg, 2)->roles[0],
+                      "orchestrators");
+  assert_string_equal(zm_config_service_type(&cfg, 3)->roles[0], "runners");
+  assert_null(zm_config_service_type(&cfg, 0));
+  assert_null(zm_config_service_type(&cfg, 4));
+}
+
+static void test_durations(void **state) {
+  (void)state;
+  struct {
+    const char *s;
+    int rv;
+    uint64_t ms;
+  } c[] = {{"5m", 0, 300000},    {"200ms", 0, 200},      {"1h30m", 0, 5400000},
+           {"1.5h", 0, 5400000}, {"2h45m10s", 0, 9910000}, {"0", 0, 0},
+           {"100us", 0, 1},      {"1ns", 0, 1},          {"10\xc2\xb5s", 0, 1},
+           {"300", ZM_E_INVAL, 0}, {"", ZM_E_INVAL, 0},  {"-5m", ZM_E_INVAL, 0},
+           {"5 m", ZM_E_INVAL, 0}, {"5d", ZM_E_INVAL, 0}, {"m", ZM_E_INVAL, 0}};
+  for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
+    uint64_t ms = 777;
+    assert_int_equal(zm_duration_parse(c[i].s, &ms), c[i].rv);
+    if (c[i].rv == 0)
+      assert_int_equal(ms, c[i].ms);
+  }
+}
+
+static void test_env_overrides_and_errors(void **state) {
+  (void)state;
+  zm_config_t cfg;
+  char err[256];
+  const char *ok[] = {"GRPC_ADDRESS", "127.0.0.1:6000",
+                      "SERVICE_IDENTITY_LEASE_TTL", "200ms",
+                      "SERVICE_IDENTITY_GC_INTERVAL", "1m30s",
+                      "STORE_SYNC", "normal",
+                      "ENROLLMENT_KEY_ALG", "ec-p256",
+                      "SERVICE_TYPES", "4:llm-proxy:llm-proxies,2:orch:o1+o2",
+                      NULL};
+  assert_int_equal(load(&cfg, ok, err, sizeof err), 0);
+  assert_string_equal(cfg.grpc_address, "127.0.0.1:6000");
+  assert_int_equal(cfg.lease_ttl_ms, 200);
+  assert_int_equal(cfg.gc_interval_ms, 90000);
+  assert_int_equal(cfg.store_sync_full, 0);
+  assert_int_equal(cfg.key_alg, ZM_KEY_EC_P256);
+  const zm_service_type_t *t = zm_config_service_type(&cfg, 4);
+  assert_non_null(t);
+  assert_string_equal(t->name, "llm-proxy");
+  assert_string_equal(t->roles[0], "llm-proxies");
+  t = zm_config_service_type(&cfg, 2);
+  assert_string_equal(t->name, "orch");
+  assert_int_equal(t->n_roles, 2);
+  assert_string_equal(t->roles[1], "o2");
+
+  const char *bad_ttl[] = {"SERVICE_IDENTITY_LEASE_TTL", "0s", NULL};
+  assert_int_equal(load(&cfg, bad_ttl, err, sizeof err), ZM_E_INVAL);
+  assert_non_null(strstr(err, "SERVICE_IDENTITY_LEASE_TTL"));
+  const char *bad_dur[] = {"SERVICE_IDENTITY_GC_INTERVAL", "soon", NULL};
+  assert_int_equal(load(&cfg, bad_dur, err, sizeof err), ZM_E_INVAL);
+  assert_non_null(strstr(err, "SERVICE_IDENTITY_GC_INTERVAL"));
+  const char *bad_url[] = {"ZITI_CONTROLLER_URL", "http://x", NULL};
+  assert_int_equal(load(&cfg, bad_url, err, sizeof err), ZM_E_INVAL);
+  const char *no_files[] = {"ZITI_CONTROLLER_URL", "https://x:1", NULL};
+  assert_int_equal(load(&cfg, no_files, err, sizeof err), ZM_E_INVAL);
+  assert_non_null(strstr(err, "ZITI_CA_FILE"));
+  const char *bad_types[] = {"SERVICE_TYPES", "4:llm proxy:x", NULL};
+  assert_int_equal(load(&cfg, bad_types, err, sizeof err), ZM_E_INVAL);
+  const char *bad_types2[] = {"SERVICE_TYPES", "x:y:z", NULL};
+  assert_int_equal(load(&cfg, bad_types2, err, sizeof err), ZM_E_INVAL);
+  const char *pg[] = {"DATABASE_URL", "postgres://x", NULL};
+  assert_int_equal(load(&cfg, pg, err, sizeof err), ZM_E_INVAL);
+  assert_non_null(strstr(err, "DATABASE_URL"));
+  const char *sync[] = {"STORE_SYNC", "sometimes", NULL};
+  assert_int_equal(load(&cfg, sync, err, sizeof err), ZM_E_INVAL);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_defaults),
+      cmocka_unit_test(test_durations),
+      cmocka_unit_test(test_env_overrides_and_errors),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
