@@ -134,4 +134,10 @@ const zm_grpc_method_t *zm_grpc_route(const zm_grpc_method_t *methods,
                                       const size_t *path_lens, size_t n,
                                       const uint8_t *path, size_t len);
 
+/* 1 unless a top-level string field of a `desc` message in data[0..len)
+ * holds a NUL byte (protobuf-c would silently truncate it at the NUL).
+ * Malformed input returns 1: the unpacker reports that. */
+int zm_grpc_strings_nul_free(const ProtobufCMessageDescriptor *desc,
+                             const uint8_t *data, size_t len);
+
 #endif /* ZM_GRPC_H */

@@ -496,6 +496,11 @@ static void call_dispatch(zm_call_t *call) {
                   "compressed message without negotiated grpc-encoding");
     return;
   }
+  if (!zm_grpc_strings_nul_free(call->method->input, msg, msg_len)) {
+    submit_status(call, ZM_GRPC_INVALID_ARGUMENT,
+                  "string field contains a NUL byte");
+    return;
+  }
   ProtobufCAllocator a = {pb_alloc, pb_free, call};
   ProtobufCMessage *req =
       protobuf_c_message_unpack(call->method->input, &a, msg_len, msg);

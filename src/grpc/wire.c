@@ -86,3 +86,55 @@ const zm_grpc_method_t *zm_grpc_route(const zm_grpc_method_t *methods,
       return &methods[i];
   return NULL;
 }
+
+static int read_varint(const uint8_t *p, size_t len, size_t *off, uint64_t *v) {
+  uint64_t r = 0;
+  for (int shift = 0; shift < 64 && *off < len; shift += 7) {
+    uint8_t b = p[(*off)++];
+    r |= (uint64_t)(b & 0x7f) << shift;
+    if (!(b & 0x80)) {
+      *v = r;
+      return 0;
+    }
+  }
+  return -1;
+}
+
+int zm_grpc_strings_nul_free(const ProtobufCMessageDescriptor *desc,
+                             const uint8_t *data, size_t len) {
+  size_t off = 0;
+  while (off < len) {
+    uint64_t key, n;
+    if (read_varint(data, len, &off, &key) != 0)
+      return 1;
+    switch (key & 7) {
+    case 0:
+      if (read_varint(data, len, &off, &n) != 0)
+        return 1;
+      break;
+    case 1:
+      off += 8;
+      break;
+    case 5:
+      off += 4;
+      break;
+    case 2: {
+      if (read_varint(data, len, &off, &n) != 0 || n > len - off)
+        return 1;
+      const ProtobufCFieldDescriptor *f =
+          key >> 3 <= UINT32_MAX
+              ? protobuf_c_message_descriptor_get_field(desc,
+                                                        (unsigned)(key >> 3))
+              : NULL;
+      if (f != NULL && f->type == PROTOBUF_C_TYPE_STRING &&
+          memchr(data + off, 0, (size_t)n) != NULL)
+        return 0;
+      off += (size_t)n;
+      break;
+    }
+    default:
+      return 1;
+    }
+  }
+  return 1;
+}

@@ -296,6 +296,14 @@ static void conn_fail(zm__ziti_conn_t *c, int err, const char *why,
   if (x != NULL) {
     if (retryable && reused && !x->retried && !z->closing) {
       ZM_INFO("ziti: reused connection died (%s); retrying on a new one", why);
+      /* Other used idle connections most likely died the same way (the
+       * controller restarted or timed them out): drop them, so that the
+       * retry runs on a connection that has never carried a request. */
+      for (zm__ziti_link_t *n = z->conns.next; n != &z->conns; n = n->next) {
+        zm__ziti_conn_t *o = container_of(n, zm__ziti_conn_t, link);
+        if (o->state == CONN_IDLE && o->served > 0)
+          conn_close(o);
+      }
       x->retried = 1;
       x->conn = NULL;
       z->stats.retries++;
