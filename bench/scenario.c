@@ -135,7 +135,12 @@ size_t zmb_req_encode(const zmb_req_t *r, uint8_t *buf, size_t cap) {
     m = &rsi.base;
     break;
   case ZMB_OP_CREATE:
-    snprintf(agent, sizeof(agent), "bench-%llu", (unsigned long long)r->seq);
+    /* agent_id must be a UUID: fixed version/variant nibbles, the seq's
+     * high bits (pid, start time) and counter in the other groups. */
+    snprintf(agent, sizeof(agent), "b3c0%04x-%04x-4000-8000-%012llx",
+             (unsigned)((r->seq >> 48) & 0xffff),
+             (unsigned)((r->seq >> 32) & 0xffff),
+             (unsigned long long)(r->seq & 0xffffffffull));
     cre.agent_id = agent;
     m = &cre.base;
     break;

@@ -39,7 +39,8 @@ typedef struct {
   const char *after_id;   /* LIST: last id of the previous page, or NULL */
   int32_t page_size;      /* LIST */
   int service_type;       /* RSI: proto ServiceType number */
-  uint64_t seq;           /* CREATE: makes agent_id unique */
+  uint64_t seq; /* CREATE: agent_id "b3c0PPPP-TTTT-4000-8000-CCCCCCCCCCCC"
+                   from bits 63..48 (P), 47..32 (T), 31..0 (C) */
 } zmb_req_t;
 
 /* Results of verifying one answer. */

@@ -30,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <time.h>
 #include <unistd.h>
 
 /* ---- limits -----------------------------------------------------------------
@@ -198,6 +199,7 @@ struct bench_s {
   uint64_t completed;
   uint64_t inflight;
   uint64_t create_seq;
+  uint64_t start_s; /* wall clock at start: makes agent ids differ per run */
   int connected, connect_failed, connecting;
   int next_idle_conn;
   int idle_ready, idle_failed, ready_printed;
@@ -331,7 +333,9 @@ static void fill_req(bench_t *b, conn_t *c, stream_t *s, zmb_op_t op) {
     r->service_type = b->service_type;
     break;
   case ZMB_OP_CREATE:
-    r->seq = ((uint64_t)getpid() << 32) | ++b->create_seq;
+    r->seq = ((uint64_t)(getpid() & 0xffff) << 48) |
+             ((uint64_t)(b->start_s & 0xffff) << 32) |
+             (++b->create_seq & 0xffffffffull);
     break;
   default:
     break;
@@ -1496,6 +1500,7 @@ int main(int argc, char **argv) {
   if (!b)
     die("out of memory");
   parse_args(b, argc, argv);
+  b->start_s = (uint64_t)time(NULL);
   resolve_target(b);
   for (int i = 0; i < ZMB_OP__COUNT; i++)
     zmb_hist_reset(&b->ops[i].hist);

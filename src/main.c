@@ -4,17 +4,32 @@
 #include "zm/healthcheck.h"
 #include "zm/log.h"
 
+#include <jansson.h>
+#include <malloc.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <wolfssl/options.h>
+#include <wolfssl/ssl.h>
+
+/* jansson keeps copies of parsed strings (enrollment JWTs, one-time tokens,
+ * session tokens) in its own allocations: wipe every one before it is freed. */
+static void wiping_free(void *p) {
+  if (p != NULL) {
+    explicit_bzero(p, malloc_usable_size(p));
+    free(p);
+  }
+}
 
 static void usage(FILE *f) {
-  fputs("usage: ziti-management [--health-check [ADDR]] [--migrate-only] "
-        "[--help]\n"
-        "Configuration comes from environment variables; see README.md.\n"
-        "  --health-check [ADDR]  call grpc.health.v1.Health/Check on ADDR\n"
-        "                         (default: GRPC_ADDRESS); exit 0 if SERVING\n"
-        "  --migrate-only         create/migrate the store at STORE_PATH, exit\n",
-        f);
+  fputs(
+      "usage: ziti-management [--health-check [ADDR]] [--migrate-only] "
+      "[--help]\n"
+      "Configuration comes from environment variables; see README.md.\n"
+      "  --health-check [ADDR]  call grpc.health.v1.Health/Check on ADDR\n"
+      "                         (default: GRPC_ADDRESS); exit 0 if SERVING\n"
+      "  --migrate-only         create/migrate the store at STORE_PATH, exit\n",
+      f);
 }
 
 int main(int argc, char **argv) {
@@ -38,6 +53,8 @@ int main(int argc, char **argv) {
       return 2;
     }
   }
+  json_set_alloc_funcs(malloc, wiping_free);
+  wolfSSL_Init();
   if (zm_config_load(&cfg, NULL, err, sizeof err) != 0) {
     fprintf(stderr, "ziti-management: configuration: %s\n", err);
     return 2;
@@ -47,8 +64,9 @@ int main(int argc, char **argv) {
                               3000);
   zm_log_level_t level;
   if (zm_log_parse_level(cfg.log_level, &level) != 0) {
-    fprintf(stderr, "ziti-management: LOG_LEVEL=%s: expected debug, info, "
-                    "warn or error\n",
+    fprintf(stderr,
+            "ziti-management: LOG_LEVEL=%s: expected debug, info, "
+            "warn or error\n",
             cfg.log_level);
     return 2;
   }

@@ -46,7 +46,8 @@ typedef struct zm_app {
   int shutting_down;
   int exit_code;
   unsigned enroll_inflight;
-  unsigned writes_inflight; /* store units submitted by handlers, not yet done */
+  unsigned
+      writes_inflight; /* store units submitted by handlers, not yet done */
   zm_app_stats_t stats;
 } zm_app_t;
 
@@ -55,12 +56,15 @@ int zm_app_run(const zm_config_t *cfg);
 /* Opens/migrates the store and exits: returns 0 or 1. */
 int zm_app_migrate_only(const zm_config_t *cfg);
 
-/* ---- RPC handlers (ctx = zm_app_t *) --------------------------------------- */
-void zm_rpc_resolve_identity(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
+/* ---- RPC handlers (ctx = zm_app_t *) ---------------------------------------
+ */
+void zm_rpc_resolve_identity(zm_call_t *c, const ProtobufCMessage *req,
+                             void *ctx);
 void zm_rpc_extend_lease(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
 void zm_rpc_list_managed(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
 void zm_rpc_create_agent(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
-void zm_rpc_delete_identity(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
+void zm_rpc_delete_identity(zm_call_t *c, const ProtobufCMessage *req,
+                            void *ctx);
 void zm_rpc_request_service_identity(zm_call_t *c, const ProtobufCMessage *req,
                                      void *ctx);
 
@@ -68,7 +72,8 @@ void zm_rpc_request_service_identity(zm_call_t *c, const ProtobufCMessage *req,
  * UTF-8, no NUL/control characters. Returns NULL if valid, else the reason. */
 const char *zm_rpc_check_id(const char *s, const char *field);
 
-/* ---- lease GC + recovery (src/lease/gc.c) --------------------------------- */
+/* ---- lease GC + recovery (src/lease/gc.c) ---------------------------------
+ */
 zm_gc_t *zm_gc_new(zm_app_t *app);
 /* Starts the periodic timer; the first sweep runs promptly. */
 void zm_gc_start(zm_gc_t *gc);
@@ -78,7 +83,8 @@ void zm_gc_free(zm_gc_t *gc);
 /* Test hook: run a sweep now (if none is running). */
 void zm_gc_trigger(zm_gc_t *gc);
 
-/* ---- test hooks -------------------------------------------------------------- */
+/* ---- test hooks
+ * -------------------------------------------------------------- */
 /* With ZM_TEST_HOOKS builds, env ZM_TEST_CRASH_AT=<STATE> makes the enrollment
  * saga _exit(137) when it enters that state (crash tests). */
 void zm_test_crash_point(const char *state);

@@ -1,4 +1,5 @@
-/* b64.h - base64url (RFC 4648 §5, no padding) for opaque tokens. Leaf module. */
+/* b64.h - base64url (RFC 4648 §5, no padding) for opaque tokens. Leaf module.
+ */
 #ifndef ZM_B64_H
 #define ZM_B64_H
 

@@ -16,36 +16,37 @@
 
 /* One service type: proto number -> name prefix + role attributes. */
 typedef struct {
-  int number;             /* ServiceType enum value, > 0 */
-  char name[32];          /* "gateway": identities are named svc-<name>-<short> */
+  int number;    /* ServiceType enum value, > 0 */
+  char name[32]; /* "gateway": identities are named svc-<name>-<short> */
   char roles[ZM_MAX_ROLES][64];
   size_t n_roles;
 } zm_service_type_t;
 
 typedef struct {
-  char grpc_address[128];    /* GRPC_ADDRESS, default ":50051" */
-  char store_path[512];      /* STORE_PATH, default "./ziti-management.db" */
-  int store_sync_full;       /* STORE_SYNC=full|normal, default full */
-  char controller_url[512];  /* ZITI_CONTROLLER_URL; empty = no controller */
-  char ca_file[512];         /* ZITI_CA_FILE */
-  char cert_file[512];       /* ZITI_CERT_FILE */
-  char key_file[512];        /* ZITI_KEY_FILE */
-  uint64_t lease_ttl_ms;     /* SERVICE_IDENTITY_LEASE_TTL, default 5m */
-  uint64_t gc_interval_ms;   /* SERVICE_IDENTITY_GC_INTERVAL, default 1m */
-  unsigned gc_concurrency;   /* SERVICE_IDENTITY_GC_CONCURRENCY, default 16 */
-  uint64_t pending_age_ms;   /* PENDING_RECOVERY_AGE: pending records older than
-                                this are resolved by GC, default 10m */
-  uint64_t enroll_timeout_ms; /* ENROLLMENT_TIMEOUT: bound of one enrollment when
-                                 the caller sets no deadline, default 60s */
+  char grpc_address[128];   /* GRPC_ADDRESS, default ":50051" */
+  char store_path[512];     /* STORE_PATH, default "./ziti-management.db" */
+  int store_sync_full;      /* STORE_SYNC=full|normal, default full */
+  char controller_url[512]; /* ZITI_CONTROLLER_URL; empty = no controller */
+  char ca_file[512];        /* ZITI_CA_FILE */
+  char cert_file[512];      /* ZITI_CERT_FILE */
+  char key_file[512];       /* ZITI_KEY_FILE */
+  uint64_t lease_ttl_ms;    /* SERVICE_IDENTITY_LEASE_TTL, default 5m */
+  uint64_t gc_interval_ms;  /* SERVICE_IDENTITY_GC_INTERVAL, default 1m */
+  unsigned gc_concurrency;  /* SERVICE_IDENTITY_GC_CONCURRENCY, default 16 */
+  uint64_t pending_age_ms;  /* PENDING_RECOVERY_AGE: pending records older than
+                               this are resolved by GC, default 10m */
+  uint64_t
+      enroll_timeout_ms; /* ENROLLMENT_TIMEOUT: bound of one enrollment when
+                            the caller sets no deadline, default 60s */
   unsigned enroll_max_inflight; /* ENROLLMENT_MAX_INFLIGHT, default 256 */
-  zm_key_alg_t key_alg;      /* ENROLLMENT_KEY_ALG, default ec-p384 */
-  uint64_t ziti_timeout_ms;  /* ZITI_REQUEST_TIMEOUT, default 15s */
-  unsigned ziti_pool_size;   /* ZITI_POOL_SIZE, default 16 */
-  size_t max_recv_msg;       /* GRPC_MAX_RECV_MSG_SIZE bytes, default 4 MiB */
-  uint64_t idle_timeout_ms;  /* GRPC_IDLE_TIMEOUT, default 5m; 0 = never */
-  uint32_t max_streams;      /* GRPC_MAX_CONCURRENT_STREAMS, default 1024 */
+  zm_key_alg_t key_alg;         /* ENROLLMENT_KEY_ALG, default ec-p384 */
+  uint64_t ziti_timeout_ms;     /* ZITI_REQUEST_TIMEOUT, default 15s */
+  unsigned ziti_pool_size;      /* ZITI_POOL_SIZE, default 16 */
+  size_t max_recv_msg;        /* GRPC_MAX_RECV_MSG_SIZE bytes, default 4 MiB */
+  uint64_t idle_timeout_ms;   /* GRPC_IDLE_TIMEOUT, default 5m; 0 = never */
+  uint32_t max_streams;       /* GRPC_MAX_CONCURRENT_STREAMS, default 1024 */
   uint64_t shutdown_grace_ms; /* SHUTDOWN_GRACE, default 20s */
-  char log_level[16];        /* LOG_LEVEL, default info */
+  char log_level[16];         /* LOG_LEVEL, default info */
   zm_service_type_t types[ZM_MAX_SERVICE_TYPES]; /* built-ins + SERVICE_TYPES */
   size_t n_types;
 } zm_config_t;

@@ -70,7 +70,8 @@ int zm_key_alg_parse(const char *s, zm_key_alg_t *out);
 int zm_keycsr_generate(zm_key_alg_t alg, const char *cn, zm_secret_t *key_pem,
                        char **csr_pem);
 
-/* ---- EST cacerts ----------------------------------------------------------- */
+/* ---- EST cacerts -----------------------------------------------------------
+ */
 
 /* Bound on the cacerts body we accept. */
 #define ZM_CACERTS_MAX_LEN (1u << 20)
@@ -85,7 +86,8 @@ int zm_keycsr_generate(zm_key_alg_t alg, const char *cn, zm_secret_t *key_pem,
 int zm_cacerts_decode(const char *body, size_t len, char **pem_out,
                       size_t *n_certs);
 
-/* ---- identity JSON --------------------------------------------------------- */
+/* ---- identity JSON ---------------------------------------------------------
+ */
 
 /*
  * Builds the identity file the OpenZiti SDKs load:
@@ -97,9 +99,11 @@ int zm_cacerts_decode(const char *body, size_t len, char **pem_out,
 int zm_idjson_build(const char *zt_api, const char *key_pem,
                     const char *cert_pem, const char *ca_pem, zm_secret_t *out);
 
-/* ---- helpers ---------------------------------------------------------------- */
+/* ---- helpers ----------------------------------------------------------------
+ */
 
-/* Lower-case hex SHA-1 of `der` into out (41 bytes incl. NUL). Returns 0 or ZM_E_CRYPTO. */
+/* Lower-case hex SHA-1 of `der` into out (41 bytes incl. NUL). Returns 0 or
+ * ZM_E_CRYPTO. */
 int zm_sha1_hex(const uint8_t *der, size_t len, char out[41]);
 
 /* Fills buf with n cryptographically random bytes. Returns 0 or ZM_E_CRYPTO. */

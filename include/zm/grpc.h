@@ -58,7 +58,8 @@ typedef struct {
   const char *address;      /* "host:port", ":port" = all interfaces */
   size_t max_recv_msg;      /* bytes, default 4 MiB */
   uint32_t max_streams;     /* SETTINGS_MAX_CONCURRENT_STREAMS, default 1024 */
-  uint64_t idle_timeout_ms; /* close connections without streams after this, 0 = never */
+  uint64_t idle_timeout_ms; /* close connections without streams after this, 0 =
+                               never */
   unsigned max_conns;       /* accepted connections cap, default 65536 */
 } zm_grpc_config_t;
 
@@ -87,7 +88,8 @@ void zm_grpc_server_drain(zm_grpc_server_t *srv, uint64_t grace_ms,
                           void (*done)(void *data), void *data);
 /* Frees the server after drain completed. */
 void zm_grpc_server_free(zm_grpc_server_t *srv);
-void zm_grpc_server_get_stats(const zm_grpc_server_t *srv, zm_grpc_stats_t *out);
+void zm_grpc_server_get_stats(const zm_grpc_server_t *srv,
+                              zm_grpc_stats_t *out);
 
 /* ---- calls (used by handlers) ------------------------------------------- */
 

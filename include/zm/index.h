@@ -46,7 +46,8 @@ const zm_index_managed_t *zm_index_lookup_managed(const zm_index_t *ix,
 /* Returns 1 if removed, 0 if absent. */
 int zm_index_del_managed(zm_index_t *ix, const char *zid, size_t len);
 
-/* Inserts or replaces; returns the entry (mutable: callers update lease/state). */
+/* Inserts or replaces; returns the entry (mutable: callers update lease/state).
+ */
 zm_index_service_t *zm_index_put_service(zm_index_t *ix, const char *zid,
                                          size_t len, int service_type,
                                          int64_t lease_expires_ms,

@@ -1,13 +1,19 @@
 /*
  * log.h - one-line structured logs to stderr.
  *
- * Lines look like `2026-11-24T01:02:03.456Z INFO enroll: svc-gateway-x: CREATE -> FETCH_JWT`.
- * Never pass secrets (keys, JWTs, session tokens) to these functions.
+ * Lines look like `2026-11-24T01:02:03.456Z INFO enroll: svc-gateway-x: CREATE
+ * -> FETCH_JWT`. Never pass secrets (keys, JWTs, session tokens) to these
+ * functions.
  */
 #ifndef ZM_LOG_H
 #define ZM_LOG_H
 
-typedef enum { ZM_LOG_DEBUG, ZM_LOG_INFO, ZM_LOG_WARN, ZM_LOG_ERROR } zm_log_level_t;
+typedef enum {
+  ZM_LOG_DEBUG,
+  ZM_LOG_INFO,
+  ZM_LOG_WARN,
+  ZM_LOG_ERROR
+} zm_log_level_t;
 
 /* Sets the threshold; lines below it are dropped. Default INFO. */
 void zm_log_set_level(zm_log_level_t level);

@@ -12,14 +12,15 @@
  * Backend: SQLite (WAL) at cfg->path. Schema (compatible with the existing Go
  * service's tables; times are stored as TIMESTAMP text in UTC,
  * "YYYY-MM-DD HH:MM:SS.mmm"):
- *   managed_identities(ziti_identity_id TEXT PRIMARY KEY, identity_id TEXT NOT NULL,
- *                      identity_type SMALLINT NOT NULL, created_at TIMESTAMP NOT NULL)
- *   service_identities(ziti_identity_id TEXT PRIMARY KEY, service_type SMALLINT NOT NULL,
- *                      lease_expires_at TIMESTAMP NOT NULL, created_at TIMESTAMP NOT NULL)
+ *   managed_identities(ziti_identity_id TEXT PRIMARY KEY, identity_id TEXT NOT
+ * NULL, identity_type SMALLINT NOT NULL, created_at TIMESTAMP NOT NULL)
+ *   service_identities(ziti_identity_id TEXT PRIMARY KEY, service_type SMALLINT
+ * NOT NULL, lease_expires_at TIMESTAMP NOT NULL, created_at TIMESTAMP NOT NULL)
  *                      + index on lease_expires_at
- *   pending_identities(name TEXT PRIMARY KEY, kind SMALLINT NOT NULL, type SMALLINT NOT NULL,
- *                      ziti_identity_id TEXT, created_at TIMESTAMP NOT NULL)
- *   schema_migrations(version INTEGER PRIMARY KEY, applied_at TIMESTAMP NOT NULL)
+ *   pending_identities(name TEXT PRIMARY KEY, kind SMALLINT NOT NULL, type
+ * SMALLINT NOT NULL, ziti_identity_id TEXT, created_at TIMESTAMP NOT NULL)
+ *   schema_migrations(version INTEGER PRIMARY KEY, applied_at TIMESTAMP NOT
+ * NULL)
  */
 #ifndef ZM_STORE_H
 #define ZM_STORE_H
@@ -65,12 +66,14 @@ typedef enum {
   ZM_STORE_PUT_MANAGED,  /* insert or replace .managed */
   ZM_STORE_DEL_MANAGED,  /* delete by .id; no row = ok */
   ZM_STORE_PUT_SERVICE,  /* insert or replace .service */
-  ZM_STORE_EXTEND_LEASE, /* set lease of .id to .ms; no row -> unit fails ZM_E_NOT_FOUND */
-  ZM_STORE_DEL_SERVICE,  /* delete .id if its lease_expires_at <= .ms (GC guard);
-                            .ms = INT64_MAX deletes unconditionally; no row = ok */
-  ZM_STORE_PUT_PENDING,  /* insert .pending; a duplicate name -> ZM_E_EXISTS */
+  ZM_STORE_EXTEND_LEASE, /* set lease of .id to .ms; no row -> unit fails
+                            ZM_E_NOT_FOUND */
+  ZM_STORE_DEL_SERVICE, /* delete .id if its lease_expires_at <= .ms (GC guard);
+                           .ms = INT64_MAX deletes unconditionally; no row = ok
+                         */
+  ZM_STORE_PUT_PENDING, /* insert .pending; a duplicate name -> ZM_E_EXISTS */
   ZM_STORE_SET_PENDING_ID, /* set ziti_identity_id of pending .name to .id */
-  ZM_STORE_DEL_PENDING,  /* delete pending .name; no row = ok */
+  ZM_STORE_DEL_PENDING,    /* delete pending .name; no row = ok */
 } zm_store_op_kind_t;
 
 typedef struct {
@@ -89,7 +92,8 @@ typedef void (*zm_store_cb)(int err, void *data);
 
 /* Opens (creating if needed) and migrates. Synchronous: start-up only.
  * Returns 0, or ZM_E_STORE with a log line saying why. */
-int zm_store_open(zm_store_t **out, uv_loop_t *loop, const zm_store_config_t *cfg);
+int zm_store_open(zm_store_t **out, uv_loop_t *loop,
+                  const zm_store_config_t *cfg);
 /* Waits for the transaction in flight, commits what is queued (callbacks
  * run), then closes. Synchronous: shutdown only. */
 void zm_store_close(zm_store_t *st);
@@ -113,9 +117,11 @@ void zm_store_submit(zm_store_t *st, const zm_store_op_t *ops, size_t n,
 typedef void (*zm_store_managed_list_cb)(int err, const zm_managed_row_t *rows,
                                          size_t n, void *data);
 /* Managed identities with ziti_identity_id > after_id (""= from the start),
- * of identity_type `type` (0 = any), ordered by ziti_identity_id, at most limit. */
+ * of identity_type `type` (0 = any), ordered by ziti_identity_id, at most
+ * limit. */
 void zm_store_list_managed(zm_store_t *st, int type, const char *after_id,
-                           size_t limit, zm_store_managed_list_cb cb, void *data);
+                           size_t limit, zm_store_managed_list_cb cb,
+                           void *data);
 
 typedef void (*zm_store_service_list_cb)(int err, const zm_service_row_t *rows,
                                          size_t n, void *data);
@@ -128,7 +134,8 @@ void zm_store_list_expired(zm_store_t *st, int64_t now_ms, int64_t after_ms,
 
 typedef void (*zm_store_pending_list_cb)(int err, const zm_pending_row_t *rows,
                                          size_t n, void *data);
-/* Pending rows created at or before older_than_ms, oldest first, at most limit. */
+/* Pending rows created at or before older_than_ms, oldest first, at most limit.
+ */
 void zm_store_list_pending(zm_store_t *st, int64_t older_than_ms, size_t limit,
                            zm_store_pending_list_cb cb, void *data);
 

@@ -34,11 +34,12 @@ typedef struct {
   const char *cert_file;      /* client certificate PEM (admin identity) */
   const char *key_file;       /* its private key PEM */
   unsigned pool_size;         /* max open connections, default 16 */
-  unsigned queue_max;         /* max requests waiting for a connection, default 4096 */
-  uint64_t connect_timeout_ms;   /* TCP+TLS, default 5000 */
-  uint64_t request_timeout_ms;   /* default per-call bound, default 15000 */
-  uint64_t idle_timeout_ms;      /* keep-alive idle close, default 4000 (< controller's 5 s) */
-  uint64_t cacerts_refresh_ms;   /* CA bundle refresh period, default 3600000 */
+  unsigned queue_max; /* max requests waiting for a connection, default 4096 */
+  uint64_t connect_timeout_ms; /* TCP+TLS, default 5000 */
+  uint64_t request_timeout_ms; /* default per-call bound, default 15000 */
+  uint64_t idle_timeout_ms;    /* keep-alive idle close, default 4000 (<
+                                  controller's 5 s) */
+  uint64_t cacerts_refresh_ms; /* CA bundle refresh period, default 3600000 */
 } zm_ziti_config_t;
 
 /* What a call produced. Only the fields of that call are set. */
@@ -48,12 +49,12 @@ typedef struct {
   const char *code;    /* controller error code ("NOT_FOUND", ...) or NULL */
   const char *message; /* operator-facing description of a failure, or NULL;
                           never contains secrets */
-  int gone;            /* delete: the controller answered 404 (counted as success) */
-  const char *id;      /* create: the new identity's id */
-  zm_secret_t *jwt;    /* get_enrollment_jwt: enrollment.ott.jwt; base NULL if the
-                          identity has no pending ott enrollment */
-  const char *cert_pem;   /* enroll: data.cert (leaf + intermediates) */
-  const char *const *ids; /* find: matching identity ids */
+  int gone;       /* delete: the controller answered 404 (counted as success) */
+  const char *id; /* create: the new identity's id */
+  zm_secret_t *jwt; /* get_enrollment_jwt: enrollment.ott.jwt; base NULL if the
+                       identity has no pending ott enrollment */
+  const char *cert_pem;     /* enroll: data.cert (leaf + intermediates) */
+  const char *const *ids;   /* find: matching identity ids */
   const char *const *names; /* find: their names, same order */
   size_t n_ids;
 } zm_ziti_result_t;
@@ -94,7 +95,8 @@ void zm_ziti_enroll_ott(zm_ziti_t *z, const char *token, const char *csr_pem,
                         uint64_t deadline, zm_ziti_cb cb, void *data);
 
 /* The cached CA bundle (PEM of every cert from /.well-known/est/cacerts), or
- * NULL if it has not been fetched yet. Owned by z; valid until the next loop turn. */
+ * NULL if it has not been fetched yet. Owned by z; valid until the next loop
+ * turn. */
 const char *zm_ziti_ca_bundle(const zm_ziti_t *z);
 /* Fetches the CA bundle now (or waits for a fetch in flight) and calls cb;
  * on success zm_ziti_ca_bundle() is non-NULL inside cb. */

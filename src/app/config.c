@@ -11,7 +11,8 @@
 #if defined(__GNUC__)
 __attribute__((format(printf, 3, 4)))
 #endif
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
+static int
+fail(char *err, size_t errlen, const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
   vsnprintf(err, errlen, fmt, ap);
@@ -24,9 +25,8 @@ int zm_duration_parse(const char *s, uint64_t *ms) {
   static const struct {
     const char *u;
     double ns;
-  } UNITS[] = {{"ns", 1},     {"us", 1e3},   {"\xc2\xb5s", 1e3},
-               {"\xce\xbcs", 1e3}, {"ms", 1e6}, {"s", 1e9},
-               {"m", 60e9},   {"h", 3600e9}};
+  } UNITS[] = {{"ns", 1},   {"us", 1e3}, {"\xc2\xb5s", 1e3}, {"\xce\xbcs", 1e3},
+               {"ms", 1e6}, {"s", 1e9},  {"m", 60e9},        {"h", 3600e9}};
   if (s == NULL || *s == '\0')
     return ZM_E_INVAL;
   if (strcmp(s, "0") == 0) {
@@ -104,8 +104,8 @@ static int env_uint(const char *(*get)(const char *), const char *name,
   errno = 0;
   unsigned long long x = strtoull(v, &end, 10);
   if (*end != '\0' || errno != 0 || v[0] == '-' || x < min || x > max)
-    return fail(err, errlen, "%s=%s: expected an integer in [%llu, %llu]",
-                name, v, (unsigned long long)min, (unsigned long long)max);
+    return fail(err, errlen, "%s=%s: expected an integer in [%llu, %llu]", name,
+                v, (unsigned long long)min, (unsigned long long)max);
   *out = x;
   return 0;
 }

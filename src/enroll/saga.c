@@ -30,9 +30,9 @@ typedef struct enroll {
   zm_enroll_state_t state;
   const zm_service_type_t *type;
   char name[96];
-  char *id;      /* controller identity id (owned) */
-  char *zt_api;  /* iss + /edge/client/v1 (owned) */
-  char *csr_pem; /* owned */
+  char *id;       /* controller identity id (owned) */
+  char *zt_api;   /* iss + /edge/client/v1 (owned) */
+  char *csr_pem;  /* owned */
   char *cert_pem; /* owned */
   zm_secret_t jwt;
   zm_jwt_claims_t claims; /* jti is a secret */
@@ -126,8 +126,7 @@ static void enroll_fail(enroll_t *e, zm_grpc_status_t st, const char *fmt,
     va_end(ap);
     e->fail_status = st;
   }
-  ZM_WARN("enroll %s: failed in %s: %s", e->name, NAMES[e->state],
-          e->fail_msg);
+  ZM_WARN("enroll %s: failed in %s: %s", e->name, NAMES[e->state], e->fail_msg);
   if (e->state == ZM_ENROLL_INTENT) {
     /* no intent was recorded: nothing to compensate */
     e->app->stats.enroll_failed++;
@@ -185,8 +184,8 @@ static void on_intent_done(int err, void *data) {
   }
   if (e->cancelled || uv_now(e->app->loop) >= e->deadline) {
     /* nothing exists on the controller yet: just drop the intent */
-    e->fail_status = e->cancelled ? ZM_GRPC_CANCELLED
-                                  : ZM_GRPC_DEADLINE_EXCEEDED;
+    e->fail_status =
+        e->cancelled ? ZM_GRPC_CANCELLED : ZM_GRPC_DEADLINE_EXCEEDED;
     snprintf(e->fail_msg, sizeof e->fail_msg, "%s",
              e->cancelled ? "caller cancelled" : "deadline exceeded");
     enroll_set_state(e, ZM_ENROLL_COMPENSATE);
@@ -274,8 +273,8 @@ static void enroll_on_verify_jwt(enroll_t *e) {
 /* Runs on a libuv worker thread: touches only e->key_pem/csr_pem/work_rv. */
 static void keygen_work(uv_work_t *w) {
   enroll_t *e = container_of(w, enroll_t, work);
-  e->work_rv = zm_keycsr_generate(e->app->cfg.key_alg, e->id, &e->key_pem,
-                                  &e->csr_pem);
+  e->work_rv =
+      zm_keycsr_generate(e->app->cfg.key_alg, e->id, &e->key_pem, &e->csr_pem);
 }
 
 static void keygen_done(uv_work_t *w, int status) {
@@ -316,8 +315,8 @@ static void enroll_on_sign(enroll_t *e) {
 
 static void assemble(enroll_t *e) {
   const char *ca = zm_ziti_ca_bundle(e->app->ziti);
-  int rv = zm_idjson_build(e->zt_api, e->key_pem.base, e->cert_pem, ca,
-                           &e->json);
+  int rv =
+      zm_idjson_build(e->zt_api, e->key_pem.base, e->cert_pem, ca, &e->json);
   zm_secret_dispose(&e->key_pem);
   zm_jwt_claims_dispose(&e->claims);
   if (rv != 0) {
@@ -391,7 +390,8 @@ static void enroll_on_reply(enroll_t *e) {
   enroll_set_state(e, ZM_ENROLL_DONE);
 }
 
-/* ---- compensation --------------------------------------------------------- */
+/* ---- compensation ---------------------------------------------------------
+ */
 
 static void compensate_finish(enroll_t *e, int ok) {
   if (ok)
@@ -514,9 +514,9 @@ void zm_rpc_request_service_identity(zm_call_t *call,
   const Agynio__Api__ZitiManagement__V1__RequestServiceIdentityRequest *req =
       (const void *)msg;
   const zm_service_type_t *type =
-      req->service_type > 0 ? zm_config_service_type(&app->cfg,
-                                                     req->service_type)
-                            : NULL;
+      req->service_type > 0
+          ? zm_config_service_type(&app->cfg, req->service_type)
+          : NULL;
   if (type == NULL) {
     zm_call_fail(call, ZM_GRPC_INVALID_ARGUMENT,
                  req->service_type == 0 ? "service_type is required"

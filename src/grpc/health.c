@@ -5,9 +5,7 @@
 
 #include <string.h>
 
-void zm_health_init(zm_health_t *h) {
-  memset(h, 0, sizeof *h);
-}
+void zm_health_init(zm_health_t *h) { memset(h, 0, sizeof *h); }
 
 void zm_health_set(zm_health_t *h, const char *service, int serving) {
   for (size_t i = 0; i < h->n; i++) {

@@ -31,7 +31,8 @@
 /* Request bytes buffered across all calls of one connection. Bounds memory
  * against a client opening many streams with large messages. */
 #define ZM_CONN_RECV_BUDGET (32u * 1024 * 1024)
-/* A connection that has not sent its preface / any frame within this is closed. */
+/* A connection that has not sent its preface / any frame within this is closed.
+ */
 #define ZM_HANDSHAKE_TIMEOUT_MS 10000u
 /* Inline arena bytes per call: enough for every request/response of the
  * service without a second allocation. */
@@ -59,7 +60,7 @@ typedef struct arena_block {
 
 struct zm_call {
   zm_grpc_server_t *srv;
-  zm_conn_t *conn; /* NULL once the stream closed (detached) */
+  zm_conn_t *conn;        /* NULL once the stream closed (detached) */
   zm_call_t *prev, *next; /* conn->calls */
   int32_t stream_id;
   call_state_t state;
@@ -92,9 +93,9 @@ struct zm_conn {
   uv_tcp_t tcp;
   zm_grpc_server_t *srv;
   nghttp2_session *h2;
-  zm_conn_t *prev, *next;   /* srv->conns */
-  zm_conn_t *dirty_next;    /* srv->dirty, valid while dirty */
-  zm_call_t *calls;         /* open calls */
+  zm_conn_t *prev, *next; /* srv->conns */
+  zm_conn_t *dirty_next;  /* srv->dirty, valid while dirty */
+  zm_call_t *calls;       /* open calls */
   conn_state_t state;
   unsigned dirty : 1;
   unsigned writing : 1;
@@ -227,8 +228,7 @@ static void deadline_arm(zm_grpc_server_t *srv) {
     return;
   }
   uint64_t now = uv_now(srv->loop), d = srv->heap[0]->deadline;
-  uv_timer_start(&srv->deadline_timer, on_deadline,
-                 d > now ? d - now : 0, 0);
+  uv_timer_start(&srv->deadline_timer, on_deadline, d > now ? d - now : 0, 0);
 }
 
 static void heap_remove(zm_grpc_server_t *srv, zm_call_t *call) {
@@ -290,8 +290,8 @@ static void submit_status(zm_call_t *call, zm_grpc_status_t st,
   zm_conn_t *c = call->conn;
   char code[8], enc[ZM_GRPC_MSG_MAX];
   int codelen = snprintf(code, sizeof code, "%d", (int)st);
-  size_t enclen = zm_grpc_pct_encode(msg ? msg : "", msg ? strlen(msg) : 0,
-                                     enc, sizeof enc);
+  size_t enclen = zm_grpc_pct_encode(msg ? msg : "", msg ? strlen(msg) : 0, enc,
+                                     sizeof enc);
   nghttp2_nv hdrs[5] = {
       NV(":status", "200"),
       NV("content-type", "application/grpc"),
@@ -350,7 +350,8 @@ void zm_call_reply(zm_call_t *call, const ProtobufCMessage *resp) {
     call->resp_off = 0;
     static const nghttp2_nv hdrs[] = {NV(":status", "200"),
                                       NV("content-type", "application/grpc")};
-    nghttp2_data_provider dp = {.source.ptr = call, .read_callback = on_data_read};
+    nghttp2_data_provider dp = {.source.ptr = call,
+                                .read_callback = on_data_read};
     call->state = CALL_FINISHED;
     if (nghttp2_submit_response(call->conn->h2, call->stream_id, hdrs,
                                 ZM_ARRAY_SIZE(hdrs), &dp) != 0)
@@ -541,8 +542,8 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *f,
   case 5:
     if (memcmp(name, ":path", 5) == 0) {
       zm_grpc_server_t *srv = c->srv;
-      call->method = zm_grpc_route(srv->methods, srv->path_lens,
-                                   srv->n_methods, value, valuelen);
+      call->method = zm_grpc_route(srv->methods, srv->path_lens, srv->n_methods,
+                                   value, valuelen);
     }
     break;
   case 7:
@@ -552,10 +553,9 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *f,
   case 12:
     if (memcmp(name, "content-type", 12) == 0) {
       /* application/grpc, optionally followed by "+proto" or ";params" */
-      call->bad_ctype = !(valuelen >= 16 &&
-                          memcmp(value, "application/grpc", 16) == 0 &&
-                          (valuelen == 16 || value[16] == '+' ||
-                           value[16] == ';'));
+      call->bad_ctype =
+          !(valuelen >= 16 && memcmp(value, "application/grpc", 16) == 0 &&
+            (valuelen == 16 || value[16] == '+' || value[16] == ';'));
     } else if (memcmp(name, "grpc-timeout", 12) == 0) {
       uint64_t ms;
       if (zm_grpc_timeout_parse((const char *)value, valuelen, &ms) == 0)
@@ -566,8 +566,7 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *f,
     break;
   case 13:
     if (memcmp(name, "grpc-encoding", 13) == 0)
-      call->compressed_ok =
-          valuelen == 8 && memcmp(value, "identity", 8) == 0;
+      call->compressed_ok = valuelen == 8 && memcmp(value, "identity", 8) == 0;
     break;
   default:
     break;
@@ -608,8 +607,7 @@ static void call_headers_done(zm_call_t *call) {
   }
 }
 
-static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f,
-                         void *ud) {
+static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud) {
   zm_conn_t *c = ud;
   c->got_frame = 1;
   if (f->hd.type != NGHTTP2_HEADERS && f->hd.type != NGHTTP2_DATA)
@@ -635,8 +633,7 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid,
   if (call == NULL || call->state != CALL_RECEIVING)
     return 0;
   size_t max = c->srv->cfg.max_recv_msg + 5;
-  if (call->rlen + len > max ||
-      c->recv_buffered + len > ZM_CONN_RECV_BUDGET) {
+  if (call->rlen + len > max || c->recv_buffered + len > ZM_CONN_RECV_BUDGET) {
     /* Report the declared size when we have the prefix. */
     submit_status(call, ZM_GRPC_RESOURCE_EXHAUSTED,
                   "request message larger than max");
@@ -646,7 +643,8 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid,
   if (call->rlen + len >= 5 && call->rlen < 5) {
     uint8_t hdr[5];
     size_t have = call->rlen;
-    memcpy(hdr, call->rbuf, have);
+    if (have > 0)
+      memcpy(hdr, call->rbuf, have);
     memcpy(hdr + have, data, 5 - have);
     uint32_t n = ((uint32_t)hdr[1] << 24) | ((uint32_t)hdr[2] << 16) |
                  ((uint32_t)hdr[3] << 8) | hdr[4];
@@ -784,8 +782,8 @@ static void conn_flush(zm_conn_t *c) {
     }
     c->writing = 1;
   }
-  int congested = c->out_len >= ZM_CONN_OUT_SOFT_MAX ||
-                  nghttp2_session_want_write(c->h2);
+  int congested =
+      c->out_len >= ZM_CONN_OUT_SOFT_MAX || nghttp2_session_want_write(c->h2);
   if (congested && c->writing && c->reading) {
     uv_read_stop((uv_stream_t *)&c->tcp);
     c->reading = 0;
@@ -793,11 +791,10 @@ static void conn_flush(zm_conn_t *c) {
     uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
     c->reading = 1;
   }
-  int idle_out = !c->writing && c->out_len == 0 &&
-                 !nghttp2_session_want_write(c->h2);
-  if (idle_out &&
-      (c->close_after_flush || !nghttp2_session_want_read(c->h2) ||
-       (c->srv->draining && c->n_calls == 0)))
+  int idle_out =
+      !c->writing && c->out_len == 0 && !nghttp2_session_want_write(c->h2);
+  if (idle_out && (c->close_after_flush || !nghttp2_session_want_read(c->h2) ||
+                   (c->srv->draining && c->n_calls == 0)))
     conn_close(c);
 }
 
@@ -829,7 +826,17 @@ static void conn_close(zm_conn_t *c) {
     srv->conns = c->next;
   if (c->next)
     c->next->prev = c->prev;
-  /* a dirty connection stays on the dirty list; flush skips CLOSING ones */
+  /* Off the dirty list before the handle's close callback frees it. The
+   * list holds only connections touched this loop turn: a short walk. */
+  if (c->dirty) {
+    for (zm_conn_t **pp = &srv->dirty; *pp != NULL; pp = &(*pp)->dirty_next) {
+      if (*pp == c) {
+        *pp = c->dirty_next;
+        break;
+      }
+    }
+    c->dirty = 0;
+  }
   uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
 }
 
@@ -864,8 +871,7 @@ static void on_connection(uv_stream_t *ls, int status) {
       {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, 16u * 1024},
   };
   nghttp2_submit_settings(c->h2, NGHTTP2_FLAG_NONE, iv, ZM_ARRAY_SIZE(iv));
-  nghttp2_session_set_local_window_size(c->h2, NGHTTP2_FLAG_NONE, 0,
-                                        16u << 20);
+  nghttp2_session_set_local_window_size(c->h2, NGHTTP2_FLAG_NONE, 0, 16u << 20);
   c->last_active = uv_now(srv->loop);
   c->next = srv->conns;
   if (srv->conns)

@@ -1,5 +1,5 @@
-/* wire.c - pure gRPC wire helpers: message deframing, grpc-timeout, grpc-message
- * percent-encoding. No I/O, no allocation. */
+/* wire.c - pure gRPC wire helpers: message deframing, grpc-timeout,
+ * grpc-message percent-encoding. No I/O, no allocation. */
 #include "zm/grpc.h"
 
 #include <string.h>
@@ -122,10 +122,9 @@ int zm_grpc_strings_nul_free(const ProtobufCMessageDescriptor *desc,
       if (read_varint(data, len, &off, &n) != 0 || n > len - off)
         return 1;
       const ProtobufCFieldDescriptor *f =
-          key >> 3 <= UINT32_MAX
-              ? protobuf_c_message_descriptor_get_field(desc,
-                                                        (unsigned)(key >> 3))
-              : NULL;
+          key >> 3 <= UINT32_MAX ? protobuf_c_message_descriptor_get_field(
+                                       desc, (unsigned)(key >> 3))
+                                 : NULL;
       if (f != NULL && f->type == PROTOBUF_C_TYPE_STRING &&
           memchr(data + off, 0, (size_t)n) != NULL)
         return 0;

@@ -88,7 +88,8 @@ static void agent_finish_error(agent_op_t *a) {
   agent_free(a);
 }
 
-/* ---- compensation ---------------------------------------------------------- */
+/* ---- compensation ----------------------------------------------------------
+ */
 
 static void on_agent_pending_dropped(int err, void *data) {
   agent_op_t *a = data;
@@ -137,8 +138,8 @@ static void on_agent_comp_found(const zm_ziti_result_t *r, void *data) {
 #if defined(__GNUC__)
 __attribute__((format(printf, 3, 4)))
 #endif
-static void agent_fail(agent_op_t *a, zm_grpc_status_t st, const char *fmt,
-                       ...) {
+static void
+agent_fail(agent_op_t *a, zm_grpc_status_t st, const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
   vsnprintf(a->fail_msg, sizeof a->fail_msg, fmt, ap);
@@ -155,7 +156,8 @@ static void agent_fail(agent_op_t *a, zm_grpc_status_t st, const char *fmt,
     agent_drop_pending(a);
 }
 
-/* ---- the happy path -------------------------------------------------------- */
+/* ---- the happy path --------------------------------------------------------
+ */
 
 static void on_agent_committed(int err, void *data) {
   agent_op_t *a = data;
@@ -214,8 +216,7 @@ static void on_agent_created(const zm_ziti_result_t *r, void *data) {
     return;
   }
   a->id = zm_xstrdup(r->id);
-  zm_ziti_get_enrollment_jwt(a->app->ziti, a->id, a->deadline, on_agent_jwt,
-                             a);
+  zm_ziti_get_enrollment_jwt(a->app->ziti, a->id, a->deadline, on_agent_jwt, a);
 }
 
 static void agent_create(agent_op_t *a) {
@@ -267,8 +268,7 @@ static void on_old_found(const zm_ziti_result_t *r, void *data) {
   agent_op_t *a = data;
   if (r->err != 0) {
     agent_fail(a, status_of(r, a->deadline, uv_now(a->app->loop)),
-               "controller: find previous identities: %s",
-               zm_strerror(r->err));
+               "controller: find previous identities: %s", zm_strerror(r->err));
     return;
   }
   a->n_old = r->n_ids;
@@ -282,8 +282,8 @@ static void on_agent_intent(int err, void *data) {
   agent_op_t *a = data;
   if (err != 0) {
     a->fail_status = ZM_GRPC_UNAVAILABLE;
-    snprintf(a->fail_msg, sizeof a->fail_msg,
-             "store: cannot record intent: %s", zm_strerror(err));
+    snprintf(a->fail_msg, sizeof a->fail_msg, "store: cannot record intent: %s",
+             zm_strerror(err));
     agent_finish_error(a);
     return;
   }
@@ -367,8 +367,9 @@ static void on_ctrl_deleted(const zm_ziti_result_t *r, void *data) {
   delete_op_t *d = data;
   if (r->err != 0) {
     zm_call_fail(d->call,
-                 status_of(r, zm_call_deadline(d->call) ? zm_call_deadline(d->call)
-                                                        : UINT64_MAX,
+                 status_of(r,
+                           zm_call_deadline(d->call) ? zm_call_deadline(d->call)
+                                                     : UINT64_MAX,
                            uv_now(d->app->loop)),
                  "controller: delete identity failed; retry");
     return;
@@ -404,7 +405,7 @@ void zm_rpc_delete_identity(zm_call_t *call, const ProtobufCMessage *msg,
   d->call = call;
   d->id = (char *)req->ziti_identity_id;
   uint64_t dl = zm_call_deadline(call);
-  zm_ziti_delete_identity(app->ziti, d->id,
-                          dl ? dl : uv_now(app->loop) + app->cfg.ziti_timeout_ms,
-                          on_ctrl_deleted, d);
+  zm_ziti_delete_identity(
+      app->ziti, d->id, dl ? dl : uv_now(app->loop) + app->cfg.ziti_timeout_ms,
+      on_ctrl_deleted, d);
 }

@@ -97,9 +97,8 @@ void zm_rpc_extend_lease(zm_call_t *call, const ProtobufCMessage *msg,
   x->app = app;
   x->call = call;
   x->id = (char *)req->ziti_identity_id;
-  zm_store_op_t op = {.kind = ZM_STORE_EXTEND_LEASE,
-                      .id = req->ziti_identity_id,
-                      .ms = lease};
+  zm_store_op_t op = {
+      .kind = ZM_STORE_EXTEND_LEASE, .id = req->ziti_identity_id, .ms = lease};
   app->writes_inflight++;
   zm_store_submit(app->store, &op, 1, on_extended, x);
 }
@@ -208,7 +207,7 @@ void zm_rpc_list_managed(zm_call_t *call, const ProtobufCMessage *msg,
     zm_call_fail(call, ZM_GRPC_INVALID_ARGUMENT, "unknown identity_type");
     return;
   }
-  size_t page = req->page_size <= 0 ? LIST_DEFAULT_PAGE
+  size_t page = req->page_size <= 0              ? LIST_DEFAULT_PAGE
                 : req->page_size > LIST_MAX_PAGE ? LIST_MAX_PAGE
                                                  : (size_t)req->page_size;
   const char *after = "";

@@ -47,7 +47,7 @@ CONTAINER_SH = os.environ.get(
 PYTHON = os.environ.get("ZM_PYTHON", "/usr/bin/python3")
 BIN = "/usr/local/bin/ziti-management"
 DATA = "/var/lib/ziti-management"
-SECRETS = "/etc/ziti-management/controller"
+SECRETS = DATA + "/controller"
 NONROOT = 65532  # the image's USER
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
@@ -223,7 +223,10 @@ def spki(key_or_cert):
 def work():
     d = tempfile.mkdtemp(prefix="zm-container-")
     yield d
-    shutil.rmtree(d, ignore_errors=True)
+    if os.environ.get("ZM_KEEP_WORK") == "1":
+        print(f"work directory kept: {d}")
+    else:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -258,16 +261,6 @@ def sim(work):
         log.close()
         with open(os.path.join(work, "sim.log"), "rb") as f:
             pytest.fail("simulator did not start:\n" + f.read().decode(errors="replace"))
-    # The container runs as a non-root user: hand it copies of the controller
-    # credentials it may read, as a Kubernetes secret volume with fsGroup would.
-    sec = os.path.join(work, "secrets")
-    os.mkdir(sec, 0o750)
-    for k, name in (("ca_file", "ca.pem"), ("cert_file", "cert.pem"), ("key_file", "key.pem")):
-        shutil.copy(info[k], os.path.join(sec, name))
-        os.chmod(os.path.join(sec, name), 0o440)
-        os.chown(os.path.join(sec, name), NONROOT, NONROOT)
-    os.chown(sec, NONROOT, NONROOT)
-    info["secrets_dir"] = sec
     yield info
     p.terminate()
     try:
@@ -298,7 +291,20 @@ def server(work, sim, volume, stubs):
         "SERVICE_IDENTITY_LEASE_TTL": "10m",
         "LOG_LEVEL": "debug",
     }
-    vols = [f"{volume}:{DATA}", f"{sim['secrets_dir']}:{SECRETS}:ro"]
+    # The container runs as a non-root user: hand it copies of the controller
+    # credentials it may read, as a Kubernetes secret volume with fsGroup
+    # would. They live inside the data volume because container.sh (buildah
+    # run, chroot isolation) mounts the image's VOLUME over our bind mount at
+    # random when a second --volume is given (seen in about 1 run of 4), so
+    # exactly one bind mount is used.
+    sec = os.path.join(volume, "controller")
+    os.mkdir(sec, 0o750)
+    for k, name in (("ca_file", "ca.pem"), ("cert_file", "cert.pem"), ("key_file", "key.pem")):
+        shutil.copy(sim[k], os.path.join(sec, name))
+        os.chmod(os.path.join(sec, name), 0o440)
+        os.chown(os.path.join(sec, name), NONROOT, NONROOT)
+    os.chown(sec, NONROOT, NONROOT)
+    vols = [f"{volume}:{DATA}"]
     state = {"port": port, "env": env, "vols": vols, "target": f"127.0.0.1:{port}",
              "log": os.path.join(work, "container.log"), "ctr": None}
     state["ctr"] = Container(env, vols, state["log"])
@@ -415,14 +421,19 @@ def test_sigterm_exits_zero(server):
 def test_restart_on_same_volume_keeps_lease(stubs, server, volume):
     pb = stubs[0]
     assert server.get("identity_id"), "needs test_request_service_identity"
-    assert os.listdir(volume), "the store wrote nothing to the volume"
+    assert os.path.exists(os.path.join(volume, "ziti-management.db")), \
+        "the store wrote nothing to the volume"
     ctr = Container(server["env"], server["vols"], server["log"])
     server["ctr"] = ctr  # the fixture's teardown stops this one
     ctr.start()
     wait_serving(server["target"], ctr)
     ch, stub = svc(stubs, server["target"])
     with ch:
-        stub.ExtendIdentityLease(
-            pb.ExtendIdentityLeaseRequest(ziti_identity_id=server["identity_id"]), timeout=10)
+        try:
+            stub.ExtendIdentityLease(
+                pb.ExtendIdentityLeaseRequest(ziti_identity_id=server["identity_id"]), timeout=10)
+        except grpc.RpcError as e:
+            pytest.fail(f"lease of {server['identity_id']} lost across the restart: "
+                        f"{e.code()} {e.details()}\n{ctr.tail(80)}")
     ctr.signal("TERM")
     assert ctr.wait(STOP_TIMEOUT) == 0, ctr.tail()

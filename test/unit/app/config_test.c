@@ -1,9 +1,9 @@
 /* Configuration: defaults, Go durations, validation messages, service types. */
+#include <cmocka.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <cmocka.h>
 #include <string.h>
 
 #include "zm/config.h"
@@ -53,11 +53,14 @@ static void test_durations(void **state) {
     const char *s;
     int rv;
     uint64_t ms;
-  } c[] = {{"5m", 0, 300000},    {"200ms", 0, 200},      {"1h30m", 0, 5400000},
-           {"1.5h", 0, 5400000}, {"2h45m10s", 0, 9910000}, {"0", 0, 0},
-           {"100us", 0, 1},      {"1ns", 0, 1},          {"10\xc2\xb5s", 0, 1},
-           {"300", ZM_E_INVAL, 0}, {"", ZM_E_INVAL, 0},  {"-5m", ZM_E_INVAL, 0},
-           {"5 m", ZM_E_INVAL, 0}, {"5d", ZM_E_INVAL, 0}, {"m", ZM_E_INVAL, 0}};
+  } c[] = {{"5m", 0, 300000},        {"200ms", 0, 200},
+           {"1h30m", 0, 5400000},    {"1.5h", 0, 5400000},
+           {"2h45m10s", 0, 9910000}, {"0", 0, 0},
+           {"100us", 0, 1},          {"1ns", 0, 1},
+           {"10\xc2\xb5s", 0, 1},    {"300", ZM_E_INVAL, 0},
+           {"", ZM_E_INVAL, 0},      {"-5m", ZM_E_INVAL, 0},
+           {"5 m", ZM_E_INVAL, 0},   {"5d", ZM_E_INVAL, 0},
+           {"m", ZM_E_INVAL, 0}};
   for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
     uint64_t ms = 777;
     assert_int_equal(zm_duration_parse(c[i].s, &ms), c[i].rv);
@@ -70,12 +73,18 @@ static void test_env_overrides_and_errors(void **state) {
   (void)state;
   zm_config_t cfg;
   char err[256];
-  const char *ok[] = {"GRPC_ADDRESS", "127.0.0.1:6000",
-                      "SERVICE_IDENTITY_LEASE_TTL", "200ms",
-                      "SERVICE_IDENTITY_GC_INTERVAL", "1m30s",
-                      "STORE_SYNC", "normal",
-                      "ENROLLMENT_KEY_ALG", "ec-p256",
-                      "SERVICE_TYPES", "4:llm-proxy:llm-proxies,2:orch:o1+o2",
+  const char *ok[] = {"GRPC_ADDRESS",
+                      "127.0.0.1:6000",
+                      "SERVICE_IDENTITY_LEASE_TTL",
+                      "200ms",
+                      "SERVICE_IDENTITY_GC_INTERVAL",
+                      "1m30s",
+                      "STORE_SYNC",
+                      "normal",
+                      "ENROLLMENT_KEY_ALG",
+                      "ec-p256",
+                      "SERVICE_TYPES",
+                      "4:llm-proxy:llm-proxies,2:orch:o1+o2",
                       NULL};
   assert_int_equal(load(&cfg, ok, err, sizeof err), 0);
   assert_string_equal(cfg.grpc_address, "127.0.0.1:6000");

@@ -1,10 +1,10 @@
 /* Unit tests of the pure gRPC wire helpers: deframing (split at every
  * offset), grpc-timeout parsing, grpc-message percent-encoding, routing. */
+#include <cmocka.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <cmocka.h>
 #include <string.h>
 
 #include "zm/grpc.h"
@@ -59,12 +59,21 @@ static void test_timeout(void **state) {
     int rv;
     uint64_t ms;
   } cases[] = {
-      {"1H", 0, 3600000},   {"2M", 0, 120000},     {"3S", 0, 3000},
-      {"250m", 0, 250},     {"1500u", 0, 2},       {"1n", 0, 1},
-      {"0m", 0, 0},         {"99999999S", 0, 99999999000ull},
+      {"1H", 0, 3600000},
+      {"2M", 0, 120000},
+      {"3S", 0, 3000},
+      {"250m", 0, 250},
+      {"1500u", 0, 2},
+      {"1n", 0, 1},
+      {"0m", 0, 0},
+      {"99999999S", 0, 99999999000ull},
       {"100000000S", ZM_E_INVAL, 0}, /* 9 digits */
-      {"", ZM_E_INVAL, 0},  {"S", ZM_E_INVAL, 0},  {"10", ZM_E_INVAL, 0},
-      {"10x", ZM_E_INVAL, 0}, {"-1S", ZM_E_INVAL, 0}, {"1 S", ZM_E_INVAL, 0},
+      {"", ZM_E_INVAL, 0},
+      {"S", ZM_E_INVAL, 0},
+      {"10", ZM_E_INVAL, 0},
+      {"10x", ZM_E_INVAL, 0},
+      {"-1S", ZM_E_INVAL, 0},
+      {"1 S", ZM_E_INVAL, 0},
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
     uint64_t ms = 12345;

@@ -1,9 +1,9 @@
 /* base64url: RFC 4648 vectors, round trips of every length, rejections. */
+#include <cmocka.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <cmocka.h>
 #include <string.h>
 
 #include "zm/b64.h"
@@ -11,7 +11,8 @@
 static void test_vectors(void **state) {
   (void)state;
   const char *in[] = {"", "f", "fo", "foo", "foob", "fooba", "foobar"};
-  const char *out[] = {"", "Zg", "Zm8", "Zm9v", "Zm9vYg", "Zm9vYmE", "Zm9vYmFy"};
+  const char *out[] = {"",       "Zg",      "Zm8",     "Zm9v",
+                       "Zm9vYg", "Zm9vYmE", "Zm9vYmFy"};
   for (int i = 0; i < 7; i++) {
     char enc[16];
     zm_b64url_encode(in[i], strlen(in[i]), enc, sizeof enc);
@@ -46,8 +47,9 @@ static void test_rejects(void **state) {
   assert_int_equal(zm_b64url_decode("Zm9v+", 5, dec, sizeof dec), -1);
   assert_int_equal(zm_b64url_decode("Zm9v/", 5, dec, sizeof dec), -1);
   assert_int_equal(zm_b64url_decode("Z", 1, dec, sizeof dec), -1);
-  assert_int_equal(zm_b64url_decode("Zh", 2, dec, sizeof dec), -1); /* non-canonical */
-  assert_int_equal(zm_b64url_decode("Zm9vYmFy", 8, dec, 5), -1);   /* too small */
+  assert_int_equal(zm_b64url_decode("Zh", 2, dec, sizeof dec),
+                   -1); /* non-canonical */
+  assert_int_equal(zm_b64url_decode("Zm9vYmFy", 8, dec, 5), -1); /* too small */
   assert_int_equal(zm_b64url_decode("Zm 9", 4, dec, sizeof dec), -1);
   assert_int_equal(zm_b64url_decode("Zg==", 4, dec, sizeof dec), 1);
 }

@@ -1,0 +1,240 @@
+"""Lease GC and crash recovery against the real binary and the controller
+simulator (issue 5), with short TTL/interval settings."""
+
+import re
+import shutil
+import threading
+import time
+
+import grpc
+import pytest
+
+import zmtest
+from zmtest import pb
+from test_enroll import (rpc_code, store_records, svc_identities, wait_for, wait_invariant)
+
+TTL_MS = 1500
+INTERVAL_MS = 200
+IDS = "/edge/management/v1/identities"
+COLLECTED_RE = re.compile(r"gc: collected (\S+) \(service type (\d+)\), (\d+\.\d) s past its lease")
+
+
+def gc_env(**extra):
+    e = {"SERVICE_IDENTITY_LEASE_TTL": "%dms" % TTL_MS, "SERVICE_IDENTITY_GC_INTERVAL": "%dms" % INTERVAL_MS,
+         "ZITI_REQUEST_TIMEOUT": "2s"}
+    e.update(extra)
+    return e
+
+
+@pytest.fixture
+def gsrv(sim):
+    s = zmtest.Server(sim=sim, env=gc_env()).start()
+    yield s
+    s.kill()
+    shutil.rmtree(s.tmp, ignore_errors=True)
+
+
+def enroll(stub, stype=1):
+    return stub.RequestServiceIdentity(pb.RequestServiceIdentityRequest(service_type=stype), timeout=30)
+
+
+def extend(stub, zid):
+    return rpc_code(stub.ExtendIdentityLease, pb.ExtendIdentityLeaseRequest(ziti_identity_id=zid), timeout=5)[0]
+
+
+def sweeps(srv):
+    return srv.logtext().count("gc: sweep done")
+
+
+def collected_lines(srv):
+    return COLLECTED_RE.findall(srv.logtext())
+
+
+def no_leak(sim, store_path):
+    """Never, not even transiently: an identity on the simulator that has
+    neither a committed nor a pending record. The store is read first: with
+    no enrollment running, a record can only disappear after the simulator
+    deleted its identity, so reading in this order has no false alarms."""
+    svc, man, pend = store_records(store_path)
+    return [i for i in sim.state()["identities"]
+            if i["id"] not in svc and i["id"] not in man and i["name"] not in pend]
+
+
+def test_extended_lease_survives_unextended_collected(sim, gsrv):
+    with gsrv.channel() as ch:
+        st = gsrv.stub(ch)
+        keep = enroll(st, 1).ziti_identity_id
+        drop = enroll(st, 3).ziti_identity_id
+        t_drop = time.monotonic()
+        stop = threading.Event()
+        errors = []
+
+        def extender():
+            with gsrv.channel() as ch2:
+                st2 = gsrv.stub(ch2)
+                while not stop.wait(TTL_MS / 3000.0):
+                    c = extend(st2, keep)
+                    if c != grpc.StatusCode.OK:
+                        errors.append(c)
+
+        th = threading.Thread(target=extender)
+        th.start()
+        try:
+            s0 = sweeps(gsrv)
+            # the unextended one goes within TTL + one interval (+ slack)
+            wait_for(lambda: drop not in {i["id"] for i in sim.state()["identities"]},
+                     (TTL_MS + INTERVAL_MS) / 1000.0 + 1.0, "the unextended identity to be collected")
+            gone_after = time.monotonic() - t_drop
+            assert gone_after >= TTL_MS / 1000.0 - 0.05, "collected before its lease expired (%.2fs)" % gone_after
+            wait_for(lambda: drop not in store_records(gsrv.store_path)[0], 2, "its record to be removed")
+            assert extend(st, drop) == grpc.StatusCode.NOT_FOUND
+            # the extended one survives at least 10 sweeps
+            wait_for(lambda: sweeps(gsrv) >= s0 + 10, 10 * INTERVAL_MS / 1000.0 + 5, "10 sweeps")
+        finally:
+            stop.set()
+            th.join()
+        assert errors == []
+        assert keep in {i["id"] for i in sim.state()["identities"]}
+        assert keep in store_records(gsrv.store_path)[0]
+        assert extend(st, keep) == grpc.StatusCode.OK
+        # the GC log line: one per collected identity, with type and lateness
+        lines = collected_lines(gsrv)
+        assert [(z, t) for z, t, _ in lines] == [(drop, "3")], lines
+        assert 0.0 <= float(lines[0][2]) <= (INTERVAL_MS + 1000) / 1000.0
+        # now stop extending: collected too
+        wait_for(lambda: keep not in {i["id"] for i in sim.state()["identities"]},
+                 (TTL_MS + INTERVAL_MS) / 1000.0 + 1.5, "the formerly extended identity to be collected")
+        wait_for(lambda: store_records(gsrv.store_path)[0] == set(), 2, "records removed")
+        assert extend(st, keep) == grpc.StatusCode.NOT_FOUND
+    ids = [z for z, _, _ in collected_lines(gsrv)]
+    assert sorted(ids) == sorted([drop, keep]) and len(ids) == len(set(ids))
+    wait_invariant(sim, gsrv.store_path, strict=True)
+
+
+FAULTS = {
+    "500": {"rules": [{"method": "DELETE", "path_prefix": IDS + "/", "action": "status", "status": 500}]},
+    "503": {"rules": [{"method": "DELETE", "path_prefix": IDS + "/", "action": "status", "status": 503}]},
+    "429_retry_after": {"rules": [{"method": "DELETE", "path_prefix": IDS + "/", "action": "status", "status": 429,
+                                   "retry_after": 1}]},
+    # beyond ZITI_REQUEST_TIMEOUT (2s): the controller still executes it later
+    "latency": {"rules": [{"method": "DELETE", "path_prefix": IDS + "/", "action": "delay", "ms": 3000}]},
+    "drop_applied": {"rules": [{"method": "DELETE", "path_prefix": IDS + "/", "action": "drop_mid",
+                                "apply": True}]},
+    "refused": None,
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_faults_during_sweeps(sim, gsrv, fault):
+    n = 6
+    with gsrv.channel() as ch:
+        st = gsrv.stub(ch)
+        ids = [enroll(st, 1 + i % 3).ziti_identity_id for i in range(n)]
+        # a live lease that must survive everything
+        live = enroll(st, 2).ziti_identity_id
+    if fault == "refused":
+        sim.refuse(True)
+    else:
+        sim.faults(FAULTS[fault])
+    t_fault = time.monotonic()
+    try:
+        # leases expire and sweeps run against the faulty controller
+        with gsrv.channel() as ch:
+            st = gsrv.stub(ch)
+            end = time.monotonic() + TTL_MS / 1000.0 + 2.5
+            while time.monotonic() < end:
+                assert extend(st, live) == grpc.StatusCode.OK
+                leaks = no_leak(sim, gsrv.store_path) if fault != "refused" else []
+                assert leaks == [], "identity without a record: %s" % leaks
+                time.sleep(0.1)
+            assert gsrv.proc.poll() is None, "server died"
+        if fault in ("500", "503", "refused"):
+            # nothing could be deleted: every record is still there
+            assert set(ids) | {live} <= store_records(gsrv.store_path)[0]
+    finally:
+        sim.refuse(False)
+        sim.clear_faults()
+    if fault == "refused":
+        assert no_leak(sim, gsrv.store_path) == []
+    assert time.monotonic() - t_fault > 3
+    # healthy again: everything expired is collected (per-identity backoff
+    # is at most a few seconds after a ~4 s fault window)
+    wait_for(lambda: not (set(ids) & {i["id"] for i in sim.state()["identities"]}), 20,
+             "the expired identities to be collected after the fault")
+    wait_for(lambda: store_records(gsrv.store_path)[0] == {live}, 5, "their records to be removed")
+    assert {i["id"] for i in svc_identities(sim)} == {live}
+    collected = [z for z, _, _ in collected_lines(gsrv)]
+    assert sorted(collected) == sorted(ids), "one log line per collected identity"
+    with gsrv.channel() as ch:
+        st = gsrv.stub(ch)
+        assert extend(st, live) == grpc.StatusCode.OK
+        for z in ids:
+            assert extend(st, z) == grpc.StatusCode.NOT_FOUND
+    wait_invariant(sim, gsrv.store_path, strict=True)
+    if fault in ("500", "refused"):
+        assert "will retry with backoff" in gsrv.logtext()
+    if fault == "429_retry_after":
+        assert "HTTP 429, retrying in 1000 ms" in gsrv.logtext()
+
+
+def test_session_expiry_mid_sweep(sim, gsrv):
+    with gsrv.channel() as ch:
+        st = gsrv.stub(ch)
+        ids = [enroll(st, 1).ziti_identity_id for _ in range(4)]
+    auth0 = sim.counter("POST /edge/management/v1/authenticate")
+    # hold the deletes a little so the sessions expire while they are in flight
+    sim.faults({"rules": [{"method": "DELETE", "path_prefix": IDS + "/", "action": "delay", "ms": 400,
+                           "count": 4}]})
+    wait_for(lambda: sim.state()["faults_applied"] >= 1, TTL_MS / 1000.0 + 3, "a sweep to start deleting")
+    sim.expire_sessions()
+    wait_for(lambda: not (set(ids) & {i["id"] for i in sim.state()["identities"]}), 15, "collection")
+    wait_for(lambda: store_records(gsrv.store_path)[0] == set(), 5, "records removed")
+    assert sim.counter("POST /edge/management/v1/authenticate") > auth0
+    assert gsrv.proc.poll() is None
+    wait_invariant(sim, gsrv.store_path, strict=True)
+
+
+def test_restart_with_unreachable_controller_then_recovery(sim):
+    now = zmtest.now_ms()
+    live = sim.seed_identity("svc-gateway-live000001", role_attributes=["gateway-hosts"], ott=False)["id"]
+    expired = sim.seed_identity("svc-runner-expired0001", role_attributes=["runners"], ott=False)["id"]
+    agent = sim.seed_identity("agent-x", external_id="a9e1c0de-0000-4000-8000-000000000007", ott=False)["id"]
+    p1 = sim.seed_identity("svc-gateway-pending001")["id"]  # created, never committed
+    p2 = sim.seed_identity("agent-a9e1c0de-0000-4000-8000-000000000008-pend0002")["id"]
+    s = zmtest.Server(sim=sim, env=gc_env(ENROLLMENT_TIMEOUT="60s", PENDING_RECOVERY_AGE="10m"))
+    zmtest.seed(s.store_path,
+                managed=[(agent, "a9e1c0de-0000-4000-8000-000000000007", 1)],
+                service=[(live, 1, now + 3600 * 1000), (expired, 3, now - 60 * 1000)],
+                pending=[("svc-gateway-pending001", 1, 1, now - 5000),
+                         ("agent-a9e1c0de-0000-4000-8000-000000000008-pend0002", 2, 1, now - 5000),
+                         ("svc-orchestrator-nothing01", 1, 2, now - 5000)])  # crashed before CREATE
+    sim.refuse(True)
+    try:
+        s.start()
+        with s.channel() as ch:
+            st = s.stub(ch)
+            # hot paths serve while the controller is unreachable
+            r = st.ResolveIdentity(pb.ResolveIdentityRequest(ziti_identity_id=agent), timeout=5)
+            assert r.identity_id == "a9e1c0de-0000-4000-8000-000000000007"
+            assert extend(st, live) == grpc.StatusCode.OK
+            time.sleep(1.5)  # several sweeps fail
+            t0 = time.monotonic()
+            for _ in range(50):
+                st.ResolveIdentity(pb.ResolveIdentityRequest(ziti_identity_id=agent), timeout=5)
+            assert time.monotonic() - t0 < 2
+            svc, man, pend = store_records(s.store_path)
+            assert svc == {live, expired} and man == {agent} and len(pend) == 3
+            assert s.proc.poll() is None
+        sim.refuse(False)
+        wait_for(lambda: store_records(s.store_path)[2] == set(), 15, "pending records to be recovered")
+        wait_for(lambda: store_records(s.store_path)[0] == {live}, 15, "the expired lease to be collected")
+        ids = {i["id"] for i in sim.state()["identities"]}
+        assert ids == {live, agent}, ids
+        assert [z for z, _, _ in collected_lines(s)] == [expired]
+        log = s.logtext()
+        assert log.count("gc: recovered pending creation") == 3
+        wait_invariant(sim, s.store_path, strict=True)
+    finally:
+        sim.refuse(False)
+        s.kill()
+        shutil.rmtree(s.tmp, ignore_errors=True)
