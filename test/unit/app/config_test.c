@@ -1,9 +1,9 @@
 /* Configuration: defaults, Go durations, validation messages, service types. */
-#include <cmocka.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <cmocka.h>
 #include <string.h>
 
 #include "zm/config.h"

@@ -1,10 +1,10 @@
 /* Unit tests of the pure gRPC wire helpers: deframing (split at every
  * offset), grpc-timeout parsing, grpc-message percent-encoding, routing. */
-#include <cmocka.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <cmocka.h>
 #include <string.h>
 
 #include "zm/grpc.h"

@@ -1,9 +1,9 @@
 /* base64url: RFC 4648 vectors, round trips of every length, rejections. */
-#include <cmocka.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <cmocka.h>
 #include <string.h>
 
 #include "zm/b64.h"
