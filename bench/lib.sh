@@ -156,3 +156,29 @@ zmb_start_server() {
   "${pin[@]}" env STORE_PATH="$store" GRPC_ADDRESS="127.0.0.1:$port" "${ctl[@]}" "$@" "$bin" >"$log" 2>&1 &
   ZMB_SRV_PID=$!
 }
+
+# zmb_free_range N: prints a port P such that P+1..P+N are free on 127.0.0.1
+# (the anchors' run.sh numbers its servers BASE_PORT+1, +2, ...).
+zmb_free_range() {
+  /usr/bin/python3 - "$1" <<'PY'
+import random, socket, sys
+n = int(sys.argv[1])
+for _ in range(200):
+    base = random.randint(20000, 59000)
+    socks = []
+    try:
+        for p in range(base + 1, base + n + 1):
+            s = socket.socket()
+            s.bind(("127.0.0.1", p))
+            socks.append(s)
+    except OSError:
+        continue
+    finally:
+        for s in socks:
+            s.close()
+    print(base)
+    break
+else:
+    sys.exit(1)
+PY
+}

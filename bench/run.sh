@@ -46,7 +46,6 @@ CASES=$OUT/cases.tsv
 printf 'label\tsim_ms\tconns\tstreams\tmode\trate\tjson\twall_s\tsrv_ticks\tcli_cpu_s\targs\n' >"$CASES"
 NOTES=()
 ZMB_SIM_PID=; ZMB_SRV_PID=; ZMB_SIM_URL=
-ANCHOR_BACKUP=
 
 fact() { printf '%s\t%s\n' "$1" "$2" >>"$FACTS"; }
 note() { NOTES+=("$*"); echo "  note: $*"; }
@@ -55,9 +54,6 @@ log() { echo "[$(($(date +%s) - T_START))s] $*"; }
 cleanup() {
   zmb_stop "$ZMB_SRV_PID"; ZMB_SRV_PID=
   zmb_stop "$ZMB_SIM_PID"; ZMB_SIM_PID=
-  if [[ -n $ANCHOR_BACKUP && -d $ANCHOR_BACKUP ]]; then
-    rm -rf "$ANCHORS/results"; mv "$ANCHOR_BACKUP" "$ANCHORS/results"; ANCHOR_BACKUP=
-  fi
   rm -rf "$W"
 }
 trap cleanup EXIT
@@ -347,32 +343,36 @@ else
     log "building the anchors ($ANCHORS/build.sh)"
     "$ANCHORS/build.sh" >"$OUT/anchors-build.log" 2>&1 || log "anchors build FAILED (anchors-build.log)"
   fi
+  # Run a private copy (in the temp dir, not in the project) on free ports:
+  # other sessions may run the shared anchors at the same time, and their
+  # results/ directory must stay as it is.
   log "anchors side by side (DURATION=$A_DUR RUNS=$A_RUNS)"
-  if [[ -d $ANCHORS/results ]]; then
-    ANCHOR_BACKUP=$W/anchors-results-before
-    cp -a "$ANCHORS/results" "$ANCHOR_BACKUP"
-  fi
+  ACOPY=$W/anchors-perf
+  cp -a "$ANCHORS" "$ACOPY" && rm -rf "$ACOPY/results"
+  a_base=$(zmb_free_range 8) || a_base=51150
+  a_pg=$(( $(zmb_free_range 1 || echo 55531) + 1 ))
   mkdir -p "$W/anchor-tmp"
+  fact anchors_ports "BASE_PORT=$a_base PGPORT=$a_pg"
   ZM_BIN=$BIN ZM_BENCH_TMP=$W/anchor-tmp DURATION=$A_DUR WARMUP=$A_WARM RUNS=$A_RUNS \
-    EXTRA_SERVERS="zm=$here/anchor-server.sh {PORT}" "$ANCHORS/run.sh" >"$OUT/anchors-run.log" 2>&1
+    BASE_PORT=$a_base PGPORT=$a_pg SERVER_CPU=$SERVER_CPU CLIENT_CPU=$CLIENT_CPU \
+    EXTRA_SERVERS="zm=$here/anchor-server.sh {PORT}" "$ACOPY/run.sh" >"$OUT/anchors-run.log" 2>&1
   arc=$?
   mkdir -p "$OUT/anchors"
-  if [[ -f $ANCHORS/results/results.tsv ]]; then
-    cp -a "$ANCHORS/results/." "$OUT/anchors/"
+  if [[ -f $ACOPY/results/results.tsv ]]; then
+    cp -a "$ACOPY/results/." "$OUT/anchors/"
     cp "$OUT/anchors-run.log" "$OUT/anchors/run.log"
     fact anchors_status "exit $arc"
     if grep -q 'zm: verification FAILED' "$OUT/anchors-run.log"; then
-      fact anchors_zm_status "the anchors' verify step rejected zm: $(grep -h 'FAIL' "$OUT/anchors/raw/zm.verify.txt" 2>/dev/null | head -3 | tr '\n' ';')"
+      fact anchors_zm_status "the anchors' verify step rejected zm: $(grep -h 'FAIL' "$OUT/anchors/raw/zm.verify.txt" 2>/dev/null | head -3 | sed 's/^ *//' | tr '\n' ';')"
     elif grep -q 'zm did not come up' "$OUT/anchors-run.log"; then
       fact anchors_zm_status "zm did not come up under the anchors' run.sh (anchors/raw/zm.server.log)"
     fi
+    grep -q 'did not come up' "$OUT/anchors-run.log" &&
+      note "anchors' run: $(grep -c 'did not come up' "$OUT/anchors-run.log") server(s) did not come up (anchors-run.log)"
   else
     fact anchors_status "the anchors' run.sh (exit $arc) wrote no results.tsv; see anchors-run.log"
   fi
-  # leave the shared anchors' committed results as they were
-  if [[ -n $ANCHOR_BACKUP ]]; then
-    rm -rf "$ANCHORS/results"; mv "$ANCHOR_BACKUP" "$ANCHORS/results"; ANCHOR_BACKUP=
-  fi
+  rm -rf "$ACOPY"
   tail -3 "$OUT/anchors-run.log" | sed 's/^/  /'
 fi
 

@@ -1,0 +1,85 @@
+"""SIGKILL-equivalent crashes at every state of the enrollment saga (issue 5).
+
+The binary's test hook ZM_TEST_CRASH_AT=<STATE> makes it _exit(137) on
+entering that state. After each crash the service is restarted on the same
+store without the hook; start-up recovery must leave the simulator with
+exactly the identities that have a committed record, and every committed
+record must still have its identity.
+"""
+
+import shutil
+import signal
+import tempfile
+import os
+import time
+
+import grpc
+import pytest
+
+import zmtest
+from zmtest import pb
+from test_enroll import rpc_code, store_records, svc_identities, wait_for, wait_invariant
+
+STATES = ["INTENT", "CREATE", "FETCH_JWT", "VERIFY_JWT", "KEYGEN_CSR", "SIGN", "ASSEMBLE", "COMMIT", "REPLY"]
+REPS = 3
+
+
+@pytest.mark.parametrize("state", STATES)
+def test_crash_at_state_then_recover(sim, state):
+    tmp = tempfile.mkdtemp(prefix="zm-crash-")
+    store = os.path.join(tmp, "zm.db")
+    committed_before = 0
+    try:
+        # a committed identity from before the crashes must survive them all
+        base = zmtest.Server(sim=sim, store_path=store).start()
+        with base.channel() as ch:
+            keep = base.stub(ch).RequestServiceIdentity(pb.RequestServiceIdentityRequest(service_type=2),
+                                                        timeout=30).ziti_identity_id
+        assert base.stop() == 0
+        for rep in range(REPS):
+            svc0 = store_records(store)[0]
+            committed_before = len(svc0)
+            hooked = zmtest.Server(sim=sim, store_path=store, env={"ZM_TEST_CRASH_AT": state}).start()
+            with hooked.channel() as ch:
+                code, err = rpc_code(hooked.stub(ch).RequestServiceIdentity,
+                                     pb.RequestServiceIdentityRequest(service_type=1 + rep % 3), timeout=20)
+            assert code == grpc.StatusCode.UNAVAILABLE, err
+            assert hooked.proc.wait(10) == 137
+            assert "test hook: crashing at %s" % state in hooked.logtext()
+            svc, _, pend = store_records(store)
+            if state == "INTENT":
+                assert not pend  # crashed before the intent was written
+            elif state != "REPLY":
+                assert len(pend) == 1, pend  # the trace recovery resolves
+            if state in ("FETCH_JWT", "VERIFY_JWT", "KEYGEN_CSR", "SIGN", "ASSEMBLE", "COMMIT"):
+                # the identity exists on the controller without a record
+                assert len(svc_identities(sim)) == committed_before + 1
+
+            clean = zmtest.Server(sim=sim, store_path=store).start()
+            try:
+                wait_for(lambda: not store_records(store)[2], 15, "start-up recovery of the pending record")
+                wait_invariant(sim, store, strict=True)
+                svc = store_records(store)[0]
+                if state == "REPLY":
+                    # committed, but the caller never got the answer: the
+                    # identity keeps its lease (GC collects it if never extended)
+                    assert len(svc) == committed_before + 1
+                    (new,) = svc - svc0
+                    lease = zmtest.query(store, "SELECT lease_expires_at FROM service_identities "
+                                         "WHERE ziti_identity_id=?", (new,))
+                    assert lease
+                else:
+                    assert svc == svc0
+                assert keep in svc
+                assert {i["id"] for i in svc_identities(sim)} == svc
+                if state not in ("INTENT", "REPLY"):
+                    assert "gc: recovered pending creation" in clean.logtext()
+                # the restarted service works normally
+                with clean.channel() as ch:
+                    st = clean.stub(ch)
+                    st.ExtendIdentityLease(pb.ExtendIdentityLeaseRequest(ziti_identity_id=keep), timeout=5)
+            finally:
+                assert clean.stop(signal.SIGTERM) == 0
+        wait_invariant(sim, store, strict=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
