@@ -43,6 +43,7 @@ typedef struct zm_app {
   uv_signal_t sigterm, sigint;
   uv_timer_t lag_timer;
   uint64_t lag_expected;
+  uint64_t lag_report_s; /* uv_now()/1000 of the last lag report */
   int shutting_down;
   int exit_code;
   unsigned enroll_inflight;

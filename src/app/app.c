@@ -72,7 +72,17 @@ static int open_store(zm_app_t *app) {
 
 static void on_lag(uv_timer_t *t) {
   zm_app_t *app = t->data;
+  uv_update_time(app->loop);
   uint64_t now = uv_now(app->loop);
+  if (now / 1000 != app->lag_report_s) {
+    /* one line per second with the worst lateness of the 1 ms probe */
+    if (app->lag_report_s != 0)
+      ZM_INFO("loop lag: max %llu ms in the last second (worst %llu ms)",
+              (unsigned long long)app->stats.lag_max_ms,
+              (unsigned long long)app->stats.lag_worst_ms);
+    app->lag_report_s = now / 1000;
+    app->stats.lag_max_ms = 0;
+  }
   if (now > app->lag_expected) {
     uint64_t late = now - app->lag_expected;
     if (late > app->stats.lag_max_ms)
@@ -92,7 +102,23 @@ static void on_ziti_closed(void *data) {
   app->ziti = NULL;
 }
 
+static void log_stats(const zm_app_t *app) {
+  const zm_app_stats_t *s = &app->stats;
+  ZM_INFO("stats: enroll started=%llu ok=%llu failed=%llu compensated=%llu "
+          "compensate_failed=%llu; gc sweeps=%llu collected=%llu failed=%llu "
+          "retried=%llu recovered_pending=%llu",
+          (unsigned long long)s->enroll_started,
+          (unsigned long long)s->enroll_ok,
+          (unsigned long long)s->enroll_failed,
+          (unsigned long long)s->enroll_compensated,
+          (unsigned long long)s->enroll_compensate_failed,
+          (unsigned long long)s->gc_sweeps, (unsigned long long)s->gc_collected,
+          (unsigned long long)s->gc_failed, (unsigned long long)s->gc_retried,
+          (unsigned long long)s->recovered_pending);
+}
+
 static void finish_shutdown(zm_app_t *app) {
+  log_stats(app);
   if (app->ziti != NULL)
     zm_ziti_close(app->ziti, on_ziti_closed, app);
   /* Commits whatever handlers queued; callbacks run before it returns. */
@@ -100,9 +126,7 @@ static void finish_shutdown(zm_app_t *app) {
   app->store = NULL;
   uv_close((uv_handle_t *)&app->sigterm, on_handle_closed);
   uv_close((uv_handle_t *)&app->sigint, on_handle_closed);
-  if (uv_is_active((uv_handle_t *)&app->lag_timer) ||
-      !uv_is_closing((uv_handle_t *)&app->lag_timer))
-    uv_close((uv_handle_t *)&app->lag_timer, on_handle_closed);
+  uv_close((uv_handle_t *)&app->lag_timer, on_handle_closed);
   ZM_INFO("shutdown complete");
 }
 

@@ -440,6 +440,10 @@ static void call_unlink(zm_call_t *call) {
 
 static void call_free(zm_call_t *call) {
   zm_grpc_server_t *srv = call->srv;
+  /* Responses may carry secrets (an enrolled identity's private key, an
+   * enrollment JWT): the packed copy in the arena is wiped, not just freed. */
+  if (call->resp != NULL)
+    zm_wipe(call->resp, call->resp_len);
   call_unlink(call);
   heap_remove(srv, call);
   free(call->rbuf);
@@ -738,6 +742,8 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
 static void on_write(uv_write_t *req, int status) {
   zm_conn_t *c = req->data;
   c->writing = 0;
+  /* The bytes written may hold response secrets; the buffer is reused. */
+  zm_wipe(c->wr, c->wr_len);
   c->wr_len = 0;
   if (c->state != CONN_OPEN)
     return;
@@ -801,6 +807,8 @@ static void conn_flush(zm_conn_t *c) {
 static void on_conn_closed(uv_handle_t *h) {
   zm_conn_t *c = h->data;
   zm_grpc_server_t *srv = c->srv;
+  zm_wipe(c->out, c->out_len);
+  zm_wipe(c->wr, c->wr_len);
   free(c->out);
   free(c->wr);
   free(c);
