@@ -203,8 +203,10 @@ static void test_verify_rsi(void **state) {
                    ZMB_V_BAD_CONTENT);
   /* nesting beyond the bound is rejected, not recursed into */
   char deep[256];
-  memset(deep, '[', 100);
-  deep[100] = '\0';
+  strcpy(deep, "{\"ztAPI\":\"u\",\"x\":");
+  size_t at = strlen(deep);
+  memset(deep + at, '[', 100);
+  deep[at + 100] = '\0';
   assert_int_equal(rsi_with(deep), ZMB_V_BAD_CONTENT);
 }
 
