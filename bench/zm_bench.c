@@ -30,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -182,7 +183,10 @@ struct bench_s {
   int nconns;
   conn_t *dirty;
   uv_prepare_t prep;
-  uv_idle_t spin; /* open loop: keeps poll non-blocking (precise pacing) */
+  int pacer_fd;    /* open loop: timerfd armed at the next due time */
+  uv_poll_t pacer; /* watches pacer_fd */
+  int spin;        /* --pace spin: never block in poll (precise, burns CPU) */
+  uv_idle_t spinner;
   uv_timer_t tick;
   uv_timer_t hold_timer;
   uint64_t rng;
@@ -292,6 +296,7 @@ static void conn_fail(conn_t *c, const char *why);
 static void conn_mark_dirty(conn_t *c);
 static int issue(conn_t *c, uint64_t t_intended);
 static void pump(bench_t *b);
+static void arm_pacer(bench_t *b);
 static void maybe_finish(bench_t *b);
 static void on_tcp_closed(uv_handle_t *h);
 
@@ -860,6 +865,21 @@ static int may_issue(bench_t *b) {
   return 1;
 }
 
+/* Arms the pacer at the intended time of the next request (uv_hrtime and
+ * the timerfd share CLOCK_MONOTONIC). A due time already past fires at once. */
+static void arm_pacer(bench_t *b) {
+  if (b->pacer_fd < 0 || b->stopping || (b->count && b->issued >= b->count))
+    return;
+  uint64_t due = b->t0 + (uint64_t)((double)b->issued * 1e9 / b->rate);
+  struct itimerspec its = {0};
+  its.it_value.tv_sec = (time_t)(due / 1000000000u);
+  its.it_value.tv_nsec = (long)(due % 1000000000u);
+  if (its.it_value.tv_sec == 0 && its.it_value.tv_nsec == 0)
+    its.it_value.tv_nsec = 1;
+  if (timerfd_settime(b->pacer_fd, TFD_TIMER_ABSTIME, &its, NULL) != 0)
+    die("timerfd_settime: %s", strerror(errno));
+}
+
 /* Keeps the configured load: closed loop fills every connection up to -m;
  * open loop sends every request whose intended time has come, as long as a
  * connection has a free stream slot (a backlog keeps its intended times). */
@@ -903,6 +923,7 @@ static void pump(bench_t *b) {
       if (!sent)
         break;
     }
+    arm_pacer(b);
     /* Whatever is still due but unsent at the end has no free stream: it
      * is reported as open-loop backlog, not sent late. */
     if (!b->count && !b->stopping && now >= b->t_we) {
@@ -922,7 +943,9 @@ static void finish(bench_t *b) {
   b->finished = 1;
   b->stopping = 1;
   uv_prepare_stop(&b->prep);
-  uv_idle_stop(&b->spin);
+  if (b->pacer_fd >= 0)
+    uv_poll_stop(&b->pacer);
+  uv_idle_stop(&b->spinner);
   uv_timer_stop(&b->tick);
   uv_timer_stop(&b->hold_timer);
   for (int i = 0; i < b->nconns; i++) {
@@ -978,6 +1001,20 @@ static void on_prepare(uv_prepare_t *p) {
 }
 
 static void on_spin(uv_idle_t *h) { (void)h; }
+
+/* Open loop: wakes the loop at the next intended send time with ns
+ * precision (libuv timers tick in ms, which would send due requests in 1 ms
+ * bursts and add up to 1 ms to their latency). */
+static void on_pacer(uv_poll_t *p, int status, int events) {
+  bench_t *b = p->data;
+  uint64_t expirations;
+  (void)status;
+  (void)events;
+  if (read(b->pacer_fd, &expirations, sizeof(expirations)) < 0 &&
+      errno != EAGAIN)
+    die("timerfd read: %s", strerror(errno));
+  pump(b);
+}
 
 static void on_hold_done(uv_timer_t *t) {
   bench_t *b = t->data;
@@ -1215,6 +1252,8 @@ static void usage(void) {
       "      --warmup S         seconds of load before measuring (default 0)\n"
       "      --rate R           open loop: R req/s in total (latency from the\n"
       "                         intended send time)\n"
+      "      --pace timer|spin  open-loop pacing: timerfd wake-ups (default)\n"
+      "                         or a busy loop (exact send times, one core)\n"
       "      --scenario NAME    resolve | extend | list | "
       "request-service-identity |\n"
       "                         create-agent | health | mixed (default "
@@ -1298,6 +1337,7 @@ enum {
   O_HOLD,
   O_QUIET,
   O_SHOWERR,
+  O_PACE,
 };
 
 static void parse_args(bench_t *b, int argc, char **argv) {
@@ -1324,6 +1364,7 @@ static void parse_args(bench_t *b, int argc, char **argv) {
       {"hold", required_argument, NULL, O_HOLD},
       {"quiet", no_argument, NULL, O_QUIET},
       {"show-errors", required_argument, NULL, O_SHOWERR},
+      {"pace", required_argument, NULL, O_PACE},
       {"help", no_argument, NULL, 'h'},
       {NULL, 0, NULL, 0},
   };
@@ -1406,6 +1447,14 @@ static void parse_args(bench_t *b, int argc, char **argv) {
       break;
     case O_SHOWERR:
       b->verbose_errors = (int)parse_ll(optarg, "--show-errors", 0, 1000000);
+      break;
+    case O_PACE:
+      if (strcmp(optarg, "spin") == 0)
+        b->spin = 1;
+      else if (strcmp(optarg, "timer") == 0)
+        b->spin = 0;
+      else
+        die("--pace: expected timer or spin");
       break;
     case 'h':
       usage();
@@ -1518,17 +1567,25 @@ int main(int argc, char **argv) {
   uv_prepare_start(&b->prep, on_prepare);
   uv_timer_init(b->loop, &b->tick);
   b->tick.data = b;
-  /* Open loop: libuv timers tick in ms, which would send due requests in
-   * 1 ms bursts and add up to 1 ms to their latency. An active idle handle
-   * makes poll non-blocking instead, so the prepare handle paces every
-   * loop turn (the client spins on its own core). */
-  uv_idle_init(b->loop, &b->spin);
-  if (b->rate > 0)
-    uv_idle_start(&b->spin, on_spin);
+  b->pacer_fd = -1;
+  if (b->rate > 0) {
+    b->pacer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (b->pacer_fd < 0)
+      die("timerfd_create: %s", strerror(errno));
+    uv_poll_init(b->loop, &b->pacer, b->pacer_fd);
+    b->pacer.data = b;
+    uv_poll_start(&b->pacer, UV_READABLE, on_pacer);
+  }
+  /* --pace spin: an active idle handle makes poll non-blocking, so the
+   * prepare handle sends each request right at its due time instead of
+   * after a timer wake-up (50-150 us on a VM), at the price of a busy core. */
+  uv_idle_init(b->loop, &b->spinner);
+  if (b->rate > 0 && b->spin)
+    uv_idle_start(&b->spinner, on_spin);
   uv_timer_init(b->loop, &b->hold_timer);
   b->hold_timer.data = b;
-  /* Open loop paces at 1 ms; the tick otherwise only checks deadlines. */
-  uv_timer_start(&b->tick, on_tick, 1, b->rate > 0 ? 1 : 10);
+  /* The tick checks deadlines and run phases; the pacer paces open loop. */
+  uv_timer_start(&b->tick, on_tick, 1, 10);
 
   for (int i = 0; i < b->nconns; i++) {
     b->cv[i].b = b;
@@ -1556,10 +1613,14 @@ int main(int argc, char **argv) {
   report(b);
   uv_close((uv_handle_t *)&b->prep, NULL);
   uv_close((uv_handle_t *)&b->tick, NULL);
-  uv_close((uv_handle_t *)&b->spin, NULL);
+  if (b->pacer_fd >= 0)
+    uv_close((uv_handle_t *)&b->pacer, NULL);
+  uv_close((uv_handle_t *)&b->spinner, NULL);
   uv_close((uv_handle_t *)&b->hold_timer, NULL);
   uv_run(b->loop, UV_RUN_DEFAULT);
   int rc = uv_loop_close(b->loop);
+  if (b->pacer_fd >= 0)
+    close(b->pacer_fd);
   if (rc != 0)
     fprintf(stderr, "zm-bench: warning: loop not clean at exit\n");
   int rc_exit = b->errors && !b->allow_errors ? 1 : 0;

@@ -41,7 +41,8 @@ typedef struct enroll {
   uint64_t deadline; /* uv_now() ms */
   uint64_t started;  /* uv_now() ms */
   int cancelled;
-  int created_maybe; /* CREATE was sent: compensation needed on failure */
+  int created_maybe;     /* CREATE was sent: compensation needed on failure */
+  int create_unanswered; /* CREATE failed without a conclusive answer */
   zm_grpc_status_t fail_status;
   char fail_msg[256];
   uv_work_t work;
@@ -203,9 +204,31 @@ static void enroll_on_intent(enroll_t *e) {
   zm_store_submit(e->app->store, &op, 1, on_intent_done, e);
 }
 
+/* Fix (test_enroll.py, create_unanswered_then_lands_late): did the
+ * controller give a final answer to the create? Only then does a lookup by
+ * name that finds nothing prove that nothing was created. Without one
+ * (timeout, connection lost, 502/503/504 that a proxy may send while the
+ * controller still works on it) the create may still land later. */
+static int create_answered(const zm_ziti_result_t *r) {
+  switch (r->err) {
+  case ZM_E_NOT_FOUND:
+  case ZM_E_UNAUTHORIZED:
+  case ZM_E_EXISTS:
+  case ZM_E_INVAL:
+  case ZM_E_HTTP:
+  case ZM_E_JSON:
+    return 1;
+  case ZM_E_UNAVAILABLE:
+    return r->http_status == 500; /* 429/503 retried: status may be stale */
+  default:
+    return 0;
+  }
+}
+
 static void on_created(const zm_ziti_result_t *r, void *data) {
   enroll_t *e = data;
   if (r->err != 0) {
+    e->create_unanswered = !create_answered(r);
     fail_from_ziti(e, "create identity", r);
     return;
   }
@@ -444,6 +467,16 @@ static void on_compensate_found(const zm_ziti_result_t *r, void *data) {
     ZM_WARN("enroll %s: compensation: lookup by name failed: %s; the pending "
             "record stays for recovery",
             e->name, zm_strerror(r->err));
+    compensate_finish(e, 0);
+    return;
+  }
+  if (r->n_ids == 0 && e->create_unanswered) {
+    /* The pending record outlives this process's interest: recovery looks
+     * the name up again once no request can still be in flight. */
+    ZM_WARN("enroll %s: compensation: not on the controller now, but the "
+            "unanswered create may still land; the pending record stays for "
+            "recovery",
+            e->name);
     compensate_finish(e, 0);
     return;
   }

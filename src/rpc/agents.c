@@ -39,6 +39,7 @@ typedef struct {
   size_t n_old, next_old;
   uint64_t deadline;
   int created_maybe;
+  int create_unanswered; /* see saga.c create_answered() */
   zm_grpc_status_t fail_status;
   char fail_msg[256];
 } agent_op_t;
@@ -125,6 +126,15 @@ static void on_agent_comp_found(const zm_ziti_result_t *r, void *data) {
     agent_finish_error(a);
     return;
   }
+  if (r->n_ids == 0 && a->create_unanswered) {
+    /* Fix (as in saga.c): an unanswered create may still land; keep the
+     * pending record for recovery instead of dropping the only trace. */
+    ZM_WARN("agent %s: compensation: create unanswered, may still land; "
+            "pending record stays for recovery",
+            a->name);
+    agent_finish_error(a);
+    return;
+  }
   if (r->n_ids == 0) {
     agent_drop_pending(a);
     return;
@@ -205,9 +215,19 @@ static void on_agent_jwt(const zm_ziti_result_t *r, void *data) {
   zm_store_submit(a->app->store, ops, 2, on_agent_committed, a);
 }
 
+/* Same rule as saga.c create_answered(). */
+static int agent_create_answered(const zm_ziti_result_t *r) {
+  if (r->err == ZM_E_NOT_FOUND || r->err == ZM_E_UNAUTHORIZED ||
+      r->err == ZM_E_EXISTS || r->err == ZM_E_INVAL || r->err == ZM_E_HTTP ||
+      r->err == ZM_E_JSON)
+    return 1;
+  return r->err == ZM_E_UNAVAILABLE && r->http_status == 500;
+}
+
 static void on_agent_created(const zm_ziti_result_t *r, void *data) {
   agent_op_t *a = data;
   if (r->err != 0) {
+    a->create_unanswered = !agent_create_answered(r);
     agent_fail(a, status_of(r, a->deadline, uv_now(a->app->loop)),
                "controller: create identity: %s%s%s", zm_strerror(r->err),
                r->err == ZM_E_EXISTS ? " (a concurrent call for this agent?)"
@@ -230,16 +250,12 @@ static void agent_create(agent_op_t *a) {
 
 static void agent_replace_next(agent_op_t *a);
 
-static void on_old_mapping_dropped(int err, void *data) {
-  agent_op_t *a = data;
-  if (err != 0) {
-    agent_fail(a, ZM_GRPC_UNAVAILABLE, "store: cannot drop old mapping: %s",
-               zm_strerror(err));
-    return;
-  }
-  agent_replace_next(a);
-}
-
+/*
+ * Replacing a previous identity drops its mapping first (durably), then
+ * deletes it on the controller. A crash in between leaves an identity that
+ * the retried call finds again by externalId and deletes; the other order
+ * would leave a mapping to a deleted identity that nothing ever finds.
+ */
 static void on_old_deleted(const zm_ziti_result_t *r, void *data) {
   agent_op_t *a = data;
   const char *old = a->old_ids[a->next_old - 1];
@@ -249,16 +265,27 @@ static void on_old_deleted(const zm_ziti_result_t *r, void *data) {
                zm_strerror(r->err));
     return;
   }
-  zm_index_del_managed(a->app->index, old, strlen(old));
-  zm_store_op_t op = {.kind = ZM_STORE_DEL_MANAGED, .id = old};
-  zm_store_submit(a->app->store, &op, 1, on_old_mapping_dropped, a);
+  agent_replace_next(a);
+}
+
+static void on_old_mapping_dropped(int err, void *data) {
+  agent_op_t *a = data;
+  const char *old = a->old_ids[a->next_old - 1];
+  if (err != 0) {
+    agent_fail(a, ZM_GRPC_UNAVAILABLE, "store: cannot drop old mapping: %s",
+               zm_strerror(err));
+    return;
+  }
+  zm_ziti_delete_identity(a->app->ziti, old, a->deadline, on_old_deleted, a);
 }
 
 static void agent_replace_next(agent_op_t *a) {
   if (a->next_old < a->n_old) {
     const char *old = a->old_ids[a->next_old++];
     ZM_INFO("agent %s: deleting previous identity %s", a->agent_id, old);
-    zm_ziti_delete_identity(a->app->ziti, old, a->deadline, on_old_deleted, a);
+    zm_index_del_managed(a->app->index, old, strlen(old));
+    zm_store_op_t op = {.kind = ZM_STORE_DEL_MANAGED, .id = old};
+    zm_store_submit(a->app->store, &op, 1, on_old_mapping_dropped, a);
     return;
   }
   agent_create(a);

@@ -276,10 +276,24 @@ static void conn_fail_connect(zm__ziti_conn_t *c, int err, const char *why) {
   dispatch(z);
 }
 
-/* The connection broke while usable. A request it carried is retried once on
- * a fresh connection when the connection had been reused and no byte of the
- * response arrived (the controller closed an idle keep-alive connection as we
- * wrote to it); otherwise it fails. */
+/* 1 if sending x twice cannot change anything on the controller: GET,
+ * DELETE (a second one answers 404, which callers count as done) and the
+ * authentication POST. Creating an identity or enrolling is never re-sent
+ * blindly: the first attempt may have been carried out (Go's net/http makes
+ * the same choice); the caller gets an error and compensates. */
+static int xchg_idempotent(const zm__ziti_xchg_t *x) {
+  static const char AUTH[] = "POST /edge/management/v1/authenticate?";
+  const char *r = x->req.base;
+  if (r == NULL)
+    return 0;
+  return strncmp(r, "GET ", 4) == 0 || strncmp(r, "DELETE ", 7) == 0 ||
+         strncmp(r, AUTH, sizeof AUTH - 1) == 0;
+}
+
+/* The connection broke while usable. An idempotent request it carried is
+ * retried once on a fresh connection when the connection had been reused and
+ * no byte of the response arrived (the controller closed an idle keep-alive
+ * connection as we wrote to it); otherwise it fails. */
 static void conn_fail(zm__ziti_conn_t *c, int err, const char *why,
                       int retryable) {
   zm_ziti_t *z = c->z;
@@ -294,7 +308,8 @@ static void conn_fail(zm__ziti_conn_t *c, int err, const char *why,
   c->x = NULL;
   conn_close(c);
   if (x != NULL) {
-    if (retryable && reused && !x->retried && !z->closing) {
+    if (retryable && reused && !x->retried && !z->closing &&
+        xchg_idempotent(x)) {
       ZM_INFO("ziti: reused connection died (%s); retrying on a new one", why);
       /* Other used idle connections most likely died the same way (the
        * controller restarted or timed them out): drop them, so that the

@@ -11,14 +11,13 @@ import shutil
 import signal
 import tempfile
 import os
-import time
 
 import grpc
 import pytest
 
 import zmtest
 from zmtest import pb
-from test_enroll import rpc_code, store_records, svc_identities, wait_for, wait_invariant
+from test_enroll import dispose, rpc_code, store_records, svc_identities, wait_for, wait_invariant
 
 STATES = ["INTENT", "CREATE", "FETCH_JWT", "VERIFY_JWT", "KEYGEN_CSR", "SIGN", "ASSEMBLE", "COMMIT", "REPLY"]
 REPS = 3
@@ -36,6 +35,7 @@ def test_crash_at_state_then_recover(sim, state):
             keep = base.stub(ch).RequestServiceIdentity(pb.RequestServiceIdentityRequest(service_type=2),
                                                         timeout=30).ziti_identity_id
         assert base.stop() == 0
+        dispose(base)
         for rep in range(REPS):
             svc0 = store_records(store)[0]
             committed_before = len(svc0)
@@ -46,6 +46,7 @@ def test_crash_at_state_then_recover(sim, state):
             assert code == grpc.StatusCode.UNAVAILABLE, err
             assert hooked.proc.wait(10) == 137
             assert "test hook: crashing at %s" % state in hooked.logtext()
+            dispose(hooked)
             svc, _, pend = store_records(store)
             if state == "INTENT":
                 assert not pend  # crashed before the intent was written
@@ -80,6 +81,7 @@ def test_crash_at_state_then_recover(sim, state):
                     st.ExtendIdentityLease(pb.ExtendIdentityLeaseRequest(ziti_identity_id=keep), timeout=5)
             finally:
                 assert clean.stop(signal.SIGTERM) == 0
+                dispose(clean)
         wait_invariant(sim, store, strict=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,7 +11,7 @@ import pytest
 
 import zmtest
 from zmtest import pb
-from test_enroll import (rpc_code, store_records, svc_identities, wait_for, wait_invariant)
+from test_enroll import (dispose, rpc_code, store_records, svc_identities, wait_for, wait_invariant)
 
 TTL_MS = 1500
 INTERVAL_MS = 200
@@ -259,12 +259,12 @@ def test_restart_with_unreachable_controller_then_recovery(sim):
         wait_for(lambda: store_records(s.store_path)[2] == set(), 15, "pending records to be recovered")
         wait_for(lambda: store_records(s.store_path)[0] == {live}, 15, "the expired lease to be collected")
         ids = {i["id"] for i in sim.state()["identities"]}
-        assert ids == {live, agent}, ids
+        assert ids == {live, agent}, ids  # p1, p2 and `expired` deleted
+        assert p1 not in ids and p2 not in ids
         assert [z for z, _, _ in collected_lines(s)] == [expired]
         log = s.logtext()
         assert log.count("gc: recovered pending creation") == 3
         wait_invariant(sim, s.store_path, strict=True)
     finally:
         sim.refuse(False)
-        s.kill()
-        shutil.rmtree(s.tmp, ignore_errors=True)
+        dispose(s)
