@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "zm/b64.h"
 #include "zm/crypto.h"
 #include "zm/zm.h"
 
@@ -39,57 +40,26 @@ typedef enum { ALG_ES256, ALG_ES384, ALG_ES512, ALG_RS256 } alg_t;
 /* ---- base64url ------------------------------------------------------------
  */
 
-static int b64url_val(unsigned char c) {
-  if (c >= 'A' && c <= 'Z')
-    return c - 'A';
-  if (c >= 'a' && c <= 'z')
-    return c - 'a' + 26;
-  if (c >= '0' && c <= '9')
-    return c - '0' + 52;
-  if (c == '-')
-    return 62;
-  if (c == '_')
-    return 63;
-  return -1;
-}
-
 /*
- * Strict unpadded base64url (RFC 7515 §2): no '=', no whitespace, no length
- * of 1 mod 4, and the unused low bits of the last symbol must be zero so
- * that each byte string has exactly one encoding. Returns a malloc'd buffer
+ * Strict unpadded base64url (RFC 7515 §2) on top of zm_b64url_decode, which
+ * already refuses lengths of 1 mod 4 and non-zero unused bits (one encoding
+ * per byte string); JWS also forbids '=' padding. Returns a malloc'd buffer
  * of *out_len bytes (plus a NUL for jansson), or NULL.
  */
 static uint8_t *b64url_decode(const char *in, size_t len, size_t *out_len) {
-  if (len % 4 == 1)
+  if (memchr(in, '=', len) != NULL)
     return NULL;
   size_t cap = len / 4 * 3 + 3;
   uint8_t *out = zm_xmalloc(cap + 1);
-  size_t n = 0;
-  uint32_t acc = 0;
-  unsigned bits = 0;
-
-  for (size_t i = 0; i < len; i++) {
-    int v = b64url_val((unsigned char)in[i]);
-    if (v < 0)
-      goto fail;
-    acc = (acc << 6) | (uint32_t)v;
-    bits += 6;
-    if (bits >= 8) {
-      bits -= 8;
-      out[n++] = (uint8_t)(acc >> bits);
-      acc &= (1u << bits) - 1;
-    }
+  long n = zm_b64url_decode(in, len, out, cap);
+  if (n < 0) {
+    zm_wipe(out, cap + 1);
+    free(out);
+    return NULL;
   }
-  if (acc != 0) /* non-canonical trailing bits */
-    goto fail;
   out[n] = '\0';
-  *out_len = n;
+  *out_len = (size_t)n;
   return out;
-
-fail:
-  zm_wipe(out, cap + 1);
-  free(out);
-  return NULL;
 }
 
 static void free_wiped(uint8_t *p, size_t n) {
