@@ -117,25 +117,28 @@ def render_anchors(work, out, facts):
     if not any(k[0] == "zm" for k in by):
         out.append(f"n/a: zm was not measured in that run ({facts.get('anchors_zm_status', 'see anchors/run.log')})\n")
         return
-    out.append("| rpc | conns x streams | zm req/s | best anchor | its req/s | **zm / best (req/s)** "
-               "| zm lat mean | best anchor lat mean | **zm / best (mean lat)** | zm / go-pg (req/s) |")
-    out.append("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
-    for rpc, cm in cases:
-        z = by.get(("zm", rpc, cm))
-        if not z:
-            continue
-        cands = [by[(a, rpc, cm)] for a in ANCHORS if (a, rpc, cm) in by and by[(a, rpc, cm)]["checks"] == "ok"]
-        if not cands:
-            continue
-        best = max(cands, key=lambda r: float(r["rps_median"]))
-        best_lat = min(cands, key=lambda r: float(r["lat_mean_us"]))
-        zr, br = float(z["rps_median"]), float(best["rps_median"])
-        zl, bl = float(z["lat_mean_us"]), float(best_lat["lat_mean_us"])
-        pg = by.get(("go-pg", rpc, cm))
-        pgr = f"{zr / float(pg['rps_median']):.1f}x" if pg and float(pg["rps_median"]) > 0 else "-"
-        flag = "" if z["checks"] == "ok" else " (zm checks FAILED)"
-        out.append(f"| {rpc} | {cm} | {zr:.0f}{flag} | {best['server']} | {br:.0f} | **{zr / br:.2f}x** "
-                   f"| {us(zl)} | {us(bl)} ({best_lat['server']}) | **{zl / bl:.2f}x** | {pgr} |")
+    out.append("zm = `STORE_SYNC=normal` (an acknowledged write survives a process crash); zm-fsync = "
+               "`STORE_SYNC=full` (fsync per group commit: survives power loss).\n")
+    out.append("| server | rpc | conns x streams | req/s | best anchor | its req/s | **/ best (req/s)** "
+               "| lat mean | best anchor lat mean | **/ best (mean lat)** | / go-pg (req/s) |")
+    out.append("|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    for zname in [n for n in ("zm", "zm-fsync") if any(k[0] == n for k in by)]:
+        for rpc, cm in cases:
+            z = by.get((zname, rpc, cm))
+            if not z:
+                continue
+            cands = [by[(a, rpc, cm)] for a in ANCHORS if (a, rpc, cm) in by and by[(a, rpc, cm)]["checks"] == "ok"]
+            if not cands:
+                continue
+            best = max(cands, key=lambda r: float(r["rps_median"]))
+            best_lat = min(cands, key=lambda r: float(r["lat_mean_us"]))
+            zr, br = float(z["rps_median"]), float(best["rps_median"])
+            zl, bl = float(z["lat_mean_us"]), float(best_lat["lat_mean_us"])
+            pg = by.get(("go-pg", rpc, cm))
+            pgr = f"{zr / float(pg['rps_median']):.1f}x" if pg and float(pg["rps_median"]) > 0 else "-"
+            flag = "" if z["checks"] == "ok" else " (checks FAILED)"
+            out.append(f"| {zname} | {rpc} | {cm} | {zr:.0f}{flag} | {best['server']} | {br:.0f} | **{zr / br:.2f}x** "
+                       f"| {us(zl)} | {us(bl)} ({best_lat['server']}) | **{zl / bl:.2f}x** | {pgr} |")
     out.append("")
     # memory
     rss = {}

@@ -13,7 +13,8 @@
 #      through EXTRA_SERVERS=zm=bench/anchor-server.sh; ratio table.
 # Env: QUICK=1 (seconds-long everything), DURATION/RUNS/WARMUP (anchors, and
 #      DURATION/WARMUP for step 1), SERVER_CPU=0 CLIENT_CPU=1, ANCHORS=path,
-#      SKIP_ANCHORS=1, SKIP_BUILD=1, MIXED_RATE (open-loop rate of `mixed`).
+#      SKIP_ANCHORS=1, SKIP_BUILD=1, MIXED_RATE (open-loop rate of `mixed`),
+#      RESULTS_MD (where to write the report; default bench/RESULTS.md).
 # Raw outputs: build-bench/bench-results/. Whole run: < 15 min (QUICK: ~2).
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -155,7 +156,9 @@ if ((HAVE_SERVER)); then
   fi
   store=$W/main.db
   if zmb_schema "$store" "$BIN" && zmb_seed "$store" "$KEYS" 3600; then
-    if start_zm main "$store" LOOP_LAG_PROBE=1; then
+    # STORE_SYNC=normal: an acknowledged write survives a crash of the
+    # process (WAL, no fsync per commit); the fsync'ed mode is measured below.
+    if start_zm main "$store" LOOP_LAG_PROBE=1 STORE_SYNC=normal; then
       log "server up on 127.0.0.1:$PORT (pid $ZMB_SRV_PID, CPU $SERVER_CPU); scenarios, -D $DUR --warmup $WARM"
       B=(-D "$DUR" --warmup "$WARM" --keys "$KEYS" --timeout-ms 10000)
       run_case resolve-32x32 0 "${B[@]}" --scenario resolve -c 32 -m 32
@@ -164,6 +167,7 @@ if ((HAVE_SERVER)); then
       run_case resolve-open-20k 0 "${B[@]}" --scenario resolve --rate 20000 -c 8 -m 128
       run_case extend-32x32 0 "${B[@]}" --scenario extend -c 32 -m 32
       run_case extend-1x1 0 "${B[@]}" --scenario extend -c 1 -m 1
+      run_case extend-256x32 0 "${B[@]}" --scenario extend -c 256 -m 32
       run_case list-4x8 0 "${B[@]}" --scenario list -c 4 -m 8
       run_case health-32x32 0 "${B[@]}" --scenario health -c 32 -m 32
       rsi_ticks=0; rsi_ok=0
@@ -208,11 +212,51 @@ if ((HAVE_SERVER)); then
   fi
 fi
 
+# ---- 2b. ExtendIdentityLease durable against power loss (fsync per group commit) ---------------
+if ((HAVE_SERVER)); then
+  log "ExtendIdentityLease with STORE_SYNC=full (fsync per group commit)"
+  store=$W/fsync.db
+  if zmb_schema "$store" "$BIN" && zmb_seed "$store" "$KEYS" 3600 && start_zm fsync "$store" STORE_SYNC=full; then
+    B=(-D "$DUR" --warmup "$WARM" --keys "$KEYS" --timeout-ms 10000)
+    run_case extend-fsync-32x32 0 "${B[@]}" --scenario extend -c 32 -m 32
+    run_case extend-fsync-256x32 0 "${B[@]}" --scenario extend -c 256 -m 32
+    run_case extend-fsync-1x1 0 "${B[@]}" --scenario extend -c 1 -m 1
+    stop_zm
+  else
+    note "the STORE_SYNC=full server did not start"
+  fi
+  rm -f "$store" "$store"-*
+fi
+
 # ---- 3. RSS: idle connections, in-flight enrollments -------------------------------------------
 if ((HAVE_SERVER)); then
-  log "RSS with $IDLE_N idle HTTP/2 connections"
+  log "RSS per in-flight enrollment, and with $IDLE_N idle HTTP/2 connections"
   store=$W/rss.db
   if zmb_schema "$store" "$BIN" && zmb_seed "$store" "$KEYS" 3600 && start_zm rss "$store"; then
+    # (first, on the fresh server: allocator reuse after 10,000 connections
+    # would hide the growth)
+    # in-flight enrollments: a slow controller (1 s per answer) keeps 256
+    # calls in flight; sample VmRSS for 3 s, then stop the client (the
+    # server then cancels and compensates them).
+    if ((SIM_OK)); then
+      zmb_sim_latency 1000
+      sleep 1
+      base=$(zmb_vm "$ZMB_SRV_PID" VmRSS)
+      taskset -c "$CLIENT_CPU" "$BENCH" --target "127.0.0.1:$PORT" --scenario request-service-identity \
+        -c 4 -m 64 -D 60 --timeout-ms 60000 --allow-errors >"$OUT/rsi-inflight.txt" 2>&1 &
+      bpid=$!
+      peak=$base
+      for ((i = 0; i < 30; i++)); do
+        r=$(zmb_vm "$ZMB_SRV_PID" VmRSS); [[ -n $r && $r -gt $peak ]] && peak=$r
+        sleep 0.1
+      done
+      kill "$bpid" 2>/dev/null; wait "$bpid" 2>/dev/null
+      zmb_sim_latency 0
+      fact rsi_rss "$(awk -v p="$peak" -v b="$base" 'BEGIN{printf "%.1f KiB per in-flight call (peak %.1f MiB - base %.1f MiB, 256 in flight, simulator answering after 1 s)", (p-b)/256, p/1024, b/1024}')"
+    else
+      fact rsi_rss "n/a (no simulator)"
+    fi
+    ((SIM_OK)) && zmb_sim_latency 0
     sleep 1
     base=$(zmb_vm "$ZMB_SRV_PID" VmRSS)
     fifo=$W/idle.out
@@ -236,27 +280,6 @@ if ((HAVE_SERVER)); then
     fi
     wait "$bpid" 2>/dev/null
     cp "$fifo" "$OUT/idle.txt"
-    # in-flight enrollments: a slow controller (1 s per answer) keeps 256
-    # calls in flight; sample VmRSS for 3 s, then stop the client (the
-    # server then cancels and compensates them).
-    if ((SIM_OK)); then
-      zmb_sim_latency 1000
-      sleep 1
-      base=$(zmb_vm "$ZMB_SRV_PID" VmRSS)
-      taskset -c "$CLIENT_CPU" "$BENCH" --target "127.0.0.1:$PORT" --scenario request-service-identity \
-        -c 4 -m 64 -D 60 --timeout-ms 60000 --allow-errors >"$OUT/rsi-inflight.txt" 2>&1 &
-      bpid=$!
-      peak=$base
-      for ((i = 0; i < 30; i++)); do
-        r=$(zmb_vm "$ZMB_SRV_PID" VmRSS); [[ -n $r && $r -gt $peak ]] && peak=$r
-        sleep 0.1
-      done
-      kill "$bpid" 2>/dev/null; wait "$bpid" 2>/dev/null
-      zmb_sim_latency 0
-      fact rsi_rss "$(awk -v p="$peak" -v b="$base" 'BEGIN{printf "%.1f KiB per in-flight call (peak %.1f MiB - base %.1f MiB, 256 in flight, simulator answering after 1 s)", (p-b)/256, p/1024, b/1024}')"
-    else
-      fact rsi_rss "n/a (no simulator)"
-    fi
     stop_zm
   else
     fact idle_rss "n/a (server did not start)"
@@ -331,7 +354,7 @@ fi
 zmb_stop "$ZMB_SIM_PID"; ZMB_SIM_PID=
 
 # ---- 6. the anchors, side by side ---------------------------------------------------------------------
-fact anchors_note "\`$ANCHORS/run.sh\` with \`DURATION=$A_DUR WARMUP=$A_WARM RUNS=$A_RUNS EXTRA_SERVERS=\"zm=$here/anchor-server.sh {PORT}\"\`: h2load with the anchors' payloads (always key zid-042424), every server pinned to CPU 0, h2load on CPU 1, rounds interleaved. zm = this server on a freshly seeded store (100,000 keys; SQLite, default STORE_SYNC), no controller, non-hot methods disabled so the anchors' verify step (which expects UNIMPLEMENTED for them) passes. Best anchor = highest req/s among cpp-async, cpp-callback and go with checks ok; for latency, the lowest mean."
+fact anchors_note "\`$ANCHORS/run.sh\` with \`DURATION=$A_DUR WARMUP=$A_WARM RUNS=$A_RUNS EXTRA_SERVERS=\"zm=env STORE_SYNC=normal $here/anchor-server.sh {PORT};zm-fsync=env STORE_SYNC=full $here/anchor-server.sh {PORT}\"\`: h2load with the anchors' payloads (always key zid-042424), every server pinned to CPU 0, h2load on CPU 1, rounds interleaved. zm = this server on a freshly seeded store (100,000 keys; SQLite; zm with STORE_SYNC=normal, zm-fsync with STORE_SYNC=full), no controller, non-hot methods disabled so the anchors' verify step (which expects UNIMPLEMENTED for them) passes. Best anchor = highest req/s among cpp-async, cpp-callback and go with checks ok; for latency, the lowest mean."
 if [[ ${SKIP_ANCHORS:-0} == 1 ]]; then
   fact anchors_status "skipped (SKIP_ANCHORS=1)"
 elif ((!HAVE_SERVER)); then
@@ -355,7 +378,8 @@ else
   fact anchors_ports "BASE_PORT=$a_base PGPORT=$a_pg"
   ZM_BIN=$BIN ZM_BENCH_TMP=$W/anchor-tmp DURATION=$A_DUR WARMUP=$A_WARM RUNS=$A_RUNS \
     BASE_PORT=$a_base PGPORT=$a_pg SERVER_CPU=$SERVER_CPU CLIENT_CPU=$CLIENT_CPU \
-    EXTRA_SERVERS="zm=$here/anchor-server.sh {PORT}" "$ACOPY/run.sh" >"$OUT/anchors-run.log" 2>&1
+    EXTRA_SERVERS="zm=env STORE_SYNC=normal $here/anchor-server.sh {PORT};zm-fsync=env STORE_SYNC=full $here/anchor-server.sh {PORT}" \
+    "$ACOPY/run.sh" >"$OUT/anchors-run.log" 2>&1
   arc=$?
   mkdir -p "$OUT/anchors"
   if [[ -f $ACOPY/results/results.tsv ]]; then
@@ -381,8 +405,9 @@ total=$(($(date +%s) - T_START))
 NOTES+=("whole bench/run.sh: ${total} s; raw outputs (zm-bench text/JSON, server logs, anchors' results) in build-bench/bench-results/")
 notes_joined=$(printf '%s || ' "${NOTES[@]}"); notes_joined=${notes_joined% || }
 fact notes "$notes_joined"
-/usr/bin/python3 "$here/results.py" "$OUT" "$here/RESULTS.md" || { echo "rendering RESULTS.md failed"; exit 1; }
-log "wrote $here/RESULTS.md (total ${total} s)"
+RESULTS_MD=${RESULTS_MD:-$here/RESULTS.md}
+/usr/bin/python3 "$here/results.py" "$OUT" "$RESULTS_MD" || { echo "rendering RESULTS.md failed"; exit 1; }
+log "wrote $RESULTS_MD (total ${total} s)"
 errs=$(for f in "$OUT"/*.json; do json_get "$f" 'j["errors"]["total"]'; done | awk '{s+=$1} END{print s+0}')
 if ((errs > 0)); then
   log "zm-bench saw $errs errors across the runs (see RESULTS.md)"

@@ -47,6 +47,8 @@ typedef struct {
   uint32_t max_streams;       /* GRPC_MAX_CONCURRENT_STREAMS, default 1024 */
   uint64_t shutdown_grace_ms; /* SHUTDOWN_GRACE, default 20s */
   char log_level[16];         /* LOG_LEVEL, default info */
+  char disabled_methods[512]; /* GRPC_DISABLED_METHODS: comma-separated method
+                                 names answered UNIMPLEMENTED; default none */
   zm_service_type_t types[ZM_MAX_SERVICE_TYPES]; /* built-ins + SERVICE_TYPES */
   size_t n_types;
 } zm_config_t;

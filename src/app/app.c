@@ -68,6 +68,20 @@ static int open_store(zm_app_t *app) {
   return 0;
 }
 
+/* 1 if `name` is an element of the comma-separated `list`. */
+static int method_disabled(const char *list, const char *name) {
+  size_t n = strlen(name);
+  for (const char *p = list; *p != '\0';) {
+    while (*p == ',' || *p == ' ')
+      p++;
+    size_t k = strcspn(p, ", ");
+    if (k == n && strncmp(p, name, n) == 0)
+      return 1;
+    p += k;
+  }
+  return 0;
+}
+
 /* ===================== loop-lag probe ==================================== */
 
 static void on_lag(uv_timer_t *t) {
@@ -237,11 +251,23 @@ int zm_app_run(const zm_config_t *cfg) {
        &grpc__health__v1__health_check_request__descriptor, zm_health_check,
        &app.health},
   };
+  /* GRPC_DISABLED_METHODS: an operator can switch RPCs off (they answer
+   * UNIMPLEMENTED, as unknown methods do). */
+  zm_grpc_method_t enabled[ZM_ARRAY_SIZE(methods)];
+  size_t n_enabled = 0;
+  for (size_t i = 0; i < ZM_ARRAY_SIZE(methods); i++) {
+    const char *name = strrchr(methods[i].path, '/') + 1;
+    if (method_disabled(cfg->disabled_methods, name)) {
+      ZM_INFO("grpc: %s disabled by GRPC_DISABLED_METHODS", name);
+      continue;
+    }
+    enabled[n_enabled++] = methods[i];
+  }
   zm_grpc_config_t gc = {.address = cfg->grpc_address,
                          .max_recv_msg = cfg->max_recv_msg,
                          .max_streams = cfg->max_streams,
                          .idle_timeout_ms = cfg->idle_timeout_ms};
-  zm_grpc_server_new(&app.grpc, &loop, &gc, methods, ZM_ARRAY_SIZE(methods));
+  zm_grpc_server_new(&app.grpc, &loop, &gc, enabled, n_enabled);
   int rv = zm_grpc_server_listen(app.grpc);
   if (rv != 0) {
     ZM_ERROR("grpc: cannot listen on %s: %s", cfg->grpc_address,

@@ -29,14 +29,19 @@ int zm_duration_parse(const char *s, uint64_t *ms) {
                {"ms", 1e6}, {"s", 1e9},  {"m", 60e9},        {"h", 3600e9}};
   if (s == NULL || *s == '\0')
     return ZM_E_INVAL;
-  if (strcmp(s, "0") == 0) {
-    *ms = 0;
-    return 0;
-  }
   if (*s == '+')
     s++;
   if (*s == '-')
     return ZM_E_INVAL; /* negative durations make no sense here */
+  /* The sign comes off first, as in Go: "+0" is zero and a lone "+" is an
+   * error (it used to pass the loop below as 0 ms; found by
+   * test/fuzz/fuzz_duration.c). */
+  if (*s == '\0')
+    return ZM_E_INVAL;
+  if (strcmp(s, "0") == 0) {
+    *ms = 0;
+    return 0;
+  }
   double total_ns = 0;
   while (*s) {
     if (!((*s >= '0' && *s <= '9') || *s == '.'))
@@ -46,6 +51,12 @@ int zm_duration_parse(const char *s, uint64_t *ms) {
     double v = strtod(s, &end);
     if (end == s || errno != 0 || v < 0)
       return ZM_E_INVAL;
+    /* strtod also reads exponents ("4E5m") and hex floats ("0x1p3s"),
+     * which Go refuses: the number must be digits and one '.' only (found
+     * by test/fuzz/fuzz_duration.c). */
+    for (const char *c = s; c < end; c++)
+      if (!((*c >= '0' && *c <= '9') || *c == '.'))
+        return ZM_E_INVAL;
     s = end;
     size_t best = 0;
     double unit = 0;
@@ -230,6 +241,7 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
   STR(cert_file, "ZITI_CERT_FILE");
   STR(key_file, "ZITI_KEY_FILE");
   STR(log_level, "LOG_LEVEL");
+  STR(disabled_methods, "GRPC_DISABLED_METHODS");
 #undef STR
   if ((v = get("DATABASE_URL")) != NULL && *v != '\0')
     return fail(err, errlen,

@@ -204,6 +204,16 @@ static int verify_rs256(const uint8_t *spki, word32 spki_len,
   /* RFC 7518 §3.3: the signature is exactly the modulus length. */
   if (sig_len != (size_t)mod_len)
     goto out;
+  /* RFC 8017 §5.2.2: the signature representative must be below the
+   * modulus. wolfSSL 5.5.4 does not check this and accepts s + n as well as
+   * s, so one signed token would have a second valid spelling (found by
+   * test/fuzz/fuzz_jwt.c). Both are mod_len big-endian bytes, and n has no
+   * leading zero byte, so memcmp compares them as integers. */
+  uint8_t n[RSA_MAX_SIZE / 8], e[RSA_MAX_SIZE / 8];
+  word32 n_len = sizeof(n), e_len = sizeof(e);
+  if (wc_RsaFlattenPublicKey(&key, e, &e_len, n, &n_len) != 0 ||
+      n_len != (word32)mod_len || memcmp(sig, n, n_len) >= 0)
+    goto out;
   /* PKCS#1 v1.5 with the SHA-256 DigestInfo (RSA_W_ENC adds it). */
   if (wc_SignatureVerify(WC_HASH_TYPE_SHA256, WC_SIGNATURE_TYPE_RSA_W_ENC, msg,
                          (word32)msg_len, sig, (word32)sig_len, &key,

@@ -19,6 +19,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 /* Compensation and recovery get their own time budget, not the caller's. */
 #define COMPENSATE_TIMEOUT_MS 30000u
@@ -293,8 +296,18 @@ static void enroll_on_verify_jwt(enroll_t *e) {
     enroll_set_state(e, ZM_ENROLL_KEYGEN_CSR);
 }
 
-/* Runs on a libuv worker thread: touches only e->key_pem/csr_pem/work_rv. */
+/* Runs on a libuv worker thread: touches only e->key_pem/csr_pem/work_rv.
+ * The worker threads run at a lower priority (nice +10) than the loop
+ * thread: when the service shares a core with them (a pinned container),
+ * key generation then fills idle time instead of preempting the loop and
+ * delaying every hot-path answer by a scheduler slice. */
 static void keygen_work(uv_work_t *w) {
+  static _Thread_local int niced;
+  if (!niced) {
+    niced = 1;
+    if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10) != 0)
+      ZM_DEBUG("enroll: cannot lower the worker thread's priority");
+  }
   enroll_t *e = container_of(w, enroll_t, work);
   e->work_rv =
       zm_keycsr_generate(e->app->cfg.key_alg, e->id, &e->key_pem, &e->csr_pem);

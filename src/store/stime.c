@@ -141,10 +141,15 @@ int zm__store_time_parse(const char *s, size_t len, int64_t *out_ms) {
     int oh, om = 0;
     if ((oh = digits(s, len, &i, 2)) < 0)
       return ZM_E_INVAL;
-    if (i < len && s[i] == ':')
+    /* After "+HH:" the minutes are required: "+05:" is no zone (it was
+     * accepted; found by test/fuzz/fuzz_stime.c). */
+    if (i < len && s[i] == ':') {
       i++;
-    if (i < len && (om = digits(s, len, &i, 2)) < 0)
+      if ((om = digits(s, len, &i, 2)) < 0)
+        return ZM_E_INVAL;
+    } else if (i < len && (om = digits(s, len, &i, 2)) < 0) {
       return ZM_E_INVAL;
+    }
     if (oh > 23 || om > 59)
       return ZM_E_INVAL;
     off_min = sign * (oh * 60 + om);

@@ -304,3 +304,21 @@ def test_idle_connection_closed():
         assert b"idle" in got  # GOAWAY debug data
     finally:
         s.kill()
+
+
+def test_disabled_methods_answer_unimplemented():
+    s = seeded_server(env={"GRPC_DISABLED_METHODS": "ListManagedIdentities, CreateAgentIdentity"})
+    try:
+        with s.channel() as ch:
+            st = s.stub(ch)
+            with pytest.raises(grpc.RpcError) as e:
+                st.ListManagedIdentities(pb.ListManagedIdentitiesRequest(), timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            with pytest.raises(grpc.RpcError) as e:
+                st.CreateAgentIdentity(pb.CreateAgentIdentityRequest(agent_id="x"), timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            # the others still work
+            assert st.ResolveIdentity(pb.ResolveIdentityRequest(ziti_identity_id="zid-000002"),
+                                      timeout=5).identity_id.endswith("02")
+    finally:
+        s.kill()
