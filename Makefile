@@ -3,12 +3,14 @@
 # `make run`  installs dependencies, builds, and starts the service against the
 #             bundled controller simulator (demo mode).
 # `make test` installs dependencies, builds, and runs every test suite: the
-#             normal build, then the ASan+UBSan build, then the format check.
+#             normal build, the ASan+UBSan build, the fuzz-corpus replays,
+#             then the format check.
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
+FUZZ_BUILD ?= build-fuzz
 JOBS       ?= $(shell nproc)
 
-.PHONY: deps build run test test-fast test-asan format format-check bench clean
+.PHONY: deps build run test test-fast test-asan test-fuzz fuzz format format-check bench clean
 
 deps:
 	./install-deps.sh
@@ -30,6 +32,12 @@ test-asan: deps
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  ctest --output-on-failure -j2 -E 'integ/test_container|bench/'
 
+# libFuzzer drivers (clang) replaying every committed seed and regression input.
+test-fuzz: deps
+	CC=clang cmake -S . -B $(FUZZ_BUILD) -DCMAKE_BUILD_TYPE=Debug -DZM_FUZZ=ON -DZM_SANITIZE=ON
+	cmake --build $(FUZZ_BUILD) -j$(JOBS) --target $$(cd test/fuzz && ls fuzz_*.c | sed 's/\.c$$//')
+	cd $(FUZZ_BUILD) && ctest --output-on-failure -R '^fuzz/'
+
 format-check:
 	@files=$$(git ls-files '*.c' '*.h'); \
 	clang-format --dry-run --Werror $$files && echo "clang-format: clean"
@@ -37,10 +45,10 @@ format-check:
 format:
 	clang-format -i $$(git ls-files '*.c' '*.h')
 
-test: test-fast test-asan format-check
+test: test-fast test-asan test-fuzz format-check
 
 bench:
 	./bench/run.sh
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)

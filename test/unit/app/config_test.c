@@ -67,6 +67,18 @@ static void test_durations(void **state) {
     if (c[i].rv == 0)
       assert_int_equal(ms, c[i].ms);
   }
+  /* Found by test/fuzz/fuzz_duration.c: a lone sign parsed as 0 ms, and
+   * strtod let exponents and hex floats through. */
+  uint64_t ms = 777;
+  assert_int_equal(zm_duration_parse("+", &ms), ZM_E_INVAL);
+  assert_int_equal(zm_duration_parse("1e3s", &ms), ZM_E_INVAL);
+  assert_int_equal(zm_duration_parse("4E5m", &ms), ZM_E_INVAL);
+  assert_int_equal(zm_duration_parse("0x1p3s", &ms), ZM_E_INVAL);
+  assert_int_equal(ms, 777);
+  assert_int_equal(zm_duration_parse("+0", &ms), 0);
+  assert_int_equal(ms, 0);
+  assert_int_equal(zm_duration_parse("+1.s", &ms), 0);
+  assert_int_equal(ms, 1000);
 }
 
 static void test_env_overrides_and_errors(void **state) {

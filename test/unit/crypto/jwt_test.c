@@ -14,6 +14,7 @@
 #include <wolfssl/wolfcrypt/hmac.h>
 
 #include "crypto/crypto_test_util.h"
+#include "zm/b64.h"
 #include "zm/crypto.h"
 #include "zm/zm.h"
 
@@ -287,6 +288,92 @@ static void test_tampered_payload(void **state) {
   free(pe);
   free(good);
   free(tok);
+}
+
+/* RS256 signature s + n (n the modulus) is the same residue as s, but RFC
+ * 8017 says a representative >= n is invalid; wolfSSL 5.5.4 accepted it, so
+ * a token had two valid spellings (found by test/fuzz/fuzz_jwt.c). The test
+ * makes its own key with n <= 0xC0.. * 2^2040, so that s + n fits in 256
+ * bytes for at least a third of all s, and tries payloads until one does. */
+static void test_rs256_sig_plus_modulus(void **state) {
+  (void)state;
+  uint8_t n[256], *der = NULL;
+  size_t der_len = 0;
+  for (int i = 0; i < 64 && der == NULL; i++) {
+    assert_int_equal(
+        tu_sh(OPENSSL " genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048"
+                      " -out pn.key && " OPENSSL
+                      " rsa -in pn.key -noout -modulus > mod.txt"),
+        0);
+    size_t mlen;
+    char *mtxt = tu_read(tu_path("mod.txt"), &mlen);
+    assert_non_null(mtxt);
+    assert_true(mlen > 8 + 512 && strncmp(mtxt, "Modulus=", 8) == 0);
+    for (size_t k = 0; k < sizeof(n); k++) {
+      unsigned v;
+      assert_int_equal(sscanf(mtxt + 8 + 2 * k, "%2x", &v), 1);
+      n[k] = (uint8_t)v;
+    }
+    free(mtxt);
+    if (n[0] > 0xC0)
+      continue;
+    assert_int_equal(tu_sh(OPENSSL " req -x509 -new -key pn.key -subj /CN=x"
+                                   " -days 2 -outform DER -out pn.der"),
+                     0);
+    der = (uint8_t *)tu_read(tu_path("pn.der"), &der_len);
+    assert_non_null(der);
+  }
+  assert_non_null(der); /* 64 keys all above 0xC0..: practically never */
+
+  int tried = 0;
+  for (int i = 0; i < 64 && !tried; i++) {
+    char p[512];
+    snprintf(p, sizeof(p),
+             "{\"iss\":\"" ISS "\",\"sub\":\"" SUB "\",\"exp\":%lld,"
+             "\"jti\":\"" JTI "\",\"em\":\"ott\"}",
+             NOW + 3600 + i);
+    const char *h = header_for("RS256");
+    char *he = tu_b64url((const uint8_t *)h, strlen(h));
+    char *pe = tu_b64url((const uint8_t *)p, strlen(p));
+    char in[1024];
+    snprintf(in, sizeof(in), "%s.%s", he, pe);
+    free(he);
+    free(pe);
+    assert_int_equal(tu_write(tu_path("in.txt"), in, strlen(in)), 0);
+    assert_int_equal(
+        tu_sh(OPENSSL " dgst -sha256 -sign pn.key -out sig.bin in.txt"), 0);
+    size_t sig_len;
+    uint8_t *sig = (uint8_t *)tu_read(tu_path("sig.bin"), &sig_len);
+    assert_non_null(sig);
+    assert_int_equal(sig_len, 256);
+    char *s1 = tu_b64url(sig, sig_len);
+    unsigned carry = 0;
+    for (size_t k = sig_len; k-- > 0;) {
+      unsigned v = sig[k] + n[k] + carry;
+      sig[k] = (uint8_t)v;
+      carry = v >> 8;
+    }
+    if (carry == 0) { /* s + n still fits in the modulus length */
+      char *s2 = tu_b64url(sig, sig_len);
+      char tok[2048], forged[2048];
+      snprintf(tok, sizeof(tok), "%s.%s", in, s1);
+      snprintf(forged, sizeof(forged), "%s.%s", in, s2);
+      zm_jwt_claims_t c;
+      assert_int_equal(
+          zm_jwt_verify(tok, strlen(tok), der, der_len, SUB, NOW, &c), 0);
+      zm_jwt_claims_dispose(&c);
+      assert_int_equal(
+          zm_jwt_verify(forged, strlen(forged), der, der_len, SUB, NOW, &c),
+          ZM_E_BAD_SIGNATURE);
+      assert_empty(&c);
+      free(s2);
+      tried = 1;
+    }
+    free(s1);
+    free(sig);
+  }
+  free(der);
+  assert_true(tried); /* p(miss) per payload <= 2/3: 64 misses ~ 1e-11 */
 }
 
 static void test_other_key(void **state) {
@@ -603,6 +690,7 @@ int main(void) {
       cmocka_unit_test(test_fractional_exp),
       cmocka_unit_test(test_bad_signature),
       cmocka_unit_test(test_tampered_payload),
+      cmocka_unit_test(test_rs256_sig_plus_modulus),
       cmocka_unit_test(test_other_key),
       cmocka_unit_test(test_alg_none),
       cmocka_unit_test(test_alg_hs256),

@@ -260,6 +260,9 @@ static void test_time_codec(void **state) {
       "abcd-ef-gh",
       "2023-11-14 22:13:20 ",
       "2023-11-14 22:13:20+24:00",
+      /* found by test/fuzz/fuzz_stime.c: "+HH:" without minutes */
+      "2023-11-14 22:13:20+05:",
+      "2000-12-31-23:",
   };
   for (size_t i = 0; i < ZM_ARRAY_SIZE(bad); i++)
     assert_int_equal(zm__store_time_parse(bad[i], strlen(bad[i]), &ms),
