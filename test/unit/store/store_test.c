@@ -8,6 +8,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -1071,6 +1072,67 @@ static void test_crash_durability(void **state) {
   }
 }
 
+/* The WAL stays bounded under continuous writes. A regression test: the
+ * background checkpointer's connection once never saw WAL mode, so every
+ * checkpoint was a no-op, and under continuous load the WAL was never reset
+ * (it reached 800 MB in seconds of random-key lease extensions). */
+static int wal_pending;
+static void on_wal_unit(int err, void *data) {
+  (void)data;
+  assert_int_equal(err, 0);
+  wal_pending--;
+}
+
+static long long file_size(const char *path) {
+  struct stat sb;
+  return stat(path, &sb) == 0 ? (long long)sb.st_size : -1;
+}
+
+static void test_wal_bounded(void **state) {
+  (void)state;
+  const char *path = db_path("wal");
+  char wal[160];
+  snprintf(wal, sizeof wal, "%s-wal", path);
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  zm_store_t *st = open_store(&loop, path, 0);
+  enum { N = 20000 };
+  char id[32];
+  /* rows to extend */
+  for (int i = 0; i < N; i++) {
+    snprintf(id, sizeof id, "w-%06d", i);
+    zm_store_op_t op = put_service(id, 1, T0, T0);
+    wal_pending++;
+    zm_store_submit(st, &op, 1, on_wal_unit, NULL);
+  }
+  uv_run(&loop, UV_RUN_DEFAULT);
+  assert_int_equal(wal_pending, 0);
+  /* many groups of random-key extensions: ~60 MB of WAL frames written */
+  long long max_wal = 0;
+  uint32_t x = 12345;
+  for (int round = 0; round < 120; round++) {
+    for (int k = 0; k < 500; k++) {
+      x = x * 1103515245u + 12345u;
+      snprintf(id, sizeof id, "w-%06u", (x >> 8) % N);
+      zm_store_op_t op = {
+          .kind = ZM_STORE_EXTEND_LEASE, .id = id, .ms = T0 + round * 1000 + k};
+      wal_pending++;
+      zm_store_submit(st, &op, 1, on_wal_unit, NULL);
+    }
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(wal_pending, 0);
+    long long w = file_size(wal);
+    if (w > max_wal)
+      max_wal = w;
+  }
+  /* 8192 frames of ~1 KiB between restarts, plus slack */
+  assert_true(max_wal > 0);
+  assert_true(max_wal < 24ll * 1024 * 1024);
+  /* and the data reached the database file */
+  assert_true(file_size(path) > 1024 * 1024);
+  close_all(st, &loop);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_time_codec),
@@ -1086,6 +1148,7 @@ int main(void) {
       cmocka_unit_test(test_hand_seeded_times),
       cmocka_unit_test(test_close_drains),
       cmocka_unit_test(test_crash_durability),
+      cmocka_unit_test(test_wal_bounded),
   };
   return cmocka_run_group_tests(tests, setup_dir, teardown_dir);
 }
