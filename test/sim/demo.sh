@@ -18,7 +18,8 @@ export GRPC_ADDRESS="${GRPC_ADDRESS:-127.0.0.1:50051}" STORE_PATH="${STORE_PATH:
 echo "controller simulator: $ZITI_CONTROLLER_URL (control API on 127.0.0.1:$(get ctl_port))"
 echo "ziti-management:      $GRPC_ADDRESS, store $STORE_PATH"
 echo "try: /usr/bin/python3 $REPO/test/zmctl.py request-service-identity gateway"
-"$REPO/$BUILD/ziti-management" &
+case $BUILD in /*) BIN=$BUILD/ziti-management ;; *) BIN=$REPO/$BUILD/ziti-management ;; esac
+"$BIN" &
 ZM=$!
 trap 'kill $ZM 2>/dev/null; wait $ZM 2>/dev/null; kill $SIM 2>/dev/null; wait $SIM 2>/dev/null' EXIT INT TERM
 wait $ZM
