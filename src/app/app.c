@@ -283,6 +283,7 @@ int zm_app_run(const zm_config_t *cfg) {
   uv_timer_init(&loop, &app.lag_timer);
   app.lag_timer.data = &app;
   if (getenv("LOOP_LAG_PROBE") != NULL) {
+    uv_update_time(&loop); /* the cached time predates the store load */
     app.lag_expected = uv_now(&loop) + ZM_LAG_PERIOD_MS;
     uv_timer_start(&app.lag_timer, on_lag, ZM_LAG_PERIOD_MS, ZM_LAG_PERIOD_MS);
     uv_unref((uv_handle_t *)&app.lag_timer);

@@ -33,6 +33,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 /* One transaction's worth: bounds the time the write lock is held and the
  * memory a batch pins; a longer queue chains into the next transactions. */
@@ -563,6 +566,10 @@ static void worker_main(void *arg) {
 
 static void ckpt_main(void *arg) {
   zm_store_t *st = arg;
+  /* Background work: when the service is pinned to one core, copying pages
+   * must not take the CPU from the loop or the writer (nice +10). */
+  if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10) != 0)
+    ZM_DEBUG("store %s: cannot lower the checkpointer's priority", st->path);
   uv_mutex_lock(&st->mu);
   while (!st->ckpt_stop) {
     uv_cond_timedwait(&st->ckpt_cond, &st->mu,
