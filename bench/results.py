@@ -195,6 +195,7 @@ def main():
         ("startup_rss", "VmRSS right after that start-up"),
         ("gc", "expired leases swept (records gone from the store), simulator as controller"),
         ("gc_resolve", "ResolveIdentity open loop while the sweep runs"),
+        ("rsi200", "zm-bench -n 200 -c 4 -m 50 request-service-identity, with zm-bench resolve --rate 5000 -c 4 -m 64 running alongside"),
     ]:
         if k in f:
             out.append(f"| {k} | {f[k]} | {how} |")

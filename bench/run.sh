@@ -182,6 +182,23 @@ if ((HAVE_SERVER)); then
         done
         zmb_sim_latency 0
       fi
+      # 200 concurrent RequestServiceIdentity calls, ResolveIdentity meanwhile
+      # (issue 4: resolve p99 < 5 ms during them)
+      if ((SIM_OK)); then
+        taskset -c "$CLIENT_CPU" "$BENCH" --target "127.0.0.1:$PORT" --scenario resolve --rate 5000 -c 4 -m 64 \
+          -D 6 --keys "$KEYS" --quiet --allow-errors --json "$OUT/rsi200-resolve.json" >"$OUT/rsi200-resolve.txt" 2>&1 &
+        rpid=$!
+        sleep 1
+        taskset -c "$CLIENT_CPU" "$BENCH" --target "127.0.0.1:$PORT" --scenario request-service-identity -n 200 \
+          -c 4 -m 50 --timeout-ms 60000 --allow-errors --json "$OUT/rsi200.json" >"$OUT/rsi200.txt" 2>&1
+        wait "$rpid"
+        ok200=$(json_get "$OUT/rsi200.json" 'j["ops"]["request-service-identity"]["status"].get("OK", 0)')
+        e200=$(json_get "$OUT/rsi200.json" 'j["errors"]["total"]')
+        rp99=$(json_get "$OUT/rsi200-resolve.json" 'j["latency_us"]["p99"]')
+        rmax=$(json_get "$OUT/rsi200-resolve.json" 'j["latency_us"]["max"]')
+        re=$(json_get "$OUT/rsi200-resolve.json" 'j["errors"]["total"]')
+        fact rsi200 "${ok200:-?} of 200 concurrent RequestServiceIdentity OK (${e200:-?} errors); ResolveIdentity at 5000 req/s open loop meanwhile: p99 ${rp99:-?} us, max ${rmax:-?} us, ${re:-?} errors"
+      fi
       # service CPU per RequestServiceIdentity vs the bare crypto cost
       if ((rsi_ok > 0)); then
         rsi_us=$(awk -v t="$rsi_ticks" -v h="$CLK_TCK" -v n="$rsi_ok" 'BEGIN{printf "%.0f", t / h * 1e6 / n}')
