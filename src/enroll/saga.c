@@ -48,8 +48,11 @@ typedef struct enroll {
   int create_unanswered; /* CREATE failed without a conclusive answer */
   zm_grpc_status_t fail_status;
   char fail_msg[256];
-  uv_work_t work;
+  uv_work_t work; /* VERIFY_JWT, then KEYGEN_CSR: one at a time */
   int work_rv;
+  uint8_t *cert_der; /* VERIFY_JWT: controller's leaf certificate (owned) */
+  size_t cert_der_len;
+  int64_t verify_now_s;
 } enroll_t;
 
 static void enroll_set_state(enroll_t *e, zm_enroll_state_t next);
@@ -114,6 +117,7 @@ static void saga_free(enroll_t *e) {
   free(e->zt_api);
   free(e->csr_pem);
   free(e->cert_pem);
+  free(e->cert_der);
   zm_secret_dispose(&e->jwt);
   zm_jwt_claims_dispose(&e->claims);
   zm_secret_dispose(&e->key_pem);
@@ -270,17 +274,36 @@ static void enroll_on_fetch_jwt(enroll_t *e) {
   zm_ziti_get_enrollment_jwt(e->app->ziti, e->id, e->deadline, on_jwt, e);
 }
 
-static void enroll_on_verify_jwt(enroll_t *e) {
-  size_t der_len = 0;
-  const uint8_t *der = zm_ziti_server_cert(e->app->ziti, &der_len);
-  if (der == NULL) {
-    enroll_fail(e, ZM_GRPC_UNAVAILABLE,
-                "controller server certificate not known yet");
-    return;
+/* The libuv worker threads run at a lower priority (nice +10) than the loop
+ * thread: when the service shares a core with them (a pinned container),
+ * crypto then fills idle time instead of preempting the loop and delaying
+ * every hot-path answer by a scheduler slice. */
+static void lower_thread_priority(void) {
+  static _Thread_local int niced;
+  if (!niced) {
+    niced = 1;
+    if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10) != 0)
+      ZM_DEBUG("enroll: cannot lower the worker thread's priority");
   }
-  int rv = zm_jwt_verify(e->jwt.base, e->jwt.len, der, der_len, e->id,
-                         zm_wall_ms() / 1000, &e->claims);
+}
+
+/* Signature verification is CPU work (ECDSA/RSA): on the thread pool, like
+ * key generation. Touches only the fields set up for it. */
+static void verify_work(uv_work_t *w) {
+  lower_thread_priority();
+  enroll_t *e = container_of(w, enroll_t, work);
+  e->work_rv =
+      zm_jwt_verify(e->jwt.base, e->jwt.len, e->cert_der, e->cert_der_len,
+                    e->id, e->verify_now_s, &e->claims);
+}
+
+static void verify_done(uv_work_t *w, int status) {
+  enroll_t *e = container_of(w, enroll_t, work);
   zm_secret_dispose(&e->jwt); /* the claims hold what we still need */
+  free(e->cert_der);
+  e->cert_der = NULL;
+  int rv = status != 0 ? status : e->work_rv;
+  e->work_rv = 0;
   if (rv != 0) {
     enroll_fail(e, ZM_GRPC_INTERNAL,
                 "enrollment JWT of %s rejected: %s (checked against the "
@@ -296,18 +319,31 @@ static void enroll_on_verify_jwt(enroll_t *e) {
     enroll_set_state(e, ZM_ENROLL_KEYGEN_CSR);
 }
 
-/* Runs on a libuv worker thread: touches only e->key_pem/csr_pem/work_rv.
- * The worker threads run at a lower priority (nice +10) than the loop
- * thread: when the service shares a core with them (a pinned container),
- * key generation then fills idle time instead of preempting the loop and
- * delaying every hot-path answer by a scheduler slice. */
-static void keygen_work(uv_work_t *w) {
-  static _Thread_local int niced;
-  if (!niced) {
-    niced = 1;
-    if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10) != 0)
-      ZM_DEBUG("enroll: cannot lower the worker thread's priority");
+static void enroll_on_verify_jwt(enroll_t *e) {
+  size_t der_len = 0;
+  const uint8_t *der = zm_ziti_server_cert(e->app->ziti, &der_len);
+  if (der == NULL) {
+    enroll_fail(e, ZM_GRPC_UNAVAILABLE,
+                "controller server certificate not known yet");
+    return;
   }
+  /* a copy: the client replaces its certificate on the next handshake */
+  e->cert_der = zm_xmalloc(der_len);
+  memcpy(e->cert_der, der, der_len);
+  e->cert_der_len = der_len;
+  e->verify_now_s = zm_wall_ms() / 1000;
+  int rv = uv_queue_work(e->app->loop, &e->work, verify_work, verify_done);
+  if (rv != 0) {
+    free(e->cert_der);
+    e->cert_der = NULL;
+    enroll_fail(e, ZM_GRPC_INTERNAL, "cannot queue JWT verification: %s",
+                uv_strerror(rv));
+  }
+}
+
+/* Runs on a libuv worker thread: touches only e->key_pem/csr_pem/work_rv. */
+static void keygen_work(uv_work_t *w) {
+  lower_thread_priority();
   enroll_t *e = container_of(w, enroll_t, work);
   e->work_rv =
       zm_keycsr_generate(e->app->cfg.key_alg, e->id, &e->key_pem, &e->csr_pem);
