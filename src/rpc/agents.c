@@ -251,11 +251,24 @@ static void agent_create(agent_op_t *a) {
 static void agent_replace_next(agent_op_t *a);
 
 /*
- * Replacing a previous identity drops its mapping first (durably), then
- * deletes it on the controller. A crash in between leaves an identity that
- * the retried call finds again by externalId and deletes; the other order
- * would leave a mapping to a deleted identity that nothing ever finds.
+ * Replacing a previous identity deletes it on the controller first, and
+ * drops its mapping only once the controller confirmed. The other order was
+ * tried and the soak test caught it leaking: when the controller delete
+ * failed (or the service crashed in between), an identity was left on the
+ * controller with no record at all. This order can at worst leave a mapping
+ * to an identity already gone (after a crash between the two steps), which
+ * is harmless (it cannot connect) and DeleteIdentity clears (404 = done).
  */
+static void on_old_mapping_dropped(int err, void *data) {
+  agent_op_t *a = data;
+  if (err != 0) {
+    agent_fail(a, ZM_GRPC_UNAVAILABLE, "store: cannot drop old mapping: %s",
+               zm_strerror(err));
+    return;
+  }
+  agent_replace_next(a);
+}
+
 static void on_old_deleted(const zm_ziti_result_t *r, void *data) {
   agent_op_t *a = data;
   const char *old = a->old_ids[a->next_old - 1];
@@ -265,27 +278,16 @@ static void on_old_deleted(const zm_ziti_result_t *r, void *data) {
                zm_strerror(r->err));
     return;
   }
-  agent_replace_next(a);
-}
-
-static void on_old_mapping_dropped(int err, void *data) {
-  agent_op_t *a = data;
-  const char *old = a->old_ids[a->next_old - 1];
-  if (err != 0) {
-    agent_fail(a, ZM_GRPC_UNAVAILABLE, "store: cannot drop old mapping: %s",
-               zm_strerror(err));
-    return;
-  }
-  zm_ziti_delete_identity(a->app->ziti, old, a->deadline, on_old_deleted, a);
+  zm_index_del_managed(a->app->index, old, strlen(old));
+  zm_store_op_t op = {.kind = ZM_STORE_DEL_MANAGED, .id = old};
+  zm_store_submit(a->app->store, &op, 1, on_old_mapping_dropped, a);
 }
 
 static void agent_replace_next(agent_op_t *a) {
   if (a->next_old < a->n_old) {
     const char *old = a->old_ids[a->next_old++];
     ZM_INFO("agent %s: deleting previous identity %s", a->agent_id, old);
-    zm_index_del_managed(a->app->index, old, strlen(old));
-    zm_store_op_t op = {.kind = ZM_STORE_DEL_MANAGED, .id = old};
-    zm_store_submit(a->app->store, &op, 1, on_old_mapping_dropped, a);
+    zm_ziti_delete_identity(a->app->ziti, old, a->deadline, on_old_deleted, a);
     return;
   }
   agent_create(a);
