@@ -698,3 +698,28 @@ def test_200_concurrent_enrollments_all_valid_while_resolving(sim, tmp_path):
             hammer.kill()
             hammer.wait()
         dispose(s)
+
+
+def test_agent_replacement_when_controller_delete_fails_leaks_nothing(sim, srv, stub):
+    """The previous identity is deleted on the controller before its mapping
+    goes: when that delete fails, the old identity keeps its mapping (the
+    soak caught the reverse order leaving it with no record at all)."""
+    agent = "7d1f3c2a-5b6e-4f70-8a91-b2c3d4e5f607"
+    first = stub.CreateAgentIdentity(pb.CreateAgentIdentityRequest(agent_id=agent), timeout=30)
+    sim.faults({"rules": [{"method": "DELETE", "path_prefix": IDS + "/", "action": "status", "status": 500,
+                           "count": 1}]})
+    with pytest.raises(grpc.RpcError) as e:
+        stub.CreateAgentIdentity(pb.CreateAgentIdentityRequest(agent_id=agent), timeout=30)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    sim.faults({})
+    # the old identity is still mapped and still exists: nothing leaked
+    r = stub.ResolveIdentity(pb.ResolveIdentityRequest(ziti_identity_id=first.ziti_identity_id), timeout=5)
+    assert r.identity_id == agent
+    wait_invariant(sim, srv.store_path, strict=True)
+    # a retry replaces it
+    second = stub.CreateAgentIdentity(pb.CreateAgentIdentityRequest(agent_id=agent), timeout=30)
+    assert second.ziti_identity_id != first.ziti_identity_id
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ResolveIdentity(pb.ResolveIdentityRequest(ziti_identity_id=first.ziti_identity_id), timeout=5)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    wait_invariant(sim, srv.store_path, strict=True)
