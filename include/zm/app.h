@@ -42,6 +42,9 @@ typedef struct zm_app {
   zm_gc_t *gc;
   uv_signal_t sigterm, sigint;
   uv_timer_t lag_timer;
+  uv_timer_t
+      shutdown_timer; /* runs the last shutdown steps outside callbacks */
+  int gc_stopped;
   uint64_t lag_expected;
   uint64_t lag_report_s; /* uv_now()/1000 of the last lag report */
   int shutting_down;

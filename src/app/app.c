@@ -141,10 +141,26 @@ static void finish_shutdown(zm_app_t *app) {
   uv_close((uv_handle_t *)&app->sigterm, on_handle_closed);
   uv_close((uv_handle_t *)&app->sigint, on_handle_closed);
   uv_close((uv_handle_t *)&app->lag_timer, on_handle_closed);
+  uv_close((uv_handle_t *)&app->shutdown_timer, on_handle_closed);
   ZM_INFO("shutdown complete");
 }
 
-static void on_gc_stopped(void *data) { finish_shutdown(data); }
+/* The last steps of shutdown are reached from callbacks of other modules
+ * (a store completion that finished the last call or the last GC delete),
+ * and closing the store from inside its own callback is not allowed: they
+ * run on the next loop iteration instead. */
+static void on_shutdown_timer(uv_timer_t *t) {
+  zm_app_t *app = t->data;
+  if (app->gc != NULL && !app->gc_stopped)
+    return; /* not yet */
+  finish_shutdown(app);
+}
+
+static void on_gc_stopped(void *data) {
+  zm_app_t *app = data;
+  app->gc_stopped = 1;
+  uv_timer_start(&app->shutdown_timer, on_shutdown_timer, 0, 0);
+}
 
 static void on_drained(void *data) {
   zm_app_t *app = data;
@@ -152,7 +168,7 @@ static void on_drained(void *data) {
   if (app->gc != NULL)
     zm_gc_stop(app->gc, on_gc_stopped, app);
   else
-    finish_shutdown(app);
+    uv_timer_start(&app->shutdown_timer, on_shutdown_timer, 0, 0);
 }
 
 static void on_signal(uv_signal_t *s, int signum) {
@@ -280,6 +296,8 @@ int zm_app_run(const zm_config_t *cfg) {
   app.sigterm.data = app.sigint.data = &app;
   uv_signal_start(&app.sigterm, on_signal, SIGTERM);
   uv_signal_start(&app.sigint, on_signal, SIGINT);
+  uv_timer_init(&loop, &app.shutdown_timer);
+  app.shutdown_timer.data = &app;
   uv_timer_init(&loop, &app.lag_timer);
   app.lag_timer.data = &app;
   if (getenv("LOOP_LAG_PROBE") != NULL) {
