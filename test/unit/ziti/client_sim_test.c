@@ -675,23 +675,48 @@ static void test_drops(void **state) {
   assert_int_equal(o.err, 0);
   res_free(&o);
 
-  /* a reused connection dropped before any response byte: retried once */
-  sim_faults("{\"rules\":[{\"method\":\"POST\",\"path_prefix\":"
-             "\"/edge/management/v1/identities\",\"action\":\"drop\","
+  /* a reused connection dropped before any response byte: an idempotent
+   * request (GET) is retried once on a fresh connection */
+  char wid[64];
+  create(&e, "warm-get", NULL, &o);
+  assert_int_equal(o.err, 0);
+  snprintf(wid, sizeof wid, "%s", o.id);
+  res_free(&o);
+  sim_faults("{\"rules\":[{\"method\":\"GET\",\"path_prefix\":"
+             "\"/edge/management/v1/identities/\",\"action\":\"drop\","
              "\"count\":1}]}");
   zm_ziti_stats_t s0, s1;
   zm_ziti_get_stats(e.z, &s0);
-  create(&e, "d-1", NULL, &o);
+  memset(&o, 0, sizeof o);
+  CALL(&o, zm_ziti_get_enrollment_jwt(e.z, wid, 0, on_res, &o));
+  run_until(&e.loop, &o.done);
   assert_int_equal(o.err, 0);
+  assert_non_null(o.jwt);
   res_free(&o);
   zm_ziti_get_stats(e.z, &s1);
   assert_int_equal(s1.retries - s0.retries, 1);
 
-  /* dropped every time: one retry, then an error */
+  /* ... but a create POST is never re-sent blindly (the controller may have
+   * carried it out): the caller gets an error and compensates */
   sim_faults("{\"rules\":[{\"method\":\"POST\",\"path_prefix\":"
-             "\"/edge/management/v1/identities\",\"action\":\"drop\"}]}");
+             "\"/edge/management/v1/identities\",\"action\":\"drop\","
+             "\"count\":1}]}");
   zm_ziti_get_stats(e.z, &s0);
-  create(&e, "d-2", NULL, &o);
+  create(&e, "d-1", NULL, &o);
+  assert_int_equal(o.err, ZM_E_UNAVAILABLE);
+  res_free(&o);
+  zm_ziti_get_stats(e.z, &s1);
+  assert_int_equal(s1.retries, s0.retries);
+
+  /* GET dropped every time: one retry, then an error */
+  sim_faults("{\"rules\":[{\"method\":\"GET\",\"path_prefix\":"
+             "\"/edge/management/v1/identities/\",\"action\":\"drop\"}]}");
+  create(&e, "warm-3", NULL, &o); /* a reusable connection again */
+  res_free(&o);
+  zm_ziti_get_stats(e.z, &s0);
+  memset(&o, 0, sizeof o);
+  CALL(&o, zm_ziti_get_enrollment_jwt(e.z, wid, 0, on_res, &o));
+  run_until(&e.loop, &o.done);
   assert_int_equal(o.err, ZM_E_UNAVAILABLE);
   res_free(&o);
   zm_ziti_get_stats(e.z, &s1);
