@@ -304,6 +304,17 @@ static void on_expired_listed(int err, const zm_service_row_t *rows, size_t n,
 static void gc_pump(zm_gc_t *gc) {
   zm_app_t *app = gc->app;
   unsigned cap = app->cfg.gc_concurrency;
+  if (app->shutting_down) {
+    /* Shutting down: start nothing new. What the sweep has not started yet
+     * is dropped (the next process's sweeps find it again); the sweep ends
+     * once the calls in flight return. */
+    for (; gc->ppos < gc->n_pends; gc->ppos++) {
+      free(gc->pends[gc->ppos].name);
+      gc->pends[gc->ppos].name = NULL;
+    }
+    gc->pos = gc->n_cands;
+    gc->at_end = 1;
+  }
   if (gc->phase == GC_RECOVER) {
     while (gc->ppos < gc->n_pends && gc->inflight < cap &&
            !gc->app->shutting_down) {

@@ -268,3 +268,26 @@ def test_restart_with_unreachable_controller_then_recovery(sim):
     finally:
         sim.refuse(False)
         dispose(s)
+
+
+def test_sigterm_during_a_busy_recovery_sweep_exits_promptly(sim):
+    """SIGTERM while a sweep still has pending records it has not started:
+    the sweep starts nothing new and the service exits 0 within its grace
+    (a stopped sweep once waited forever for work it would never start)."""
+    s = zmtest.Server(sim=sim, env={"SERVICE_IDENTITY_GC_CONCURRENCY": "2", "SHUTDOWN_GRACE": "2s",
+                                    "ZITI_REQUEST_TIMEOUT": "5s"})
+    old = zmtest.now_ms() - 3600 * 1000
+    zmtest.seed(s.store_path, pending=[("svc-gateway-pend%03d" % i, 1, 1, old) for i in range(60)])
+    sim.faults({"latency_ms": 300})
+    try:
+        s.start()
+        time.sleep(0.5)  # the first sweep is now recovering, 2 at a time
+        t0 = time.monotonic()
+        assert s.stop(timeout=20) == 0
+        assert time.monotonic() - t0 < 10
+        # what was not reached stays for the next process
+        left = zmtest.query(s.store_path, "SELECT count(*) FROM pending_identities")[0][0]
+        assert 0 < left <= 60
+    finally:
+        sim.faults({})
+        s.kill()
