@@ -76,6 +76,13 @@ void zm_rpc_request_service_identity(zm_call_t *c, const ProtobufCMessage *req,
  * UTF-8, no NUL/control characters. Returns NULL if valid, else the reason. */
 const char *zm_rpc_check_id(const char *s, const char *field);
 
+/* The gRPC status for a failed controller call: DEADLINE_EXCEEDED when it
+ * timed out at or past `deadline` (uv_now() ms), UNAVAILABLE for a timeout
+ * before it, an unreachable/overloaded controller (5xx, 429, transport
+ * errors) or shutdown, else INTERNAL. */
+zm_grpc_status_t zm_rpc_status_from_ziti(const zm_ziti_result_t *r,
+                                         uint64_t deadline, uint64_t now);
+
 /* ---- lease GC + recovery (src/lease/gc.c) ---------------------------------
  */
 zm_gc_t *zm_gc_new(zm_app_t *app);

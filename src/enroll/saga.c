@@ -148,13 +148,8 @@ static void enroll_fail(enroll_t *e, zm_grpc_status_t st, const char *fmt,
 /* Maps a controller-client failure to a gRPC status + operator message. */
 static void fail_from_ziti(enroll_t *e, const char *what,
                            const zm_ziti_result_t *r) {
-  zm_grpc_status_t st = ZM_GRPC_INTERNAL;
-  if (r->err == ZM_E_TIMEOUT)
-    st = uv_now(e->app->loop) >= e->deadline ? ZM_GRPC_DEADLINE_EXCEEDED
-                                             : ZM_GRPC_UNAVAILABLE;
-  else if (r->err == ZM_E_UNAVAILABLE || r->err == ZM_E_SHUTDOWN ||
-           r->http_status >= 500 || r->http_status == 429 || r->err < -3000)
-    st = ZM_GRPC_UNAVAILABLE;
+  zm_grpc_status_t st =
+      zm_rpc_status_from_ziti(r, e->deadline, uv_now(e->app->loop));
   enroll_fail(e, st, "controller %s: %s%s%s%s", what, zm_strerror(r->err),
               r->code ? " (" : "", r->code ? r->code : "", r->code ? ")" : "");
 }

@@ -62,16 +62,13 @@ static int parse_uuid(const char *s, char out[37]) {
   return 0;
 }
 
+/* As every controller caller, plus: a duplicate externalId means another
+ * call for the same agent is creating its identity right now. */
 static zm_grpc_status_t status_of(const zm_ziti_result_t *r, uint64_t deadline,
                                   uint64_t now) {
-  if (r->err == ZM_E_TIMEOUT)
-    return now >= deadline ? ZM_GRPC_DEADLINE_EXCEEDED : ZM_GRPC_UNAVAILABLE;
   if (r->err == ZM_E_EXISTS)
     return ZM_GRPC_ABORTED;
-  if (r->err == ZM_E_UNAVAILABLE || r->err == ZM_E_SHUTDOWN ||
-      r->http_status >= 500 || r->http_status == 429 || r->err < -3000)
-    return ZM_GRPC_UNAVAILABLE;
-  return ZM_GRPC_INTERNAL;
+  return zm_rpc_status_from_ziti(r, deadline, now);
 }
 
 static void agent_free(agent_op_t *a) {
