@@ -11,6 +11,48 @@
 
 #include <sqlite3.h>
 
+#include "zm/store.h"
+
+/* The backends: store.c dispatches every public call through the table of
+ * the backend zm_store_open chose. Each backend's own struct begins with a
+ * zm_store_t, so a backend casts the pointer it is given to its own type. */
+typedef struct zm__store_vt {
+  const char *name; /* "sqlite", "postgresql" */
+  int shared;       /* other processes may write the same store */
+  int (*open)(zm_store_t **out, uv_loop_t *loop, const zm_store_config_t *cfg);
+  void (*close)(zm_store_t *st);
+  int (*load)(zm_store_t *st,
+              void (*on_managed)(const zm_managed_row_t *r, void *data),
+              void (*on_service)(const zm_service_row_t *r, void *data),
+              void (*on_pending)(const zm_pending_row_t *r, void *data),
+              void *data);
+  void (*submit)(zm_store_t *st, const zm_store_op_t *ops, size_t n,
+                 zm_store_cb cb, void *data);
+  void (*list_managed)(zm_store_t *st, int type, const char *after_id,
+                       size_t limit, zm_store_managed_list_cb cb, void *data);
+  void (*get_managed)(zm_store_t *st, const char *id,
+                      zm_store_managed_list_cb cb, void *data);
+  void (*claim_expired)(zm_store_t *st, int64_t cut_ms, int64_t now_ms,
+                        int64_t claim_until_ms, size_t limit,
+                        zm_store_tomb_list_cb cb, void *data);
+  void (*claim_tombs)(zm_store_t *st, int64_t now_ms, int64_t claim_until_ms,
+                      size_t limit, zm_store_tomb_list_cb cb, void *data);
+  void (*claim_pending)(zm_store_t *st, int64_t now_ms, int64_t claim_until_ms,
+                        size_t limit, zm_store_pending_list_cb cb, void *data);
+  void (*heartbeat)(zm_store_t *st, int64_t local_now_ms, int64_t gap_ms,
+                    zm_store_beat_cb cb, void *data);
+  void (*changes)(zm_store_t *st, int64_t after_seq, int64_t since_ms,
+                  size_t limit, zm_store_changes_cb cb, void *data);
+  void (*get_stats)(const zm_store_t *st, zm_store_stats_t *out);
+} zm__store_vt;
+
+struct zm_store {
+  const zm__store_vt *vt;
+};
+
+extern const zm__store_vt zm__sqlite_vt;
+extern const zm__store_vt zm__pg_vt;
+
 /* "YYYY-MM-DD HH:MM:SS.mmm" plus the NUL. */
 #define ZM__STORE_TIME_LEN 23
 #define ZM__STORE_TIME_BUF (ZM__STORE_TIME_LEN + 1)
