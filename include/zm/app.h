@@ -7,16 +7,16 @@
 #ifndef ZM_APP_H
 #define ZM_APP_H
 
+#include "zm/collect.h"
 #include "zm/config.h"
 #include "zm/grpc.h"
 #include "zm/health.h"
 #include "zm/index.h"
+#include "zm/lifecycle.h"
 #include "zm/store.h"
 #include "zm/ziti.h"
 
 #include <uv.h>
-
-typedef struct zm_gc zm_gc_t;
 
 /* Bound on id-like strings from clients (ziti ids, agent ids). */
 #define ZM_MAX_ID_LEN 256u
@@ -24,7 +24,6 @@ typedef struct zm_gc zm_gc_t;
 typedef struct {
   uint64_t enroll_started, enroll_ok, enroll_failed, enroll_compensated,
       enroll_compensate_failed;
-  uint64_t gc_collected, gc_failed, gc_retried, gc_sweeps, recovered_pending;
   /* loop lag probe: max lateness of a 1 ms repeating timer since the last
    * report, and the worst ever (ms) */
   uint64_t lag_max_ms, lag_worst_ms;
@@ -39,19 +38,19 @@ typedef struct zm_app {
   zm_store_t *store;
   zm_index_t *index;
   zm_ziti_t *ziti; /* NULL when no controller is configured */
-  zm_gc_t *gc;
+  zm_life_t *life;
+  zm_collect_t *collect;
+  zm_recover_t *recover;
+  int stops_pending; /* collect/recover/life stops not yet done */
   uv_signal_t sigterm, sigint;
   uv_timer_t lag_timer;
   uv_timer_t
       shutdown_timer; /* runs the last shutdown steps outside callbacks */
-  int gc_stopped;
   uint64_t lag_expected;
   uint64_t lag_report_s; /* uv_now()/1000 of the last lag report */
   int shutting_down;
   int exit_code;
   unsigned enroll_inflight;
-  unsigned
-      writes_inflight; /* store units submitted by handlers, not yet done */
   zm_app_stats_t stats;
 } zm_app_t;
 
@@ -82,17 +81,6 @@ const char *zm_rpc_check_id(const char *s, const char *field);
  * errors) or shutdown, else INTERNAL. */
 zm_grpc_status_t zm_rpc_status_from_ziti(const zm_ziti_result_t *r,
                                          uint64_t deadline, uint64_t now);
-
-/* ---- lease GC + recovery (src/lease/gc.c) ---------------------------------
- */
-zm_gc_t *zm_gc_new(zm_app_t *app);
-/* Starts the periodic timer; the first sweep runs promptly. */
-void zm_gc_start(zm_gc_t *gc);
-/* Stops timers; in-flight deletes finish; done(data) when nothing is left. */
-void zm_gc_stop(zm_gc_t *gc, void (*done)(void *), void *data);
-void zm_gc_free(zm_gc_t *gc);
-/* Test hook: run a sweep now (if none is running). */
-void zm_gc_trigger(zm_gc_t *gc);
 
 /* ---- test hooks
  * -------------------------------------------------------------- */

@@ -27,9 +27,11 @@ enum { ZM_LEASE_LIVE = 0, ZM_LEASE_DELETING = 1 };
 
 typedef struct {
   int service_type;
-  int state;                /* ZM_LEASE_*: DELETING once GC sent the DELETE */
-  int64_t lease_expires_ms; /* wall ms; may be ahead of the store while an
-                               extension is being made durable */
+  int state;                /* ZM_LEASE_*: DELETING once its tombstone is
+                               durable */
+  int64_t lease_expires_ms; /* the lease as last known durable (store clock) */
+  int64_t lease_pending_ms; /* a refresh answered from memory and not yet
+                               flushed to the store; 0 = none */
   int64_t created_at_ms;
 } zm_index_service_t;
 

@@ -60,9 +60,13 @@ static void on_load_service_ctx(const zm_service_row_t *r, void *data) {
 
 static int open_store(zm_app_t *app) {
   zm_store_config_t sc = {.path = app->cfg.store_path,
-                          .sync_full = app->cfg.store_sync_full};
+                          .sync_full = app->cfg.store_sync_full,
+                          .url = app->cfg.database_url,
+                          .pool_size = app->cfg.database_pool};
   if (zm_store_open(&app->store, app->loop, &sc) != 0) {
-    ZM_ERROR("store: cannot open %s", app->cfg.store_path);
+    ZM_ERROR("store: cannot open %s",
+             app->cfg.database_url[0] ? "the PostgreSQL database (DATABASE_URL)"
+                                      : app->cfg.store_path);
     return -1;
   }
   return 0;
@@ -118,17 +122,37 @@ static void on_ziti_closed(void *data) {
 
 static void log_stats(const zm_app_t *app) {
   const zm_app_stats_t *s = &app->stats;
+  const zm_life_stats_t *l = zm_life_stats(app->life);
   ZM_INFO("stats: enroll started=%llu ok=%llu failed=%llu compensated=%llu "
-          "compensate_failed=%llu; gc sweeps=%llu collected=%llu failed=%llu "
-          "retried=%llu recovered_pending=%llu",
+          "compensate_failed=%llu; extend fast=%llu durable=%llu; flushes=%llu "
+          "(%llu leases, %llu failed); deleted=%llu deferred=%llu; "
+          "outages=%llu",
           (unsigned long long)s->enroll_started,
           (unsigned long long)s->enroll_ok,
           (unsigned long long)s->enroll_failed,
           (unsigned long long)s->enroll_compensated,
           (unsigned long long)s->enroll_compensate_failed,
-          (unsigned long long)s->gc_sweeps, (unsigned long long)s->gc_collected,
-          (unsigned long long)s->gc_failed, (unsigned long long)s->gc_retried,
-          (unsigned long long)s->recovered_pending);
+          (unsigned long long)l->extend_fast,
+          (unsigned long long)l->extend_durable,
+          (unsigned long long)l->flushes,
+          (unsigned long long)l->flushed_leases,
+          (unsigned long long)l->flush_failures, (unsigned long long)l->deleted,
+          (unsigned long long)l->delete_deferred,
+          (unsigned long long)l->outages_detected);
+  if (app->collect != NULL) {
+    const zm_collect_stats_t *c = zm_collect_stats(app->collect);
+    const zm_recover_stats_t *r = zm_recover_stats(app->recover);
+    ZM_INFO("stats: collect sweeps=%llu collected=%llu failed=%llu "
+            "skipped_outage=%llu; recover sweeps=%llu pending_resolved=%llu "
+            "pending_failed=%llu tombs_retried=%llu",
+            (unsigned long long)c->sweeps, (unsigned long long)c->collected,
+            (unsigned long long)c->failed,
+            (unsigned long long)c->skipped_outage,
+            (unsigned long long)r->sweeps,
+            (unsigned long long)r->pending_resolved,
+            (unsigned long long)r->pending_failed,
+            (unsigned long long)r->tombs_retried);
+  }
 }
 
 static void finish_shutdown(zm_app_t *app) {
@@ -151,24 +175,36 @@ static void finish_shutdown(zm_app_t *app) {
  * run on the next loop iteration instead. */
 static void on_shutdown_timer(uv_timer_t *t) {
   zm_app_t *app = t->data;
-  if (app->gc != NULL && !app->gc_stopped)
+  if (app->stops_pending != 0)
     return; /* not yet */
   finish_shutdown(app);
 }
 
-static void on_gc_stopped(void *data) {
+static void on_life_stopped(void *data) {
   zm_app_t *app = data;
-  app->gc_stopped = 1;
+  app->stops_pending--;
   uv_timer_start(&app->shutdown_timer, on_shutdown_timer, 0, 0);
+}
+
+/* Collection and recovery first (their deletes go through the lifecycle),
+ * then the lifecycle (its last lease flush), then the store. */
+static void on_sweeper_stopped(void *data) {
+  zm_app_t *app = data;
+  if (--app->stops_pending == 1)
+    zm_life_stop(app->life, on_life_stopped, app);
 }
 
 static void on_drained(void *data) {
   zm_app_t *app = data;
   ZM_INFO("grpc: drained");
-  if (app->gc != NULL)
-    zm_gc_stop(app->gc, on_gc_stopped, app);
-  else
-    uv_timer_start(&app->shutdown_timer, on_shutdown_timer, 0, 0);
+  if (app->collect != NULL) {
+    app->stops_pending = 3;
+    zm_collect_stop(app->collect, on_sweeper_stopped, app);
+    zm_recover_stop(app->recover, on_sweeper_stopped, app);
+  } else {
+    app->stops_pending = 1;
+    zm_life_stop(app->life, on_life_stopped, app);
+  }
 }
 
 static void on_signal(uv_signal_t *s, int signum) {
@@ -182,6 +218,20 @@ static void on_signal(uv_signal_t *s, int signum) {
           (unsigned long long)app->cfg.shutdown_grace_ms);
   zm_health_set_all(&app->health, 0);
   zm_grpc_server_drain(app->grpc, app->cfg.shutdown_grace_ms, on_drained, app);
+}
+
+/* The store clock is known and the outage rule has its resume time: serve,
+ * collect, recover. */
+static void on_ready(void *data) {
+  zm_app_t *app = data;
+  if (app->shutting_down)
+    return;
+  if (app->collect != NULL) {
+    zm_collect_start(app->collect);
+    zm_recover_start(app->recover);
+  }
+  zm_health_set_all(&app->health, 1);
+  ZM_INFO("serving");
 }
 
 /* ===================== run =============================================== */
@@ -307,18 +357,28 @@ int zm_app_run(const zm_config_t *cfg) {
     uv_unref((uv_handle_t *)&app.lag_timer);
   }
 
+  zm_life_config_t lifec = {.lease_ttl_ms = cfg->lease_ttl_ms,
+                         .flush_ms = cfg->lease_flush_ms,
+                         .ziti_timeout_ms = cfg->ziti_timeout_ms};
+  app.life = zm_life_new(&loop, app.store, app.index, app.ziti, &lifec);
   if (app.ziti != NULL) {
-    app.gc = zm_gc_new(&app);
-    zm_gc_start(app.gc);
+    zm_sweep_config_t sw = {.interval_ms = cfg->gc_interval_ms,
+                            .concurrency = cfg->gc_concurrency,
+                            .ziti_timeout_ms = cfg->ziti_timeout_ms};
+    app.collect = zm_collect_new(&loop, app.store, app.life, &sw);
+    app.recover = zm_recover_new(&loop, app.store, app.life, app.ziti, &sw);
   }
-  zm_health_set_all(&app.health, 1);
-  ZM_INFO("listening on %s (port %d), serving", cfg->grpc_address,
-          zm_grpc_server_port(app.grpc));
+  ZM_INFO("listening on %s (port %d); serving after the first heartbeat",
+          cfg->grpc_address, zm_grpc_server_port(app.grpc));
+  zm_life_start(app.life, on_ready, &app);
 
   uv_run(&loop, UV_RUN_DEFAULT);
 
-  if (app.gc != NULL)
-    zm_gc_free(app.gc);
+  if (app.collect != NULL) {
+    zm_collect_free(app.collect);
+    zm_recover_free(app.recover);
+  }
+  zm_life_free(app.life);
   zm_grpc_server_free(app.grpc);
   zm_index_free(app.index);
   rv = uv_loop_close(&loop);

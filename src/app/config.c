@@ -210,6 +210,8 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
   strcpy(cfg->grpc_address, ":50051");
   strcpy(cfg->store_path, "./ziti-management.db");
   cfg->store_sync_full = 1;
+  cfg->database_pool = 4;
+  cfg->lease_flush_ms = 1000;
   cfg->lease_ttl_ms = 5 * 60 * 1000;
   cfg->gc_interval_ms = 60 * 1000;
   cfg->gc_concurrency = 16;
@@ -243,10 +245,13 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
   STR(log_level, "LOG_LEVEL");
   STR(disabled_methods, "GRPC_DISABLED_METHODS");
 #undef STR
-  if ((v = get("DATABASE_URL")) != NULL && *v != '\0')
-    return fail(err, errlen,
-                "DATABASE_URL is set, but the PostgreSQL backend is not built "
-                "into this version; use STORE_PATH (SQLite)");
+  if ((v = get("DATABASE_URL")) != NULL && *v != '\0') {
+    /* never echo the value: it may carry a password */
+    if (strlen(v) >= sizeof cfg->database_url)
+      return fail(err, errlen, "DATABASE_URL is too long (max %zu bytes)",
+                  sizeof cfg->database_url - 1);
+    strcpy(cfg->database_url, v);
+  }
   if ((v = get("STORE_SYNC")) != NULL && *v != '\0') {
     if (strcmp(v, "full") == 0)
       cfg->store_sync_full = 1;
@@ -268,8 +273,12 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
       (rv = env_duration(get, "GRPC_IDLE_TIMEOUT", &cfg->idle_timeout_ms, 1,
                          err, errlen)) ||
       (rv = env_duration(get, "SHUTDOWN_GRACE", &cfg->shutdown_grace_ms, 1, err,
-                         errlen)))
+                         errlen)) ||
+      (rv = env_duration(get, "LEASE_FLUSH_INTERVAL", &cfg->lease_flush_ms, 0,
+                         err, errlen)))
     return rv;
+  if (cfg->lease_flush_ms > 60000)
+    return fail(err, errlen, "LEASE_FLUSH_INTERVAL must be at most 1m");
   uint64_t x;
   x = cfg->gc_concurrency;
   if ((rv = env_uint(get, "SERVICE_IDENTITY_GC_CONCURRENCY", 1, 1024, &x, err,
@@ -281,6 +290,10 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
                      errlen)))
     return rv;
   cfg->enroll_max_inflight = (unsigned)x;
+  x = cfg->database_pool;
+  if ((rv = env_uint(get, "DATABASE_POOL_SIZE", 2, 64, &x, err, errlen)))
+    return rv;
+  cfg->database_pool = (unsigned)x;
   x = cfg->ziti_pool_size;
   if ((rv = env_uint(get, "ZITI_POOL_SIZE", 1, 1024, &x, err, errlen)))
     return rv;

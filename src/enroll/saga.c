@@ -11,6 +11,7 @@
 #include "zm/app.h"
 #include "zm/crypto.h"
 #include "zm/enroll.h"
+#include "zm/lifecycle.h"
 #include "zm/log.h"
 
 #include "agynio/api/ziti_management/v1/ziti_management.pb-c.h"
@@ -198,12 +199,10 @@ static void on_intent_done(int err, void *data) {
 }
 
 static void enroll_on_intent(enroll_t *e) {
-  zm_store_op_t op = {.kind = ZM_STORE_PUT_PENDING,
-                      .pending = {.name = e->name,
-                                  .kind = ZM_PENDING_SERVICE,
-                                  .type = e->type->number,
-                                  .created_at_ms = zm_wall_ms()}};
-  zm_store_submit(e->app->store, &op, 1, on_intent_done, e);
+  zm_pending_row_t row = {.name = e->name,
+                          .kind = ZM_PENDING_SERVICE,
+                          .type = e->type->number};
+  zm_life_intent(e->app->life, &row, e->deadline, on_intent_done, e);
 }
 
 /* Fix (test_enroll.py, create_unanswered_then_lands_late): did the
@@ -424,20 +423,9 @@ static void on_committed(int err, void *data) {
 }
 
 static void enroll_on_commit(enroll_t *e) {
-  int64_t now = zm_wall_ms();
-  int64_t lease = now + (int64_t)e->app->cfg.lease_ttl_ms;
-  zm_store_op_t ops[2] = {
-      {.kind = ZM_STORE_PUT_SERVICE,
-       .service = {.ziti_identity_id = e->id,
-                   .service_type = e->type->number,
-                   .lease_expires_ms = lease,
-                   .created_at_ms = now}},
-      {.kind = ZM_STORE_DEL_PENDING, .name = e->name},
-  };
-  /* Into the index now: GC must see the lease as soon as it can exist. */
-  zm_index_put_service(e->app->index, e->id, strlen(e->id), e->type->number,
-                       lease, now);
-  zm_store_submit(e->app->store, ops, 2, on_committed, e);
+  /* The index learns the lease once it is durable, never before. */
+  zm_life_commit_service(e->app->life, e->name, e->id, e->type->number,
+                         on_committed, e);
 }
 
 static void enroll_on_reply(enroll_t *e) {
@@ -470,7 +458,7 @@ static void compensate_finish(enroll_t *e, int ok) {
   enroll_set_state(e, ZM_ENROLL_DONE);
 }
 
-static void on_pending_dropped(int err, void *data) {
+static void on_abandoned(int err, void *data) {
   enroll_t *e = data;
   if (err != 0)
     ZM_WARN("enroll %s: cannot drop pending record (%s); recovery will",
@@ -478,32 +466,30 @@ static void on_pending_dropped(int err, void *data) {
   compensate_finish(e, 1);
 }
 
-static void drop_pending(enroll_t *e) {
-  /* If the commit unit failed, the index got the lease already: undo it. */
-  if (e->id != NULL)
-    zm_index_del_service(e->app->index, e->id, strlen(e->id));
-  zm_store_op_t ops[2] = {
-      {.kind = ZM_STORE_DEL_PENDING, .name = e->name},
-      {.kind = ZM_STORE_DEL_SERVICE, .id = e->id ? e->id : "", .ms = INT64_MAX},
-  };
-  zm_store_submit(e->app->store, ops, e->id ? 2 : 1, on_pending_dropped, e);
+/* Nothing was created: PENDING -> GONE. */
+static void abandon(enroll_t *e) {
+  zm_life_abandon(e->app->life, e->name, on_abandoned, e);
 }
 
-static void on_compensate_deleted(const zm_ziti_result_t *r, void *data) {
+static void on_condemned(int err, void *data) {
   enroll_t *e = data;
-  if (r->err != 0) {
-    ZM_WARN("enroll %s: compensation: delete %s failed: %s; the pending "
-            "record stays for recovery",
-            e->name, e->id, zm_strerror(r->err));
+  if (err != 0) {
+    ZM_WARN("enroll %s: compensation: delete %s failed: %s; it stays "
+            "DELETING and is retried",
+            e->name, e->id, zm_strerror(err));
     compensate_finish(e, 0);
     return;
   }
-  ZM_INFO("enroll %s: compensated: deleted %s on the controller%s", e->name,
-          e->id, r->gone ? " (already gone)" : "");
-  drop_pending(e);
+  ZM_INFO("enroll %s: compensated: deleted %s on the controller", e->name,
+          e->id);
+  compensate_finish(e, 1);
 }
 
-static void compensate_delete_next(enroll_t *e);
+/* Created: PENDING -> DELETING (durable), then the controller DELETE. */
+static void condemn(enroll_t *e) {
+  zm_life_condemn(e->app->life, e->name, e->id, e->type->number, on_condemned,
+                  e);
+}
 
 static void on_compensate_found(const zm_ziti_result_t *r, void *data) {
   enroll_t *e = data;
@@ -525,24 +511,18 @@ static void on_compensate_found(const zm_ziti_result_t *r, void *data) {
     return;
   }
   if (r->n_ids == 0) {
-    drop_pending(e); /* the create never happened */
+    abandon(e); /* the create never happened */
     return;
   }
   e->id = zm_xstrdup(r->ids[0]); /* names are unique on the controller */
-  compensate_delete_next(e);
-}
-
-static void compensate_delete_next(enroll_t *e) {
-  zm_ziti_delete_identity(e->app->ziti, e->id,
-                          uv_now(e->app->loop) + COMPENSATE_TIMEOUT_MS,
-                          on_compensate_deleted, e);
+  condemn(e);
 }
 
 static void enroll_on_compensate(enroll_t *e) {
   if (!e->created_maybe) {
-    drop_pending(e);
+    abandon(e);
   } else if (e->id != NULL) {
-    compensate_delete_next(e);
+    condemn(e);
   } else {
     /* CREATE failed or timed out: it may still have happened. */
     zm_ziti_find_identities(e->app->ziti, "name", e->name,

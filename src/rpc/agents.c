@@ -2,19 +2,23 @@
  * agents.c - CreateAgentIdentity and DeleteIdentity.
  *
  * CreateAgentIdentity follows the Go service: one live identity per agent.
- * Steps (each a callback): INTENT (durable pending record, as the enrollment
- * saga) -> REPLACE (find the agent's previous identities by externalId,
- * delete them on the controller and drop their mappings) -> CREATE -> JWT ->
- * COMMIT (mapping + pending removal in one store unit) -> reply id + JWT.
- * A failure after CREATE deletes the new identity again (compensation); if
- * that fails too, the pending record stays for recovery.
+ * Steps (each a callback, every state change through the lifecycle, so
+ * durable before the controller call it guards): INTENT (pending row that
+ * also locks the agent: a second concurrent call for the same agent gets
+ * ABORTED, on any replica) -> REPLACE (the agent's previous identities, by
+ * externalId: each retired (LIVE -> DELETING) or, without a mapping,
+ * condemned as an orphan, then deleted) -> CREATE -> JWT -> COMMIT (mapping
+ * + pending removal in one unit) -> reply id + JWT. A failure after CREATE
+ * condemns the new identity (compensation); an unanswered create leaves the
+ * pending row to recovery.
  *
- * DeleteIdentity deletes on the controller first (404 = already gone), then
- * drops the mapping: a failure leaves the mapping, so a retry finishes the
- * job, and no identity can be left on the controller without a record.
+ * DeleteIdentity retires the mapping (LIVE -> DELETING: the mapping goes and
+ * a tombstone is recorded in one unit), then deletes on the controller; an
+ * ambiguous failure leaves the tombstone, which recovery retries.
  */
 #include "zm/app.h"
 #include "zm/enroll.h"
+#include "zm/lifecycle.h"
 #include "zm/log.h"
 
 #include "agynio/api/ziti_management/v1/ziti_management.pb-c.h"
@@ -71,6 +75,12 @@ static zm_grpc_status_t status_of(const zm_ziti_result_t *r, uint64_t deadline,
   return zm_rpc_status_from_ziti(r, deadline, now);
 }
 
+/* For lifecycle callbacks that carry only the controller error. */
+static zm_grpc_status_t status_of_err(int err) {
+  zm_ziti_result_t r = {.err = err};
+  return zm_rpc_status_from_ziti(&r, UINT64_MAX, 0);
+}
+
 static void agent_free(agent_op_t *a) {
   a->app->enroll_inflight--;
   free(a->id);
@@ -89,29 +99,21 @@ static void agent_finish_error(agent_op_t *a) {
 /* ---- compensation ----------------------------------------------------------
  */
 
-static void on_agent_pending_dropped(int err, void *data) {
+static void on_agent_abandoned(int err, void *data) {
   agent_op_t *a = data;
   if (err != 0)
-    ZM_WARN("agent %s: cannot drop pending record: %s", a->name,
-            zm_strerror(err));
+    ZM_WARN("agent %s: cannot drop pending record: %s; recovery will",
+            a->name, zm_strerror(err));
   agent_finish_error(a);
 }
 
-static void agent_drop_pending(agent_op_t *a) {
-  zm_store_op_t op = {.kind = ZM_STORE_DEL_PENDING, .name = a->name};
-  zm_store_submit(a->app->store, &op, 1, on_agent_pending_dropped, a);
-}
-
-static void on_agent_comp_deleted(const zm_ziti_result_t *r, void *data) {
+static void on_agent_condemned(int err, void *data) {
   agent_op_t *a = data;
-  if (r->err != 0) {
-    ZM_WARN("agent %s: compensation delete failed: %s; pending record stays "
-            "for recovery",
-            a->name, zm_strerror(r->err));
-    agent_finish_error(a);
-    return;
-  }
-  agent_drop_pending(a);
+  if (err != 0)
+    ZM_WARN("agent %s: compensation: delete %s failed: %s; it stays DELETING "
+            "and is retried",
+            a->name, a->id, zm_strerror(err));
+  agent_finish_error(a);
 }
 
 static void on_agent_comp_found(const zm_ziti_result_t *r, void *data) {
@@ -124,8 +126,6 @@ static void on_agent_comp_found(const zm_ziti_result_t *r, void *data) {
     return;
   }
   if (r->n_ids == 0 && a->create_unanswered) {
-    /* Fix (as in saga.c): an unanswered create may still land; keep the
-     * pending record for recovery instead of dropping the only trace. */
     ZM_WARN("agent %s: compensation: create unanswered, may still land; "
             "pending record stays for recovery",
             a->name);
@@ -133,13 +133,12 @@ static void on_agent_comp_found(const zm_ziti_result_t *r, void *data) {
     return;
   }
   if (r->n_ids == 0) {
-    agent_drop_pending(a);
+    zm_life_abandon(a->app->life, a->name, on_agent_abandoned, a);
     return;
   }
   a->id = zm_xstrdup(r->ids[0]);
-  zm_ziti_delete_identity(a->app->ziti, a->id,
-                          uv_now(a->app->loop) + COMPENSATE_TIMEOUT_MS,
-                          on_agent_comp_deleted, a);
+  zm_life_condemn(a->app->life, a->name, a->id, AGENT_IDENTITY_TYPE,
+                  on_agent_condemned, a);
 }
 
 #if defined(__GNUC__)
@@ -153,14 +152,15 @@ agent_fail(agent_op_t *a, zm_grpc_status_t st, const char *fmt, ...) {
   va_end(ap);
   a->fail_status = st;
   ZM_WARN("agent %s: %s", a->name, a->fail_msg);
-  uint64_t d = uv_now(a->app->loop) + COMPENSATE_TIMEOUT_MS;
   if (a->id != NULL)
-    zm_ziti_delete_identity(a->app->ziti, a->id, d, on_agent_comp_deleted, a);
+    zm_life_condemn(a->app->life, a->name, a->id, AGENT_IDENTITY_TYPE,
+                    on_agent_condemned, a);
   else if (a->created_maybe)
-    zm_ziti_find_identities(a->app->ziti, "name", a->name, d,
+    zm_ziti_find_identities(a->app->ziti, "name", a->name,
+                            uv_now(a->app->loop) + COMPENSATE_TIMEOUT_MS,
                             on_agent_comp_found, a);
   else
-    agent_drop_pending(a);
+    zm_life_abandon(a->app->life, a->name, on_agent_abandoned, a);
 }
 
 /* ---- the happy path --------------------------------------------------------
@@ -173,9 +173,6 @@ static void on_agent_committed(int err, void *data) {
                zm_strerror(err));
     return;
   }
-  int64_t now = zm_wall_ms();
-  zm_index_put_managed(a->app->index, a->id, strlen(a->id), a->agent_id, 36,
-                       AGENT_IDENTITY_TYPE, now);
   Agynio__Api__ZitiManagement__V1__CreateAgentIdentityResponse resp =
       AGYNIO__API__ZITI_MANAGEMENT__V1__CREATE_AGENT_IDENTITY_RESPONSE__INIT;
   resp.ziti_identity_id = a->id;
@@ -201,15 +198,11 @@ static void on_agent_jwt(const zm_ziti_result_t *r, void *data) {
     agent_fail(a, ZM_GRPC_CANCELLED, "caller cancelled");
     return;
   }
-  zm_store_op_t ops[2] = {
-      {.kind = ZM_STORE_PUT_MANAGED,
-       .managed = {.ziti_identity_id = a->id,
-                   .identity_id = a->agent_id,
-                   .identity_type = AGENT_IDENTITY_TYPE,
-                   .created_at_ms = zm_wall_ms()}},
-      {.kind = ZM_STORE_DEL_PENDING, .name = a->name},
-  };
-  zm_store_submit(a->app->store, ops, 2, on_agent_committed, a);
+  zm_managed_row_t row = {.ziti_identity_id = a->id,
+                          .identity_id = a->agent_id,
+                          .identity_type = AGENT_IDENTITY_TYPE,
+                          .agent_id = a->agent_id};
+  zm_life_commit_managed(a->app->life, a->name, &row, on_agent_committed, a);
 }
 
 /* Same rule as saga.c create_answered(). */
@@ -226,10 +219,8 @@ static void on_agent_created(const zm_ziti_result_t *r, void *data) {
   if (r->err != 0) {
     a->create_unanswered = !agent_create_answered(r);
     agent_fail(a, status_of(r, a->deadline, uv_now(a->app->loop)),
-               "controller: create identity: %s%s%s", zm_strerror(r->err),
-               r->err == ZM_E_EXISTS ? " (a concurrent call for this agent?)"
-                                     : "",
-               "");
+               "controller: create identity: %s%s", zm_strerror(r->err),
+               r->err == ZM_E_EXISTS ? " (externalId in use)" : "");
     return;
   }
   a->id = zm_xstrdup(r->id);
@@ -237,6 +228,14 @@ static void on_agent_created(const zm_ziti_result_t *r, void *data) {
 }
 
 static void agent_create(agent_op_t *a) {
+  if (zm_call_is_cancelled(a->call) || uv_now(a->app->loop) >= a->deadline) {
+    agent_fail(a,
+               zm_call_is_cancelled(a->call) ? ZM_GRPC_CANCELLED
+                                             : ZM_GRPC_DEADLINE_EXCEEDED,
+               "%s", zm_call_is_cancelled(a->call) ? "caller cancelled"
+                                                   : "deadline exceeded");
+    return;
+  }
   char role[64];
   snprintf(role, sizeof role, "agent-%s", a->agent_id);
   const char *roles[] = {"agents", role};
@@ -247,44 +246,36 @@ static void agent_create(agent_op_t *a) {
 
 static void agent_replace_next(agent_op_t *a);
 
-/*
- * Replacing a previous identity deletes it on the controller first, and
- * drops its mapping only once the controller confirmed. The other order was
- * tried and the soak test caught it leaking: when the controller delete
- * failed (or the service crashed in between), an identity was left on the
- * controller with no record at all. This order can at worst leave a mapping
- * to an identity already gone (after a crash between the two steps), which
- * is harmless (it cannot connect) and DeleteIdentity clears (404 = done).
- */
-static void on_old_mapping_dropped(int err, void *data) {
+static void on_old_gone(int err, void *data) {
   agent_op_t *a = data;
+  const char *old = a->old_ids[a->next_old - 1];
   if (err != 0) {
-    agent_fail(a, ZM_GRPC_UNAVAILABLE, "store: cannot drop old mapping: %s",
-               zm_strerror(err));
+    agent_fail(a, status_of_err(err),
+               "controller: delete previous identity %s: %s (it stays "
+               "DELETING and is retried)",
+               old, zm_strerror(err));
     return;
   }
   agent_replace_next(a);
 }
 
-static void on_old_deleted(const zm_ziti_result_t *r, void *data) {
+static void on_old_retired(int err, void *data) {
   agent_op_t *a = data;
   const char *old = a->old_ids[a->next_old - 1];
-  if (r->err != 0) {
-    agent_fail(a, status_of(r, a->deadline, uv_now(a->app->loop)),
-               "controller: delete previous identity %s: %s", old,
-               zm_strerror(r->err));
+  if (err == ZM_E_NOT_FOUND) {
+    /* no mapping here: an orphan with this agent's externalId */
+    zm_life_condemn(a->app->life, NULL, old, AGENT_IDENTITY_TYPE, on_old_gone,
+                    a);
     return;
   }
-  zm_index_del_managed(a->app->index, old, strlen(old));
-  zm_store_op_t op = {.kind = ZM_STORE_DEL_MANAGED, .id = old};
-  zm_store_submit(a->app->store, &op, 1, on_old_mapping_dropped, a);
+  on_old_gone(err, a);
 }
 
 static void agent_replace_next(agent_op_t *a) {
   if (a->next_old < a->n_old) {
     const char *old = a->old_ids[a->next_old++];
     ZM_INFO("agent %s: deleting previous identity %s", a->agent_id, old);
-    zm_ziti_delete_identity(a->app->ziti, old, a->deadline, on_old_deleted, a);
+    zm_life_retire_managed(a->app->life, old, on_old_retired, a);
     return;
   }
   agent_create(a);
@@ -307,9 +298,13 @@ static void on_old_found(const zm_ziti_result_t *r, void *data) {
 static void on_agent_intent(int err, void *data) {
   agent_op_t *a = data;
   if (err != 0) {
-    a->fail_status = ZM_GRPC_UNAVAILABLE;
-    snprintf(a->fail_msg, sizeof a->fail_msg, "store: cannot record intent: %s",
-             zm_strerror(err));
+    a->fail_status =
+        err == ZM_E_EXISTS ? ZM_GRPC_ABORTED : ZM_GRPC_UNAVAILABLE;
+    snprintf(a->fail_msg, sizeof a->fail_msg, "%s",
+             err == ZM_E_EXISTS
+                 ? "another CreateAgentIdentity for this agent is in "
+                   "progress; retry"
+                 : "store: cannot record intent");
     agent_finish_error(a);
     return;
   }
@@ -359,51 +354,40 @@ void zm_rpc_create_agent(zm_call_t *call, const ProtobufCMessage *msg,
   if (cd != 0 && cd < a->deadline)
     a->deadline = cd;
   app->enroll_inflight++;
-  zm_store_op_t op = {.kind = ZM_STORE_PUT_PENDING,
-                      .pending = {.name = a->name,
-                                  .kind = ZM_PENDING_AGENT,
-                                  .type = AGENT_IDENTITY_TYPE,
-                                  .created_at_ms = zm_wall_ms()}};
-  zm_store_submit(app->store, &op, 1, on_agent_intent, a);
+  zm_pending_row_t row = {.name = a->name,
+                          .kind = ZM_PENDING_AGENT,
+                          .type = AGENT_IDENTITY_TYPE,
+                          .agent_id = a->agent_id};
+  zm_life_intent(app->life, &row, a->deadline, on_agent_intent, a);
 }
 
 /* ===================== DeleteIdentity ===================================== */
 
 typedef struct {
-  zm_app_t *app;
   zm_call_t *call;
   char *id; /* arena */
 } delete_op_t;
 
-static void on_mapping_deleted(int err, void *data) {
+static void on_retired(int err, void *data) {
   delete_op_t *d = data;
-  if (err != 0) {
-    zm_call_fail(d->call, ZM_GRPC_UNAVAILABLE,
-                 "identity deleted on the controller, but the store failed; "
-                 "retry");
+  if (err == ZM_E_NOT_FOUND) {
+    zm_call_fail(d->call, ZM_GRPC_NOT_FOUND, "identity not found");
     return;
   }
-  zm_index_del_managed(d->app->index, d->id, strlen(d->id));
+  if (err == ZM_E_STORE) {
+    zm_call_fail(d->call, ZM_GRPC_UNAVAILABLE, "store unavailable; retry");
+    return;
+  }
+  if (err != 0) {
+    zm_call_fail(d->call, status_of_err(err),
+                 "controller: delete identity failed; the mapping is gone and "
+                 "the delete is retried in the background");
+    return;
+  }
+  ZM_INFO("deleted identity %s", d->id);
   Agynio__Api__ZitiManagement__V1__DeleteIdentityResponse resp =
       AGYNIO__API__ZITI_MANAGEMENT__V1__DELETE_IDENTITY_RESPONSE__INIT;
   zm_call_reply(d->call, &resp.base);
-}
-
-static void on_ctrl_deleted(const zm_ziti_result_t *r, void *data) {
-  delete_op_t *d = data;
-  if (r->err != 0) {
-    zm_call_fail(d->call,
-                 status_of(r,
-                           zm_call_deadline(d->call) ? zm_call_deadline(d->call)
-                                                     : UINT64_MAX,
-                           uv_now(d->app->loop)),
-                 "controller: delete identity failed; retry");
-    return;
-  }
-  ZM_INFO("deleted identity %s%s", d->id,
-          r->gone ? " (already gone on the controller)" : "");
-  zm_store_op_t op = {.kind = ZM_STORE_DEL_MANAGED, .id = d->id};
-  zm_store_submit(d->app->store, &op, 1, on_mapping_deleted, d);
 }
 
 void zm_rpc_delete_identity(zm_call_t *call, const ProtobufCMessage *msg,
@@ -416,7 +400,9 @@ void zm_rpc_delete_identity(zm_call_t *call, const ProtobufCMessage *msg,
     zm_call_fail(call, ZM_GRPC_INVALID_ARGUMENT, why);
     return;
   }
-  if (zm_index_lookup_managed(app->index, req->ziti_identity_id,
+  /* Without a shared store the index holds every mapping. */
+  if (!zm_life_read_through(app->life) &&
+      zm_index_lookup_managed(app->index, req->ziti_identity_id,
                               strlen(req->ziti_identity_id)) == NULL) {
     zm_call_fail(call, ZM_GRPC_NOT_FOUND, "identity not found");
     return;
@@ -427,11 +413,7 @@ void zm_rpc_delete_identity(zm_call_t *call, const ProtobufCMessage *msg,
     return;
   }
   delete_op_t *d = zm_call_alloc(call, sizeof *d);
-  d->app = app;
   d->call = call;
   d->id = (char *)req->ziti_identity_id;
-  uint64_t dl = zm_call_deadline(call);
-  zm_ziti_delete_identity(
-      app->ziti, d->id, dl ? dl : uv_now(app->loop) + app->cfg.ziti_timeout_ms,
-      on_ctrl_deleted, d);
+  zm_life_retire_managed(app->life, d->id, on_retired, d);
 }

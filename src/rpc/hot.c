@@ -1,11 +1,13 @@
 /*
- * hot.c - the hot-path RPCs: ResolveIdentity (index lookup only),
- * ExtendIdentityLease (index check + one group-committed store write) and
+ * hot.c - the hot-path RPCs: ResolveIdentity (a cache lookup; a store read
+ * on a miss when replicas share the store), ExtendIdentityLease (the
+ * lifecycle's memory-first refresh) and
  * ListManagedIdentities (keyset pagination through the store). None of them
  * ever touches the controller.
  */
 #include "zm/app.h"
 #include "zm/b64.h"
+#include "zm/lifecycle.h"
 #include "zm/log.h"
 
 #include "agynio/api/ziti_management/v1/ziti_management.pb-c.h"
@@ -20,6 +22,24 @@
 
 /* ===================== ResolveIdentity =================================== */
 
+static void reply_resolved(zm_call_t *call, const zm_index_managed_t *m) {
+  Agynio__Api__ZitiManagement__V1__ResolveIdentityResponse resp =
+      AGYNIO__API__ZITI_MANAGEMENT__V1__RESOLVE_IDENTITY_RESPONSE__INIT;
+  resp.identity_id = (char *)m->identity_id;
+  resp.identity_type = m->identity_type;
+  zm_call_reply(call, &resp.base);
+}
+
+static void on_fetched(int err, const zm_index_managed_t *m, void *data) {
+  zm_call_t *call = data;
+  if (err == 0)
+    reply_resolved(call, m);
+  else if (err == ZM_E_NOT_FOUND)
+    zm_call_fail(call, ZM_GRPC_NOT_FOUND, "identity not found");
+  else
+    zm_call_fail(call, ZM_GRPC_UNAVAILABLE, "store unavailable, retry");
+}
+
 void zm_rpc_resolve_identity(zm_call_t *call, const ProtobufCMessage *msg,
                              void *ctx) {
   zm_app_t *app = ctx;
@@ -30,44 +50,38 @@ void zm_rpc_resolve_identity(zm_call_t *call, const ProtobufCMessage *msg,
     zm_call_fail(call, ZM_GRPC_INVALID_ARGUMENT, why);
     return;
   }
-  const zm_index_managed_t *m = zm_index_lookup_managed(
-      app->index, req->ziti_identity_id, strlen(req->ziti_identity_id));
-  if (m == NULL) {
+  const zm_index_managed_t *m =
+      zm_life_cached_managed(app->life, req->ziti_identity_id);
+  if (m != NULL) {
+    reply_resolved(call, m);
+    return;
+  }
+  if (!zm_life_read_through(app->life)) {
     zm_call_fail(call, ZM_GRPC_NOT_FOUND, "identity not found");
     return;
   }
-  Agynio__Api__ZitiManagement__V1__ResolveIdentityResponse resp =
-      AGYNIO__API__ZITI_MANAGEMENT__V1__RESOLVE_IDENTITY_RESPONSE__INIT;
-  resp.identity_id = (char *)m->identity_id;
-  resp.identity_type = m->identity_type;
-  zm_call_reply(call, &resp.base);
+  /* shared store: another replica may have created it */
+  zm_life_fetch_managed(app->life, req->ziti_identity_id, on_fetched, call);
 }
 
 /* ===================== ExtendIdentityLease =============================== */
 
-typedef struct {
-  zm_app_t *app;
-  zm_call_t *call;
-  char *id; /* arena */
-} extend_ctx_t;
-
-static void on_extended(int err, void *data) {
-  extend_ctx_t *x = data;
-  x->app->writes_inflight--;
+static void reply_extended(zm_call_t *call, int err) {
   if (err == 0) {
     Agynio__Api__ZitiManagement__V1__ExtendIdentityLeaseResponse resp =
         AGYNIO__API__ZITI_MANAGEMENT__V1__EXTEND_IDENTITY_LEASE_RESPONSE__INIT;
-    zm_call_reply(x->call, &resp.base);
+    zm_call_reply(call, &resp.base);
   } else if (err == ZM_E_NOT_FOUND) {
-    /* The store is the truth: the record is gone (collected). */
-    zm_index_del_service(x->app->index, x->id, strlen(x->id));
-    zm_call_fail(x->call, ZM_GRPC_NOT_FOUND, "service identity not found");
+    /* no live record: deleting, collected, or never known. The pod
+     * re-enrolls. */
+    zm_call_fail(call, ZM_GRPC_NOT_FOUND, "service identity not found");
   } else {
-    ZM_WARN("extend lease %s: store: %s", x->id, zm_strerror(err));
-    zm_call_fail(x->call, ZM_GRPC_UNAVAILABLE,
+    zm_call_fail(call, ZM_GRPC_UNAVAILABLE,
                  "store unavailable; lease not extended, retry");
   }
 }
+
+static void on_extended(int err, void *data) { reply_extended(data, err); }
 
 void zm_rpc_extend_lease(zm_call_t *call, const ProtobufCMessage *msg,
                          void *ctx) {
@@ -79,28 +93,9 @@ void zm_rpc_extend_lease(zm_call_t *call, const ProtobufCMessage *msg,
     zm_call_fail(call, ZM_GRPC_INVALID_ARGUMENT, why);
     return;
   }
-  size_t len = strlen(req->ziti_identity_id);
-  zm_index_service_t *s =
-      zm_index_lookup_service(app->index, req->ziti_identity_id, len);
-  /* DELETING: GC already sent the DELETE; the identity is doomed, and the pod
-   * must re-enroll. NOT_FOUND is the truthful answer. */
-  if (s == NULL || s->state == ZM_LEASE_DELETING) {
-    zm_call_fail(call, ZM_GRPC_NOT_FOUND, "service identity not found");
-    return;
-  }
-  int64_t lease = zm_wall_ms() + (int64_t)app->cfg.lease_ttl_ms;
-  /* Raise the in-memory lease first: GC decides on the index, so from here
-   * on this identity is not a candidate even before the write is durable. */
-  if (lease > s->lease_expires_ms)
-    s->lease_expires_ms = lease;
-  extend_ctx_t *x = zm_call_alloc(call, sizeof *x);
-  x->app = app;
-  x->call = call;
-  x->id = (char *)req->ziti_identity_id;
-  zm_store_op_t op = {
-      .kind = ZM_STORE_EXTEND_LEASE, .id = req->ziti_identity_id, .ms = lease};
-  app->writes_inflight++;
-  zm_store_submit(app->store, &op, 1, on_extended, x);
+  int rv = zm_life_extend(app->life, req->ziti_identity_id, on_extended, call);
+  if (rv != 1)
+    reply_extended(call, rv);
 }
 
 /* ===================== ListManagedIdentities ============================= */

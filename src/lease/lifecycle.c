@@ -1,0 +1,851 @@
+/*
+ * lifecycle.c - every identity's durable state and its transitions (see
+ * include/zm/lifecycle.h for the states, the outage rule and the clock).
+ *
+ * Everything that changes an identity's state goes through a function of
+ * this file, and every such function submits exactly one store unit that
+ * makes the transition durable before anything depends on it: before a
+ * controller call it guards, before the index learns it, before a caller
+ * hears OK. The only memory-first path is the lease refresh: see extend and
+ * the flusher below.
+ */
+#include "zm/lifecycle.h"
+
+#include "zm/log.h"
+#include "zm/zm.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* Heartbeat period, and the silence after which the store counts an outage
+ * (no process beat for that long). */
+#define BEAT_MS 1000u
+#define OUTAGE_GAP_MS 5000u
+/* This process trusts its view of the store (fast path, collection) only
+ * while its last successful beat is younger than this. */
+#define BEAT_STALE_MS 3000u
+/* Change poll period (shared store): the bound on how long a mapping
+ * deleted or replaced through another replica keeps resolving here. */
+#define CHANGES_MS 500u
+/* Changes are re-read this far back: a transaction that took its sequence
+ * number before an already-seen one but committed after it is still seen. */
+#define CHANGES_LOOKBACK_MS 10000
+#define CHANGES_BATCH 1000u
+/* Without a successful change poll for this long, cached mappings are not
+ * trusted (every ResolveIdentity asks the store). */
+#define CHANGES_STALE_MS 5000u
+/* Creations whose outcome is unknown may still land this long after the
+ * controller request that carried them ended. */
+#define CREATE_LAND_MARGIN_MS 30000
+#define BACKOFF_MIN_MS 1000u
+#define BACKOFF_MAX_MS (5u * 60u * 1000u)
+
+/* ===================== the transition table ============================== */
+
+static const char *const STATE_NAMES[ZM_LIFE__COUNT] = {
+    "NONE", "PENDING", "LIVE", "DELETING", "GONE"};
+
+static const struct {
+  zm_life_state_t from, to;
+} EDGES[ZM_LIFE_T__COUNT] = {
+    [ZM_LIFE_T_INTENT] = {ZM_LIFE_NONE, ZM_LIFE_PENDING},
+    [ZM_LIFE_T_COMMIT] = {ZM_LIFE_PENDING, ZM_LIFE_LIVE},
+    [ZM_LIFE_T_ABANDON] = {ZM_LIFE_PENDING, ZM_LIFE_GONE},
+    [ZM_LIFE_T_CONDEMN] = {ZM_LIFE_PENDING, ZM_LIFE_DELETING},
+    [ZM_LIFE_T_RETIRE] = {ZM_LIFE_LIVE, ZM_LIFE_DELETING},
+    [ZM_LIFE_T_BURY] = {ZM_LIFE_DELETING, ZM_LIFE_GONE},
+    [ZM_LIFE_T_DEFER] = {ZM_LIFE_DELETING, ZM_LIFE_DELETING},
+};
+
+int zm_life_edge(zm_life_state_t a, zm_life_transition_t t,
+                 zm_life_state_t *to) {
+  if ((unsigned)t >= ZM_LIFE_T__COUNT || EDGES[t].from != a)
+    return 0;
+  if (to != NULL)
+    *to = EDGES[t].to;
+  return 1;
+}
+
+const char *zm_life_state_name(zm_life_state_t s) {
+  return (unsigned)s < ZM_LIFE__COUNT ? STATE_NAMES[s] : "?";
+}
+
+/* Logs one transition; every durable transition of this file passes here. */
+static void trace(zm_life_transition_t t, const char *what) {
+  ZM_DEBUG("lifecycle: %s: %s -> %s", what, STATE_NAMES[EDGES[t].from],
+           STATE_NAMES[EDGES[t].to]);
+}
+
+/* ===================== the object ======================================== */
+
+typedef struct {
+  char **ids;
+  size_t n, cap;
+} idvec_t;
+
+typedef struct {
+  int64_t seq;
+  uint64_t seen_mono;
+} seen_t;
+
+struct zm_life {
+  uv_loop_t *loop;
+  zm_store_t *store;
+  zm_index_t *index;
+  zm_ziti_t *ziti;
+  zm_life_config_t cfg;
+  zm_life_stats_t stats;
+  int shared;
+  unsigned inflight;
+
+  /* clock */
+  uv_timer_t beat_timer;
+  int beat_inflight;
+  int64_t anchor_store_ms;   /* store clock at anchor_mono */
+  uint64_t anchor_mono;      /* ms, uv_hrtime based */
+  uint64_t last_beat_ok;     /* mono ms of the last successful beat; 0 never */
+  uint64_t beat_sent;        /* mono ms the beat in flight was sent */
+  int64_t resumed_ms;        /* store clock: start of the current up period */
+  void (*on_ready)(void *);
+  void *ready_data;
+
+  /* lease refreshes */
+  uv_timer_t flush_timer;
+  idvec_t dirty;          /* ids with a pending refresh, not in flight */
+  uint64_t dirty_since;   /* mono ms of the oldest refresh in dirty; 0 */
+  idvec_t flying;         /* ids of the flush in flight */
+  int64_t *flying_ms;
+  uint64_t flying_since;  /* mono ms of the oldest refresh in flight; 0 */
+  int flush_failed;       /* the last flush failed: no fast path */
+
+  /* change poller (shared store) */
+  uv_timer_t changes_timer;
+  int changes_inflight;
+  int64_t changes_seq;       /* highest seq seen */
+  int64_t changes_ok_store;  /* store clock of the last successful poll */
+  uint64_t changes_ok_mono;  /* mono ms of the last successful poll */
+  uint64_t epoch;            /* bumped at every eviction */
+  seen_t *seen;              /* seqs seen within the lookback window */
+  size_t n_seen, cap_seen;
+
+  int stopping, closed_handles;
+  void (*stop_done)(void *);
+  void *stop_data;
+};
+
+static uint64_t mono_ms(void) { return uv_hrtime() / 1000000u; }
+
+static void maybe_stopped(zm_life_t *l);
+
+/* One call of this module's finished: shutdown may be waiting for it. */
+static void life_dec(zm_life_t *l) {
+  ZM_ASSERT(l->inflight > 0);
+  l->inflight--;
+  maybe_stopped(l);
+}
+
+static void idvec_push(idvec_t *v, const char *id) {
+  if (v->n == v->cap) {
+    v->cap = v->cap ? v->cap * 2 : 256;
+    v->ids = zm_xrealloc(v->ids, v->cap * sizeof *v->ids);
+  }
+  v->ids[v->n++] = zm_xstrdup(id);
+}
+
+static void idvec_clear(idvec_t *v) {
+  for (size_t i = 0; i < v->n; i++)
+    free(v->ids[i]);
+  v->n = 0;
+}
+
+static void idvec_free(idvec_t *v) {
+  idvec_clear(v);
+  free(v->ids);
+  v->ids = NULL;
+  v->cap = 0;
+}
+
+uint64_t zm_life_backoff_ms(int attempts) {
+  uint64_t d = BACKOFF_MIN_MS;
+  for (int i = 0; i < attempts && d < BACKOFF_MAX_MS; i++)
+    d *= 2;
+  return d > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : d;
+}
+
+const zm_life_stats_t *zm_life_stats(const zm_life_t *l) { return &l->stats; }
+unsigned zm_life_inflight(const zm_life_t *l) { return l->inflight; }
+int zm_life_read_through(const zm_life_t *l) { return l->shared; }
+
+/* ===================== clock ============================================= */
+
+int64_t zm_life_now(const zm_life_t *l) {
+  if (l->last_beat_ok == 0)
+    return zm_wall_ms();
+  return l->anchor_store_ms + (int64_t)(mono_ms() - l->anchor_mono);
+}
+
+static int beat_fresh(const zm_life_t *l) {
+  return l->last_beat_ok != 0 && mono_ms() - l->last_beat_ok < BEAT_STALE_MS;
+}
+
+uint64_t zm_life_margin_ms(const zm_life_t *l) {
+  /* A refresh answered from memory reaches the store within two flush
+   * periods (or the fast path stops: see flush_window_ok); a lease that
+   * expired during an outage shorter than OUTAGE_GAP (not counted as one)
+   * gets the rest of the margin to be refreshed. */
+  return OUTAGE_GAP_MS + 2 * l->cfg.flush_ms + 2 * BEAT_MS;
+}
+
+int64_t zm_life_collect_cut(const zm_life_t *l) {
+  if (!beat_fresh(l))
+    return INT64_MIN;
+  int64_t now = zm_life_now(l);
+  int64_t margin = (int64_t)zm_life_margin_ms(l);
+  if (l->resumed_ms + (int64_t)l->cfg.lease_ttl_ms + margin > now)
+    return INT64_MIN; /* every lease lives TTL past the last resume */
+  return now - margin;
+}
+
+int zm_life_settled(const zm_life_t *l, uint64_t min_ms) {
+  return beat_fresh(l) && zm_life_now(l) - l->resumed_ms >= (int64_t)min_ms;
+}
+
+static void on_beat(int err, int64_t now_ms, int64_t resumed_ms, void *data) {
+  zm_life_t *l = data;
+  l->beat_inflight = 0;
+  uint64_t m = mono_ms();
+  if (err != 0) {
+    l->stats.beat_failures++;
+    if (l->stats.beat_failures % 10 == 1)
+      ZM_WARN("lifecycle: heartbeat failed: %s (no collection, no recovery "
+              "and no lease refresh from memory until it works again)",
+              zm_strerror(err));
+    return;
+  }
+  l->stats.beats++;
+  /* The store read its clock somewhere between send and now. */
+  l->anchor_mono = l->beat_sent + (m - l->beat_sent) / 2;
+  l->anchor_store_ms = now_ms;
+  if (l->last_beat_ok != 0 && resumed_ms != l->resumed_ms) {
+    l->stats.outages_detected++;
+    ZM_WARN("lifecycle: no process was up (or the store clock stepped) "
+            "before this beat: every lease lives at least %llu ms from now",
+            (unsigned long long)l->cfg.lease_ttl_ms);
+  }
+  l->resumed_ms = resumed_ms;
+  int first = l->last_beat_ok == 0;
+  l->last_beat_ok = m;
+  if (first) {
+    l->changes_ok_store = now_ms;
+    l->changes_ok_mono = m;
+    if (l->on_ready != NULL)
+      l->on_ready(l->ready_data);
+  }
+}
+
+static void on_beat_timer(uv_timer_t *t) {
+  zm_life_t *l = t->data;
+  if (l->beat_inflight)
+    return;
+  l->beat_inflight = 1;
+  l->beat_sent = mono_ms();
+  zm_store_heartbeat(l->store, zm_wall_ms(), OUTAGE_GAP_MS, on_beat, l);
+}
+
+/* ===================== lease refresh: memory first ======================= */
+
+/* The fast path is allowed while no refresh answered from memory is older
+ * than half the collection margin without being durable. */
+static int flush_window_ok(const zm_life_t *l) {
+  if (l->flush_failed || !beat_fresh(l))
+    return 0;
+  uint64_t oldest = l->flying_since;
+  if (l->dirty_since != 0 && (oldest == 0 || l->dirty_since < oldest))
+    oldest = l->dirty_since;
+  return oldest == 0 || mono_ms() - oldest < zm_life_margin_ms(l) / 2;
+}
+
+static void on_flushed(int err, void *data) {
+  zm_life_t *l = data;
+  if (err != 0) {
+    l->stats.flush_failures++;
+    l->flush_failed = 1;
+    ZM_WARN("lifecycle: lease flush of %zu refreshes failed: %s; retrying",
+            l->flying.n, zm_strerror(err));
+  } else {
+    l->flush_failed = 0;
+    l->stats.flushes++;
+    l->stats.flushed_leases += l->flying.n;
+  }
+  for (size_t i = 0; i < l->flying.n; i++) {
+    const char *id = l->flying.ids[i];
+    zm_index_service_t *s = zm_index_lookup_service(l->index, id, strlen(id));
+    if (s == NULL || s->state != ZM_LEASE_LIVE || s->lease_pending_ms == 0)
+      continue;
+    if (err == 0 && l->flying_ms[i] > s->lease_expires_ms)
+      s->lease_expires_ms = l->flying_ms[i];
+    if (err == 0 && s->lease_pending_ms <= l->flying_ms[i]) {
+      s->lease_pending_ms = 0;
+      continue;
+    }
+    if (err != 0 && l->stopping)
+      continue; /* the store is closing: the refresh is lost (see README) */
+    /* refreshed again meanwhile, or failed: next flush */
+    if (l->dirty_since == 0)
+      l->dirty_since = err != 0 ? l->flying_since : mono_ms();
+    idvec_push(&l->dirty, id);
+  }
+  idvec_clear(&l->flying);
+  free(l->flying_ms);
+  l->flying_ms = NULL;
+  l->flying_since = 0;
+  life_dec(l);
+}
+
+static void flush_now(zm_life_t *l) {
+  if (l->flying.n != 0 || l->flying_ms != NULL || l->dirty.n == 0)
+    return;
+  idvec_t v = l->dirty;
+  l->dirty = l->flying;
+  l->flying = v;
+  l->flying_since = l->dirty_since;
+  l->dirty_since = 0;
+  l->flying_ms = zm_xcalloc(l->flying.n + 1, sizeof *l->flying_ms);
+  size_t k = 0;
+  for (size_t i = 0; i < l->flying.n; i++) {
+    char *id = l->flying.ids[i];
+    zm_index_service_t *s = zm_index_lookup_service(l->index, id, strlen(id));
+    if (s == NULL || s->state != ZM_LEASE_LIVE || s->lease_pending_ms == 0) {
+      free(id);
+      continue;
+    }
+    l->flying.ids[k] = id;
+    l->flying_ms[k++] = s->lease_pending_ms;
+  }
+  l->flying.n = k;
+  if (k == 0) {
+    free(l->flying_ms);
+    l->flying_ms = NULL;
+    l->flying_since = 0;
+    return;
+  }
+  zm_store_op_t op = {.kind = ZM_STORE_FLUSH_LEASES,
+                      .ids = (const char *const *)l->flying.ids,
+                      .mss = l->flying_ms,
+                      .n = k};
+  l->inflight++;
+  zm_store_submit(l->store, &op, 1, on_flushed, l);
+}
+
+static void on_flush_timer(uv_timer_t *t) { flush_now(t->data); }
+
+/* ---- ExtendIdentityLease ---------------------------------------------------
+ */
+
+typedef struct {
+  zm_life_t *l;
+  zm_life_cb cb;
+  void *data;
+  int64_t ms;
+  char id[];
+} extend_t;
+
+static void on_extended(int err, void *data) {
+  extend_t *x = data;
+  zm_life_t *l = x->l;
+  zm_index_service_t *s =
+      zm_index_lookup_service(l->index, x->id, strlen(x->id));
+  if (err == 0) {
+    if (s == NULL)
+      s = zm_index_put_service(l->index, x->id, strlen(x->id), 0, x->ms, 0);
+    if (s->state == ZM_LEASE_LIVE && x->ms > s->lease_expires_ms)
+      s->lease_expires_ms = x->ms;
+  } else if (err == ZM_E_NOT_FOUND) {
+    /* the store is the truth: no live record */
+    if (s != NULL && s->state == ZM_LEASE_LIVE && s->lease_pending_ms == 0)
+      zm_index_del_service(l->index, x->id, strlen(x->id));
+  } else {
+    err = ZM_E_UNAVAILABLE;
+  }
+  x->cb(err, x->data);
+  free(x);
+  life_dec(l);
+}
+
+int zm_life_extend(zm_life_t *l, const char *id, zm_life_cb cb, void *data) {
+  if (l->stopping || !beat_fresh(l))
+    return ZM_E_UNAVAILABLE;
+  size_t len = strlen(id);
+  zm_index_service_t *s = zm_index_lookup_service(l->index, id, len);
+  if (s != NULL && s->state == ZM_LEASE_DELETING)
+    return ZM_E_NOT_FOUND;
+  int64_t now = zm_life_now(l);
+  int64_t lease = now + (int64_t)l->cfg.lease_ttl_ms;
+  /* Fast path: the durable lease is still running, so no process collects
+   * this identity before the refresh is flushed (collection waits the
+   * margin past the durable lease; flushes land within half of it). */
+  if (s != NULL && s->lease_expires_ms > now && flush_window_ok(l)) {
+    if (s->lease_pending_ms == 0) {
+      if (l->dirty_since == 0)
+        l->dirty_since = mono_ms();
+      idvec_push(&l->dirty, id);
+    }
+    if (lease > s->lease_pending_ms)
+      s->lease_pending_ms = lease;
+    l->stats.extend_fast++;
+    return 0;
+  }
+  if (s == NULL && !l->shared)
+    return ZM_E_NOT_FOUND; /* the index holds every record of this store */
+  /* Durable path: the lease ran out (maybe collected meanwhile), or another
+   * replica holds the record: the store decides, atomically against
+   * collection. */
+  extend_t *x = zm_xmalloc(sizeof *x + len + 1);
+  x->l = l;
+  x->cb = cb;
+  x->data = data;
+  x->ms = lease;
+  memcpy(x->id, id, len + 1);
+  zm_store_op_t op = {.kind = ZM_STORE_EXTEND_LEASE, .id = x->id, .ms = lease};
+  l->inflight++;
+  l->stats.extend_durable++;
+  zm_store_submit(l->store, &op, 1, on_extended, x);
+  return 1;
+}
+
+/* ===================== mappings: cache + invalidation ==================== */
+
+const zm_index_managed_t *zm_life_cached_managed(zm_life_t *l, const char *id) {
+  if (l->shared && mono_ms() - l->changes_ok_mono >= CHANGES_STALE_MS)
+    return NULL; /* cannot vouch for the cache: ask the store */
+  return zm_index_lookup_managed(l->index, id, strlen(id));
+}
+
+typedef struct {
+  zm_life_t *l;
+  zm_life_managed_cb cb;
+  void *data;
+  uint64_t epoch;
+} fetch_t;
+
+static void on_fetched(int err, const zm_managed_row_t *rows, size_t n,
+                       void *data) {
+  fetch_t *f = data;
+  zm_life_t *l = f->l;
+  if (err != 0) {
+    f->cb(ZM_E_UNAVAILABLE, NULL, f->data);
+  } else if (n == 0) {
+    f->cb(ZM_E_NOT_FOUND, NULL, f->data);
+  } else {
+    const zm_managed_row_t *r = &rows[0];
+    zm_index_managed_t tmp = {.identity_id = r->identity_id,
+                              .identity_id_len = strlen(r->identity_id),
+                              .identity_type = r->identity_type,
+                              .created_at_ms = r->created_at_ms};
+    const zm_index_managed_t *m = &tmp;
+    /* Cache only if no eviction ran while the read was in flight: it may
+     * have been about this very row. */
+    if (f->epoch == l->epoch) {
+      zm_index_put_managed(l->index, r->ziti_identity_id,
+                           strlen(r->ziti_identity_id), r->identity_id,
+                           tmp.identity_id_len, r->identity_type,
+                           r->created_at_ms);
+      m = zm_index_lookup_managed(l->index, r->ziti_identity_id,
+                                  strlen(r->ziti_identity_id));
+    }
+    f->cb(0, m, f->data);
+  }
+  free(f);
+  life_dec(l);
+}
+
+void zm_life_fetch_managed(zm_life_t *l, const char *id, zm_life_managed_cb cb,
+                           void *data) {
+  fetch_t *f = zm_xmalloc(sizeof *f);
+  f->l = l;
+  f->cb = cb;
+  f->data = data;
+  f->epoch = l->epoch;
+  l->inflight++;
+  zm_store_get_managed(l->store, id, on_fetched, f);
+}
+
+static int seen_has(const zm_life_t *l, int64_t seq) {
+  for (size_t i = 0; i < l->n_seen; i++)
+    if (l->seen[i].seq == seq)
+      return 1;
+  return 0;
+}
+
+static void on_changes_timer(uv_timer_t *t);
+
+static void on_changes(int err, const int64_t *seqs, const char *const *ids,
+                       size_t n, void *data) {
+  zm_life_t *l = data;
+  l->changes_inflight = 0;
+  if (err != 0) {
+    ZM_DEBUG("lifecycle: change poll failed: %s", zm_strerror(err));
+    life_dec(l);
+    return;
+  }
+  uint64_t m = mono_ms();
+  /* forget seqs that left the lookback window */
+  size_t k = 0;
+  for (size_t i = 0; i < l->n_seen; i++)
+    if (m - l->seen[i].seen_mono < 2 * CHANGES_LOOKBACK_MS)
+      l->seen[k++] = l->seen[i];
+  l->n_seen = k;
+  for (size_t i = 0; i < n; i++) {
+    if (seqs[i] > l->changes_seq)
+      l->changes_seq = seqs[i];
+    if (seen_has(l, seqs[i]))
+      continue;
+    if (l->n_seen == l->cap_seen) {
+      l->cap_seen = l->cap_seen ? l->cap_seen * 2 : 64;
+      l->seen = zm_xrealloc(l->seen, l->cap_seen * sizeof *l->seen);
+    }
+    l->seen[l->n_seen++] = (seen_t){seqs[i], m};
+    if (zm_index_del_managed(l->index, ids[i], strlen(ids[i])))
+      l->stats.evicted++;
+    l->epoch++;
+  }
+  if (n < CHANGES_BATCH) {
+    l->changes_ok_mono = m;
+    l->changes_ok_store = zm_life_now(l);
+  } else if (!l->stopping) {
+    uv_timer_start(&l->changes_timer, on_changes_timer, 0, CHANGES_MS);
+  }
+  life_dec(l);
+}
+
+static void on_changes_timer(uv_timer_t *t) {
+  zm_life_t *l = t->data;
+  if (l->changes_inflight || l->last_beat_ok == 0)
+    return;
+  l->changes_inflight = 1;
+  l->inflight++;
+  zm_store_changes(l->store, l->changes_seq,
+                   l->changes_ok_store - CHANGES_LOOKBACK_MS, CHANGES_BATCH,
+                   on_changes, l);
+}
+
+/* ===================== transitions ======================================= */
+
+typedef struct {
+  zm_life_t *l;
+  zm_life_cb cb;
+  void *data;
+  zm_life_transition_t t;
+  int attempts;
+  int err; /* the delete's failure, reported after DEFER */
+  /* what the index learns after the commit */
+  int kind; /* 0 none, 1 service, 2 managed */
+  int type;
+  int64_t lease;
+  char *id;
+  char *identity_id;
+} unit_t;
+
+static unit_t *unit_new(zm_life_t *l, zm_life_transition_t t, zm_life_cb cb,
+                        void *data) {
+  unit_t *u = zm_xcalloc(1, sizeof *u);
+  u->l = l;
+  u->t = t;
+  u->cb = cb;
+  u->data = data;
+  l->inflight++;
+  return u;
+}
+
+static void unit_done(unit_t *u, int err) {
+  zm_life_t *l = u->l;
+  if (u->cb != NULL)
+    u->cb(err, u->data);
+  free(u->id);
+  free(u->identity_id);
+  free(u);
+  life_dec(l);
+}
+
+static void on_unit(int err, void *data) {
+  unit_t *u = data;
+  if (err == 0) {
+    trace(u->t, u->id ? u->id : "pending");
+    if (u->kind == 1)
+      zm_index_put_service(u->l->index, u->id, strlen(u->id), u->type,
+                           u->lease, zm_life_now(u->l));
+    else if (u->kind == 2)
+      zm_index_put_managed(u->l->index, u->id, strlen(u->id), u->identity_id,
+                           strlen(u->identity_id), u->type,
+                           zm_life_now(u->l));
+  }
+  unit_done(u, err);
+}
+
+void zm_life_intent(zm_life_t *l, zm_pending_row_t *row, uint64_t deadline_mono,
+                    zm_life_cb cb, void *data) {
+  int64_t now = zm_life_now(l);
+  uint64_t left = deadline_mono > uv_now(l->loop)
+                      ? deadline_mono - uv_now(l->loop)
+                      : 0;
+  row->created_at_ms = now;
+  /* The create is sent before the deadline and the client gives up on it
+   * by then; the controller may still apply it a little later. */
+  row->resolve_after_ms = now + (int64_t)left + (int64_t)l->cfg.ziti_timeout_ms +
+                          CREATE_LAND_MARGIN_MS +
+                          (int64_t)zm_life_margin_ms(l);
+  unit_t *u = unit_new(l, ZM_LIFE_T_INTENT, cb, data);
+  zm_store_op_t op = {.kind = ZM_STORE_PUT_PENDING, .pending = *row};
+  zm_store_submit(l->store, &op, 1, on_unit, u);
+}
+
+void zm_life_commit_service(zm_life_t *l, const char *name, const char *id,
+                            int service_type, zm_life_cb cb, void *data) {
+  int64_t now = zm_life_now(l);
+  unit_t *u = unit_new(l, ZM_LIFE_T_COMMIT, cb, data);
+  u->kind = 1;
+  u->type = service_type;
+  u->lease = now + (int64_t)l->cfg.lease_ttl_ms;
+  u->id = zm_xstrdup(id);
+  zm_store_op_t ops[2] = {
+      {.kind = ZM_STORE_PUT_SERVICE,
+       .service = {.ziti_identity_id = id,
+                   .service_type = service_type,
+                   .lease_expires_ms = u->lease,
+                   .created_at_ms = now}},
+      {.kind = ZM_STORE_DEL_PENDING, .name = name},
+  };
+  zm_store_submit(l->store, ops, 2, on_unit, u);
+}
+
+void zm_life_commit_managed(zm_life_t *l, const char *name,
+                            const zm_managed_row_t *row, zm_life_cb cb,
+                            void *data) {
+  unit_t *u = unit_new(l, ZM_LIFE_T_COMMIT, cb, data);
+  u->kind = 2;
+  u->type = row->identity_type;
+  u->id = zm_xstrdup(row->ziti_identity_id);
+  u->identity_id = zm_xstrdup(row->identity_id);
+  zm_store_op_t ops[2] = {
+      {.kind = ZM_STORE_PUT_MANAGED, .managed = *row},
+      {.kind = ZM_STORE_DEL_PENDING, .name = name},
+  };
+  ops[0].managed.created_at_ms = zm_life_now(l);
+  zm_store_submit(l->store, ops, 2, on_unit, u);
+}
+
+void zm_life_abandon(zm_life_t *l, const char *name, zm_life_cb cb,
+                     void *data) {
+  unit_t *u = unit_new(l, ZM_LIFE_T_ABANDON, cb, data);
+  zm_store_op_t op = {.kind = ZM_STORE_DEL_PENDING, .name = name};
+  zm_store_submit(l->store, &op, 1, on_unit, u);
+}
+
+/* ---- DELETING -> GONE --------------------------------------------------- */
+
+static int64_t claim_until(const zm_life_t *l) {
+  return zm_life_now(l) + (int64_t)l->cfg.ziti_timeout_ms +
+         (int64_t)zm_life_margin_ms(l);
+}
+
+static void on_buried(int err, void *data) {
+  unit_t *u = data;
+  if (err != 0)
+    ZM_WARN("lifecycle: %s is gone on the controller, but its tombstone "
+            "stays (%s): a later retry finds it gone (404) and removes it",
+            u->id, zm_strerror(err));
+  else
+    trace(ZM_LIFE_T_BURY, u->id);
+  u->l->stats.deleted++;
+  unit_done(u, 0);
+}
+
+static void on_deferred(int err, void *data) {
+  unit_t *u = data;
+  if (err != 0)
+    ZM_WARN("lifecycle: cannot record the failed delete of %s: %s; its "
+            "claim runs out and it is retried",
+            u->id, zm_strerror(err));
+  u->l->stats.delete_deferred++;
+  unit_done(u, u->err);
+}
+
+static void on_ctrl_deleted(const zm_ziti_result_t *r, void *data) {
+  unit_t *u = data;
+  zm_life_t *l = u->l;
+  if (r->err == 0) {
+    /* 2xx, or 404: gone either way */
+    ZM_INFO("lifecycle: deleted %s on the controller%s", u->id,
+            r->gone ? " (already gone)" : "");
+    u->t = ZM_LIFE_T_BURY;
+    zm_store_op_t op = {.kind = ZM_STORE_DEL_TOMB, .id = u->id};
+    zm_store_submit(l->store, &op, 1, on_buried, u);
+    return;
+  }
+  uint64_t delay = zm_life_backoff_ms(u->attempts);
+  ZM_WARN("lifecycle: delete %s failed: %s; stays DELETING, retried in %llu "
+          "ms",
+          u->id, zm_strerror(r->err), (unsigned long long)delay);
+  u->t = ZM_LIFE_T_DEFER;
+  u->err = r->err;
+  zm_store_op_t op = {.kind = ZM_STORE_DEFER_TOMB,
+                      .id = u->id,
+                      .ms = zm_life_now(l) + (int64_t)delay};
+  zm_store_submit(l->store, &op, 1, on_deferred, u);
+}
+
+static void send_delete(unit_t *u) {
+  zm_life_t *l = u->l;
+  if (l->ziti == NULL) {
+    zm_ziti_result_t r = {.err = ZM_E_UNAVAILABLE};
+    on_ctrl_deleted(&r, u);
+    return;
+  }
+  zm_ziti_delete_identity(l->ziti, u->id,
+                          uv_now(l->loop) + l->cfg.ziti_timeout_ms,
+                          on_ctrl_deleted, u);
+}
+
+void zm_life_delete(zm_life_t *l, const char *id, int attempts, zm_life_cb cb,
+                    void *data) {
+  unit_t *u = unit_new(l, ZM_LIFE_T_BURY, cb, data);
+  u->id = zm_xstrdup(id);
+  u->attempts = attempts;
+  send_delete(u);
+}
+
+/* ---- PENDING -> DELETING, LIVE -> DELETING -------------------------------- */
+
+static void on_tombstoned(int err, void *data) {
+  unit_t *u = data;
+  if (err != 0) {
+    /* nothing changed durably: no DELETE may be sent */
+    unit_done(u, err);
+    return;
+  }
+  trace(u->t, u->id);
+  if (u->kind == 2) {
+    if (zm_index_del_managed(u->l->index, u->id, strlen(u->id)))
+      u->l->epoch++;
+  }
+  u->t = ZM_LIFE_T_BURY;
+  u->attempts = 0;
+  send_delete(u);
+}
+
+void zm_life_condemn(zm_life_t *l, const char *name, const char *id, int type,
+                     zm_life_cb cb, void *data) {
+  unit_t *u = unit_new(l, ZM_LIFE_T_CONDEMN, cb, data);
+  u->id = zm_xstrdup(id);
+  int64_t now = zm_life_now(l);
+  zm_store_op_t ops[2] = {
+      {.kind = ZM_STORE_PUT_TOMB,
+       .tomb = {.ziti_identity_id = id,
+                .kind = ZM_TOMB_ORPHAN,
+                .type = type,
+                .next_try_ms = now,
+                .created_at_ms = now},
+       .ms = claim_until(l)},
+      {.kind = ZM_STORE_DEL_PENDING, .name = name},
+  };
+  zm_store_submit(l->store, ops, name != NULL ? 2 : 1, on_tombstoned, u);
+}
+
+void zm_life_retire_managed(zm_life_t *l, const char *id, zm_life_cb cb,
+                            void *data) {
+  unit_t *u = unit_new(l, ZM_LIFE_T_RETIRE, cb, data);
+  u->id = zm_xstrdup(id);
+  u->kind = 2;
+  int64_t now = zm_life_now(l);
+  zm_store_op_t op = {.kind = ZM_STORE_RETIRE_MANAGED,
+                      .id = id,
+                      .tomb = {.ziti_identity_id = id,
+                               .kind = ZM_TOMB_MANAGED,
+                               .next_try_ms = now,
+                               .created_at_ms = now},
+                      .ms = claim_until(l)};
+  zm_store_submit(l->store, &op, 1, on_tombstoned, u);
+}
+
+void zm_life_forget_service(zm_life_t *l, const char *id) {
+  zm_index_service_t *s = zm_index_lookup_service(l->index, id, strlen(id));
+  if (s != NULL) {
+    trace(ZM_LIFE_T_RETIRE, id);
+    s->state = ZM_LEASE_DELETING;
+    s->lease_pending_ms = 0;
+  }
+}
+
+/* ===================== setup ============================================= */
+
+zm_life_t *zm_life_new(uv_loop_t *loop, zm_store_t *store, zm_index_t *index,
+                       zm_ziti_t *ziti, const zm_life_config_t *cfg) {
+  zm_life_t *l = zm_xcalloc(1, sizeof *l);
+  l->loop = loop;
+  l->store = store;
+  l->index = index;
+  l->ziti = ziti;
+  l->cfg = *cfg;
+  if (l->cfg.flush_ms == 0)
+    l->cfg.flush_ms = 1; /* "0" = as often as the loop allows */
+  l->shared = zm_store_shared(store);
+  uv_timer_init(loop, &l->beat_timer);
+  uv_timer_init(loop, &l->flush_timer);
+  l->beat_timer.data = l->flush_timer.data = l;
+  if (l->shared) {
+    uv_timer_init(loop, &l->changes_timer);
+    l->changes_timer.data = l;
+  }
+  return l;
+}
+
+void zm_life_start(zm_life_t *l, void (*on_ready)(void *), void *data) {
+  l->on_ready = on_ready;
+  l->ready_data = data;
+  uv_timer_start(&l->beat_timer, on_beat_timer, 0, BEAT_MS);
+  uv_timer_start(&l->flush_timer, on_flush_timer, l->cfg.flush_ms,
+                 l->cfg.flush_ms);
+  if (l->shared)
+    uv_timer_start(&l->changes_timer, on_changes_timer, CHANGES_MS,
+                   CHANGES_MS);
+}
+
+static void maybe_stopped(zm_life_t *l) {
+  if (!l->stopping || l->stop_done == NULL)
+    return;
+  if (l->closed_handles != (l->shared ? 3 : 2))
+    return;
+  if (l->dirty.n != 0) {
+    flush_now(l); /* the last refreshes, before the store closes */
+    return;
+  }
+  if (l->inflight != 0 || l->flying_ms != NULL)
+    return;
+  void (*done)(void *) = l->stop_done;
+  l->stop_done = NULL;
+  done(l->stop_data);
+}
+
+static void on_closed(uv_handle_t *h) {
+  zm_life_t *l = h->data;
+  l->closed_handles++;
+  maybe_stopped(l);
+}
+
+void zm_life_stop(zm_life_t *l, void (*done)(void *), void *data) {
+  l->stopping = 1;
+  l->stop_done = done;
+  l->stop_data = data;
+  uv_close((uv_handle_t *)&l->beat_timer, on_closed);
+  uv_close((uv_handle_t *)&l->flush_timer, on_closed);
+  if (l->shared)
+    uv_close((uv_handle_t *)&l->changes_timer, on_closed);
+}
+
+void zm_life_free(zm_life_t *l) {
+  idvec_free(&l->dirty);
+  idvec_free(&l->flying);
+  free(l->flying_ms);
+  free(l->seen);
+  free(l);
+}

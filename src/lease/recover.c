@@ -1,0 +1,261 @@
+/*
+ * recover.c - recovery (include/zm/collect.h): what crashes, failed
+ * compensations and ambiguous deletes left behind.
+ *
+ * 1. Pending creations whose create can no longer land (resolve_after has
+ *    passed in the store clock, and the clock has been steady for a
+ *    controller timeout plus margin: a step of it is an outage, see
+ *    lifecycle.h) are claimed and looked up by name: what the controller has
+ *    is condemned (PENDING -> DELETING, then deleted), a name it does not
+ *    have is abandoned (PENDING -> GONE). A failed lookup leaves the row
+ *    claimed: the claim running out is the backoff.
+ * 2. Tombstones due for another attempt are claimed and deleted again.
+ */
+#include "zm/collect.h"
+
+#include "zm/log.h"
+#include "zm/zm.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define CLAIM_MAX 32u
+/* A claimed pending row is not looked at by others for this long. */
+#define PENDING_CLAIM_MS (2 * 60 * 1000)
+
+typedef enum { R_IDLE, R_PENDING, R_TOMBS } phase_t;
+
+struct zm_recover {
+  uv_loop_t *loop;
+  zm_store_t *store;
+  zm_life_t *life;
+  zm_ziti_t *ziti;
+  zm_sweep_config_t cfg;
+  zm_recover_stats_t stats;
+  uv_timer_t timer;
+  phase_t phase;
+  int claiming, at_end;
+  unsigned inflight;
+  int stopping, timer_closed;
+  void (*stop_done)(void *);
+  void *stop_data;
+};
+
+typedef struct {
+  zm_recover_t *r;
+  char *name;
+  int type;
+  unsigned left; /* condemnations in flight */
+  int failed;
+} pend_t;
+
+static void pump(zm_recover_t *r);
+
+static void pend_free(pend_t *p) {
+  zm_recover_t *r = p->r;
+  if (p->failed)
+    r->stats.pending_failed++;
+  else
+    r->stats.pending_resolved++;
+  free(p->name);
+  free(p);
+  r->inflight--;
+  pump(r);
+}
+
+static void on_condemned(int err, void *data) {
+  pend_t *p = data;
+  if (err != 0 && err != ZM_E_TIMEOUT && err != ZM_E_UNAVAILABLE)
+    ZM_DEBUG("recover: %s: delete deferred: %s", p->name, zm_strerror(err));
+  /* deferred or not, the identity is DELETING now: resolved */
+  if (--p->left == 0)
+    pend_free(p);
+}
+
+static void on_abandoned(int err, void *data) {
+  pend_t *p = data;
+  if (err != 0) {
+    ZM_WARN("recover: cannot drop pending %s: %s", p->name, zm_strerror(err));
+    p->failed = 1;
+  } else {
+    ZM_INFO("recover: %s was never created on the controller: dropped",
+            p->name);
+  }
+  pend_free(p);
+}
+
+static void on_found(const zm_ziti_result_t *res, void *data) {
+  pend_t *p = data;
+  zm_recover_t *r = p->r;
+  if (res->err != 0) {
+    ZM_WARN("recover: lookup of %s failed: %s; retried when its claim runs "
+            "out",
+            p->name, zm_strerror(res->err));
+    p->failed = 1;
+    pend_free(p);
+    return;
+  }
+  if (res->n_ids == 0) {
+    zm_life_abandon(r->life, p->name, on_abandoned, p);
+    return;
+  }
+  ZM_INFO("recover: %s exists on the controller (%zu): deleting", p->name,
+          res->n_ids);
+  p->left = (unsigned)res->n_ids;
+  /* names are unique on the controller; more than one is handled anyway:
+   * the last condemnation also drops the pending row */
+  for (size_t i = 0; i < res->n_ids; i++)
+    zm_life_condemn(r->life, i + 1 == res->n_ids ? p->name : NULL,
+                    res->ids[i], p->type, on_condemned, p);
+}
+
+static void on_pending_claimed(int err, const zm_pending_row_t *rows, size_t n,
+                               void *data) {
+  zm_recover_t *r = data;
+  r->claiming = 0;
+  if (err != 0) {
+    ZM_WARN("recover: cannot claim pending rows: %s", zm_strerror(err));
+    n = 0;
+  }
+  for (size_t i = 0; i < n; i++) {
+    pend_t *p = zm_xcalloc(1, sizeof *p);
+    p->r = r;
+    p->name = zm_xstrdup(rows[i].name);
+    p->type = rows[i].type;
+    r->inflight++;
+    zm_ziti_find_identities(r->ziti, "name", p->name,
+                            uv_now(r->loop) + r->cfg.ziti_timeout_ms, on_found,
+                            p);
+  }
+  if (n < CLAIM_MAX)
+    r->at_end = 1;
+  pump(r);
+}
+
+static void on_tomb_deleted(int err, void *data) {
+  zm_recover_t *r = data;
+  (void)err; /* deferred again on failure, by the lifecycle */
+  r->inflight--;
+  pump(r);
+}
+
+static void on_tombs_claimed(int err, const zm_tomb_row_t *rows, size_t n,
+                             void *data) {
+  zm_recover_t *r = data;
+  r->claiming = 0;
+  if (err != 0) {
+    ZM_WARN("recover: cannot claim tombstones: %s", zm_strerror(err));
+    n = 0;
+  }
+  for (size_t i = 0; i < n; i++) {
+    r->stats.tombs_retried++;
+    r->inflight++;
+    zm_life_delete(r->life, rows[i].ziti_identity_id, rows[i].attempts,
+                   on_tomb_deleted, r);
+  }
+  if (n < CLAIM_MAX)
+    r->at_end = 1;
+  pump(r);
+}
+
+static void finish(zm_recover_t *r) {
+  r->phase = R_IDLE;
+  if (r->stopping && r->timer_closed && r->stop_done != NULL) {
+    void (*done)(void *) = r->stop_done;
+    r->stop_done = NULL;
+    done(r->stop_data);
+  }
+}
+
+static void pump(zm_recover_t *r) {
+  if (r->phase == R_IDLE) {
+    if (r->stopping && r->inflight == 0)
+      finish(r);
+    return;
+  }
+  if (r->stopping)
+    r->at_end = 1;
+  if (r->claiming)
+    return;
+  if (!r->at_end && r->inflight < r->cfg.concurrency) {
+    int64_t now = zm_life_now(r->life);
+    r->claiming = 1;
+    if (r->phase == R_PENDING)
+      zm_store_claim_pending(r->store, now, now + PENDING_CLAIM_MS, CLAIM_MAX,
+                             on_pending_claimed, r);
+    else
+      zm_store_claim_tombs(r->store, now,
+                           now + (int64_t)r->cfg.ziti_timeout_ms +
+                               (int64_t)zm_life_margin_ms(r->life),
+                           CLAIM_MAX, on_tombs_claimed, r);
+    return;
+  }
+  if (r->inflight != 0)
+    return;
+  if (r->phase == R_PENDING && !r->stopping) {
+    r->phase = R_TOMBS;
+    r->at_end = 0;
+    pump(r);
+    return;
+  }
+  finish(r);
+}
+
+static void sweep(zm_recover_t *r) {
+  if (r->phase != R_IDLE || r->stopping || r->ziti == NULL)
+    return;
+  r->stats.sweeps++;
+  if (!zm_life_settled(r->life, r->cfg.ziti_timeout_ms +
+                                    zm_life_margin_ms(r->life))) {
+    /* right after a resume (or without a fresh heartbeat) only tombstones:
+     * a pending creation may still land */
+    r->phase = R_TOMBS;
+  } else {
+    r->phase = R_PENDING;
+  }
+  r->at_end = 0;
+  pump(r);
+}
+
+static void on_timer(uv_timer_t *t) { sweep(t->data); }
+
+zm_recover_t *zm_recover_new(uv_loop_t *loop, zm_store_t *store,
+                             zm_life_t *life, zm_ziti_t *ziti,
+                             const zm_sweep_config_t *cfg) {
+  zm_recover_t *r = zm_xcalloc(1, sizeof *r);
+  r->loop = loop;
+  r->store = store;
+  r->life = life;
+  r->ziti = ziti;
+  r->cfg = *cfg;
+  if (r->cfg.concurrency == 0)
+    r->cfg.concurrency = 1;
+  uv_timer_init(loop, &r->timer);
+  r->timer.data = r;
+  return r;
+}
+
+void zm_recover_start(zm_recover_t *r) {
+  uv_timer_start(&r->timer, on_timer, 0, r->cfg.interval_ms);
+}
+
+void zm_recover_trigger(zm_recover_t *r) { sweep(r); }
+
+const zm_recover_stats_t *zm_recover_stats(const zm_recover_t *r) {
+  return &r->stats;
+}
+
+static void on_timer_closed(uv_handle_t *h) {
+  zm_recover_t *r = h->data;
+  r->timer_closed = 1;
+  pump(r);
+}
+
+void zm_recover_stop(zm_recover_t *r, void (*done)(void *), void *data) {
+  r->stopping = 1;
+  r->stop_done = done;
+  r->stop_data = data;
+  uv_close((uv_handle_t *)&r->timer, on_timer_closed);
+}
+
+void zm_recover_free(zm_recover_t *r) { free(r); }
