@@ -34,9 +34,6 @@
 /* Without a successful change poll for this long, cached mappings are not
  * trusted (every ResolveIdentity asks the store). */
 #define CHANGES_STALE_MS 5000u
-/* Creations whose outcome is unknown may still land this long after the
- * controller request that carried them ended. */
-#define CREATE_LAND_MARGIN_MS 30000
 #define BACKOFF_MIN_MS 1000u
 #define BACKOFF_MAX_MS (5u * 60u * 1000u)
 
@@ -590,9 +587,10 @@ void zm_life_intent(zm_life_t *l, zm_pending_row_t *row, uint64_t deadline_mono,
                       : 0;
   row->created_at_ms = now;
   /* The create is sent before the deadline and the client gives up on it
-   * by then; the controller may still apply it a little later. */
-  row->resolve_after_ms = now + (int64_t)left + (int64_t)l->cfg.ziti_timeout_ms +
-                          CREATE_LAND_MARGIN_MS +
+   * by then; a controller still working on it finishes within its own
+   * request timeout (taken as ZITI_REQUEST_TIMEOUT) plus the margin. */
+  row->resolve_after_ms = now + (int64_t)left +
+                          (int64_t)l->cfg.ziti_timeout_ms +
                           (int64_t)zm_life_margin_ms(l);
   unit_t *u = unit_new(l, ZM_LIFE_T_INTENT, cb, data);
   zm_store_op_t op = {.kind = ZM_STORE_PUT_PENDING, .pending = *row};
