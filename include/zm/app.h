@@ -71,6 +71,11 @@ void zm_rpc_delete_identity(zm_call_t *c, const ProtobufCMessage *req,
 void zm_rpc_request_service_identity(zm_call_t *c, const ProtobufCMessage *req,
                                      void *ctx);
 
+/* CreateAgentIdentity's saga (src/enroll/saga.c), for a validated agent id
+ * (canonical lower-case UUID). */
+void zm_enroll_start_agent(zm_app_t *app, zm_call_t *call,
+                           const char agent_id[37]);
+
 /* Validates a client-supplied id: non-empty, <= ZM_MAX_ID_LEN bytes, valid
  * UTF-8, no NUL/control characters. Returns NULL if valid, else the reason. */
 const char *zm_rpc_check_id(const char *s, const char *field);

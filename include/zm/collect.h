@@ -23,8 +23,8 @@
 #include <uv.h>
 
 typedef struct {
-  uint64_t interval_ms;  /* SERVICE_IDENTITY_GC_INTERVAL */
-  unsigned concurrency;  /* SERVICE_IDENTITY_GC_CONCURRENCY */
+  uint64_t interval_ms; /* SERVICE_IDENTITY_GC_INTERVAL */
+  unsigned concurrency; /* SERVICE_IDENTITY_GC_CONCURRENCY */
   uint64_t ziti_timeout_ms;
 } zm_sweep_config_t;
 

@@ -1,27 +1,36 @@
 /*
- * enroll.h - the enrollment saga behind RequestServiceIdentity.
+ * enroll.h - the create-with-intent engine behind RequestServiceIdentity
+ * and CreateAgentIdentity.
  *
  * One object per request, one state at a time, each state's work in
  * enroll_on_<state>(); every transition goes through one function that checks
- * the edge against a table and logs it:
+ * the edge against the table of the saga's kind and logs it:
  *
- *   INTENT -> CREATE -> FETCH_JWT -> VERIFY_JWT -> KEYGEN_CSR -> SIGN
- *          -> ASSEMBLE -> COMMIT -> REPLY -> DONE
+ *   service: INTENT -> CREATE -> FETCH_JWT -> VERIFY_JWT -> KEYGEN_CSR -> SIGN
+ *            -> ASSEMBLE -> COMMIT -> REPLY -> DONE
+ *   agent:   INTENT -> REPLACE -> CREATE -> FETCH_JWT -> COMMIT -> REPLY
+ *            -> DONE
  *   any failure after INTENT, before COMMIT is durable -> COMPENSATE -> DONE
  *
- * INTENT writes a durable pending record (the identity's name) before the
- * controller is asked to create anything: a crash at any later point leaves
- * a trace that recovery (src/lease/gc.c) resolves by name. COMMIT replaces the
- * pending record with the service-identity record (lease = now + TTL) in one
+ * INTENT writes a durable pending record (the identity's name; for an agent
+ * also the agent id, which makes a second concurrent creation for the same
+ * agent fail with ABORTED) before the controller is asked to create
+ * anything: a crash at any later point leaves a trace that recovery
+ * (src/lease/recover.c) resolves by name. REPLACE retires the agent's
+ * previous identities (durably DELETING before each controller DELETE).
+ * COMMIT replaces the pending record with the lease or the mapping in one
  * store unit. Cancellation or the deadline before COMMIT leads to COMPENSATE
- * (delete on the controller, then drop the pending record); if compensation
- * fails, the pending record stays for recovery.
+ * (the created identity is condemned: tombstone, then DELETE; nothing
+ * created: the pending record goes); an unanswered create leaves the
+ * pending record to recovery. Every state change goes through the
+ * lifecycle (include/zm/lifecycle.h).
  */
 #ifndef ZM_ENROLL_H
 #define ZM_ENROLL_H
 
 #define ZM_ENROLL_STATES(X)                                                    \
   X(INTENT)                                                                    \
+  X(REPLACE)                                                                   \
   X(CREATE)                                                                    \
   X(FETCH_JWT)                                                                 \
   X(VERIFY_JWT)                                                                \
@@ -42,8 +51,11 @@ typedef enum {
 
 /* "INTENT", "CREATE", ... */
 const char *zm_enroll_state_name(zm_enroll_state_t s);
-/* 1 if the saga may go from a to b. */
-int zm_enroll_edge_ok(zm_enroll_state_t a, zm_enroll_state_t b);
+typedef enum { ZM_ENROLL_KIND_SERVICE, ZM_ENROLL_KIND_AGENT } zm_enroll_kind_t;
+
+/* 1 if a saga of this kind may go from a to b. */
+int zm_enroll_edge_ok(zm_enroll_kind_t kind, zm_enroll_state_t a,
+                      zm_enroll_state_t b);
 
 /* Random lower-case alphanumeric suffix for identity names (n chars + NUL). */
 int zm_enroll_short_id(char *out, size_t n);

@@ -74,8 +74,7 @@ typedef struct {
 } zm_life_config_t;
 
 typedef struct {
-  uint64_t extend_fast, extend_durable, flushes, flushed_leases,
-      flush_failures;
+  uint64_t extend_fast, extend_durable, flushes, flushed_leases, flush_failures;
   uint64_t beats, beat_failures, outages_detected;
   uint64_t deleted, delete_deferred, evicted;
 } zm_life_stats_t;
@@ -138,8 +137,7 @@ void zm_life_commit_managed(zm_life_t *l, const char *name,
                             const zm_managed_row_t *row, zm_life_cb cb,
                             void *data);
 /* ABANDON: drops the pending row (no identity exists). */
-void zm_life_abandon(zm_life_t *l, const char *name, zm_life_cb cb,
-                     void *data);
+void zm_life_abandon(zm_life_t *l, const char *name, zm_life_cb cb, void *data);
 /* CONDEMN + delete: the pending row becomes a tombstone for id (one unit),
  * then the controller DELETE. name may be NULL (an orphan found without a
  * pending row: a tombstone only). cb: 0 when gone, else the delete's error

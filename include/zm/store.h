@@ -48,11 +48,11 @@
 typedef struct zm_store zm_store_t;
 
 typedef struct {
-  const char *path; /* SQLite file (used when url is NULL) */
-  int sync_full;    /* SQLite: 1 = fsync every group commit (power loss);
-                       0 = durable against a process crash */
-  const char *url;  /* DATABASE_URL (postgres://... or key=value); NULL or ""
-                       = SQLite */
+  const char *path;   /* SQLite file (used when url is NULL) */
+  int sync_full;      /* SQLite: 1 = fsync every group commit (power loss);
+                         0 = durable against a process crash */
+  const char *url;    /* DATABASE_URL (postgres://... or key=value); NULL or ""
+                         = SQLite */
   unsigned pool_size; /* PostgreSQL connections (>= 2); 0 = default 4 */
 } zm_store_config_t;
 
@@ -249,7 +249,7 @@ void zm_store_changes(zm_store_t *st, int64_t after_seq, int64_t since_ms,
 /* Counters. */
 typedef struct {
   uint64_t units, groups, failed_groups;
-  size_t queued;      /* units waiting for the next group */
+  size_t queued;       /* units waiting for the next group */
   uint64_t reconnects; /* PostgreSQL: connections re-established */
 } zm_store_stats_t;
 void zm_store_get_stats(const zm_store_t *st, zm_store_stats_t *out);

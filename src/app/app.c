@@ -123,35 +123,32 @@ static void on_ziti_closed(void *data) {
 static void log_stats(const zm_app_t *app) {
   const zm_app_stats_t *s = &app->stats;
   const zm_life_stats_t *l = zm_life_stats(app->life);
-  ZM_INFO("stats: enroll started=%llu ok=%llu failed=%llu compensated=%llu "
-          "compensate_failed=%llu; extend fast=%llu durable=%llu; flushes=%llu "
-          "(%llu leases, %llu failed); deleted=%llu deferred=%llu; "
-          "outages=%llu",
-          (unsigned long long)s->enroll_started,
-          (unsigned long long)s->enroll_ok,
-          (unsigned long long)s->enroll_failed,
-          (unsigned long long)s->enroll_compensated,
-          (unsigned long long)s->enroll_compensate_failed,
-          (unsigned long long)l->extend_fast,
-          (unsigned long long)l->extend_durable,
-          (unsigned long long)l->flushes,
-          (unsigned long long)l->flushed_leases,
-          (unsigned long long)l->flush_failures, (unsigned long long)l->deleted,
-          (unsigned long long)l->delete_deferred,
-          (unsigned long long)l->outages_detected);
+  ZM_INFO(
+      "stats: enroll started=%llu ok=%llu failed=%llu compensated=%llu "
+      "compensate_failed=%llu; extend fast=%llu durable=%llu; flushes=%llu "
+      "(%llu leases, %llu failed); deleted=%llu deferred=%llu; "
+      "outages=%llu",
+      (unsigned long long)s->enroll_started, (unsigned long long)s->enroll_ok,
+      (unsigned long long)s->enroll_failed,
+      (unsigned long long)s->enroll_compensated,
+      (unsigned long long)s->enroll_compensate_failed,
+      (unsigned long long)l->extend_fast, (unsigned long long)l->extend_durable,
+      (unsigned long long)l->flushes, (unsigned long long)l->flushed_leases,
+      (unsigned long long)l->flush_failures, (unsigned long long)l->deleted,
+      (unsigned long long)l->delete_deferred,
+      (unsigned long long)l->outages_detected);
   if (app->collect != NULL) {
     const zm_collect_stats_t *c = zm_collect_stats(app->collect);
     const zm_recover_stats_t *r = zm_recover_stats(app->recover);
-    ZM_INFO("stats: collect sweeps=%llu collected=%llu failed=%llu "
-            "skipped_outage=%llu; recover sweeps=%llu pending_resolved=%llu "
-            "pending_failed=%llu tombs_retried=%llu",
-            (unsigned long long)c->sweeps, (unsigned long long)c->collected,
-            (unsigned long long)c->failed,
-            (unsigned long long)c->skipped_outage,
-            (unsigned long long)r->sweeps,
-            (unsigned long long)r->pending_resolved,
-            (unsigned long long)r->pending_failed,
-            (unsigned long long)r->tombs_retried);
+    ZM_INFO(
+        "stats: collect sweeps=%llu collected=%llu failed=%llu "
+        "skipped_outage=%llu; recover sweeps=%llu pending_resolved=%llu "
+        "pending_failed=%llu tombs_retried=%llu",
+        (unsigned long long)c->sweeps, (unsigned long long)c->collected,
+        (unsigned long long)c->failed, (unsigned long long)c->skipped_outage,
+        (unsigned long long)r->sweeps, (unsigned long long)r->pending_resolved,
+        (unsigned long long)r->pending_failed,
+        (unsigned long long)r->tombs_retried);
   }
 }
 
@@ -358,8 +355,8 @@ int zm_app_run(const zm_config_t *cfg) {
   }
 
   zm_life_config_t lifec = {.lease_ttl_ms = cfg->lease_ttl_ms,
-                         .flush_ms = cfg->lease_flush_ms,
-                         .ziti_timeout_ms = cfg->ziti_timeout_ms};
+                            .flush_ms = cfg->lease_flush_ms,
+                            .ziti_timeout_ms = cfg->ziti_timeout_ms};
   app.life = zm_life_new(&loop, app.store, app.index, app.ziti, &lifec);
   if (app.ziti != NULL) {
     zm_sweep_config_t sw = {.interval_ms = cfg->gc_interval_ms,

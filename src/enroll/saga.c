@@ -1,6 +1,7 @@
 /*
- * saga.c - RequestServiceIdentity as an explicit state machine (see
- * include/zm/enroll.h for the states and the guarantees).
+ * saga.c - RequestServiceIdentity and CreateAgentIdentity as explicit state
+ * machines on one engine (see include/zm/enroll.h for the states and the
+ * guarantees).
  *
  * Ownership: the saga object is malloc'd per request and owns every buffer
  * it holds; secrets (JWT, one-time token inside the claims, private key,
@@ -27,12 +28,18 @@
 /* Compensation and recovery get their own time budget, not the caller's. */
 #define COMPENSATE_TIMEOUT_MS 30000u
 #define SHORT_ID_LEN 10
+#define AGENT_SHORT_ID_LEN 8
+#define AGENT_IDENTITY_TYPE 1 /* IDENTITY_TYPE_AGENT */
 
 typedef struct enroll {
   zm_app_t *app;
   zm_call_t *call;
+  zm_enroll_kind_t kind;
   zm_enroll_state_t state;
-  const zm_service_type_t *type;
+  const zm_service_type_t *type; /* service sagas */
+  char agent_id[37];             /* agent sagas: canonical lower-case UUID */
+  char **old_ids;                /* REPLACE: the agent's previous identities */
+  size_t n_old, next_old;
   char name[96];
   char *id;       /* controller identity id (owned) */
   char *zt_api;   /* iss + /edge/client/v1 (owned) */
@@ -76,25 +83,38 @@ const char *zm_enroll_state_name(zm_enroll_state_t s) {
 }
 
 #define B(s) (1u << ZM_ENROLL_##s)
-/* Allowed successors of each state. */
-static const unsigned EDGES[ZM_ENROLL__COUNT] = {
-    [ZM_ENROLL_INTENT] = B(CREATE) | B(COMPENSATE) | B(DONE),
-    [ZM_ENROLL_CREATE] = B(FETCH_JWT) | B(COMPENSATE),
-    [ZM_ENROLL_FETCH_JWT] = B(VERIFY_JWT) | B(COMPENSATE),
-    [ZM_ENROLL_VERIFY_JWT] = B(KEYGEN_CSR) | B(COMPENSATE),
-    [ZM_ENROLL_KEYGEN_CSR] = B(SIGN) | B(COMPENSATE),
-    [ZM_ENROLL_SIGN] = B(ASSEMBLE) | B(COMPENSATE),
-    [ZM_ENROLL_ASSEMBLE] = B(COMMIT) | B(COMPENSATE),
-    [ZM_ENROLL_COMMIT] = B(REPLY) | B(COMPENSATE),
-    [ZM_ENROLL_REPLY] = B(DONE),
-    [ZM_ENROLL_COMPENSATE] = B(DONE),
-    [ZM_ENROLL_DONE] = 0,
+/* Allowed successors of each state, per kind. */
+static const unsigned EDGES[2][ZM_ENROLL__COUNT] = {
+    [ZM_ENROLL_KIND_SERVICE] =
+        {
+            [ZM_ENROLL_INTENT] = B(CREATE) | B(COMPENSATE) | B(DONE),
+            [ZM_ENROLL_CREATE] = B(FETCH_JWT) | B(COMPENSATE),
+            [ZM_ENROLL_FETCH_JWT] = B(VERIFY_JWT) | B(COMPENSATE),
+            [ZM_ENROLL_VERIFY_JWT] = B(KEYGEN_CSR) | B(COMPENSATE),
+            [ZM_ENROLL_KEYGEN_CSR] = B(SIGN) | B(COMPENSATE),
+            [ZM_ENROLL_SIGN] = B(ASSEMBLE) | B(COMPENSATE),
+            [ZM_ENROLL_ASSEMBLE] = B(COMMIT) | B(COMPENSATE),
+            [ZM_ENROLL_COMMIT] = B(REPLY) | B(COMPENSATE),
+            [ZM_ENROLL_REPLY] = B(DONE),
+            [ZM_ENROLL_COMPENSATE] = B(DONE),
+        },
+    [ZM_ENROLL_KIND_AGENT] =
+        {
+            [ZM_ENROLL_INTENT] = B(REPLACE) | B(COMPENSATE) | B(DONE),
+            [ZM_ENROLL_REPLACE] = B(CREATE) | B(COMPENSATE),
+            [ZM_ENROLL_CREATE] = B(FETCH_JWT) | B(COMPENSATE),
+            [ZM_ENROLL_FETCH_JWT] = B(COMMIT) | B(COMPENSATE),
+            [ZM_ENROLL_COMMIT] = B(REPLY) | B(COMPENSATE),
+            [ZM_ENROLL_REPLY] = B(DONE),
+            [ZM_ENROLL_COMPENSATE] = B(DONE),
+        },
 };
 #undef B
 
-int zm_enroll_edge_ok(zm_enroll_state_t a, zm_enroll_state_t b) {
-  return (unsigned)a < ZM_ENROLL__COUNT && (unsigned)b < ZM_ENROLL__COUNT &&
-         (EDGES[a] & (1u << b)) != 0;
+int zm_enroll_edge_ok(zm_enroll_kind_t kind, zm_enroll_state_t a,
+                      zm_enroll_state_t b) {
+  return (unsigned)kind < 2 && (unsigned)a < ZM_ENROLL__COUNT &&
+         (unsigned)b < ZM_ENROLL__COUNT && (EDGES[kind][a] & (1u << b)) != 0;
 }
 
 int zm_enroll_short_id(char *out, size_t n) {
@@ -119,6 +139,9 @@ static void saga_free(enroll_t *e) {
   free(e->csr_pem);
   free(e->cert_pem);
   free(e->cert_der);
+  for (size_t i = 0; i < e->n_old; i++)
+    free(e->old_ids[i]);
+  free(e->old_ids);
   zm_secret_dispose(&e->jwt);
   zm_jwt_claims_dispose(&e->claims);
   zm_secret_dispose(&e->key_pem);
@@ -150,7 +173,9 @@ static void enroll_fail(enroll_t *e, zm_grpc_status_t st, const char *fmt,
 static void fail_from_ziti(enroll_t *e, const char *what,
                            const zm_ziti_result_t *r) {
   zm_grpc_status_t st =
-      zm_rpc_status_from_ziti(r, e->deadline, uv_now(e->app->loop));
+      e->kind == ZM_ENROLL_KIND_AGENT && r->err == ZM_E_EXISTS
+          ? ZM_GRPC_ABORTED /* externalId in use: a concurrent creation */
+          : zm_rpc_status_from_ziti(r, e->deadline, uv_now(e->app->loop));
   enroll_fail(e, st, "controller %s: %s%s%s%s", what, zm_strerror(r->err),
               r->code ? " (" : "", r->code ? r->code : "", r->code ? ")" : "");
 }
@@ -181,6 +206,12 @@ static void on_call_cancelled(zm_call_t *c, void *data) {
 
 static void on_intent_done(int err, void *data) {
   enroll_t *e = data;
+  if (err == ZM_E_EXISTS && e->kind == ZM_ENROLL_KIND_AGENT) {
+    enroll_fail(e, ZM_GRPC_ABORTED,
+                "another CreateAgentIdentity for this agent is in progress; "
+                "retry");
+    return;
+  }
   if (err != 0) {
     enroll_fail(e, err == ZM_E_STORE ? ZM_GRPC_UNAVAILABLE : ZM_GRPC_INTERNAL,
                 "store: cannot record intent: %s", zm_strerror(err));
@@ -195,14 +226,89 @@ static void on_intent_done(int err, void *data) {
     enroll_set_state(e, ZM_ENROLL_COMPENSATE);
     return;
   }
-  enroll_set_state(e, ZM_ENROLL_CREATE);
+  enroll_set_state(e, e->kind == ZM_ENROLL_KIND_AGENT ? ZM_ENROLL_REPLACE
+                                                      : ZM_ENROLL_CREATE);
+}
+
+static int identity_type(const enroll_t *e) {
+  return e->kind == ZM_ENROLL_KIND_AGENT ? AGENT_IDENTITY_TYPE
+                                         : e->type->number;
 }
 
 static void enroll_on_intent(enroll_t *e) {
-  zm_pending_row_t row = {.name = e->name,
-                          .kind = ZM_PENDING_SERVICE,
-                          .type = e->type->number};
+  zm_pending_row_t row = {
+      .name = e->name,
+      .kind = e->kind == ZM_ENROLL_KIND_AGENT ? ZM_PENDING_AGENT
+                                              : ZM_PENDING_SERVICE,
+      .type = identity_type(e),
+      .agent_id = e->kind == ZM_ENROLL_KIND_AGENT ? e->agent_id : NULL};
   zm_life_intent(e->app->life, &row, e->deadline, on_intent_done, e);
+}
+
+/* ---- REPLACE (agents): one live identity per agent ------------------------
+ */
+
+static void replace_next(enroll_t *e);
+
+static void on_old_gone(int err, void *data) {
+  enroll_t *e = data;
+  if (err != 0) {
+    zm_ziti_result_t r = {.err = err};
+    fail_from_ziti(e,
+                   "delete previous identity (it stays DELETING and is "
+                   "retried)",
+                   &r);
+    return;
+  }
+  replace_next(e);
+}
+
+static void on_old_retired(int err, void *data) {
+  enroll_t *e = data;
+  const char *old = e->old_ids[e->next_old - 1];
+  if (err == ZM_E_NOT_FOUND) {
+    /* no mapping: an orphan that carries this agent's externalId */
+    zm_life_condemn(e->app->life, NULL, old, AGENT_IDENTITY_TYPE, on_old_gone,
+                    e);
+    return;
+  }
+  if (err == ZM_E_STORE) {
+    enroll_fail(e, ZM_GRPC_UNAVAILABLE,
+                "store: cannot retire previous identity %s", old);
+    return;
+  }
+  on_old_gone(err, e);
+}
+
+static void replace_next(enroll_t *e) {
+  if (enroll_should_stop(e))
+    return;
+  if (e->next_old < e->n_old) {
+    const char *old = e->old_ids[e->next_old++];
+    ZM_INFO("enroll %s: deleting the agent's previous identity %s", e->name,
+            old);
+    zm_life_retire_managed(e->app->life, old, on_old_retired, e);
+    return;
+  }
+  enroll_set_state(e, ZM_ENROLL_CREATE);
+}
+
+static void on_old_found(const zm_ziti_result_t *r, void *data) {
+  enroll_t *e = data;
+  if (r->err != 0) {
+    fail_from_ziti(e, "find previous identities", r);
+    return;
+  }
+  e->n_old = r->n_ids;
+  e->old_ids = zm_xcalloc(r->n_ids + 1, sizeof *e->old_ids);
+  for (size_t i = 0; i < r->n_ids; i++)
+    e->old_ids[i] = zm_xstrdup(r->ids[i]);
+  replace_next(e);
+}
+
+static void enroll_on_replace(enroll_t *e) {
+  zm_ziti_find_identities(e->app->ziti, "externalId", e->agent_id, e->deadline,
+                          on_old_found, e);
 }
 
 /* Fix (test_enroll.py, create_unanswered_then_lands_late): did the
@@ -240,10 +346,19 @@ static void on_created(const zm_ziti_result_t *r, void *data) {
 
 static void enroll_on_create(enroll_t *e) {
   const char *roles[ZM_MAX_ROLES];
-  for (size_t i = 0; i < e->type->n_roles; i++)
-    roles[i] = e->type->roles[i];
+  size_t n_roles = 0;
+  char agent_role[64];
+  if (e->kind == ZM_ENROLL_KIND_AGENT) {
+    snprintf(agent_role, sizeof agent_role, "agent-%s", e->agent_id);
+    roles[n_roles++] = "agents";
+    roles[n_roles++] = agent_role;
+  } else {
+    for (; n_roles < e->type->n_roles; n_roles++)
+      roles[n_roles] = e->type->roles[n_roles];
+  }
   e->created_maybe = 1;
-  zm_ziti_create_identity(e->app->ziti, e->name, roles, e->type->n_roles, NULL,
+  zm_ziti_create_identity(e->app->ziti, e->name, roles, n_roles,
+                          e->kind == ZM_ENROLL_KIND_AGENT ? e->agent_id : NULL,
                           e->deadline, on_created, e);
 }
 
@@ -260,8 +375,11 @@ static void on_jwt(const zm_ziti_result_t *r, void *data) {
     return;
   }
   zm_secret_set(&e->jwt, r->jwt->base, r->jwt->len);
+  /* An agent enrolls itself with the JWT; a service identity is enrolled
+   * here, after the JWT proved to come from the controller. */
   if (!enroll_should_stop(e))
-    enroll_set_state(e, ZM_ENROLL_VERIFY_JWT);
+    enroll_set_state(e, e->kind == ZM_ENROLL_KIND_AGENT ? ZM_ENROLL_COMMIT
+                                                        : ZM_ENROLL_VERIFY_JWT);
 }
 
 static void enroll_on_fetch_jwt(enroll_t *e) {
@@ -423,12 +541,33 @@ static void on_committed(int err, void *data) {
 }
 
 static void enroll_on_commit(enroll_t *e) {
-  /* The index learns the lease once it is durable, never before. */
+  /* The index learns the lease or mapping once it is durable, never
+   * before. */
+  if (e->kind == ZM_ENROLL_KIND_AGENT) {
+    zm_managed_row_t row = {.ziti_identity_id = e->id,
+                            .identity_id = e->agent_id,
+                            .identity_type = AGENT_IDENTITY_TYPE,
+                            .agent_id = e->agent_id};
+    zm_life_commit_managed(e->app->life, e->name, &row, on_committed, e);
+    return;
+  }
   zm_life_commit_service(e->app->life, e->name, e->id, e->type->number,
                          on_committed, e);
 }
 
 static void enroll_on_reply(enroll_t *e) {
+  if (e->kind == ZM_ENROLL_KIND_AGENT) {
+    Agynio__Api__ZitiManagement__V1__CreateAgentIdentityResponse ar =
+        AGYNIO__API__ZITI_MANAGEMENT__V1__CREATE_AGENT_IDENTITY_RESPONSE__INIT;
+    ar.ziti_identity_id = e->id;
+    ar.enrollment_jwt = e->jwt.base;
+    zm_call_reply(e->call, &ar.base);
+    zm_secret_dispose(&e->jwt);
+    e->app->stats.enroll_ok++;
+    ZM_INFO("enroll %s: agent %s has identity %s", e->name, e->agent_id, e->id);
+    enroll_set_state(e, ZM_ENROLL_DONE);
+    return;
+  }
   Agynio__Api__ZitiManagement__V1__RequestServiceIdentityResponse resp =
       AGYNIO__API__ZITI_MANAGEMENT__V1__REQUEST_SERVICE_IDENTITY_RESPONSE__INIT;
   resp.ziti_identity_id = e->id;
@@ -487,7 +626,7 @@ static void on_condemned(int err, void *data) {
 
 /* Created: PENDING -> DELETING (durable), then the controller DELETE. */
 static void condemn(enroll_t *e) {
-  zm_life_condemn(e->app->life, e->name, e->id, e->type->number, on_condemned,
+  zm_life_condemn(e->app->life, e->name, e->id, identity_type(e), on_condemned,
                   e);
 }
 
@@ -537,6 +676,7 @@ static void enroll_on_done(enroll_t *e) { (void)e; /* freed by set_state */ }
 
 static void (*const STEP[ZM_ENROLL__COUNT])(enroll_t *) = {
     [ZM_ENROLL_INTENT] = enroll_on_intent,
+    [ZM_ENROLL_REPLACE] = enroll_on_replace,
     [ZM_ENROLL_CREATE] = enroll_on_create,
     [ZM_ENROLL_FETCH_JWT] = enroll_on_fetch_jwt,
     [ZM_ENROLL_VERIFY_JWT] = enroll_on_verify_jwt,
@@ -550,7 +690,7 @@ static void (*const STEP[ZM_ENROLL__COUNT])(enroll_t *) = {
 };
 
 static void enroll_set_state(enroll_t *e, zm_enroll_state_t next) {
-  ZM_ASSERT(zm_enroll_edge_ok(e->state, next));
+  ZM_ASSERT(zm_enroll_edge_ok(e->kind, e->state, next));
   ZM_DEBUG("enroll %s: %s -> %s", e->name, NAMES[e->state], NAMES[next]);
   e->app->stats.enroll_gauge[e->state]--;
   e->app->stats.enroll_gauge[next]++;
@@ -563,7 +703,43 @@ static void enroll_set_state(enroll_t *e, zm_enroll_state_t next) {
   STEP[next](e);
 }
 
-/* ===================== the RPC =========================================== */
+/* ===================== entry points ====================================== */
+
+/* The checks every creation shares; returns 0 when the saga may start. */
+static int admit(zm_app_t *app, zm_call_t *call) {
+  if (app->ziti == NULL) {
+    zm_call_fail(call, ZM_GRPC_UNAVAILABLE,
+                 "no OpenZiti controller configured (ZITI_CONTROLLER_URL)");
+    return -1;
+  }
+  if (app->shutting_down) {
+    zm_call_fail(call, ZM_GRPC_UNAVAILABLE, "shutting down");
+    return -1;
+  }
+  if (app->enroll_inflight >= app->cfg.enroll_max_inflight) {
+    zm_call_fail(call, ZM_GRPC_RESOURCE_EXHAUSTED,
+                 "too many creations in flight; retry later");
+    return -1;
+  }
+  return 0;
+}
+
+static void start(zm_app_t *app, zm_call_t *call, enroll_t *e) {
+  e->app = app;
+  e->call = call;
+  e->state = ZM_ENROLL_INTENT;
+  e->started = uv_now(app->loop);
+  e->deadline = e->started + app->cfg.enroll_timeout_ms;
+  uint64_t cd = zm_call_deadline(call);
+  if (cd != 0 && cd < e->deadline)
+    e->deadline = cd;
+  app->enroll_inflight++;
+  app->stats.enroll_started++;
+  app->stats.enroll_gauge[ZM_ENROLL_INTENT]++;
+  zm_call_on_cancel(call, on_call_cancelled, e);
+  zm_test_crash_point("INTENT");
+  enroll_on_intent(e);
+}
 
 void zm_rpc_request_service_identity(zm_call_t *call,
                                      const ProtobufCMessage *msg, void *ctx) {
@@ -580,41 +756,32 @@ void zm_rpc_request_service_identity(zm_call_t *call,
                                         : "unknown service_type");
     return;
   }
-  if (app->ziti == NULL) {
-    zm_call_fail(call, ZM_GRPC_UNAVAILABLE,
-                 "no OpenZiti controller configured (ZITI_CONTROLLER_URL)");
+  if (admit(app, call) != 0)
     return;
-  }
-  if (app->shutting_down) {
-    zm_call_fail(call, ZM_GRPC_UNAVAILABLE, "shutting down");
-    return;
-  }
-  if (app->enroll_inflight >= app->cfg.enroll_max_inflight) {
-    zm_call_fail(call, ZM_GRPC_RESOURCE_EXHAUSTED,
-                 "too many enrollments in flight; retry later");
-    return;
-  }
-  enroll_t *e = zm_xcalloc(1, sizeof *e);
-  e->app = app;
-  e->call = call;
-  e->type = type;
-  e->state = ZM_ENROLL_INTENT;
-  e->started = uv_now(app->loop);
-  e->deadline = e->started + app->cfg.enroll_timeout_ms;
-  uint64_t cd = zm_call_deadline(call);
-  if (cd != 0 && cd < e->deadline)
-    e->deadline = cd;
   char short_id[SHORT_ID_LEN + 1];
   if (zm_enroll_short_id(short_id, sizeof short_id) != 0) {
-    free(e);
     zm_call_fail(call, ZM_GRPC_INTERNAL, "random number generator failed");
     return;
   }
+  enroll_t *e = zm_xcalloc(1, sizeof *e);
+  e->kind = ZM_ENROLL_KIND_SERVICE;
+  e->type = type;
   snprintf(e->name, sizeof e->name, "svc-%s-%s", type->name, short_id);
-  app->enroll_inflight++;
-  app->stats.enroll_started++;
-  app->stats.enroll_gauge[ZM_ENROLL_INTENT]++;
-  zm_call_on_cancel(call, on_call_cancelled, e);
-  zm_test_crash_point("INTENT");
-  enroll_on_intent(e);
+  start(app, call, e);
+}
+
+void zm_enroll_start_agent(zm_app_t *app, zm_call_t *call,
+                           const char agent_id[37]) {
+  if (admit(app, call) != 0)
+    return;
+  char short_id[AGENT_SHORT_ID_LEN + 1];
+  if (zm_enroll_short_id(short_id, sizeof short_id) != 0) {
+    zm_call_fail(call, ZM_GRPC_INTERNAL, "random number generator failed");
+    return;
+  }
+  enroll_t *e = zm_xcalloc(1, sizeof *e);
+  e->kind = ZM_ENROLL_KIND_AGENT;
+  memcpy(e->agent_id, agent_id, 37);
+  snprintf(e->name, sizeof e->name, "agent-%s-%s", agent_id, short_id);
+  start(app, call, e);
 }

@@ -23,10 +23,10 @@ struct zm_collect {
   zm_sweep_config_t cfg;
   zm_collect_stats_t stats;
   uv_timer_t timer;
-  int active;    /* a sweep is running */
-  int claiming;  /* a claim is in flight */
-  int at_end;    /* the last claim came back short */
-  int64_t cut;   /* the sweep's cut */
+  int active;   /* a sweep is running */
+  int claiming; /* a claim is in flight */
+  int at_end;   /* the last claim came back short */
+  int64_t cut;  /* the sweep's cut */
   unsigned inflight;
   int stopping, timer_closed;
   void (*stop_done)(void *);
@@ -91,11 +91,10 @@ static void pump(zm_collect_t *c) {
       want = CLAIM_MAX;
     int64_t now = zm_life_now(c->life);
     c->claiming = 1;
-    zm_store_claim_expired(
-        c->store, c->cut, now,
-        now + (int64_t)c->cfg.ziti_timeout_ms +
-            (int64_t)zm_life_margin_ms(c->life),
-        want, on_claimed, c);
+    zm_store_claim_expired(c->store, c->cut, now,
+                           now + (int64_t)c->cfg.ziti_timeout_ms +
+                               (int64_t)zm_life_margin_ms(c->life),
+                           want, on_claimed, c);
     return;
   }
   maybe_done(c);

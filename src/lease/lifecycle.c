@@ -98,31 +98,31 @@ struct zm_life {
   /* clock */
   uv_timer_t beat_timer;
   int beat_inflight;
-  int64_t anchor_store_ms;   /* store clock at anchor_mono */
-  uint64_t anchor_mono;      /* ms, uv_hrtime based */
-  uint64_t last_beat_ok;     /* mono ms of the last successful beat; 0 never */
-  uint64_t beat_sent;        /* mono ms the beat in flight was sent */
-  int64_t resumed_ms;        /* store clock: start of the current up period */
+  int64_t anchor_store_ms; /* store clock at anchor_mono */
+  uint64_t anchor_mono;    /* ms, uv_hrtime based */
+  uint64_t last_beat_ok;   /* mono ms of the last successful beat; 0 never */
+  uint64_t beat_sent;      /* mono ms the beat in flight was sent */
+  int64_t resumed_ms;      /* store clock: start of the current up period */
   void (*on_ready)(void *);
   void *ready_data;
 
   /* lease refreshes */
   uv_timer_t flush_timer;
-  idvec_t dirty;          /* ids with a pending refresh, not in flight */
-  uint64_t dirty_since;   /* mono ms of the oldest refresh in dirty; 0 */
-  idvec_t flying;         /* ids of the flush in flight */
+  idvec_t dirty;        /* ids with a pending refresh, not in flight */
+  uint64_t dirty_since; /* mono ms of the oldest refresh in dirty; 0 */
+  idvec_t flying;       /* ids of the flush in flight */
   int64_t *flying_ms;
-  uint64_t flying_since;  /* mono ms of the oldest refresh in flight; 0 */
-  int flush_failed;       /* the last flush failed: no fast path */
+  uint64_t flying_since; /* mono ms of the oldest refresh in flight; 0 */
+  int flush_failed;      /* the last flush failed: no fast path */
 
   /* change poller (shared store) */
   uv_timer_t changes_timer;
   int changes_inflight;
-  int64_t changes_seq;       /* highest seq seen */
-  int64_t changes_ok_store;  /* store clock of the last successful poll */
-  uint64_t changes_ok_mono;  /* mono ms of the last successful poll */
-  uint64_t epoch;            /* bumped at every eviction */
-  seen_t *seen;              /* seqs seen within the lookback window */
+  int64_t changes_seq;      /* highest seq seen */
+  int64_t changes_ok_store; /* store clock of the last successful poll */
+  uint64_t changes_ok_mono; /* mono ms of the last successful poll */
+  uint64_t epoch;           /* bumped at every eviction */
+  seen_t *seen;             /* seqs seen within the lookback window */
   size_t n_seen, cap_seen;
 
   int stopping, closed_handles;
@@ -569,12 +569,11 @@ static void on_unit(int err, void *data) {
   if (err == 0) {
     trace(u->t, u->id ? u->id : "pending");
     if (u->kind == 1)
-      zm_index_put_service(u->l->index, u->id, strlen(u->id), u->type,
-                           u->lease, zm_life_now(u->l));
+      zm_index_put_service(u->l->index, u->id, strlen(u->id), u->type, u->lease,
+                           zm_life_now(u->l));
     else if (u->kind == 2)
       zm_index_put_managed(u->l->index, u->id, strlen(u->id), u->identity_id,
-                           strlen(u->identity_id), u->type,
-                           zm_life_now(u->l));
+                           strlen(u->identity_id), u->type, zm_life_now(u->l));
   }
   unit_done(u, err);
 }
@@ -582,9 +581,8 @@ static void on_unit(int err, void *data) {
 void zm_life_intent(zm_life_t *l, zm_pending_row_t *row, uint64_t deadline_mono,
                     zm_life_cb cb, void *data) {
   int64_t now = zm_life_now(l);
-  uint64_t left = deadline_mono > uv_now(l->loop)
-                      ? deadline_mono - uv_now(l->loop)
-                      : 0;
+  uint64_t left =
+      deadline_mono > uv_now(l->loop) ? deadline_mono - uv_now(l->loop) : 0;
   row->created_at_ms = now;
   /* The create is sent before the deadline and the client gives up on it
    * by then; a controller still working on it finishes within its own
@@ -712,7 +710,8 @@ void zm_life_delete(zm_life_t *l, const char *id, int attempts, zm_life_cb cb,
   send_delete(u);
 }
 
-/* ---- PENDING -> DELETING, LIVE -> DELETING -------------------------------- */
+/* ---- PENDING -> DELETING, LIVE -> DELETING --------------------------------
+ */
 
 static void on_tombstoned(int err, void *data) {
   unit_t *u = data;
@@ -804,8 +803,7 @@ void zm_life_start(zm_life_t *l, void (*on_ready)(void *), void *data) {
   uv_timer_start(&l->flush_timer, on_flush_timer, l->cfg.flush_ms,
                  l->cfg.flush_ms);
   if (l->shared)
-    uv_timer_start(&l->changes_timer, on_changes_timer, CHANGES_MS,
-                   CHANGES_MS);
+    uv_timer_start(&l->changes_timer, on_changes_timer, CHANGES_MS, CHANGES_MS);
 }
 
 static void maybe_stopped(zm_life_t *l) {

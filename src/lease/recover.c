@@ -105,8 +105,8 @@ static void on_found(const zm_ziti_result_t *res, void *data) {
   /* names are unique on the controller; more than one is handled anyway:
    * the last condemnation also drops the pending row */
   for (size_t i = 0; i < res->n_ids; i++)
-    zm_life_condemn(r->life, i + 1 == res->n_ids ? p->name : NULL,
-                    res->ids[i], p->type, on_condemned, p);
+    zm_life_condemn(r->life, i + 1 == res->n_ids ? p->name : NULL, res->ids[i],
+                    p->type, on_condemned, p);
 }
 
 static void on_pending_claimed(int err, const zm_pending_row_t *rows, size_t n,
@@ -205,8 +205,8 @@ static void sweep(zm_recover_t *r) {
   if (r->phase != R_IDLE || r->stopping || r->ziti == NULL)
     return;
   r->stats.sweeps++;
-  if (!zm_life_settled(r->life, r->cfg.ziti_timeout_ms +
-                                    zm_life_margin_ms(r->life))) {
+  if (!zm_life_settled(r->life,
+                       r->cfg.ziti_timeout_ms + zm_life_margin_ms(r->life))) {
     /* right after a resume (or without a fresh heartbeat) only tombstones:
      * a pending creation may still land */
     r->phase = R_TOMBS;

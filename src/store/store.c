@@ -6,9 +6,8 @@
 
 int zm_store_open(zm_store_t **out, uv_loop_t *loop,
                   const zm_store_config_t *cfg) {
-  const zm__store_vt *vt = (cfg->url != NULL && cfg->url[0] != '\0')
-                               ? &zm__pg_vt
-                               : &zm__sqlite_vt;
+  const zm__store_vt *vt =
+      (cfg->url != NULL && cfg->url[0] != '\0') ? &zm__pg_vt : &zm__sqlite_vt;
   int rv = vt->open(out, loop, cfg);
   if (rv == 0)
     (*out)->vt = vt;
