@@ -32,6 +32,7 @@ typedef struct {
   int64_t lease_expires_ms; /* the lease as last known durable (store clock) */
   int64_t lease_pending_ms; /* a refresh answered from memory and not yet
                                flushed to the store; 0 = none */
+  int queued;               /* on the lifecycle's flush list */
   int64_t created_at_ms;
 } zm_index_service_t;
 

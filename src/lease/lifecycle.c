@@ -251,6 +251,24 @@ static void on_beat_timer(uv_timer_t *t) {
 
 /* ===================== lease refresh: memory first ======================= */
 
+/* A refresh is queued for the store once it raises the durable lease by at
+ * least this much: the durable lease then trails the answered one by at
+ * most this plus one flush period, and a key refreshed many times a second
+ * costs one row write per granule instead of one per flush. */
+static int64_t granule_ms(const zm_life_t *l) {
+  int64_t g = (int64_t)(l->cfg.lease_ttl_ms / 10);
+  return g > 15000 ? 15000 : g;
+}
+
+static void queue_refresh(zm_life_t *l, zm_index_service_t *s, const char *id) {
+  if (s->queued || s->lease_pending_ms - s->lease_expires_ms < granule_ms(l))
+    return;
+  s->queued = 1;
+  if (l->dirty_since == 0)
+    l->dirty_since = mono_ms();
+  idvec_push(&l->dirty, id);
+}
+
 /* The fast path is allowed while no refresh answered from memory is older
  * than half the collection margin without being durable. */
 static int flush_window_ok(const zm_life_t *l) {
@@ -274,22 +292,30 @@ static void on_flushed(int err, void *data) {
     l->stats.flushes++;
     l->stats.flushed_leases += l->flying.n;
   }
+  uint64_t since = l->flying_since;
   for (size_t i = 0; i < l->flying.n; i++) {
     const char *id = l->flying.ids[i];
     zm_index_service_t *s = zm_index_lookup_service(l->index, id, strlen(id));
-    if (s == NULL || s->state != ZM_LEASE_LIVE || s->lease_pending_ms == 0)
+    if (s == NULL)
       continue;
-    if (err == 0 && l->flying_ms[i] > s->lease_expires_ms)
-      s->lease_expires_ms = l->flying_ms[i];
-    if (err == 0 && s->lease_pending_ms <= l->flying_ms[i]) {
-      s->lease_pending_ms = 0;
+    s->queued = 0;
+    if (s->state != ZM_LEASE_LIVE || s->lease_pending_ms == 0)
+      continue;
+    if (err == 0) {
+      if (l->flying_ms[i] > s->lease_expires_ms)
+        s->lease_expires_ms = l->flying_ms[i];
+      if (s->lease_pending_ms <= s->lease_expires_ms)
+        s->lease_pending_ms = 0;
+      else
+        queue_refresh(l, s, id); /* refreshed again meanwhile */
       continue;
     }
-    if (err != 0 && l->stopping)
+    if (l->stopping)
       continue; /* the store is closing: the refresh is lost (see README) */
-    /* refreshed again meanwhile, or failed: next flush */
-    if (l->dirty_since == 0)
-      l->dirty_since = err != 0 ? l->flying_since : mono_ms();
+    /* failed: the next flush carries it, still counted from its first try */
+    s->queued = 1;
+    if (l->dirty_since == 0 || since < l->dirty_since)
+      l->dirty_since = since;
     idvec_push(&l->dirty, id);
   }
   idvec_clear(&l->flying);
@@ -313,6 +339,8 @@ static void flush_now(zm_life_t *l) {
     char *id = l->flying.ids[i];
     zm_index_service_t *s = zm_index_lookup_service(l->index, id, strlen(id));
     if (s == NULL || s->state != ZM_LEASE_LIVE || s->lease_pending_ms == 0) {
+      if (s != NULL)
+        s->queued = 0;
       free(id);
       continue;
     }
@@ -357,9 +385,13 @@ static void on_extended(int err, void *data) {
       s = zm_index_put_service(l->index, x->id, strlen(x->id), 0, x->ms, 0);
     if (s->state == ZM_LEASE_LIVE && x->ms > s->lease_expires_ms)
       s->lease_expires_ms = x->ms;
+    if (s->lease_pending_ms != 0 &&
+        s->lease_pending_ms <= s->lease_expires_ms && !s->queued)
+      s->lease_pending_ms = 0;
   } else if (err == ZM_E_NOT_FOUND) {
     /* the store is the truth: no live record */
-    if (s != NULL && s->state == ZM_LEASE_LIVE && s->lease_pending_ms == 0)
+    /* (ids on the flush lists are looked up again: removing is safe) */
+    if (s != NULL)
       zm_index_del_service(l->index, x->id, strlen(x->id));
   } else {
     err = ZM_E_UNAVAILABLE;
@@ -382,13 +414,9 @@ int zm_life_extend(zm_life_t *l, const char *id, zm_life_cb cb, void *data) {
    * this identity before the refresh is flushed (collection waits the
    * margin past the durable lease; flushes land within half of it). */
   if (s != NULL && s->lease_expires_ms > now && flush_window_ok(l)) {
-    if (s->lease_pending_ms == 0) {
-      if (l->dirty_since == 0)
-        l->dirty_since = mono_ms();
-      idvec_push(&l->dirty, id);
-    }
     if (lease > s->lease_pending_ms)
       s->lease_pending_ms = lease;
+    queue_refresh(l, s, id);
     l->stats.extend_fast++;
     return 0;
   }
@@ -652,6 +680,10 @@ static void on_buried(int err, void *data) {
             u->id, zm_strerror(err));
   else
     trace(ZM_LIFE_T_BURY, u->id);
+  zm_index_service_t *s =
+      zm_index_lookup_service(u->l->index, u->id, strlen(u->id));
+  if (s != NULL && s->state == ZM_LEASE_DELETING)
+    zm_index_del_service(u->l->index, u->id, strlen(u->id));
   u->l->stats.deleted++;
   unit_done(u, 0);
 }

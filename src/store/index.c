@@ -274,6 +274,7 @@ zm_index_service_t *zm_index_put_service(zm_index_t *ix, const char *zid,
   n->pub.state = ZM_LEASE_LIVE;
   n->pub.lease_expires_ms = lease_expires_ms;
   n->pub.lease_pending_ms = 0;
+  n->pub.queued = 0;
   n->pub.created_at_ms = created_at_ms;
   return &n->pub;
 }
