@@ -46,6 +46,8 @@ void zm_index_put_managed(zm_index_t *ix, const char *zid, size_t zid_len,
 /* NULL if absent. The pointer is valid until the entry is removed/replaced. */
 const zm_index_managed_t *zm_index_lookup_managed(const zm_index_t *ix,
                                                   const char *zid, size_t len);
+/* Removes every mapping. */
+void zm_index_clear_managed(zm_index_t *ix);
 /* Returns 1 if removed, 0 if absent. */
 int zm_index_del_managed(zm_index_t *ix, const char *zid, size_t len);
 

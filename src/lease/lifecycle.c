@@ -30,7 +30,10 @@
 /* Changes are re-read this far back: a transaction that took its sequence
  * number before an already-seen one but committed after it is still seen. */
 #define CHANGES_LOOKBACK_MS 10000
-#define CHANGES_BATCH 1000u
+#define CHANGES_BATCH 10000u
+/* At the first beat the change log is read this far back: changes made
+ * while this process loaded its cache are seen. */
+#define CHANGES_START_BACK_MS 60000
 /* Without a successful change poll for this long, cached mappings are not
  * trusted (every ResolveIdentity asks the store). */
 #define CHANGES_STALE_MS 5000u
@@ -118,8 +121,10 @@ struct zm_life {
   /* change poller (shared store) */
   uv_timer_t changes_timer;
   int changes_inflight;
-  int64_t changes_seq;      /* highest seq seen */
-  int64_t changes_ok_store; /* store clock of the last successful poll */
+  int64_t changes_seq;      /* highest seq seen; INT64_MAX = none yet */
+  int64_t changes_ok_store; /* store clock when the last successful poll was
+                               sent */
+  int64_t changes_sent_store;
   uint64_t changes_ok_mono; /* mono ms of the last successful poll */
   uint64_t epoch;           /* bumped at every eviction */
   seen_t *seen;             /* seqs seen within the lookback window */
@@ -233,7 +238,7 @@ static void on_beat(int err, int64_t now_ms, int64_t resumed_ms, void *data) {
   int first = l->last_beat_ok == 0;
   l->last_beat_ok = m;
   if (first) {
-    l->changes_ok_store = now_ms;
+    l->changes_ok_store = now_ms - CHANGES_START_BACK_MS;
     l->changes_ok_mono = m;
     if (l->on_ready != NULL)
       l->on_ready(l->ready_data);
@@ -502,8 +507,6 @@ static int seen_has(const zm_life_t *l, int64_t seq) {
   return 0;
 }
 
-static void on_changes_timer(uv_timer_t *t);
-
 static void on_changes(int err, const int64_t *seqs, const char *const *ids,
                        size_t n, void *data) {
   zm_life_t *l = data;
@@ -520,8 +523,17 @@ static void on_changes(int err, const int64_t *seqs, const char *const *ids,
     if (m - l->seen[i].seen_mono < 2 * CHANGES_LOOKBACK_MS)
       l->seen[k++] = l->seen[i];
   l->n_seen = k;
+  if (n >= CHANGES_BATCH) {
+    /* more changes than one read tracks: drop the whole cache rather than
+     * miss one; mappings come back from the store as they are asked for */
+    ZM_WARN("lifecycle: %zu+ mapping changes in the window: cache dropped", n);
+    zm_index_clear_managed(l->index);
+    l->epoch++;
+    l->n_seen = 0;
+    n = 0;
+  }
   for (size_t i = 0; i < n; i++) {
-    if (seqs[i] > l->changes_seq)
+    if (l->changes_seq == INT64_MAX || seqs[i] > l->changes_seq)
       l->changes_seq = seqs[i];
     if (seen_has(l, seqs[i]))
       continue;
@@ -534,12 +546,8 @@ static void on_changes(int err, const int64_t *seqs, const char *const *ids,
       l->stats.evicted++;
     l->epoch++;
   }
-  if (n < CHANGES_BATCH) {
-    l->changes_ok_mono = m;
-    l->changes_ok_store = zm_life_now(l);
-  } else if (!l->stopping) {
-    uv_timer_start(&l->changes_timer, on_changes_timer, 0, CHANGES_MS);
-  }
+  l->changes_ok_mono = m;
+  l->changes_ok_store = l->changes_sent_store;
   life_dec(l);
 }
 
@@ -549,6 +557,7 @@ static void on_changes_timer(uv_timer_t *t) {
     return;
   l->changes_inflight = 1;
   l->inflight++;
+  l->changes_sent_store = zm_life_now(l);
   zm_store_changes(l->store, l->changes_seq,
                    l->changes_ok_store - CHANGES_LOOKBACK_MS, CHANGES_BATCH,
                    on_changes, l);
@@ -818,6 +827,7 @@ zm_life_t *zm_life_new(uv_loop_t *loop, zm_store_t *store, zm_index_t *index,
   if (l->cfg.flush_ms == 0)
     l->cfg.flush_ms = 1; /* "0" = as often as the loop allows */
   l->shared = zm_store_shared(store);
+  l->changes_seq = INT64_MAX;
   uv_timer_init(loop, &l->beat_timer);
   uv_timer_init(loop, &l->flush_timer);
   l->beat_timer.data = l->flush_timer.data = l;

@@ -200,6 +200,12 @@ void zm_index_free(zm_index_t *ix) {
   free(ix);
 }
 
+void zm_index_clear_managed(zm_index_t *ix) {
+  size_t len_off = ix->managed.len_off;
+  table_dispose(&ix->managed);
+  table_init(&ix->managed, len_off);
+}
+
 void zm_index_put_managed(zm_index_t *ix, const char *zid, size_t zid_len,
                           const char *identity_id, size_t identity_id_len,
                           int identity_type, int64_t created_at_ms) {
