@@ -4,11 +4,17 @@
  */
 #include "store_internal.h"
 
+#include "zm/log.h"
+#include "zm/zm.h"
+
 int zm_store_open(zm_store_t **out, uv_loop_t *loop,
                   const zm_store_config_t *cfg) {
-  const zm__store_vt *vt = (cfg->url != NULL && cfg->url[0] != '\0')
-                               ? &zm__pg_vt
-                               : &zm__sqlite_vt;
+  const zm__store_vt *vt =
+      (cfg->url != NULL && cfg->url[0] != '\0') ? &zm__pg_vt : &zm__sqlite_vt;
+  if (vt == NULL) { /* a weak backend left out of this build */
+    ZM_ERROR("store: the SQLite backend is not part of this build");
+    return ZM_E_STORE;
+  }
   int rv = vt->open(out, loop, cfg);
   if (rv == 0)
     (*out)->vt = vt;
