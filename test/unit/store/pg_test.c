@@ -683,7 +683,7 @@ static void test_group_errors(void **state) {
                : i == 5         ? ZM_E_NOT_FOUND
                                 : 0;
     assert_int_equal(r[i].err, want);
-    char sql[160];
+    char sql[256];
     snprintf(sql, sizeof sql,
              "SELECT count(*) FROM managed_identities WHERE"
              " ziti_identity_id = '%s'",
