@@ -11,12 +11,6 @@ int zm_store_open(zm_store_t **out, uv_loop_t *loop,
                   const zm_store_config_t *cfg) {
   const zm__store_vt *vt =
       (cfg->url != NULL && cfg->url[0] != '\0') ? &zm__pg_vt : &zm__sqlite_vt;
-  if (vt == NULL) {
-    *out = NULL;
-    ZM_ERROR("store: DATABASE_URL is set, but this build has no PostgreSQL "
-             "backend");
-    return ZM_E_STORE;
-  }
   int rv = vt->open(out, loop, cfg);
   if (rv == 0)
     (*out)->vt = vt;

@@ -51,11 +51,7 @@ struct zm_store {
 };
 
 extern const zm__store_vt zm__sqlite_vt;
-/* Weak: a build without src/store/pg.c links, and &zm__pg_vt is NULL there
- * (zm_store_open refuses a DATABASE_URL). A weak reference does not pull
- * pg.o out of the static library by itself: CMakeLists.txt forces it in
- * (-Wl,--undefined=zm__pg_vt) when the file exists. */
-extern const zm__store_vt zm__pg_vt __attribute__((weak));
+extern const zm__store_vt zm__pg_vt;
 
 /* "YYYY-MM-DD HH:MM:SS.mmm" plus the NUL. */
 #define ZM__STORE_TIME_LEN 23
