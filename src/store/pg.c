@@ -92,6 +92,14 @@
   "ziti_identity_id, identity_id::text, identity_type, zm_ms(created_at),"     \
   " ziti_service_id, workload_id::text, agent_id::text,"                       \
   " environment_id::text"
+/* A tombstone made from a live row (RETIRE_*, claim_expired) replaces a
+ * stale one for the id, as SQLite's INSERT OR REPLACE does: the caller holds
+ * the claim it asked for, and the row is returned. */
+#define TOMB_REPLACE                                                           \
+  "ON CONFLICT (ziti_identity_id) DO UPDATE SET kind = EXCLUDED.kind,"         \
+  " type = EXCLUDED.type, attempts = EXCLUDED.attempts,"                       \
+  " next_try_at = EXCLUDED.next_try_at,"                                       \
+  " claimed_until = EXCLUDED.claimed_until, created_at = EXCLUDED.created_at"
 #define TOMB_RET                                                               \
   "ziti_identity_id, kind, type, attempts, zm_ms(next_try_at),"                \
   " zm_ms(created_at)"
@@ -141,9 +149,9 @@
     "WITH d AS (DELETE FROM managed_identities WHERE ziti_identity_id ="       \
     " $1::text RETURNING ziti_identity_id, identity_type),"                    \
     " t AS (INSERT INTO deleting_identities " TOMB_COLS                        \
-    " SELECT ziti_identity_id, 2, CASE WHEN $2::int = 0 THEN identity_type"    \
-    " ELSE $2::int END, 0, zm_ts($3::bigint), zm_ts($4::bigint),"              \
-    " zm_ts($5::bigint) FROM d ON CONFLICT (ziti_identity_id) DO NOTHING),"    \
+    " SELECT ziti_identity_id, 2, CASE WHEN identity_type = 0 THEN $2::int"    \
+    " ELSE identity_type END, 0, zm_ts($3::bigint), zm_ts($4::bigint),"        \
+    " zm_ts($5::bigint) FROM d " TOMB_REPLACE "),"                             \
     " c AS (INSERT INTO identity_changes (ziti_identity_id)"                   \
     " SELECT ziti_identity_id FROM d) SELECT zm_found(count(*)) FROM d")       \
   X(RETIRE_SERVICE, 6,                                                         \
@@ -151,9 +159,9 @@
     " $1::text AND lease_expires_at <= zm_ts($2::bigint)"                      \
     " RETURNING ziti_identity_id, service_type),"                              \
     " t AS (INSERT INTO deleting_identities " TOMB_COLS                        \
-    " SELECT ziti_identity_id, 1, CASE WHEN $3::int = 0 THEN service_type"     \
-    " ELSE $3::int END, 0, zm_ts($4::bigint), zm_ts($5::bigint),"              \
-    " zm_ts($6::bigint) FROM d ON CONFLICT (ziti_identity_id) DO NOTHING)"     \
+    " SELECT ziti_identity_id, 1, CASE WHEN service_type = 0 THEN $3::int"     \
+    " ELSE service_type END, 0, zm_ts($4::bigint), zm_ts($5::bigint),"         \
+    " zm_ts($6::bigint) FROM d " TOMB_REPLACE ")"                              \
     " SELECT zm_found(count(*)) FROM d")                                       \
   X(PUT_TOMB, 7,                                                               \
     "INSERT INTO deleting_identities " TOMB_COLS " VALUES ($1::text,"          \
@@ -177,13 +185,16 @@
   X(CLAIM_EXPIRED, 4,                                                          \
     "WITH c AS (DELETE FROM service_identities WHERE ziti_identity_id IN"      \
     " (SELECT ziti_identity_id FROM service_identities"                        \
-    " WHERE lease_expires_at <= zm_ts($1::bigint) ORDER BY lease_expires_at"   \
+    " WHERE lease_expires_at <= zm_ts($1::bigint)"                             \
+    " ORDER BY lease_expires_at, ziti_identity_id"                             \
     " LIMIT $4::bigint FOR UPDATE SKIP LOCKED)"                                \
-    " RETURNING ziti_identity_id, service_type)"                               \
-    " INSERT INTO deleting_identities " TOMB_COLS                              \
+    " RETURNING ziti_identity_id, service_type, lease_expires_at),"            \
+    " t AS (INSERT INTO deleting_identities " TOMB_COLS                        \
     " SELECT ziti_identity_id, 1, service_type, 0, zm_ts($2::bigint),"         \
-    " zm_ts($3::bigint), zm_ts($2::bigint) FROM c"                             \
-    " ON CONFLICT (ziti_identity_id) DO NOTHING RETURNING " TOMB_RET)          \
+    " zm_ts($3::bigint), zm_ts($2::bigint) FROM c " TOMB_REPLACE               \
+    " RETURNING " TOMB_RET ")"                                                 \
+    " SELECT t.* FROM t JOIN c USING (ziti_identity_id)"                       \
+    " ORDER BY c.lease_expires_at, ziti_identity_id")                          \
   X(CLAIM_TOMBS, 3,                                                            \
     "WITH u AS (UPDATE deleting_identities SET claimed_until ="                \
     " zm_ts($2::bigint) WHERE ziti_identity_id IN (SELECT ziti_identity_id"    \
