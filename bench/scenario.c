@@ -124,7 +124,7 @@ size_t zmb_req_encode(const zmb_req_t *r, uint8_t *buf, size_t cap) {
     break;
   case ZMB_OP_LIST:
     lst.identity_type =
-        AGYNIO__API__ZITI_MANAGEMENT__V1__IDENTITY_TYPE__IDENTITY_TYPE_UNSPECIFIED;
+        AGYNIO__API__IDENTITY__V1__IDENTITY_TYPE__IDENTITY_TYPE_UNSPECIFIED;
     lst.page_size = r->page_size;
     lst.page_token = (char *)(r->page_token ? r->page_token : "");
     m = &lst.base;
@@ -456,7 +456,7 @@ zmb_verdict_t zmb_resp_verify(const zmb_req_t *r, int grpc_status,
                (long long)r->key, m->identity_id, want_id);
     else if (
         m->identity_type !=
-        AGYNIO__API__ZITI_MANAGEMENT__V1__IDENTITY_TYPE__IDENTITY_TYPE_AGENT)
+        AGYNIO__API__IDENTITY__V1__IDENTITY_TYPE__IDENTITY_TYPE_AGENT)
       v = fail(ZMB_V_BAD_CONTENT, why, whylen,
                "resolve zid-%06lld: identity_type %d, want AGENT",
                (long long)r->key, (int)m->identity_type);

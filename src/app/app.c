@@ -23,10 +23,11 @@
 
 static void on_load_managed(const zm_managed_row_t *r, void *data) {
   zm_app_t *app = data;
-  zm_index_put_managed(app->index, r->ziti_identity_id,
-                       strlen(r->ziti_identity_id), r->identity_id,
-                       strlen(r->identity_id), r->identity_type,
-                       r->created_at_ms);
+  zm_index_extra_t x = {r->workload_id, r->agent_id, r->environment_id};
+  zm_index_put_managed_ext(app->index, r->ziti_identity_id,
+                           strlen(r->ziti_identity_id), r->identity_id,
+                           strlen(r->identity_id), r->identity_type,
+                           r->created_at_ms, &x);
 }
 
 static void on_load_service(const zm_service_row_t *r, void *data) {

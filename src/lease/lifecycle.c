@@ -471,15 +471,19 @@ static void on_fetched(int err, const zm_managed_row_t *rows, size_t n,
     zm_index_managed_t tmp = {.identity_id = r->identity_id,
                               .identity_id_len = strlen(r->identity_id),
                               .identity_type = r->identity_type,
-                              .created_at_ms = r->created_at_ms};
+                              .created_at_ms = r->created_at_ms,
+                              .workload_id = r->workload_id,
+                              .agent_id = r->agent_id,
+                              .environment_id = r->environment_id};
     const zm_index_managed_t *m = &tmp;
     /* Cache only if no eviction ran while the read was in flight: it may
      * have been about this very row. */
     if (f->epoch == l->epoch) {
-      zm_index_put_managed(l->index, r->ziti_identity_id,
-                           strlen(r->ziti_identity_id), r->identity_id,
-                           tmp.identity_id_len, r->identity_type,
-                           r->created_at_ms);
+      zm_index_extra_t x = {r->workload_id, r->agent_id, r->environment_id};
+      zm_index_put_managed_ext(l->index, r->ziti_identity_id,
+                               strlen(r->ziti_identity_id), r->identity_id,
+                               tmp.identity_id_len, r->identity_type,
+                               r->created_at_ms, &x);
       m = zm_index_lookup_managed(l->index, r->ziti_identity_id,
                                   strlen(r->ziti_identity_id));
     }
@@ -578,6 +582,7 @@ typedef struct {
   int64_t lease;
   char *id;
   char *identity_id;
+  char *workload_id, *agent_id, *environment_id; /* commit_managed */
 } unit_t;
 
 static unit_t *unit_new(zm_life_t *l, zm_life_transition_t t, zm_life_cb cb,
@@ -597,6 +602,9 @@ static void unit_done(unit_t *u, int err) {
     u->cb(err, u->data);
   free(u->id);
   free(u->identity_id);
+  free(u->workload_id);
+  free(u->agent_id);
+  free(u->environment_id);
   free(u);
   life_dec(l);
 }
@@ -608,9 +616,12 @@ static void on_unit(int err, void *data) {
     if (u->kind == 1)
       zm_index_put_service(u->l->index, u->id, strlen(u->id), u->type, u->lease,
                            zm_life_now(u->l));
-    else if (u->kind == 2)
-      zm_index_put_managed(u->l->index, u->id, strlen(u->id), u->identity_id,
-                           strlen(u->identity_id), u->type, zm_life_now(u->l));
+    else if (u->kind == 2) {
+      zm_index_extra_t x = {u->workload_id, u->agent_id, u->environment_id};
+      zm_index_put_managed_ext(u->l->index, u->id, strlen(u->id),
+                               u->identity_id, strlen(u->identity_id), u->type,
+                               zm_life_now(u->l), &x);
+    }
   }
   unit_done(u, err);
 }
@@ -659,6 +670,10 @@ void zm_life_commit_managed(zm_life_t *l, const char *name,
   u->type = row->identity_type;
   u->id = zm_xstrdup(row->ziti_identity_id);
   u->identity_id = zm_xstrdup(row->identity_id);
+  u->workload_id = row->workload_id ? zm_xstrdup(row->workload_id) : NULL;
+  u->agent_id = row->agent_id ? zm_xstrdup(row->agent_id) : NULL;
+  u->environment_id =
+      row->environment_id ? zm_xstrdup(row->environment_id) : NULL;
   zm_store_op_t ops[2] = {
       {.kind = ZM_STORE_PUT_MANAGED, .managed = *row},
       {.kind = ZM_STORE_DEL_PENDING, .name = name},

@@ -32,7 +32,9 @@ import zmtest
 from zmtest import pb
 
 SVC_TYPES = {1: ("gateway", ["gateway-hosts"]), 2: ("orchestrator", ["orchestrators"]),
-             3: ("runner", ["runners"])}
+             4: ("llm-proxy", ["llm-proxy-hosts"]), 5: ("tracing", ["tracing-hosts"]),
+             6: ("runners", ["runners-service-hosts"]), 7: ("egress-gateway", ["egress-gateway-hosts"]),
+             8: ("terminal-proxy", ["terminal-proxy-hosts"])}
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 
 # ============================================================================
@@ -257,7 +259,7 @@ def stub(srv):
 # ============================================================================
 
 
-@pytest.mark.parametrize("stype", [1, 2, 3])
+@pytest.mark.parametrize("stype", [1, 2, 4, 5, 6, 7, 8])
 def test_request_service_identity_usable(sim, srv, stub, stype, tmp_path):
     name, roles = SVC_TYPES[stype]
     r = stub.RequestServiceIdentity(pb.RequestServiceIdentityRequest(service_type=stype), timeout=30)
@@ -685,7 +687,7 @@ def test_200_concurrent_enrollments_all_valid_while_resolving(sim, tmp_path):
         chans = [s.channel() for _ in range(4)]
         stubs = [s.stub(c) for c in chans]
         t0 = time.monotonic()
-        futs = [stubs[i % 4].RequestServiceIdentity.future(pb.RequestServiceIdentityRequest(service_type=1 + i % 3),
+        futs = [stubs[i % 4].RequestServiceIdentity.future(pb.RequestServiceIdentityRequest(service_type=(1, 2, 4)[i % 3]),
                                                            timeout=120) for i in range(n)]
         results = []
         for f in futs:
@@ -700,7 +702,7 @@ def test_200_concurrent_enrollments_all_valid_while_resolving(sim, tmp_path):
         ids = [r.ziti_identity_id for r in results]
         assert len(set(ids)) == n
         for i, r in enumerate(results):
-            tname, roles = SVC_TYPES[1 + i % 3]
+            tname, roles = SVC_TYPES[(1, 2, 4)[i % 3]]
             check_identity(sim, r.ziti_identity_id, r.identity_json, str(tmp_path / ("id%d" % i)), tname, roles,
                            handshake=(i % 20 == 0))
         p50, p99 = _pct(lat, 50) * 1000, _pct(lat, 99) * 1000
