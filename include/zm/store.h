@@ -201,6 +201,12 @@ void zm_store_list_managed(zm_store_t *st, int type, const char *after_id,
 /* The mapping of one id: n = 1 with the row, or n = 0. */
 void zm_store_get_managed(zm_store_t *st, const char *id,
                           zm_store_managed_list_cb cb, void *data);
+/* The mappings of one platform identity (identity_id, a canonical UUID),
+ * ordered by ziti_identity_id, at most limit (app and runner re-enrolment,
+ * DeleteAppIdentity / DeleteRunnerIdentity). */
+void zm_store_find_managed(zm_store_t *st, const char *identity_id,
+                           size_t limit, zm_store_managed_list_cb cb,
+                           void *data);
 
 typedef void (*zm_store_tomb_list_cb)(int err, const zm_tomb_row_t *rows,
                                       size_t n, void *data);

@@ -114,6 +114,8 @@
                   " ORDER BY ziti_identity_id LIMIT ?3")                       \
   X(GET_MANAGED, "SELECT " MANAGED_COLS " FROM managed_identities"             \
                  " WHERE ziti_identity_id=?1")                                 \
+  X(FIND_MANAGED, "SELECT " MANAGED_COLS " FROM managed_identities"            \
+                  " WHERE identity_id=?1 ORDER BY ziti_identity_id LIMIT ?2")  \
   X(SEL_EXPIRED, "SELECT ziti_identity_id, service_type"                       \
                  " FROM service_identities WHERE lease_expires_at<=?1"         \
                  " ORDER BY lease_expires_at, ziti_identity_id LIMIT ?2")      \
@@ -158,6 +160,7 @@ enum {
   ITEM_UNIT,
   ITEM_LIST_MANAGED,
   ITEM_GET_MANAGED,
+  ITEM_FIND_MANAGED,
   ITEM_CLAIM_EXPIRED,
   ITEM_CLAIM_TOMBS,
   ITEM_CLAIM_PENDING,
@@ -563,7 +566,8 @@ static void fill_row(int kind, void *row, sqlite3_stmt *s, arena_t *a,
                      size_t *offs) {
   switch (kind) {
   case ITEM_LIST_MANAGED:
-  case ITEM_GET_MANAGED: {
+  case ITEM_GET_MANAGED:
+  case ITEM_FIND_MANAGED: {
     zm_managed_row_t *r = row;
     offs[0] = arena_col(a, s, 0);
     offs[1] = arena_col(a, s, 1);
@@ -608,7 +612,8 @@ static void fill_row(int kind, void *row, sqlite3_stmt *s, arena_t *a,
 static void fix_row(int kind, void *row, const arena_t *a, const size_t *offs) {
   switch (kind) {
   case ITEM_LIST_MANAGED:
-  case ITEM_GET_MANAGED: {
+  case ITEM_GET_MANAGED:
+  case ITEM_FIND_MANAGED: {
     zm_managed_row_t *r = row;
     r->ziti_identity_id = arena_str(a, offs[0]);
     r->identity_id = arena_str(a, offs[1]);
@@ -636,6 +641,7 @@ static size_t row_size(int kind) {
   switch (kind) {
   case ITEM_LIST_MANAGED:
   case ITEM_GET_MANAGED:
+  case ITEM_FIND_MANAGED:
     return sizeof(zm_managed_row_t);
   case ITEM_CLAIM_EXPIRED:
   case ITEM_CLAIM_TOMBS:
@@ -761,6 +767,11 @@ static int run_read(sq_store_t *st, item_t *it) {
   case ITEM_GET_MANAGED:
     s = st->stmt[S_GET_MANAGED];
     sqlite3_bind_text(s, 1, it->key, -1, SQLITE_STATIC);
+    return collect(st, it, s);
+  case ITEM_FIND_MANAGED:
+    s = st->stmt[S_FIND_MANAGED];
+    sqlite3_bind_text(s, 1, it->key, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(s, 2, limit_arg(it->limit));
     return collect(st, it, s);
   case ITEM_CLAIM_EXPIRED:
   case ITEM_CLAIM_TOMBS:
@@ -904,6 +915,7 @@ static void deliver(sq_store_t *st) {
       break;
     case ITEM_LIST_MANAGED:
     case ITEM_GET_MANAGED:
+    case ITEM_FIND_MANAGED:
       it->cb.managed(it->err, it->rows, it->nrows, it->data);
       break;
     case ITEM_CLAIM_EXPIRED:
@@ -1308,6 +1320,15 @@ static void sq_get_managed(zm_store_t *base, const char *id,
   enqueue((sq_store_t *)base, it);
 }
 
+static void sq_find_managed(zm_store_t *base, const char *identity_id,
+                            size_t limit, zm_store_managed_list_cb cb,
+                            void *data) {
+  ZM_ASSERT(base != NULL && cb != NULL);
+  item_t *it = new_read(ITEM_FIND_MANAGED, identity_id, limit, data);
+  it->cb.managed = cb;
+  enqueue((sq_store_t *)base, it);
+}
+
 static void sq_claim_expired(zm_store_t *base, int64_t cut_ms, int64_t now_ms,
                              int64_t claim_until_ms, size_t limit,
                              zm_store_tomb_list_cb cb, void *data) {
@@ -1492,6 +1513,7 @@ const zm__store_vt zm__sqlite_vt = {
     .submit = sq_submit,
     .list_managed = sq_list_managed,
     .get_managed = sq_get_managed,
+    .find_managed = sq_find_managed,
     .claim_expired = sq_claim_expired,
     .claim_tombs = sq_claim_tombs,
     .claim_pending = sq_claim_pending,
