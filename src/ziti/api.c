@@ -591,8 +591,9 @@ static void on_op_xchg(zm__ziti_xchg_t *x, int err, const char *why) {
     op_on_success(op);
     return;
   }
-  if (st == 404 && (op->kind == OP_DELETE ||
-                    (op->kind == OP_CALL && strcmp(op->method, "DELETE") == 0))) {
+  if (st == 404 &&
+      (op->kind == OP_DELETE ||
+       (op->kind == OP_CALL && strcmp(op->method, "DELETE") == 0))) {
     op->gone = 1;
     op_finish(op, 0, NULL);
     return;
@@ -807,8 +808,8 @@ static void on_call_ok(zm__ziti_op_t *op) {
   }
   op->json = root;
   if (strcmp(op->method, "POST") == 0) {
-    const char *id = json_string_value(
-        json_object_get(json_object_get(root, "data"), "id"));
+    const char *id =
+        json_string_value(json_object_get(json_object_get(root, "data"), "id"));
     if (id == NULL || id[0] == '\0') {
       op_finish(op, ZM_E_JSON, "POST %s: response has no data.id", op->what);
       return;
@@ -1077,8 +1078,7 @@ void zm_ziti_call(zm_ziti_t *z, const char *method, const char *path,
   op_begin(op);
 }
 
-char *zm_ziti_path(const char *collection, const char *id,
-                   const char *suffix) {
+char *zm_ziti_path(const char *collection, const char *id, const char *suffix) {
   char *eid = pct_encode(id);
   char *p = xasprintf("/%s/%s%s", collection, eid, suffix ? suffix : "");
   free(eid);
