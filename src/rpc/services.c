@@ -445,7 +445,8 @@ static void check_next(objop_t *o);
 static void on_exists_abandoned(int err, void *data) {
   objop_t *o = data;
   (void)err; /* an unarmed row is dropped by recovery anyway */
-  if (o->existing_id != NULL && !o->other_exists) {
+  if (o->fail_status == ZM_GRPC_OK && o->existing_id != NULL &&
+      !o->other_exists) {
     o->on_exists(o);
     return;
   }
