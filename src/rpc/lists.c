@@ -357,8 +357,10 @@ static void by_tag(zm_call_t *call, zm_app_t *app, bt_kind_t kind,
    * goes into the query unquoted (ZitiQL has no quoting for it), so only
    * key characters ZitiQL accepts pass */
   zm_pb_tag_t **sorted = zm_call_alloc(call, (n_tags + 1) * sizeof *sorted);
-  memcpy(sorted, tags, n_tags * sizeof *sorted);
-  qsort(sorted, n_tags, sizeof *sorted, cmp_tag);
+  if (n_tags > 0) {
+    memcpy(sorted, tags, n_tags * sizeof *sorted);
+    qsort(sorted, n_tags, sizeof *sorted, cmp_tag);
+  }
   size_t cap = 1;
   for (size_t i = 0; i < n_tags; i++)
     cap += strlen(sorted[i]->key) + 2 * strlen(sorted[i]->value) + 24;
