@@ -73,7 +73,7 @@ def test_extended_lease_survives_unextended_collected(sim, gsrv):
     with gsrv.channel() as ch:
         st = gsrv.stub(ch)
         keep = enroll(st, 1).ziti_identity_id
-        drop = enroll(st, 3).ziti_identity_id
+        drop = enroll(st, 4).ziti_identity_id
         t_drop = time.monotonic()
         stop = threading.Event()
         errors = []
