@@ -13,6 +13,8 @@
 #include "zm/health.h"
 #include "zm/index.h"
 #include "zm/lifecycle.h"
+#include "zm/metrics.h"
+#include "zm/reflect.h"
 #include "zm/store.h"
 #include "zm/ziti.h"
 
@@ -49,7 +51,11 @@ typedef struct zm_app {
   uint64_t lag_expected;
   uint64_t lag_report_s; /* uv_now()/1000 of the last lag report */
   int shutting_down;
+  int serving; /* on_ready ran */
   int exit_code;
+  int64_t start_wall_ms;
+  zm_metrics_srv_t *metrics; /* NULL without METRICS_ADDRESS */
+  zm_reflect_t *reflect;
   unsigned enroll_inflight;
   zm_app_stats_t stats;
 } zm_app_t;
@@ -58,6 +64,16 @@ typedef struct zm_app {
 int zm_app_run(const zm_config_t *cfg);
 /* Opens/migrates the store and exits: returns 0 or 1. */
 int zm_app_migrate_only(const zm_config_t *cfg);
+
+/* ---- observability (src/app/observe.c) ---------------------------------- */
+/* Renders every metric (the metrics listener's render callback). */
+void zm_app_render_metrics(zm_prom_t *p, void *data);
+/* /readyz: 1 when serving, not draining, the store open with a fresh
+ * heartbeat and the controller answering (or not configured); else 0 and
+ * the reason in why (may be NULL). */
+int zm_app_ready(void *data, char *why, size_t cap);
+/* "OK", "NOT_FOUND", ... */
+const char *zm_grpc_code_name(int code);
 
 /* ---- RPC handlers (ctx = zm_app_t *) ---------------------------------------
  */

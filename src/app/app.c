@@ -8,6 +8,7 @@
 
 #include "agynio/api/ziti_management/v1/ziti_management.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
+#include "grpc/reflection/v1/reflection.pb-c.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -159,6 +160,8 @@ static void finish_shutdown(zm_app_t *app) {
   /* Commits whatever handlers queued; callbacks run before it returns. */
   zm_store_close(app->store);
   app->store = NULL;
+  if (app->metrics != NULL)
+    zm_metrics_srv_close(app->metrics, NULL, NULL);
   uv_close((uv_handle_t *)&app->sigterm, on_handle_closed);
   uv_close((uv_handle_t *)&app->sigint, on_handle_closed);
   uv_close((uv_handle_t *)&app->lag_timer, on_handle_closed);
@@ -214,6 +217,8 @@ static void on_signal(uv_signal_t *s, int signum) {
   ZM_INFO("signal %d: draining (grace %llu ms)", signum,
           (unsigned long long)app->cfg.shutdown_grace_ms);
   zm_health_set_all(&app->health, 0);
+  /* watchers heard NOT_SERVING; their streams must not hold the drain */
+  zm_health_end_watches(&app->health);
   zm_grpc_server_drain(app->grpc, app->cfg.shutdown_grace_ms, on_drained, app);
 }
 
@@ -228,6 +233,7 @@ static void on_ready(void *data) {
     zm_recover_start(app->recover);
   }
   zm_health_set_all(&app->health, 1);
+  app->serving = 1;
   ZM_INFO("serving");
 }
 
@@ -252,6 +258,7 @@ int zm_app_run(const zm_config_t *cfg) {
   static zm_app_t app; /* one per process; static keeps it off the stack */
   memset(&app, 0, sizeof app);
   app.cfg = *cfg;
+  app.start_wall_ms = zm_wall_ms();
   uv_loop_t loop;
   uv_loop_init(&loop);
   app.loop = &loop;
@@ -294,25 +301,35 @@ int zm_app_run(const zm_config_t *cfg) {
   const zm_grpc_method_t methods[] = {
       {SVC "ResolveIdentity",
        &agynio__api__ziti_management__v1__resolve_identity_request__descriptor,
-       zm_rpc_resolve_identity, &app},
+       zm_rpc_resolve_identity, &app, NULL},
       {SVC "ExtendIdentityLease",
        &agynio__api__ziti_management__v1__extend_identity_lease_request__descriptor,
-       zm_rpc_extend_lease, &app},
+       zm_rpc_extend_lease, &app, NULL},
       {SVC "ListManagedIdentities",
        &agynio__api__ziti_management__v1__list_managed_identities_request__descriptor,
-       zm_rpc_list_managed, &app},
+       zm_rpc_list_managed, &app, NULL},
       {SVC "CreateAgentIdentity",
        &agynio__api__ziti_management__v1__create_agent_identity_request__descriptor,
-       zm_rpc_create_agent, &app},
+       zm_rpc_create_agent, &app, NULL},
       {SVC "DeleteIdentity",
        &agynio__api__ziti_management__v1__delete_identity_request__descriptor,
-       zm_rpc_delete_identity, &app},
+       zm_rpc_delete_identity, &app, NULL},
       {SVC "RequestServiceIdentity",
        &agynio__api__ziti_management__v1__request_service_identity_request__descriptor,
-       zm_rpc_request_service_identity, &app},
+       zm_rpc_request_service_identity, &app, NULL},
       {"/grpc.health.v1.Health/Check",
        &grpc__health__v1__health_check_request__descriptor, zm_health_check,
-       &app.health},
+       &app.health, NULL},
+      {"/grpc.health.v1.Health/Watch",
+       &grpc__health__v1__health_check_request__descriptor, NULL, &app.health,
+       &zm_health_watch_ops},
+      /* v1alpha has the same wire format as v1: one implementation */
+      {"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+       &grpc__reflection__v1__server_reflection_request__descriptor, NULL,
+       NULL, &zm_reflect_ops},
+      {"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+       &grpc__reflection__v1__server_reflection_request__descriptor, NULL,
+       NULL, &zm_reflect_ops},
   };
   /* GRPC_DISABLED_METHODS: an operator can switch RPCs off (they answer
    * UNIMPLEMENTED, as unknown methods do). */
@@ -326,6 +343,12 @@ int zm_app_run(const zm_config_t *cfg) {
     }
     enabled[n_enabled++] = methods[i];
   }
+  app.reflect = zm_reflect_new(zm_descriptor_set, zm_descriptor_set_len,
+                               enabled, n_enabled);
+  ZM_ASSERT(app.reflect != NULL); /* built from protoc's own output */
+  for (size_t i = 0; i < n_enabled; i++)
+    if (enabled[i].stream == &zm_reflect_ops)
+      enabled[i].ctx = app.reflect;
   zm_grpc_config_t gc = {.address = cfg->grpc_address,
                          .max_recv_msg = cfg->max_recv_msg,
                          .max_streams = cfg->max_streams,
@@ -336,6 +359,20 @@ int zm_app_run(const zm_config_t *cfg) {
     ZM_ERROR("grpc: cannot listen on %s: %s", cfg->grpc_address,
              zm_strerror(rv));
     return 1;
+  }
+  if (cfg->metrics_address[0] != '\0') {
+    zm_metrics_config_t mc = {.address = cfg->metrics_address,
+                              .render = zm_app_render_metrics,
+                              .ready = zm_app_ready,
+                              .data = &app};
+    if (zm_metrics_srv_new(&app.metrics, &loop, &mc) != 0 ||
+        (rv = zm_metrics_srv_listen(app.metrics)) != 0) {
+      ZM_ERROR("metrics: cannot listen on %s: %s", cfg->metrics_address,
+               zm_strerror(rv));
+      return 1;
+    }
+    ZM_INFO("metrics: /metrics, /healthz, /readyz on %s (port %d)",
+            cfg->metrics_address, zm_metrics_srv_port(app.metrics));
   }
 
   uv_signal_init(&loop, &app.sigterm);
@@ -378,6 +415,10 @@ int zm_app_run(const zm_config_t *cfg) {
   zm_life_free(app.life);
   zm_grpc_server_free(app.grpc);
   zm_index_free(app.index);
+  if (app.metrics != NULL)
+    zm_metrics_srv_free(app.metrics);
+  zm_reflect_free(app.reflect);
+  zm_health_dispose(&app.health);
   rv = uv_loop_close(&loop);
   if (rv != 0)
     ZM_WARN("loop closed with handles open: %s", uv_strerror(rv));

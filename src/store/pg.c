@@ -52,6 +52,7 @@
 #include "store_internal.h"
 
 #include "zm/log.h"
+#include "zm/stat.h"
 #include "zm/store.h"
 #include "zm/zm.h"
 
@@ -782,6 +783,7 @@ static void conn_push_job(conn_t *c, job_t *j) {
  * would leave an aborted transaction block open after the Sync. Returns 0, or
  * -1 when the connection failed (j is not queued). */
 static int send_group(conn_t *c, job_t *j) {
+  zm_stat_store_begin(j);
   size_t cap = 1;
   for (size_t i = 0; i < j->nitems; i++)
     cap += j->items[i]->nops;
@@ -842,6 +844,7 @@ static int group_done(conn_t *c, job_t *j) {
     }
   }
   st->stats.groups++;
+  zm_stat_store_end(j, j->nitems);
   st->wjob = NULL;
   st->wconn = NULL;
   for (size_t i = 0; i < j->nitems; i++)
