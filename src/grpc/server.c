@@ -830,7 +830,10 @@ static void call_dispatch(zm_call_t *call) {
   call->handler_holds = 1;
   srv->stats.calls_active++;
   call_mstats(call)->inflight++;
+  zm_log_ctx_t lc = {call->id, call->method->path, NULL};
+  const zm_log_ctx_t *old = zm_log_ctx_swap(&lc);
   call->method->fn(call, req, call->method->ctx);
+  zm_log_ctx_swap(old);
 }
 
 /* A streaming call's headers are accepted: the handler holds it from now. */
@@ -841,8 +844,12 @@ static void stream_open(zm_call_t *call) {
   call->handler_holds = 1;
   srv->stats.calls_active++;
   call_mstats(call)->inflight++;
-  if (call->method->stream->on_open != NULL)
+  if (call->method->stream->on_open != NULL) {
+    zm_log_ctx_t lc = {call->id, call->method->path, NULL};
+    const zm_log_ctx_t *old = zm_log_ctx_swap(&lc);
     call->method->stream->on_open(call, call->method->ctx);
+    zm_log_ctx_swap(old);
+  }
 }
 
 /* Ends a streaming call the server gave up on (bad message): the handler is
@@ -889,7 +896,10 @@ static void stream_deliver(zm_call_t *call) {
       stream_abort(call, ZM_GRPC_INTERNAL, "cannot parse request message");
       break;
     }
+    zm_log_ctx_t lc = {call->id, call->method->path, NULL};
+    const zm_log_ctx_t *old = zm_log_ctx_swap(&lc);
     call->method->stream->on_message(call, req, call->method->ctx);
+    zm_log_ctx_swap(old);
     protobuf_c_message_free_unpacked(req, NULL);
   }
   if (off > 0 && call->conn != NULL) {
