@@ -87,6 +87,15 @@ void zm_rpc_delete_identity(zm_call_t *c, const ProtobufCMessage *req,
 void zm_rpc_request_service_identity(zm_call_t *c, const ProtobufCMessage *req,
                                      void *ctx);
 
+/* ResolveIdentity found no mapping for the requested id: with
+ * ZITI_IDENTITY_NAME_RESOLVE, an id of the form agent-<uuid>[-...] resolves
+ * by identity_id = <uuid> (the Go service's fallback); otherwise, or when
+ * that finds nothing, NOT_FOUND. Finishes the call (src/rpc/resolve_name.c). */
+void zm_rpc_resolve_not_found(zm_call_t *call);
+/* The canonical lower-case UUID of an agent-<uuid>[-...] name into out, or
+ * -1 when name has another form. Pure. */
+int zm_rpc_agent_name_uuid(const char *name, char out[37]);
+
 /* CreateAgentIdentity's saga (src/enroll/saga.c), for a validated agent id
  * (canonical lower-case UUID). */
 void zm_enroll_start_agent(zm_app_t *app, zm_call_t *call,

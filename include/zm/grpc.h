@@ -166,6 +166,11 @@ uint64_t zm_call_deadline(const zm_call_t *c);
 /* Bump allocation from the call's arena, freed with the call. Aborts on OOM. */
 void *zm_call_alloc(zm_call_t *c, size_t n);
 char *zm_call_strdup(zm_call_t *c, const char *s);
+/* Unary calls: the decoded request the handler got (valid until the call
+ * is finished); NULL for streaming calls. */
+const ProtobufCMessage *zm_call_request(const zm_call_t *c);
+/* The method's ctx (zm_grpc_method_t.ctx). */
+void *zm_call_ctx(const zm_call_t *c);
 /* The server the call belongs to (never NULL). */
 zm_grpc_server_t *zm_call_server(const zm_call_t *c);
 /* The method path, for logs. */

@@ -87,6 +87,7 @@ struct zm_call {
   unsigned fin_pending : 1;  /* streaming: trailers follow the queue */
   unsigned recorded : 1;     /* counted in the method stats */
   const zm_grpc_method_t *method;
+  const ProtobufCMessage *req; /* unary: the decoded request (arena) */
   uint64_t id;
   uint64_t start_ns; /* uv_hrtime() at the request headers */
   uint8_t *sq;       /* streaming: framed messages to send (malloc'd) */
@@ -687,6 +688,10 @@ void zm_call_on_cancel(zm_call_t *c, void (*cb)(zm_call_t *, void *),
 
 uint64_t zm_call_deadline(const zm_call_t *c) { return c->deadline; }
 void *zm__call_cancel_data(const zm_call_t *c) { return c->cancel_data; }
+const ProtobufCMessage *zm_call_request(const zm_call_t *c) { return c->req; }
+void *zm_call_ctx(const zm_call_t *c) {
+  return c->method ? c->method->ctx : NULL;
+}
 zm_grpc_server_t *zm_call_server(const zm_call_t *c) { return c->srv; }
 const char *zm_call_path(const zm_call_t *c) {
   return c->method ? c->method->path : "?";
@@ -828,6 +833,7 @@ static void call_dispatch(zm_call_t *call) {
   }
   call->state = CALL_HANDLER;
   call->handler_holds = 1;
+  call->req = req;
   srv->stats.calls_active++;
   call_mstats(call)->inflight++;
   zm_log_ctx_t lc = {call->id, call->method->path, NULL};
