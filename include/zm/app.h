@@ -62,6 +62,11 @@ typedef struct zm_app {
 
 /* Runs the service until SIGTERM/SIGINT; returns the process exit code. */
 int zm_app_run(const zm_config_t *cfg);
+/* ZITI_ENROLLMENT_JWT_FILE: when set and a cert/key/CA file is missing,
+ * enrolls the admin identity from the JWT and writes the three files
+ * (src/app/bootstrap.c). Runs `loop` until done; call it before anything
+ * else uses the loop. Returns 0 (files present or written) or 1. */
+int zm_bootstrap_enroll(uv_loop_t *loop, const zm_config_t *cfg);
 /* Opens/migrates the store and exits: returns 0 or 1. */
 int zm_app_migrate_only(const zm_config_t *cfg);
 

@@ -40,6 +40,11 @@ typedef struct {
   uint64_t idle_timeout_ms;    /* keep-alive idle close, default 4000 (<
                                   controller's 5 s) */
   uint64_t cacerts_refresh_ms; /* CA bundle refresh period, default 3600000 */
+  /* First contact for self-enrollment: no CA file yet, so the server
+   * certificate is not verified by TLS; the caller verifies the enrollment
+   * JWT against it (zm_ziti_server_cert) and pins it. Only the client API
+   * (enroll, cacerts) may be used. */
+  int bootstrap;
 } zm_ziti_config_t;
 
 /* What a call produced. Only the fields of that call are set. */

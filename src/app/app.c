@@ -263,6 +263,8 @@ int zm_app_run(const zm_config_t *cfg) {
   uv_loop_init(&loop);
   app.loop = &loop;
 
+  if (zm_bootstrap_enroll(&loop, cfg) != 0)
+    return 1;
   if (open_store(&app) != 0)
     return 1;
   app.index = zm_index_new();
