@@ -838,6 +838,8 @@ static void call_dispatch(zm_call_t *call) {
   call_mstats(call)->inflight++;
   zm_log_ctx_t lc = {call->id, call->method->path, NULL};
   const zm_log_ctx_t *old = zm_log_ctx_swap(&lc);
+  ZM_DEBUG("grpc: call %llu %s", (unsigned long long)call->id,
+           call->method->path);
   call->method->fn(call, req, call->method->ctx);
   zm_log_ctx_swap(old);
 }

@@ -293,8 +293,13 @@ static void bad_request(mconn_t *c, int code, const char *reason) {
 }
 
 static void conn_feed(mconn_t *c, const char *p, size_t n) {
-  if (!c->complete)
+  if (!c->complete) {
     c->head_bytes += n;
+    if (c->head_bytes > ZM_METRICS_MAX_HEAD) {
+      bad_request(c, 431, "Request Header Fields Too Large");
+      return;
+    }
+  }
   enum llhttp_errno e = llhttp_execute(&c->parser, p, n);
   if (e == HPE_PAUSED) {
     const char *pos = llhttp_get_error_pos(&c->parser);
@@ -317,8 +322,6 @@ static void conn_feed(mconn_t *c, const char *p, size_t n) {
     bad_request(c, 400, "Bad Request");
     return;
   }
-  if (c->head_bytes > ZM_METRICS_MAX_HEAD)
-    bad_request(c, 431, "Request Header Fields Too Large");
 }
 
 static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {

@@ -116,7 +116,7 @@ static void xchg_done(zm__ziti_xchg_t *x, int err, const char *why) {
   zm__ziti_observe(x->z, x, err == 0 ? x->resp.status : ZM_ZITI_XCHG_ERROR);
   if (err == 0)
     x->z->stats.reachable = 1;
-  else if (err != ZM_E_SHUTDOWN && err != ZM_E_UNAVAILABLE)
+  else if (err != ZM_E_SHUTDOWN && why != err_queue_full)
     x->z->stats.reachable = 0; /* no answer: connect, TLS, timeout, reset */
   x->conn = NULL;
   x->cb(x, err, why);
