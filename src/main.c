@@ -32,15 +32,17 @@ static const char *get_setting(const char *name) {
 }
 
 static void usage(FILE *f) {
-  fputs("usage: ziti-management [--SETTING=VALUE ...] [--health-check [ADDR]]\n"
-        "                       [--migrate-only] [--version] [--help]\n"
-        "  --health-check [ADDR]  call grpc.health.v1.Health/Check on ADDR\n"
-        "                         (default: GRPC_ADDRESS); exit 0 if SERVING\n"
-        "  --migrate-only         create/migrate the store, then exit\n"
-        "\n"
-        "Settings: each is an environment variable and a flag (the flag wins).\n"
-        "(Go) marks the variables the Go service reads with the same meaning.\n\n",
-        f);
+  fputs(
+      "usage: ziti-management [--SETTING=VALUE ...] [--health-check [ADDR]]\n"
+      "                       [--migrate-only] [--version] [--help]\n"
+      "  --health-check [ADDR]  call grpc.health.v1.Health/Check on ADDR\n"
+      "                         (default: GRPC_ADDRESS); exit 0 if SERVING\n"
+      "  --migrate-only         create/migrate the store, then exit\n"
+      "\n"
+      "Settings: each is an environment variable and a flag (the flag wins).\n"
+      "(Go) marks the variables the Go service reads with the same "
+      "meaning.\n\n",
+      f);
   for (size_t i = 0; i < zm_settings_count; i++) {
     char flag[64];
     zm_config_flag_name(zm_settings[i].env, flag, sizeof flag);

@@ -96,8 +96,8 @@ typedef struct {
  * is implicit). */
 extern const double zm_grpc_latency_bounds_s[ZM_GRPC_LAT_BUCKETS];
 typedef struct {
-  uint64_t by_status[17];                         /* index = grpc status */
-  uint64_t lat_counts[ZM_GRPC_LAT_BUCKETS + 1];   /* per bucket, not cumulative */
+  uint64_t by_status[17];                       /* index = grpc status */
+  uint64_t lat_counts[ZM_GRPC_LAT_BUCKETS + 1]; /* per bucket, not cumulative */
   uint64_t lat_sum_ns;
   uint64_t inflight; /* handler holds the call */
 } zm_grpc_method_stats_t;

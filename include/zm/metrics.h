@@ -31,7 +31,7 @@
 typedef struct {
   char *buf;
   size_t len, cap;
-  size_t max;    /* hard bound; output past it is dropped, truncated = 1 */
+  size_t max; /* hard bound; output past it is dropped, truncated = 1 */
   int truncated;
 } zm_prom_t;
 
@@ -54,16 +54,17 @@ void zm_prom_histogram(zm_prom_t *p, const char *name,
                        const double *bounds, size_t nb, const uint64_t *counts,
                        double sum);
 
-/* ---- the listener --------------------------------------------------------- */
+/* ---- the listener ---------------------------------------------------------
+ */
 
 /* Request head bound: a scrape or probe request is well under 1 KiB. */
 #define ZM_METRICS_MAX_HEAD (8u * 1024)
 
 typedef struct {
-  const char *address;   /* "host:port" as GRPC_ADDRESS */
-  unsigned max_conns;    /* default 16 */
-  uint64_t timeout_ms;   /* per exchange and idle keep-alive, default 10 s */
-  size_t max_body;       /* bound of a rendered /metrics, default 8 MiB */
+  const char *address; /* "host:port" as GRPC_ADDRESS */
+  unsigned max_conns;  /* default 16 */
+  uint64_t timeout_ms; /* per exchange and idle keep-alive, default 10 s */
+  size_t max_body;     /* bound of a rendered /metrics, default 8 MiB */
   /* Renders /metrics. */
   void (*render)(zm_prom_t *out, void *data);
   /* Readiness: 1 = ready; else 0 with a short reason in why. */

@@ -327,11 +327,11 @@ int zm_app_run(const zm_config_t *cfg) {
        &zm_health_watch_ops},
       /* v1alpha has the same wire format as v1: one implementation */
       {"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-       &grpc__reflection__v1__server_reflection_request__descriptor, NULL,
-       NULL, &zm_reflect_ops},
+       &grpc__reflection__v1__server_reflection_request__descriptor, NULL, NULL,
+       &zm_reflect_ops},
       {"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-       &grpc__reflection__v1__server_reflection_request__descriptor, NULL,
-       NULL, &zm_reflect_ops},
+       &grpc__reflection__v1__server_reflection_request__descriptor, NULL, NULL,
+       &zm_reflect_ops},
   };
   /* GRPC_DISABLED_METHODS: an operator can switch RPCs off (they answer
    * UNIMPLEMENTED, as unknown methods do). */

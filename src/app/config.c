@@ -237,10 +237,8 @@ const zm_setting_t zm_settings[] = {
     {"ENROLLMENT_MAX_INFLIGHT", "256", "enrollments at once, 1..100000", 0},
     {"ZITI_REQUEST_TIMEOUT", "15s", "bound of one controller call", 0},
     {"ZITI_POOL_SIZE", "16", "keep-alive connections to the controller", 0},
-    {"GRPC_MAX_RECV_MSG_SIZE", "4194304", "largest request message, bytes",
-     0},
-    {"GRPC_MAX_CONCURRENT_STREAMS", "1024", "streams per HTTP/2 connection",
-     0},
+    {"GRPC_MAX_RECV_MSG_SIZE", "4194304", "largest request message, bytes", 0},
+    {"GRPC_MAX_CONCURRENT_STREAMS", "1024", "streams per HTTP/2 connection", 0},
     {"GRPC_IDLE_TIMEOUT", "5m", "close idle connections after (0 = never)", 0},
     {"GRPC_DISABLED_METHODS", "",
      "comma-separated methods answered UNIMPLEMENTED", 0},
@@ -260,9 +258,10 @@ void zm_config_flag_name(const char *env, char *out, size_t cap) {
   out[o++] = '-';
   out[o++] = '-';
   for (; *env && o + 1 < cap; env++)
-    out[o++] = *env == '_' ? '-' : (char)(*env >= 'A' && *env <= 'Z'
-                                              ? *env - 'A' + 'a'
-                                              : *env);
+    out[o++] =
+        *env == '_'
+            ? '-'
+            : (char)(*env >= 'A' && *env <= 'Z' ? *env - 'A' + 'a' : *env);
   out[o] = '\0';
 }
 

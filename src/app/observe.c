@@ -18,24 +18,23 @@
 #define ZM_GIT_COMMIT "unknown"
 #endif
 
-static const char *const CODE_NAMES[17] = {
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED"};
+static const char *const CODE_NAMES[17] = {"OK",
+                                           "CANCELLED",
+                                           "UNKNOWN",
+                                           "INVALID_ARGUMENT",
+                                           "DEADLINE_EXCEEDED",
+                                           "NOT_FOUND",
+                                           "ALREADY_EXISTS",
+                                           "PERMISSION_DENIED",
+                                           "RESOURCE_EXHAUSTED",
+                                           "FAILED_PRECONDITION",
+                                           "ABORTED",
+                                           "OUT_OF_RANGE",
+                                           "UNIMPLEMENTED",
+                                           "INTERNAL",
+                                           "UNAVAILABLE",
+                                           "DATA_LOSS",
+                                           "UNAUTHENTICATED"};
 
 const char *zm_grpc_code_name(int code) {
   return code >= 0 && code <= 16 ? CODE_NAMES[code] : "UNKNOWN";
@@ -47,8 +46,7 @@ static void counter(zm_prom_t *p, const char *name, const char *help,
   zm_prom_sample_u64(p, name, NULL, 0, v);
 }
 
-static void gauge(zm_prom_t *p, const char *name, const char *help,
-                  double v) {
+static void gauge(zm_prom_t *p, const char *name, const char *help, double v) {
   zm_prom_family(p, name, "gauge", help);
   zm_prom_sample(p, name, NULL, 0, v);
 }
@@ -78,8 +76,8 @@ static void render_grpc(zm_prom_t *p, const zm_app_t *app) {
     for (int c = 0; c <= 16; c++) {
       if (st->by_status[c] == 0 && !(c == 0 && path != NULL))
         continue;
-      const char *l[] = {"grpc_service", svc, "grpc_method", m, "grpc_code",
-                         CODE_NAMES[c]};
+      const char *l[] = {"grpc_service", svc,          "grpc_method", m,
+                         "grpc_code",    CODE_NAMES[c]};
       zm_prom_sample_u64(p, "grpc_server_handled_total", l, 3,
                          st->by_status[c]);
     }
@@ -141,8 +139,7 @@ static void render_enroll(zm_prom_t *p, const zm_app_t *app) {
     if (st == ZM_ENROLL_DONE)
       continue;
     const char *l[] = {"state", zm_enroll_state_name((zm_enroll_state_t)st)};
-    zm_prom_sample_u64(p, "zm_enrollments_in_state", l, 1,
-                       s->enroll_gauge[st]);
+    zm_prom_sample_u64(p, "zm_enrollments_in_state", l, 1, s->enroll_gauge[st]);
   }
 }
 
@@ -199,8 +196,7 @@ static void render_lease(zm_prom_t *p, const zm_app_t *app) {
                  "ExtendIdentityLease refreshes by path");
   const char *fast[] = {"path", "memory"}, *dur[] = {"path", "durable"};
   zm_prom_sample_u64(p, "zm_lease_extensions_total", fast, 1, l->extend_fast);
-  zm_prom_sample_u64(p, "zm_lease_extensions_total", dur, 1,
-                     l->extend_durable);
+  zm_prom_sample_u64(p, "zm_lease_extensions_total", dur, 1, l->extend_durable);
   counter(p, "zm_lease_flushes_total", "batched lease refresh writes",
           l->flushes);
   counter(p, "zm_lease_flush_failures_total", "failed lease refresh writes",
@@ -244,8 +240,7 @@ static void render_store(zm_prom_t *p, const zm_app_t *app) {
   if (app->store != NULL) {
     zm_store_stats_t ss;
     zm_store_get_stats(app->store, &ss);
-    counter(p, "zm_store_units_total", "store write units committed",
-            ss.units);
+    counter(p, "zm_store_units_total", "store write units committed", ss.units);
     counter(p, "zm_store_commits_total", "store group commits", ss.groups);
     counter(p, "zm_store_failed_commits_total", "store group commits failed",
             ss.failed_groups);
@@ -264,19 +259,19 @@ static void render_store(zm_prom_t *p, const zm_app_t *app) {
   zm_prom_family(p, "zm_store_commit_units", "histogram",
                  "write units per group commit");
   zm_prom_histogram(p, "zm_store_commit_units", NULL, 0,
-                    zm_stat_store_batch_bounds, ZM_STAT_BATCH_BUCKETS,
-                    st.batch, (double)st.units_sum);
+                    zm_stat_store_batch_bounds, ZM_STAT_BATCH_BUCKETS, st.batch,
+                    (double)st.units_sum);
 }
 
 void zm_app_render_metrics(zm_prom_t *p, void *data) {
   zm_app_t *app = data;
-  zm_prom_family(p, "zm_build_info", "gauge",
-                 "build information (value 1)");
+  zm_prom_family(p, "zm_build_info", "gauge", "build information (value 1)");
   const char *bl[] = {"version", ZM_VERSION, "commit", ZM_GIT_COMMIT};
   zm_prom_sample(p, "zm_build_info", bl, 2, 1);
   gauge(p, "zm_start_time_seconds", "process start, Unix time",
         (double)app->start_wall_ms / 1e3);
-  gauge(p, "zm_ready", "1 when /readyz answers ready", zm_app_ready(app, NULL, 0));
+  gauge(p, "zm_ready", "1 when /readyz answers ready",
+        zm_app_ready(app, NULL, 0));
   gauge(p, "zm_draining", "1 while draining after SIGTERM/SIGINT",
         app->shutting_down);
   if (app->grpc != NULL)

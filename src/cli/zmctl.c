@@ -35,18 +35,18 @@
 
 enum {
   EXIT_OK = 0,
-  EXIT_NOT_SERVING = 1,  /* health: the server answered, not SERVING */
-  EXIT_USAGE = 2,        /* bad command line */
-  EXIT_TRANSPORT = 3,    /* no gRPC status: connect, TLS, HTTP/2, timeout */
-  EXIT_NOT_FOUND = 4,    /* NOT_FOUND */
-  EXIT_INVALID = 5,      /* INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE */
-  EXIT_CONFLICT = 6,     /* ALREADY_EXISTS, ABORTED */
-  EXIT_UNAVAILABLE = 7,  /* UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
-                            CANCELLED: try again later */
-  EXIT_DENIED = 8,       /* PERMISSION_DENIED, UNAUTHENTICATED */
+  EXIT_NOT_SERVING = 1, /* health: the server answered, not SERVING */
+  EXIT_USAGE = 2,       /* bad command line */
+  EXIT_TRANSPORT = 3,   /* no gRPC status: connect, TLS, HTTP/2, timeout */
+  EXIT_NOT_FOUND = 4,   /* NOT_FOUND */
+  EXIT_INVALID = 5,  /* INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE */
+  EXIT_CONFLICT = 6, /* ALREADY_EXISTS, ABORTED */
+  EXIT_UNAVAILABLE = 7,   /* UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
+                             CANCELLED: try again later */
+  EXIT_DENIED = 8,        /* PERMISSION_DENIED, UNAUTHENTICATED */
   EXIT_UNIMPLEMENTED = 9, /* UNIMPLEMENTED (method disabled or unknown) */
-  EXIT_SERVER = 10,      /* INTERNAL, UNKNOWN, DATA_LOSS */
-  EXIT_LOCAL = 11,       /* local I/O: cannot write the output file */
+  EXIT_SERVER = 10,       /* INTERNAL, UNKNOWN, DATA_LOSS */
+  EXIT_LOCAL = 11,        /* local I/O: cannot write the output file */
 };
 
 static int exit_for_status(int st) {
@@ -77,13 +77,23 @@ static int exit_for_status(int st) {
   }
 }
 
-static const char *const CODE_NAMES[17] = {
-    "OK",        "CANCELLED",          "UNKNOWN",
-    "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-    "ALREADY_EXISTS",   "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION", "ABORTED",        "OUT_OF_RANGE",
-    "UNIMPLEMENTED",    "INTERNAL",          "UNAVAILABLE",
-    "DATA_LOSS",        "UNAUTHENTICATED"};
+static const char *const CODE_NAMES[17] = {"OK",
+                                           "CANCELLED",
+                                           "UNKNOWN",
+                                           "INVALID_ARGUMENT",
+                                           "DEADLINE_EXCEEDED",
+                                           "NOT_FOUND",
+                                           "ALREADY_EXISTS",
+                                           "PERMISSION_DENIED",
+                                           "RESOURCE_EXHAUSTED",
+                                           "FAILED_PRECONDITION",
+                                           "ABORTED",
+                                           "OUT_OF_RANGE",
+                                           "UNIMPLEMENTED",
+                                           "INTERNAL",
+                                           "UNAVAILABLE",
+                                           "DATA_LOSS",
+                                           "UNAUTHENTICATED"};
 
 static const char *code_name(int st) {
   return st >= 0 && st <= 16 ? CODE_NAMES[st] : "UNKNOWN";
@@ -126,8 +136,10 @@ static void usage(FILE *f) {
       "Commands:\n"
       "  health [SERVICE]                     grpc.health.v1 Check\n"
       "  request-service-identity TYPE -o FILE  enroll an identity of TYPE\n"
-      "                                       (gateway|orchestrator|runner|N);\n"
-      "                                       FILE gets the identity JSON (0600)\n"
+      "                                       "
+      "(gateway|orchestrator|runner|N);\n"
+      "                                       FILE gets the identity JSON "
+      "(0600)\n"
       "  extend-lease ZITI_ID                 ExtendIdentityLease\n"
       "  resolve ZITI_ID                      ResolveIdentity\n"
       "  list [--type agent|runner|channel|N] [--all] [--page-size N]\n"
@@ -142,17 +154,20 @@ static void usage(FILE *f) {
       "  --timeout DURATION   per call, Go syntax (default 30s)\n"
       "  --json               machine-readable output (one JSON object)\n"
       "  --tls                TLS (ALPN h2), verified against --cacert\n"
-      "  --cacert FILE        CA bundle (default /etc/ssl/certs/ca-certificates.crt)\n"
+      "  --cacert FILE        CA bundle (default "
+      "/etc/ssl/certs/ca-certificates.crt)\n"
       "  --cert FILE --key FILE  client certificate (mTLS)\n"
       "  --server-name NAME   name to verify and send as SNI (default: host)\n"
       "\n"
       "Exit codes:\n"
       "  0  OK                        1  health: not SERVING\n"
       "  2  usage error               3  no gRPC status (connect/TLS/timeout)\n"
-      "  4  NOT_FOUND                 5  INVALID_ARGUMENT, FAILED_PRECONDITION,\n"
+      "  4  NOT_FOUND                 5  INVALID_ARGUMENT, "
+      "FAILED_PRECONDITION,\n"
       "                                  OUT_OF_RANGE\n"
       "  6  ALREADY_EXISTS, ABORTED   7  UNAVAILABLE, DEADLINE_EXCEEDED,\n"
-      "                                  RESOURCE_EXHAUSTED, CANCELLED (retry)\n"
+      "                                  RESOURCE_EXHAUSTED, CANCELLED "
+      "(retry)\n"
       "  8  PERMISSION_DENIED, UNAUTHENTICATED\n"
       "  9  UNIMPLEMENTED             10 INTERNAL, UNKNOWN, DATA_LOSS\n"
       "  11 cannot write the output file\n",
@@ -473,8 +488,8 @@ static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t err,
   size_t mlen = 0;
   if (cl->grpc_status == 0) {
     uint8_t fl;
-    ssize_t n = zm_grpc_deframe(cl->body, cl->body_len, MAX_RESP, &fl, &msg,
-                                &mlen);
+    ssize_t n =
+        zm_grpc_deframe(cl->body, cl->body_len, MAX_RESP, &fl, &msg, &mlen);
     if (n < 0 || (size_t)n != cl->body_len || (fl & 1u)) {
       fail_transport(cl, "malformed response message");
       return 0;
@@ -512,8 +527,7 @@ static void call_start(client_t *cl) {
       {(uint8_t *)":scheme", (uint8_t *)(cl->tls_on ? "https" : "http"), 7,
        cl->tls_on ? 5u : 4u, 0},
       {(uint8_t *)":path", (uint8_t *)cl->path, 5, strlen(cl->path), 0},
-      {(uint8_t *)":authority", (uint8_t *)authority, 10, strlen(authority),
-       0},
+      {(uint8_t *)":authority", (uint8_t *)authority, 10, strlen(authority), 0},
       {(uint8_t *)"content-type", (uint8_t *)"application/grpc", 12, 16, 0},
       {(uint8_t *)"te", (uint8_t *)"trailers", 2, 8, 0},
       {(uint8_t *)"grpc-timeout", (uint8_t *)timeout, 12, strlen(timeout), 0},
@@ -561,10 +575,8 @@ static int h2_start(client_t *cl) {
   nghttp2_session_callbacks *cbs;
   nghttp2_session_callbacks_new(&cbs);
   nghttp2_session_callbacks_set_on_header_callback(cbs, on_header);
-  nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs,
-                                                            on_data_chunk);
-  nghttp2_session_callbacks_set_on_stream_close_callback(cbs,
-                                                         on_stream_close);
+  nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data_chunk);
+  nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_stream_close);
   int rv = nghttp2_session_client_new(&cl->h2, cbs, cl);
   nghttp2_session_callbacks_del(cbs);
   if (rv != 0)
@@ -681,8 +693,7 @@ static void on_resolved(uv_getaddrinfo_t *req, int status,
   }
   if (status < 0 || res == NULL) {
     uv_freeaddrinfo(res);
-    fail_transport(cl, "cannot resolve %s: %s", cl->host,
-                   uv_strerror(status));
+    fail_transport(cl, "cannot resolve %s: %s", cl->host, uv_strerror(status));
     return;
   }
   uv_tcp_init(cl->loop, &cl->tcp);
@@ -818,8 +829,8 @@ static const char *itype_name(int t) {
 
 /* ===================== commands ========================================== */
 
-static void done_health(client_t *cl, int st, const char *msg,
-                        const uint8_t *b, size_t n) {
+static void done_health(client_t *cl, int st, const char *msg, const uint8_t *b,
+                        size_t n) {
   if (report_status(cl, st, msg))
     return;
   Grpc__Health__V1__HealthCheckResponse *r =
@@ -851,8 +862,8 @@ static void done_rsi(client_t *cl, int st, const char *msg, const uint8_t *b,
     fail_transport(cl, "cannot parse the response");
     return;
   }
-  int rc = write_file_0600(cl->o->out, r->identity_json.data,
-                           r->identity_json.len);
+  int rc =
+      write_file_0600(cl->o->out, r->identity_json.data, r->identity_json.len);
   zm_wipe(r->identity_json.data, r->identity_json.len);
   if (rc != 0) {
     fprintf(stderr, "zmctl: cannot write %s: %s\n", cl->o->out,
@@ -873,15 +884,15 @@ static void done_rsi(client_t *cl, int st, const char *msg, const uint8_t *b,
   client_close(cl, EXIT_OK);
 }
 
-static void done_empty(client_t *cl, int st, const char *msg,
-                       const uint8_t *b, size_t n) {
+static void done_empty(client_t *cl, int st, const char *msg, const uint8_t *b,
+                       size_t n) {
   (void)b;
   (void)n;
   if (report_status(cl, st, msg))
     return;
   if (cl->o->json)
-    print_json(json_pack("{s:s,s:s}", "result", "ok", "ziti_identity_id",
-                         cl->o->arg));
+    print_json(
+        json_pack("{s:s,s:s}", "result", "ok", "ziti_identity_id", cl->o->arg));
   else
     printf("ok\n");
   client_close(cl, EXIT_OK);
@@ -892,8 +903,8 @@ static void done_resolve(client_t *cl, int st, const char *msg,
   if (report_status(cl, st, msg))
     return;
   Agynio__Api__ZitiManagement__V1__ResolveIdentityResponse *r =
-      agynio__api__ziti_management__v1__resolve_identity_response__unpack(
-          NULL, n, b);
+      agynio__api__ziti_management__v1__resolve_identity_response__unpack(NULL,
+                                                                          n, b);
   if (r == NULL) {
     fail_transport(cl, "cannot parse the response");
     return;
@@ -929,9 +940,8 @@ static void done_create_agent(client_t *cl, int st, const char *msg,
               strerror(errno));
       code = EXIT_LOCAL;
     } else if (cl->o->json) {
-      print_json(json_pack("{s:s,s:s}", "ziti_identity_id",
-                           r->ziti_identity_id, "enrollment_jwt_file",
-                           cl->o->out));
+      print_json(json_pack("{s:s,s:s}", "ziti_identity_id", r->ziti_identity_id,
+                           "enrollment_jwt_file", cl->o->out));
     } else {
       printf("%s\nenrollment JWT written to %s (0600)\n", r->ziti_identity_id,
              cl->o->out);
@@ -940,8 +950,8 @@ static void done_create_agent(client_t *cl, int st, const char *msg,
     print_json(json_pack("{s:s,s:s}", "ziti_identity_id", r->ziti_identity_id,
                          "enrollment_jwt", r->enrollment_jwt));
   } else {
-    printf("ziti_identity_id: %s\nenrollment_jwt:   %s\n",
-           r->ziti_identity_id, r->enrollment_jwt);
+    printf("ziti_identity_id: %s\nenrollment_jwt:   %s\n", r->ziti_identity_id,
+           r->enrollment_jwt);
   }
   zm_wipe(r->enrollment_jwt, strlen(r->enrollment_jwt));
   agynio__api__ziti_management__v1__create_agent_identity_response__free_unpacked(
@@ -951,8 +961,8 @@ static void done_create_agent(client_t *cl, int st, const char *msg,
 
 static void list_call(client_t *cl, const char *token);
 
-static void done_list(client_t *cl, int st, const char *msg,
-                      const uint8_t *b, size_t n) {
+static void done_list(client_t *cl, int st, const char *msg, const uint8_t *b,
+                      size_t n) {
   if (report_status(cl, st, msg))
     return;
   Agynio__Api__ZitiManagement__V1__ListManagedIdentitiesResponse *r =
@@ -973,12 +983,12 @@ static void done_list(client_t *cl, int st, const char *msg,
       strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", &tm);
     }
     if (cl->o->json) {
-      json_array_append_new(
-          cl->list_items,
-          json_pack("{s:s,s:s,s:s,s:s}", "ziti_identity_id",
-                    m->ziti_identity_id, "identity_id", m->identity_id,
-                    "identity_type", itype_name(m->identity_type),
-                    "created_at", created));
+      json_array_append_new(cl->list_items,
+                            json_pack("{s:s,s:s,s:s,s:s}", "ziti_identity_id",
+                                      m->ziti_identity_id, "identity_id",
+                                      m->identity_id, "identity_type",
+                                      itype_name(m->identity_type),
+                                      "created_at", created));
     } else {
       if (cl->list_count == 0)
         printf("%-28s %-36s %-11s %s\n", "ZITI_IDENTITY_ID", "IDENTITY_ID",
@@ -1074,8 +1084,7 @@ int main(int argc, char **argv) {
   memset(&cl, 0, sizeof cl);
   cl.o = &o;
   cl.list_items = json_array();
-  if (split_addr(o.addr, cl.host, sizeof cl.host, cl.port, sizeof cl.port) !=
-      0)
+  if (split_addr(o.addr, cl.host, sizeof cl.host, cl.port, sizeof cl.port) != 0)
     return bad_usage("--addr %s: expected HOST:PORT, :PORT or [V6]:PORT",
                      o.addr);
   uv_loop_t loop;
@@ -1083,11 +1092,10 @@ int main(int argc, char **argv) {
   cl.loop = &loop;
   if (o.tls) {
     const char *why = NULL;
-    const char *ca =
-        o.cacert ? o.cacert : "/etc/ssl/certs/ca-certificates.crt";
+    const char *ca = o.cacert ? o.cacert : "/etc/ssl/certs/ca-certificates.crt";
     if (zm__ziti_tls_ctx_new(&cl.tls_ctx, ca, o.cert, o.key, &why) != 0) {
-      fprintf(stderr, "zmctl: TLS: %s (--cacert %s%s)\n",
-              why ? why : "error", ca, o.cert ? ", --cert/--key" : "");
+      fprintf(stderr, "zmctl: TLS: %s (--cacert %s%s)\n", why ? why : "error",
+              ca, o.cert ? ", --cert/--key" : "");
       return EXIT_USAGE;
     }
     const char *name = o.server_name ? o.server_name : cl.host;

@@ -166,8 +166,7 @@ static void watch_message(zm_call_t *call, const ProtobufCMessage *msg,
   w->name = zm_call_strdup(call, name);
   if (h->n_watches == h->cap_watches) {
     h->cap_watches = h->cap_watches ? h->cap_watches * 2 : 16;
-    h->watches =
-        zm_xrealloc(h->watches, h->cap_watches * sizeof *h->watches);
+    h->watches = zm_xrealloc(h->watches, h->cap_watches * sizeof *h->watches);
   }
   w->idx = h->n_watches;
   h->watches[h->n_watches++] = w;

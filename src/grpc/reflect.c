@@ -93,8 +93,7 @@ static int sym_cmp(const void *a, const void *b) {
   return strcmp(((const rsym_t *)a)->name, ((const rsym_t *)b)->name);
 }
 
-static int read_varint(const uint8_t *p, size_t len, size_t *off,
-                       uint64_t *v) {
+static int read_varint(const uint8_t *p, size_t len, size_t *off, uint64_t *v) {
   *v = 0;
   for (int shift = 0; shift < 64; shift += 7) {
     if (*off >= len)
@@ -234,9 +233,7 @@ const char *zm_reflect_file_of(const zm_reflect_t *r, const char *symbol) {
   return s ? r->files[s->file].name : NULL;
 }
 
-size_t zm_reflect_service_count(const zm_reflect_t *r) {
-  return r->n_services;
-}
+size_t zm_reflect_service_count(const zm_reflect_t *r) { return r->n_services; }
 const char *zm_reflect_service(const zm_reflect_t *r, size_t i) {
   return r->services[i];
 }
@@ -249,8 +246,8 @@ static void collect(const zm_reflect_t *r, size_t f, uint8_t *seen,
   if (seen[f])
     return;
   seen[f] = 1;
-  out[(*n)++] = (ProtobufCBinaryData){r->files[f].len,
-                                      (uint8_t *)r->files[f].bytes};
+  out[(*n)++] =
+      (ProtobufCBinaryData){r->files[f].len, (uint8_t *)r->files[f].bytes};
   for (size_t i = 0; i < r->files[f].n_deps; i++)
     collect(r, r->files[f].deps[i], seen, out, n);
 }
@@ -279,8 +276,7 @@ static void reflect_message(zm_call_t *call, const ProtobufCMessage *msg,
   Grpc__Reflection__V1__ErrorResponse err =
       GRPC__REFLECTION__V1__ERROR_RESPONSE__INIT;
   resp.valid_host = req->host;
-  resp.original_request =
-      (Grpc__Reflection__V1__ServerReflectionRequest *)req;
+  resp.original_request = (Grpc__Reflection__V1__ServerReflectionRequest *)req;
   size_t file = SIZE_MAX;
   const char *not_found = NULL;
   switch (req->message_request_case) {

@@ -93,7 +93,7 @@ struct zm_call {
   uint8_t *sq;       /* streaming: framed messages to send (malloc'd) */
   size_t sq_len, sq_off, sq_cap;
   zm_grpc_status_t fin_status;
-  char *fin_msg; /* percent-encoded, malloc'd */
+  char *fin_msg;     /* percent-encoded, malloc'd */
   uint64_t deadline; /* uv_now() ms, 0 = none */
   size_t heap_idx;   /* position in srv->heap, SIZE_MAX if not there */
   uint8_t *rbuf;     /* request bytes (malloc'd), rlen used */
@@ -172,9 +172,9 @@ const double zm_grpc_latency_bounds_s[ZM_GRPC_LAT_BUCKETS] = {
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1,    0.25,    0.5,    1,     2.5,    5,     10,   30,    60};
 static const uint64_t LAT_BOUNDS_NS[ZM_GRPC_LAT_BUCKETS] = {
-    100000ull,    250000ull,    500000ull,     1000000ull,    2500000ull,
-    5000000ull,   10000000ull,  25000000ull,   50000000ull,   100000000ull,
-    250000000ull, 500000000ull, 1000000000ull, 2500000000ull, 5000000000ull,
+    100000ull,      250000ull,      500000ull,     1000000ull,    2500000ull,
+    5000000ull,     10000000ull,    25000000ull,   50000000ull,   100000000ull,
+    250000000ull,   500000000ull,   1000000000ull, 2500000000ull, 5000000000ull,
     10000000000ull, 30000000000ull, 60000000000ull};
 
 static void conn_close(zm_conn_t *c);
@@ -569,8 +569,7 @@ void zm_call_fail(zm_call_t *call, zm_grpc_status_t status, const char *msg) {
   zm_call_finish(call, status, msg);
 }
 
-void zm_call_finish(zm_call_t *call, zm_grpc_status_t status,
-                    const char *msg) {
+void zm_call_finish(zm_call_t *call, zm_grpc_status_t status, const char *msg) {
   ZM_ASSERT(call->handler_holds);
   if (call->conn != NULL && call->state == CALL_HANDLER)
     call_end(call, status, msg);
@@ -632,8 +631,8 @@ static void stream_kick(zm_call_t *call) {
 
 static void stream_fin(zm_call_t *call, zm_grpc_status_t st, const char *msg) {
   char enc[ZM_GRPC_MSG_MAX];
-  size_t n =
-      zm_grpc_pct_encode(msg ? msg : "", msg ? strlen(msg) : 0, enc, sizeof enc);
+  size_t n = zm_grpc_pct_encode(msg ? msg : "", msg ? strlen(msg) : 0, enc,
+                                sizeof enc);
   call->fin_pending = 1;
   call->fin_status = st;
   free(call->fin_msg);
@@ -1569,8 +1568,7 @@ size_t zm_grpc_server_method_count(const zm_grpc_server_t *srv) {
   return srv->n_methods;
 }
 
-const char *zm_grpc_server_method_path(const zm_grpc_server_t *srv,
-                                       size_t i) {
+const char *zm_grpc_server_method_path(const zm_grpc_server_t *srv, size_t i) {
   return i < srv->n_methods ? srv->methods[i].path : NULL;
 }
 

@@ -94,7 +94,8 @@ size_t zm_grpc_pct_decode(const char *src, size_t len, char *dst, size_t cap) {
     return 0;
   for (size_t i = 0; i < len && o + 1 < cap; i++) {
     int hi, lo;
-    if (src[i] == '%' && i + 2 < len && (hi = hexval(src[i + 1])) >= 0 && (lo = hexval(src[i + 2])) >= 0) {
+    if (src[i] == '%' && i + 2 < len && (hi = hexval(src[i + 1])) >= 0 &&
+        (lo = hexval(src[i + 2])) >= 0) {
       dst[o++] = (char)(hi << 4 | lo);
       i += 2;
     } else {

@@ -50,16 +50,16 @@ struct mconn {
   char url[URL_MAX + 1];
   size_t url_len;
   int url_too_long;
-  size_t head_bytes;   /* bytes of the current request so far */
-  int complete;        /* a request is complete, response pending */
+  size_t head_bytes; /* bytes of the current request so far */
+  int complete;      /* a request is complete, response pending */
   int keep_alive;
   int writing;
   int closing;
   int close_after_write;
-  uint64_t deadline;   /* uv_now() ms */
-  char *resp;          /* response in flight */
+  uint64_t deadline; /* uv_now() ms */
+  char *resp;        /* response in flight */
   size_t resp_len;
-  char *pending;       /* pipelined bytes not parsed yet */
+  char *pending; /* pipelined bytes not parsed yet */
   size_t pending_len;
   uv_write_t wreq;
 };
@@ -181,9 +181,9 @@ static void on_written(uv_write_t *req, int status) {
   uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
 }
 
-static void respond(mconn_t *c, int code, const char *reason,
-                    const char *ctype, const char *body, size_t body_len,
-                    int head_only, const char *extra) {
+static void respond(mconn_t *c, int code, const char *reason, const char *ctype,
+                    const char *body, size_t body_len, int head_only,
+                    const char *extra) {
   char hdr[512];
   int keep = c->keep_alive && !c->close_after_write;
   int n = snprintf(hdr, sizeof hdr,
@@ -229,8 +229,7 @@ static void handle_request(mconn_t *c) {
   size_t plen = strcspn(c->url, "?#");
   c->url[plen] = '\0';
   int known = strcmp(c->url, "/metrics") == 0 ||
-              strcmp(c->url, "/healthz") == 0 ||
-              strcmp(c->url, "/readyz") == 0;
+              strcmp(c->url, "/healthz") == 0 || strcmp(c->url, "/readyz") == 0;
   if (!known) {
     respond_text(c, 404, "Not Found", "not found\n", head);
     return;
@@ -303,8 +302,8 @@ static void conn_feed(mconn_t *c, const char *p, size_t n) {
   enum llhttp_errno e = llhttp_execute(&c->parser, p, n);
   if (e == HPE_PAUSED) {
     const char *pos = llhttp_get_error_pos(&c->parser);
-    size_t used = pos != NULL && pos >= p && pos <= p + n ? (size_t)(pos - p)
-                                                          : n;
+    size_t used =
+        pos != NULL && pos >= p && pos <= p + n ? (size_t)(pos - p) : n;
     size_t rest = n - used;
     if (rest > PENDING_MAX) {
       c->close_after_write = 1; /* too much pipelined: answer, then close */

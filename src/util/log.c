@@ -20,9 +20,9 @@ static const char *const NAMES[] = {"DEBUG", "INFO", "WARN", "ERROR"};
 static const char *const JNAMES[] = {"debug", "info", "warn", "error"};
 /* Leading words that name a module (the "component" field). */
 static const char *const COMPONENTS[] = {
-    "enroll", "grpc",   "store",    "ziti",      "lifecycle", "collect",
-    "recover", "metrics", "stats", "bootstrap", "signal",    "shutdown",
-    "listening", "serving", "resolve", "health", "gc"};
+    "enroll",    "grpc",    "store",   "ziti",      "lifecycle", "collect",
+    "recover",   "metrics", "stats",   "bootstrap", "signal",    "shutdown",
+    "listening", "serving", "resolve", "health",    "gc"};
 
 void zm_log_set_level(zm_log_level_t level) { threshold = level; }
 void zm_log_set_json(int on) { json_mode = on; }
@@ -103,8 +103,8 @@ size_t zm_log_format(char *out, size_t cap, int json, int64_t wall_ms,
   gmtime_r(&sec, &tm);
   char ts[96];
   snprintf(ts, sizeof ts, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ",
-           tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
-           tm.tm_min, tm.tm_sec, (int)(wall_ms % 1000));
+           tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
+           tm.tm_sec, (int)(wall_ms % 1000));
   if (!json) {
     lputs(&b, ts);
     lputs(&b, " ");

@@ -815,11 +815,10 @@ int zm_ziti_new(zm_ziti_t **out, uv_loop_t *loop, const zm_ziti_config_t *cfg) {
     goto fail;
   }
   const char *why = NULL;
-  if ((rc = cfg->bootstrap
-                ? zm__ziti_tls_ctx_new_unverified(&z->tls_ctx, &why)
-                : zm__ziti_tls_ctx_new(&z->tls_ctx, z->cfg.ca_file,
-                                       z->cfg.cert_file, z->cfg.key_file,
-                                       &why)) != 0) {
+  if ((rc = cfg->bootstrap ? zm__ziti_tls_ctx_new_unverified(&z->tls_ctx, &why)
+                           : zm__ziti_tls_ctx_new(
+                                 &z->tls_ctx, z->cfg.ca_file, z->cfg.cert_file,
+                                 z->cfg.key_file, &why)) != 0) {
     ZM_ERROR("ziti: %s", why);
     goto fail;
   }

@@ -6,8 +6,7 @@
 /* 1 ms .. 30 s: a controller call is a few ms on a LAN, seconds when the
  * controller is loaded (and the request timeout bounds it). */
 const double zm_ziti_latency_bounds_s[ZM_ZITI_LAT_BUCKETS] = {
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-    0.25,  0.5,    1,     2.5,  5,     10,   30};
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30};
 
 static const char *const EP_NAMES[] = {
 #define X(e, s) s,

@@ -35,8 +35,8 @@ static void test_symbols(void **state) {
   assert_string_equal(
       zm_reflect_file_of(r, "agynio.api.ziti_management.v1.IdentityType"), zf);
   assert_string_equal(
-      zm_reflect_file_of(
-          r, "agynio.api.ziti_management.v1.IDENTITY_TYPE_AGENT"),
+      zm_reflect_file_of(r,
+                         "agynio.api.ziti_management.v1.IDENTITY_TYPE_AGENT"),
       zf);
   assert_string_equal(
       zm_reflect_file_of(r, "grpc.health.v1.HealthCheckResponse.SERVING"),

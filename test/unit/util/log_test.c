@@ -13,8 +13,8 @@
 static void test_text(void **state) {
   (void)state;
   char out[256];
-  size_t n = zm_log_format(out, sizeof out, 0, 1700000000123, ZM_LOG_WARN,
-                           NULL, 0, "store: slow");
+  size_t n = zm_log_format(out, sizeof out, 0, 1700000000123, ZM_LOG_WARN, NULL,
+                           0, "store: slow");
   out[n] = '\0';
   assert_string_equal(out, "2023-11-14T22:13:20.123Z WARN store: slow\n");
 }
@@ -41,8 +41,7 @@ static void test_json(void **state) {
                       "enroll");
   assert_string_equal(json_string_value(json_object_get(j, "saga")),
                       "svc-gateway-ab12");
-  assert_string_equal(json_string_value(json_object_get(j, "request_id")),
-                      "7");
+  assert_string_equal(json_string_value(json_object_get(j, "request_id")), "7");
   assert_string_equal(json_string_value(json_object_get(j, "method")),
                       "/svc/M");
   assert_string_equal(json_string_value(json_object_get(j, "identity")),
