@@ -145,6 +145,9 @@
     "WITH u AS (UPDATE pending_identities SET ziti_identity_id = $2::text"     \
     " WHERE name = $1::text RETURNING 1) SELECT zm_found(count(*)) FROM u")    \
   X(DEL_PENDING, 1, "DELETE FROM pending_identities WHERE name = $1::text")    \
+  X(TAKE_PENDING, 1,                                                           \
+    "WITH d AS (DELETE FROM pending_identities WHERE name = $1::text"          \
+    " RETURNING 1) SELECT zm_found(count(*)) FROM d")                          \
   X(RETIRE_MANAGED, 5,                                                         \
     "WITH d AS (DELETE FROM managed_identities WHERE ziti_identity_id ="       \
     " $1::text RETURNING ziti_identity_id, identity_type),"                    \
@@ -216,9 +219,12 @@
     " INSERT INTO service_clock AS s (id, last_beat, resumed_at)"              \
     " SELECT 1, n.t, n.t FROM n ON CONFLICT (id) DO UPDATE SET"                \
     " resumed_at = CASE WHEN s.last_beat < EXCLUDED.last_beat -"               \
+    " $1::bigint * interval '1 millisecond' OR s.last_beat >"                  \
+    " EXCLUDED.last_beat + $1::bigint * interval '1 millisecond'"              \
+    " THEN EXCLUDED.last_beat ELSE s.resumed_at END,"                          \
+    " last_beat = CASE WHEN s.last_beat > EXCLUDED.last_beat +"                \
     " $1::bigint * interval '1 millisecond' THEN EXCLUDED.last_beat"           \
-    " ELSE s.resumed_at END,"                                                  \
-    " last_beat = GREATEST(s.last_beat, EXCLUDED.last_beat)"                   \
+    " ELSE GREATEST(s.last_beat, EXCLUDED.last_beat) END"                      \
     " RETURNING zm_ms((SELECT t FROM n)), zm_ms(s.resumed_at)")                \
   X(CHANGES, 3,                                                                \
     "SELECT seq, ziti_identity_id FROM identity_changes"                       \
@@ -734,6 +740,10 @@ static int send_op(conn_t *c, const zm_store_op_t *op) {
   case ZM_STORE_DEL_PENDING: {
     const char *p[1] = {op->name};
     return send_stmt(c, S_DEL_PENDING, p);
+  }
+  case ZM_STORE_TAKE_PENDING: {
+    const char *p[1] = {op->name};
+    return send_stmt(c, S_TAKE_PENDING, p);
   }
   case ZM_STORE_RETIRE_MANAGED: {
     i64_str(op->tomb.type, a);
@@ -1767,6 +1777,7 @@ static size_t op_strings(zm_store_op_t *op, const char **f[8]) {
     f[n++] = &op->id;
     break;
   case ZM_STORE_DEL_PENDING:
+  case ZM_STORE_TAKE_PENDING:
     f[n++] = &op->name;
     break;
   case ZM_STORE_PUT_TOMB:
