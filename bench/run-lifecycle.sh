@@ -10,6 +10,10 @@
 #   c. two replicas on one PostgreSQL vs one: two zm-bench processes (16x32
 #      each), one per replica, total req/s; the one-replica control is the same
 #      two zm-bench processes against one replica;
+#   a'/b'. ExtendIdentityLease 32x32 on zm and zm-pg over a STEADY_DURATION
+#      window (default 15 s: the flush granule, so the window holds one store
+#      write of every key, as under continuous load; the DURATION windows
+#      start cold: every key's first refresh is written inside them);
 #   d. ResolveIdentity 32x32 and 1x1 (regression check: same-run ratios
 #      against the anchors, and the previous bench/RESULTS.md figures).
 # Every server (and PostgreSQL) is pinned to SERVER_CPU, the clients to
@@ -17,7 +21,7 @@
 # the order of the servers, so compared runs are seconds apart. Everything
 # listens on 127.0.0.1 only; every client run is time-bounded.
 #
-# Env: DURATION=3 WARMUP=1 ROUNDS=3  SERVER_CPU=0 CLIENT_CPU=1
+# Env: DURATION=3 WARMUP=1 ROUNDS=3 STEADY_DURATION=15  SERVER_CPU=0 CLIENT_CPU=1
 #      BUILD (default build-bench; SKIP_BUILD=1 uses it as it is)
 #      ANCHORS (a dir with the anchors built: bin/cpp_server ...; default the
 #        shared anchors; if they are not built there, they are copied into the
@@ -27,7 +31,7 @@
 #        cases a and d, for a same-run before/after; BASELINE_REV names it)
 #      RESULTS_MD (default bench/RESULTS.md: the section between the
 #        "lifecycle-bench" markers is replaced, or appended)
-# Whole run: about 5 minutes with the defaults.
+# Whole run: about 7 minutes with the defaults.
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=bench/lib.sh
@@ -49,7 +53,8 @@ OUT=$BUILD/bench-results/lifecycle
 BIN=$BUILD/ziti-management
 BENCH=$BUILD/bench/zm-bench
 CLK_TCK=$(getconf CLK_TCK)
-CASE_TIMEOUT=$(awk -v d="$DUR" -v w="$WARM" 'BEGIN{printf "%d", d + w + 40}')
+STEADY_DUR=${STEADY_DURATION:-15}
+CASE_TIMEOUT=$(awk -v d="$DUR" -v s="$STEADY_DUR" -v w="$WARM" 'BEGIN{printf "%d", (d > s ? d : s) + w + 40}')
 
 log() { echo "[$(($(date +%s) - T_START))s] $*"; }
 
@@ -79,7 +84,7 @@ fact load "load average at the start $(cut -d' ' -f1-3 /proc/loadavg) (a shared 
 fact postgres "$("$(zmb_pg_bin)/postgres" --version 2>/dev/null)"
 fact cmd "$(printf '%q ' "DURATION=$DUR" "WARMUP=$WARM" "ROUNDS=$ROUNDS" "SERVER_CPU=$SERVER_CPU" "CLIENT_CPU=$CLIENT_CPU")bench/run-lifecycle.sh"
 fact pinning "servers and PostgreSQL on CPU $SERVER_CPU (taskset), zm-bench on CPU $CLIENT_CPU"
-fact shape "-D $DUR --warmup $WARM per case, $ROUNDS interleaved rounds, --keys $KEYS (uniformly random keys), --timeout-ms 10000"
+fact shape "-D $DUR --warmup $WARM per case (extend-steady: -D $STEADY_DUR), $ROUNDS interleaved rounds, --keys $KEYS (uniformly random keys), --timeout-ms 10000"
 
 # ---- build -----------------------------------------------------------------------
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
@@ -200,7 +205,9 @@ one_case() {
   cc=$((c / n))
   for t in "${targets[@]}"; do [[ -n ${SPID[$t]:-} ]] || return 0; done
   uniq=$(printf '%s\n' "${targets[@]}" | sort -u)
-  [[ $rpc == resolve ]] && scen=resolve || scen=extend
+  [[ $rpc == resolve* ]] && scen=resolve || scen=extend
+  local dur=$DUR
+  [[ $rpc == *-steady ]] && dur=$STEADY_DUR
   for t in $uniq; do s0=$((s0 + $(zmb_ticks "${SPID[$t]}"))); done
   k0=$(core_stat "$SERVER_CPU")
   local base=$OUT/${label}_${rpc}_c${c}m${m}_r$round
@@ -208,14 +215,14 @@ one_case() {
   for ((i = 0; i < n; i++)); do
     t=${targets[$i]}
     { time taskset -c "$CLIENT_CPU" timeout "$CASE_TIMEOUT" "$BENCH" --target "127.0.0.1:${PORT[$t]}" \
-        --scenario "$scen" -c "$cc" -m "$m" -D "$DUR" --warmup "$WARM" --keys "$KEYS" --seed $((round * 10 + i + 1)) \
+        --scenario "$scen" -c "$cc" -m "$m" -D "$dur" --warmup "$WARM" --keys "$KEYS" --seed $((round * 10 + i + 1)) \
         --timeout-ms 10000 --allow-errors --show-errors 3 --json "$base.$i.json" >"$base.$i.txt" 2>&1; } 2>"$base.$i.time" &
     pids+=($!)
   done
   for t in "${pids[@]}"; do wait "$t"; done
   k1=$(core_stat "$SERVER_CPU")
   for t in $uniq; do s1=$((s1 + $(zmb_ticks "${SPID[$t]}"))); done
-  /usr/bin/python3 - "$base" "$n" "$DUR" "$WARM" "$((s1 - s0))" "$CLK_TCK" "$k0" "$k1" >"$base.row" <<'PY'
+  /usr/bin/python3 - "$base" "$n" "$dur" "$WARM" "$((s1 - s0))" "$CLK_TCK" "$k0" "$k1" >"$base.row" <<'PY'
 import json, sys
 base, n, dur, warm, ticks, hz = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 k0, k1 = [list(map(int, a.split())) for a in sys.argv[7:9]]
@@ -268,6 +275,10 @@ for round in $(seq "$ROUNDS"); do
   rotate_case a extend 1 1 "$round" "${MEM[@]}"
   rotate_case b extend 32 32 "$round" zm-pg go-pg
   rotate_case b extend 1 1 "$round" zm-pg go-pg
+  # steady state: a window as long as the flush granule (15 s), so it holds
+  # one write of every key, as continuous load does, not a cold start
+  rotate_case a extend-steady 32 32 "$round" zm
+  rotate_case b extend-steady 32 32 "$round" zm-pg
   # c: one replica vs two, the same two zm-bench processes (16x32 each)
   one_case c zm-pg-1rep extend 32 32 "$round" zm-pg zm-pg
   sleep 1.5
