@@ -646,7 +646,7 @@ void zm_life_commit_service(zm_life_t *l, const char *name, const char *id,
                    .service_type = service_type,
                    .lease_expires_ms = u->lease,
                    .created_at_ms = now}},
-      {.kind = ZM_STORE_DEL_PENDING, .name = name},
+      {.kind = ZM_STORE_TAKE_PENDING, .name = name},
   };
   zm_store_submit(l->store, ops, 2, on_unit, u);
 }
@@ -659,9 +659,11 @@ void zm_life_commit_managed(zm_life_t *l, const char *name,
   u->type = row->identity_type;
   u->id = zm_xstrdup(row->ziti_identity_id);
   u->identity_id = zm_xstrdup(row->identity_id);
+  /* TAKE: if recovery resolved the creation meanwhile (a commit later than
+   * every bound), the unit fails instead of recording a doomed identity */
   zm_store_op_t ops[2] = {
       {.kind = ZM_STORE_PUT_MANAGED, .managed = *row},
-      {.kind = ZM_STORE_DEL_PENDING, .name = name},
+      {.kind = ZM_STORE_TAKE_PENDING, .name = name},
   };
   ops[0].managed.created_at_ms = zm_life_now(l);
   zm_store_submit(l->store, ops, 2, on_unit, u);

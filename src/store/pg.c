@@ -93,6 +93,14 @@
   "ziti_identity_id, identity_id::text, identity_type, zm_ms(created_at),"     \
   " ziti_service_id, workload_id::text, agent_id::text,"                       \
   " environment_id::text"
+/* A tombstone made from a live row (RETIRE_*, claim_expired) replaces a
+ * stale one for the id, as SQLite's INSERT OR REPLACE does: the caller holds
+ * the claim it asked for, and the row is returned. */
+#define TOMB_REPLACE                                                           \
+  "ON CONFLICT (ziti_identity_id) DO UPDATE SET kind = EXCLUDED.kind,"         \
+  " type = EXCLUDED.type, attempts = EXCLUDED.attempts,"                       \
+  " next_try_at = EXCLUDED.next_try_at,"                                       \
+  " claimed_until = EXCLUDED.claimed_until, created_at = EXCLUDED.created_at"
 #define TOMB_RET                                                               \
   "ziti_identity_id, kind, type, attempts, zm_ms(next_try_at),"                \
   " zm_ms(created_at)"
@@ -138,13 +146,16 @@
     "WITH u AS (UPDATE pending_identities SET ziti_identity_id = $2::text"     \
     " WHERE name = $1::text RETURNING 1) SELECT zm_found(count(*)) FROM u")    \
   X(DEL_PENDING, 1, "DELETE FROM pending_identities WHERE name = $1::text")    \
+  X(TAKE_PENDING, 1,                                                           \
+    "WITH d AS (DELETE FROM pending_identities WHERE name = $1::text"          \
+    " RETURNING 1) SELECT zm_found(count(*)) FROM d")                          \
   X(RETIRE_MANAGED, 5,                                                         \
     "WITH d AS (DELETE FROM managed_identities WHERE ziti_identity_id ="       \
     " $1::text RETURNING ziti_identity_id, identity_type),"                    \
     " t AS (INSERT INTO deleting_identities " TOMB_COLS                        \
-    " SELECT ziti_identity_id, 2, CASE WHEN $2::int = 0 THEN identity_type"    \
-    " ELSE $2::int END, 0, zm_ts($3::bigint), zm_ts($4::bigint),"              \
-    " zm_ts($5::bigint) FROM d ON CONFLICT (ziti_identity_id) DO NOTHING),"    \
+    " SELECT ziti_identity_id, 2, CASE WHEN identity_type = 0 THEN $2::int"    \
+    " ELSE identity_type END, 0, zm_ts($3::bigint), zm_ts($4::bigint),"        \
+    " zm_ts($5::bigint) FROM d " TOMB_REPLACE "),"                             \
     " c AS (INSERT INTO identity_changes (ziti_identity_id)"                   \
     " SELECT ziti_identity_id FROM d) SELECT zm_found(count(*)) FROM d")       \
   X(RETIRE_SERVICE, 6,                                                         \
@@ -152,9 +163,9 @@
     " $1::text AND lease_expires_at <= zm_ts($2::bigint)"                      \
     " RETURNING ziti_identity_id, service_type),"                              \
     " t AS (INSERT INTO deleting_identities " TOMB_COLS                        \
-    " SELECT ziti_identity_id, 1, CASE WHEN $3::int = 0 THEN service_type"     \
-    " ELSE $3::int END, 0, zm_ts($4::bigint), zm_ts($5::bigint),"              \
-    " zm_ts($6::bigint) FROM d ON CONFLICT (ziti_identity_id) DO NOTHING)"     \
+    " SELECT ziti_identity_id, 1, CASE WHEN service_type = 0 THEN $3::int"     \
+    " ELSE service_type END, 0, zm_ts($4::bigint), zm_ts($5::bigint),"         \
+    " zm_ts($6::bigint) FROM d " TOMB_REPLACE ")"                              \
     " SELECT zm_found(count(*)) FROM d")                                       \
   X(PUT_TOMB, 7,                                                               \
     "INSERT INTO deleting_identities " TOMB_COLS " VALUES ($1::text,"          \
@@ -178,13 +189,16 @@
   X(CLAIM_EXPIRED, 4,                                                          \
     "WITH c AS (DELETE FROM service_identities WHERE ziti_identity_id IN"      \
     " (SELECT ziti_identity_id FROM service_identities"                        \
-    " WHERE lease_expires_at <= zm_ts($1::bigint) ORDER BY lease_expires_at"   \
+    " WHERE lease_expires_at <= zm_ts($1::bigint)"                             \
+    " ORDER BY lease_expires_at, ziti_identity_id"                             \
     " LIMIT $4::bigint FOR UPDATE SKIP LOCKED)"                                \
-    " RETURNING ziti_identity_id, service_type)"                               \
-    " INSERT INTO deleting_identities " TOMB_COLS                              \
+    " RETURNING ziti_identity_id, service_type, lease_expires_at),"            \
+    " t AS (INSERT INTO deleting_identities " TOMB_COLS                        \
     " SELECT ziti_identity_id, 1, service_type, 0, zm_ts($2::bigint),"         \
-    " zm_ts($3::bigint), zm_ts($2::bigint) FROM c"                             \
-    " ON CONFLICT (ziti_identity_id) DO NOTHING RETURNING " TOMB_RET)          \
+    " zm_ts($3::bigint), zm_ts($2::bigint) FROM c " TOMB_REPLACE               \
+    " RETURNING " TOMB_RET ")"                                                 \
+    " SELECT t.* FROM t JOIN c USING (ziti_identity_id)"                       \
+    " ORDER BY c.lease_expires_at, ziti_identity_id")                          \
   X(CLAIM_TOMBS, 3,                                                            \
     "WITH u AS (UPDATE deleting_identities SET claimed_until ="                \
     " zm_ts($2::bigint) WHERE ziti_identity_id IN (SELECT ziti_identity_id"    \
@@ -206,9 +220,12 @@
     " INSERT INTO service_clock AS s (id, last_beat, resumed_at)"              \
     " SELECT 1, n.t, n.t FROM n ON CONFLICT (id) DO UPDATE SET"                \
     " resumed_at = CASE WHEN s.last_beat < EXCLUDED.last_beat -"               \
+    " $1::bigint * interval '1 millisecond' OR s.last_beat >"                  \
+    " EXCLUDED.last_beat + $1::bigint * interval '1 millisecond'"              \
+    " THEN EXCLUDED.last_beat ELSE s.resumed_at END,"                          \
+    " last_beat = CASE WHEN s.last_beat > EXCLUDED.last_beat +"                \
     " $1::bigint * interval '1 millisecond' THEN EXCLUDED.last_beat"           \
-    " ELSE s.resumed_at END,"                                                  \
-    " last_beat = GREATEST(s.last_beat, EXCLUDED.last_beat)"                   \
+    " ELSE GREATEST(s.last_beat, EXCLUDED.last_beat) END"                      \
     " RETURNING zm_ms((SELECT t FROM n)), zm_ms(s.resumed_at)")                \
   X(CHANGES, 3,                                                                \
     "SELECT seq, ziti_identity_id FROM identity_changes"                       \
@@ -724,6 +741,10 @@ static int send_op(conn_t *c, const zm_store_op_t *op) {
   case ZM_STORE_DEL_PENDING: {
     const char *p[1] = {op->name};
     return send_stmt(c, S_DEL_PENDING, p);
+  }
+  case ZM_STORE_TAKE_PENDING: {
+    const char *p[1] = {op->name};
+    return send_stmt(c, S_TAKE_PENDING, p);
   }
   case ZM_STORE_RETIRE_MANAGED: {
     i64_str(op->tomb.type, a);
@@ -1759,6 +1780,7 @@ static size_t op_strings(zm_store_op_t *op, const char **f[8]) {
     f[n++] = &op->id;
     break;
   case ZM_STORE_DEL_PENDING:
+  case ZM_STORE_TAKE_PENDING:
     f[n++] = &op->name;
     break;
   case ZM_STORE_PUT_TOMB:

@@ -131,10 +131,14 @@
   X(CLAIM_PENDING, "UPDATE pending_identities SET claimed_until=?1"            \
                    " WHERE name=?2")                                           \
   /* In DO UPDATE, bare column names are the existing row's values */          \
+  /* A beat further than the gap AHEAD of now is a clock stepped back: as      \
+   * much a reason to restart every lease as a silence. */                     \
   X(BEAT, "INSERT INTO service_clock(id, last_beat, resumed_at)"               \
           " VALUES(1, ?1, ?1) ON CONFLICT(id) DO UPDATE SET"                   \
-          " resumed_at=CASE WHEN last_beat<?2 THEN ?1 ELSE resumed_at END,"    \
-          " last_beat=max(last_beat, ?1) RETURNING resumed_at")                \
+          " resumed_at=CASE WHEN last_beat<?2 OR last_beat>?3 THEN ?1"         \
+          " ELSE resumed_at END,"                                              \
+          " last_beat=CASE WHEN last_beat>?3 THEN ?1"                          \
+          " ELSE max(last_beat, ?1) END RETURNING resumed_at")                 \
   X(LOAD_MANAGED, "SELECT " MANAGED_COLS " FROM managed_identities")           \
   X(LOAD_SERVICE, "SELECT ziti_identity_id, service_type, lease_expires_at,"   \
                   " created_at FROM service_identities")                       \
@@ -441,9 +445,14 @@ static int run_op(sq_store_t *st, const zm_store_op_t *op) {
       return rc;
     return sqlite3_changes(st->db) == 0 ? ZM_E_NOT_FOUND : 0;
   case ZM_STORE_DEL_PENDING:
+  case ZM_STORE_TAKE_PENDING:
     s = st->stmt[S_DEL_PENDING];
     bind_str(s, 1, op->name);
-    return write_result(st, step_once(s), "delete pending");
+    if ((rc = write_result(st, step_once(s), "delete pending")) != 0)
+      return rc;
+    return op->kind == ZM_STORE_TAKE_PENDING && sqlite3_changes(st->db) == 0
+               ? ZM_E_NOT_FOUND
+               : 0;
   case ZM_STORE_RETIRE_MANAGED:
     s = st->stmt[S_RETIRE_MANAGED];
     bind_str(s, 1, op->id);
@@ -732,10 +741,11 @@ static int64_t sat_sub(int64_t a, int64_t b) {
 }
 
 static int run_beat(sq_store_t *st, item_t *it) {
-  char t1[ZM__STORE_TIME_BUF], t2[ZM__STORE_TIME_BUF];
+  char t1[ZM__STORE_TIME_BUF], t2[ZM__STORE_TIME_BUF], t3[ZM__STORE_TIME_BUF];
   sqlite3_stmt *s = st->stmt[S_BEAT];
   bind_time(s, 1, it->t1, t1);
   bind_time(s, 2, sat_sub(it->t1, it->t2), t2);
+  bind_time(s, 3, sat_sub(it->t1, -it->t2), t3);
   int rc = sqlite3_step(s);
   if (rc == SQLITE_ROW)
     it->out_ms = col_time(s, 0);
@@ -1167,6 +1177,7 @@ static size_t op_strings(zm_store_op_t *op, const char **f[ROW_STRS]) {
     f[1] = &op->id;
     return 2;
   case ZM_STORE_DEL_PENDING:
+  case ZM_STORE_TAKE_PENDING:
     f[0] = &op->name;
     return 1;
   case ZM_STORE_PUT_TOMB:

@@ -372,23 +372,31 @@ def test_failed_commit_and_failed_compensation_leaks_nothing(sim, servers):
 
 def test_concurrent_create_agent_identity_same_agent(sim, servers):
     s = start(servers, sim)
-    sim.faults({"latency_ms": 60})  # widen the window in which both run
+    """The second call starts 0..240 ms after the first (every controller
+    request takes 60 ms more): at some offsets both run at once; before
+    issue 10 the second then found the first one's new identity by
+    externalId and deleted it while the first was about to return it."""
     chans = [s.channel() for _ in range(2)]
     try:
         stubs = [s.stub(c) for c in chans]
-        for _ in range(4):
+        with s.channel() as ch:  # warm: session, CA bundle
+            s.stub(ch).CreateAgentIdentity(pb.CreateAgentIdentityRequest(agent_id=str(uuid.uuid4())), timeout=30)
+        sim.faults({"latency_ms": 60})
+        for offset_ms in range(0, 260, 20):
             agent = str(uuid.uuid4())
             req = pb.CreateAgentIdentityRequest(agent_id=agent)
-            futs = [stubs[i].CreateAgentIdentity.future(req, timeout=30) for i in range(2)]
+            futs = [stubs[0].CreateAgentIdentity.future(req, timeout=30)]
+            time.sleep(offset_ms / 1000.0)
+            futs.append(stubs[1].CreateAgentIdentity.future(req, timeout=30))
             out = [rpc_code(f.result) for f in futs]
             codes = sorted(c.name for c, _ in out)
-            assert codes in (["ABORTED", "OK"], ["OK", "OK"]), [(c, r) for c, r in out]
+            assert codes in (["ABORTED", "OK"], ["OK", "OK"]), (offset_ms, [(c, r) for c, r in out])
             oks = [r.ziti_identity_id for c, r in out if c == grpc.StatusCode.OK]
             mapped = [z for (z,) in zmtest.query(s.store_path, "SELECT ziti_identity_id FROM managed_identities "
                                                                "WHERE identity_id=?", (agent,))]
             assert len(mapped) == 1, mapped  # one live identity per agent
             live = on_sim(sim)
-            assert mapped[0] in live, "the agent's mapping points at a deleted identity"
+            assert mapped[0] in live, "offset %d ms: the agent's mapping points at a deleted identity" % offset_ms
             assert mapped[0] in oks
             for z in oks:
                 code, r = rpc_code(stubs[0].ResolveIdentity, pb.ResolveIdentityRequest(ziti_identity_id=z),
@@ -397,7 +405,8 @@ def test_concurrent_create_agent_identity_same_agent(sim, servers):
                     assert code == grpc.StatusCode.OK and r.identity_id == agent
                     assert z in live
                 else:  # serialized: the later call replaced it
-                    assert code == grpc.StatusCode.NOT_FOUND
+                    assert code == grpc.StatusCode.NOT_FOUND, \
+                        "offset %d ms: a replaced identity still resolves" % offset_ms
             if codes == ["ABORTED", "OK"]:
                 assert oks == mapped
     finally:

@@ -405,6 +405,11 @@ static const zm_tomb_row_t *find_tomb(const got_t *g, const char *id) {
 #define T0 1700000000123LL /* 2023-11-14 22:13:20.123 UTC */
 #define NEVER INT64_MAX
 
+/* identity_id, workload_id, agent_id and environment_id are UUID columns on
+ * PostgreSQL (the Go service's schema): test values are UUIDs, lower case
+ * (how PostgreSQL spells them back). */
+#define UUID(n) "00000000-0000-4000-8000-0000000000" #n
+
 /* ==== time codec ========================================================== */
 
 static void test_time_codec(void **state) {
@@ -639,10 +644,10 @@ static void test_ops(void **state) {
   memset(&o, 0, sizeof o);
 
   zm_store_op_t u0[] = {
-      put_managed("m1", "ident-1", 1, T0),
+      put_managed("m1", UUID(01), 1, T0),
       (zm_store_op_t){.kind = ZM_STORE_PUT_MANAGED,
-                      .managed = {"m2", "ident-2", 2, T0 + 1, "svc-2", "wl-2",
-                                  "agent-2", "env-2"}}};
+                      .managed = {"m2", UUID(02), 2, T0 + 1, "svc-2", UUID(22),
+                                  UUID(23), UUID(24)}}};
   zm_store_op_t u1[] = {put_service("s1", 3, T0 + 1000, T0),
                         put_service("s2", 4, T0 + 2000, T0)};
   zm_store_op_t u2[] = {put_pending("svc-a", ZM_PENDING_SERVICE, 3, NULL, T0)};
@@ -660,16 +665,16 @@ static void test_ops(void **state) {
   /* One group: failing units roll back alone; the others commit. */
   o.n = 0;
   zm_store_op_t ext_ok[] = {op_id(ZM_STORE_EXTEND_LEASE, "s1", T0 + 5000)};
-  zm_store_op_t ext_missing[] = {put_managed("m3", "ident-3", 1, T0),
+  zm_store_op_t ext_missing[] = {put_managed("m3", UUID(03), 1, T0),
                                  op_id(ZM_STORE_EXTEND_LEASE, "nope", T0)};
-  zm_store_op_t dup[] = {put_managed("m4", "ident-4", 1, T0),
+  zm_store_op_t dup[] = {put_managed("m4", UUID(04), 1, T0),
                          put_pending("svc-a", ZM_PENDING_AGENT, 1, NULL, T0)};
   zm_store_op_t setid[] = {
       op_name(ZM_STORE_SET_PENDING_ID, "svc-a", "zid-of-a")};
   zm_store_op_t setid_missing[] = {
       op_name(ZM_STORE_SET_PENDING_ID, "svc-zz", "x")};
   zm_store_op_t null_col[] = {put_managed("m5", NULL, 1, T0)};
-  zm_store_op_t after[] = {put_managed("m6", "ident-6", 2, T0)};
+  zm_store_op_t after[] = {put_managed("m6", UUID(06), 2, T0)};
   /* never lowers a lease (but the row exists: ok) */
   zm_store_op_t ext_lower[] = {op_id(ZM_STORE_EXTEND_LEASE, "s2", T0)};
   submit(st, &o, 0, ext_ok, 1);
@@ -704,9 +709,9 @@ static void test_ops(void **state) {
   assert_null(find(l.m, l.nm, "m5"));
   const row_t *m2 = find(l.m, l.nm, "m2");
   assert_string_equal(m2->svc, "svc-2");
-  assert_string_equal(m2->workload, "wl-2");
-  assert_string_equal(m2->agent, "agent-2");
-  assert_string_equal(m2->env, "env-2");
+  assert_string_equal(m2->workload, UUID(22));
+  assert_string_equal(m2->agent, UUID(23));
+  assert_string_equal(m2->env, UUID(24));
   assert_string_equal(find(l.m, l.nm, "m1")->env, "(null)");
   assert_int_equal(find(l.s, l.ns, "s1")->lease, T0 + 5000);
   assert_int_equal(find(l.s, l.ns, "s2")->lease, T0 + 2000); /* not lowered */
@@ -721,11 +726,11 @@ static void test_ops(void **state) {
   get_managed(st, &loop, "m2", &g);
   assert_int_equal(g.n, 1);
   assert_string_equal(g.rows[0].zid, "m2");
-  assert_string_equal(g.rows[0].identity_id, "ident-2");
+  assert_string_equal(g.rows[0].identity_id, UUID(02));
   assert_int_equal(g.rows[0].type, 2);
   assert_int_equal(g.rows[0].created, T0 + 1);
-  assert_string_equal(g.rows[0].agent, "agent-2");
-  assert_string_equal(g.rows[0].env, "env-2");
+  assert_string_equal(g.rows[0].agent, UUID(23));
+  assert_string_equal(g.rows[0].env, UUID(24));
   get_managed(st, &loop, "m1", &g);
   assert_string_equal(g.rows[0].svc, "(null)");
   get_managed(st, &loop, "nope", &g);
@@ -761,7 +766,7 @@ static void test_pending_agent_unique(void **state) {
   assert_int_equal(run1(st, &loop, &a1, 1), 0);
   zm_store_op_t a2 = put_pending("a-2", ZM_PENDING_AGENT, 1, NULL, T0);
   a2.pending.agent_id = "agent-x";
-  zm_store_op_t unit[] = {put_managed("m", "i", 1, T0), a2};
+  zm_store_op_t unit[] = {put_managed("m", UUID(01), 1, T0), a2};
   assert_int_equal(run1(st, &loop, unit, 2), ZM_E_EXISTS);
   zm_store_op_t a3 = put_pending("a-3", ZM_PENDING_AGENT, 1, NULL, T0);
   a3.pending.agent_id = "agent-y";
@@ -781,6 +786,17 @@ static void test_pending_agent_unique(void **state) {
   assert_int_equal(run1(st, &loop, again, 2), 0);
   load_all(st, &l);
   assert_string_equal(find(l.p, l.np, "a-2")->agent, "agent-x");
+  /* TAKE_PENDING: a commit whose pending row is gone (recovery resolved the
+   * creation) must not record anything */
+  zm_store_op_t take_gone[] = {put_service("late", 1, T0 + 1000, T0),
+                               op_name(ZM_STORE_TAKE_PENDING, "nope", NULL)};
+  assert_int_equal(run1(st, &loop, take_gone, 2), ZM_E_NOT_FOUND);
+  zm_store_op_t take[] = {put_service("ok", 1, T0 + 1000, T0),
+                          op_name(ZM_STORE_TAKE_PENDING, "s-1", NULL)};
+  assert_int_equal(run1(st, &loop, take, 2), 0);
+  load_all(st, &l);
+  assert_int_equal(l.ns, 1); /* "ok" only */
+  assert_null(find(l.p, l.np, "s-1"));
   close_all(st, &loop);
 }
 
@@ -791,10 +807,17 @@ static void test_retire(void **state) {
   uv_loop_t loop;
   uv_loop_init(&loop);
   zm_store_t *st = open_fresh(&loop, "retire", 0);
+  /* m1 and s2 also have a stale tombstone: due, unclaimed, attempted. A
+   * retirement replaces it, so the retirer holds the claim it asked for. */
   zm_store_op_t seed[] = {
-      put_managed("m1", "i1", 2, T0), put_service("s1", 3, T0 + 5000, T0),
-      put_service("s2", 4, T0 + 1000, T0), put_service("s3", 5, NEVER, T0)};
-  assert_int_equal(run1(st, &loop, seed, 4), 0);
+      put_managed("m1", UUID(01), 2, T0),
+      put_service("s1", 3, T0 + 5000, T0),
+      put_service("s2", 4, T0 + 1000, T0),
+      put_service("s3", 5, NEVER, T0),
+      tomb_op("m1", ZM_TOMB_ORPHAN, 0, T0 - 100, 0, T0 - 200),
+      tomb_op("s2", ZM_TOMB_ORPHAN, 0, T0 - 100, 0, T0 - 200)};
+  seed[4].tomb.attempts = seed[5].tomb.attempts = 3;
+  assert_int_equal(run1(st, &loop, seed, ZM_ARRAY_SIZE(seed)), 0);
 
   /* RETIRE_MANAGED: mapping gone, tombstone claimed until .ms. */
   zm_store_op_t rm = {.kind = ZM_STORE_RETIRE_MANAGED,
@@ -808,7 +831,7 @@ static void test_retire(void **state) {
   get_managed(st, &loop, "m1", &g);
   assert_int_equal(g.n, 0);
   /* A missing mapping: NOT_FOUND, and the rest of the unit rolled back. */
-  zm_store_op_t rm2[] = {put_managed("m9", "i9", 1, T0), rm};
+  zm_store_op_t rm2[] = {put_managed("m9", UUID(09), 1, T0), rm};
   assert_int_equal(run1(st, &loop, rm2, 2), ZM_E_NOT_FOUND);
   get_managed(st, &loop, "m9", &g);
   assert_int_equal(g.n, 0);
@@ -834,19 +857,24 @@ static void test_retire(void **state) {
   assert_int_equal(g.n, 0);
   claim_tombs(st, &loop, T0 + 30000, T0 + 60000, 10, &g);
   assert_int_equal(g.n, 3);
-  /* next_try order: m1 (T0 + 10), then s2, s3 (T0 + 20, by id) */
+  /* next_try order: m1 (T0 + 10), then s2 and s3 (T0 + 20: store.h orders
+   * by next_try only, so either way round) */
   assert_string_equal(g.tombs[0].ziti_identity_id, "m1");
   assert_int_equal(g.tombs[0].kind, ZM_TOMB_MANAGED);
   assert_int_equal(g.tombs[0].type, 2); /* the mapping's identity_type */
   assert_int_equal(g.tombs[0].attempts, 0);
   assert_int_equal(g.tombs[0].next_try_ms, T0 + 10);
   assert_int_equal(g.tombs[0].created_at_ms, T0 + 5);
-  assert_string_equal(g.tombs[1].ziti_identity_id, "s2");
-  assert_int_equal(g.tombs[1].kind, ZM_TOMB_SERVICE);
-  assert_int_equal(g.tombs[1].type, 4); /* the service_type */
-  assert_int_equal(g.tombs[1].created_at_ms, T0 + 7);
-  assert_string_equal(g.tombs[2].ziti_identity_id, "s3");
-  assert_int_equal(g.tombs[2].type, 5);
+  const zm_tomb_row_t *s2 = find_tomb(&g, "s2"), *s3 = find_tomb(&g, "s3");
+  assert_non_null(s2);
+  assert_non_null(s3);
+  assert_int_equal(s2->kind, ZM_TOMB_SERVICE);
+  assert_int_equal(s2->type, 4); /* the service_type */
+  assert_int_equal(s2->attempts, 0);
+  assert_int_equal(s2->next_try_ms, T0 + 20);
+  assert_int_equal(s2->created_at_ms, T0 + 7);
+  assert_int_equal(s3->kind, ZM_TOMB_SERVICE);
+  assert_int_equal(s3->type, 5);
   close_all(st, &loop);
 }
 
@@ -1006,16 +1034,23 @@ static void test_claim_expired(void **state) {
       {"e", T0 + 10}, {"a", T0 + 30}, {"c", T0 + 10}, {"b", T0 + 20},
       {"d", T0 + 10}, {"f", T0 + 40}, {"g", T0 - 5},  {"h", T0 + 41},
   };
-  zm_store_op_t ops[ZM_ARRAY_SIZE(rows)];
+  zm_store_op_t ops[ZM_ARRAY_SIZE(rows) + 1];
   for (size_t i = 0; i < ZM_ARRAY_SIZE(rows); i++)
     ops[i] = put_service(rows[i].id, (int)i + 1, rows[i].lease, T0);
-  assert_int_equal(run1(st, &loop, ops, ZM_ARRAY_SIZE(rows)), 0);
-  /* (lease, id) order, h (lease > cut) excluded, ties broken by id; the
-   * limit bounds each claim. */
-  static const char *const want[] = {"g", "c", "d", "e", "b", "a", "f"};
+  /* "b" also has a stale tombstone (due, unclaimed, attempted): collecting
+   * "b" replaces it, returned and claimed like the others. */
+  ops[ZM_ARRAY_SIZE(rows)] =
+      tomb_op("b", ZM_TOMB_ORPHAN, 0, T0 - 100, 0, T0 - 200);
+  ops[ZM_ARRAY_SIZE(rows)].tomb.attempts = 3;
+  assert_int_equal(run1(st, &loop, ops, ZM_ARRAY_SIZE(ops)), 0);
+  /* Oldest lease first, h (lease > cut) excluded; the limit bounds each
+   * claim. Ties (c, d, e) may come in any order: store.h orders by lease
+   * only. */
   const int64_t now = T0 + 100, until = T0 + 60000;
   got_t g;
-  int total = 0;
+  int total = 0, b_seen = 0;
+  int64_t last_lease = INT64_MIN;
+  char seen[ZM_ARRAY_SIZE(rows)] = {0};
   if (pg_url == NULL)
     durable_peek = peek_open(path);
   for (int round = 0; round < 4; round++) {
@@ -1027,16 +1062,28 @@ static void test_claim_expired(void **state) {
     assert_int_equal(g.calls, 1);
     assert_int_equal(g.err, 0);
     assert_true(g.n <= 2);
+    assert_true(round == 3 || g.n == 2); /* 7 rows: 2 + 2 + 2 + 1 */
     for (int i = 0; i < g.n; i++) {
-      assert_string_equal(g.tombs[i].ziti_identity_id, want[total]);
+      size_t k = 0;
+      while (k < ZM_ARRAY_SIZE(rows) &&
+             strcmp(rows[k].id, g.tombs[i].ziti_identity_id) != 0)
+        k++;
+      assert_true(k < ZM_ARRAY_SIZE(rows));
+      assert_false(seen[k]); /* each claimed once */
+      seen[k] = 1;
+      assert_true(rows[k].lease <= T0 + 40);
+      assert_true(rows[k].lease >= last_lease); /* oldest first */
+      last_lease = rows[k].lease;
+      b_seen |= strcmp(rows[k].id, "b") == 0;
       assert_int_equal(g.tombs[i].kind, ZM_TOMB_SERVICE);
+      assert_int_equal(g.tombs[i].type, (int)k + 1);
       assert_int_equal(g.tombs[i].attempts, 0);
       assert_int_equal(g.tombs[i].next_try_ms, now);
       assert_int_equal(g.tombs[i].created_at_ms, now);
       total++;
     }
-    if (durable_peek != NULL)
-      assert_int_equal(durable_seen, total);
+    if (durable_peek != NULL) /* + b's stale tombstone until it is replaced */
+      assert_int_equal(durable_seen, total + !b_seen);
   }
   if (durable_peek != NULL)
     sqlite3_close(durable_peek);
@@ -1054,6 +1101,8 @@ static void test_claim_expired(void **state) {
   assert_int_equal(g.n, 7);
   assert_int_equal(find_tomb(&g, "g")->type, 7);
   assert_int_equal(find_tomb(&g, "a")->type, 2);
+  assert_int_equal(find_tomb(&g, "b")->type, 4);
+  assert_int_equal(find_tomb(&g, "b")->attempts, 0);
   /* Nothing left at the cut. */
   claim_expired(st, &loop, T0 + 40, now, until, 100, &g);
   assert_int_equal(g.n, 0);
@@ -1152,17 +1201,26 @@ static void test_heartbeat(void **state) {
   assert_int_equal(b.resumed, T0 + 11001);
   beat(st, &loop, T0 + 12000, 5000, &b);
   assert_int_equal(b.resumed, T0 + 11001);
-  /* A clock stepped back: last_beat does not move back, no outage. */
+  /* A clock stepped back within the gap: last_beat does not move back, no
+   * outage. */
   beat(st, &loop, T0 + 9000, 5000, &b);
   assert_int_equal(b.now, T0 + 9000);
   assert_int_equal(b.resumed, T0 + 11001);
+  /* Stepped back by more than the gap: an outage (else a last_beat left in
+   * the future would hide every real outage until the clock caught up). */
+  beat(st, &loop, T0 + 1000, 5000, &b);
+  assert_int_equal(b.resumed, T0 + 1000);
+  beat(st, &loop, T0 + 2000, 5000, &b);
+  assert_int_equal(b.resumed, T0 + 1000);
+  beat(st, &loop, T0 + 12000, 5000, &b); /* and a silence after it */
+  assert_int_equal(b.resumed, T0 + 12000);
   close_all(st, &loop);
 
   /* Durable, and across restarts: a restart within the gap is no outage. */
   uv_loop_init(&loop);
   st = open_store(&loop, path, 0);
   beat(st, &loop, T0 + 16000, 5000, &b);
-  assert_int_equal(b.resumed, T0 + 11001);
+  assert_int_equal(b.resumed, T0 + 12000);
   close_all(st, &loop);
   sqlite3 *db = peek_open(path);
   assert_int_equal(peek_int(db, "SELECT count(*) FROM service_clock", NULL), 1);
@@ -1191,7 +1249,7 @@ static void test_changes(void **state) {
   uv_loop_t loop;
   uv_loop_init(&loop);
   zm_store_t *st = open_fresh(&loop, "changes", 0);
-  zm_store_op_t ops[] = {put_managed("c1", "i", 1, T0)};
+  zm_store_op_t ops[] = {put_managed("c1", UUID(01), 1, T0)};
   assert_int_equal(run1(st, &loop, ops, 1), 0);
   zm_store_op_t rm = {.kind = ZM_STORE_RETIRE_MANAGED, .id = "c1", .ms = T0};
   assert_int_equal(run1(st, &loop, &rm, 1), 0);
@@ -1220,6 +1278,11 @@ typedef struct {
   int err;
 } lm_t;
 
+/* The identity_id test_list_managed gives "m-KK": a UUID ending in KK. */
+static void lm_iid(char *buf, size_t n, const char *id) {
+  snprintf(buf, n, "00000000-0000-4000-8000-0000000000%s", id + 2);
+}
+
 static void on_lm_page(int err, const zm_managed_row_t *rows, size_t n,
                        void *data) {
   lm_t *p = data;
@@ -1232,11 +1295,11 @@ static void on_lm_page(int err, const zm_managed_row_t *rows, size_t n,
     assert_true(strcmp(rows[i].ziti_identity_id, p->after) > 0);
     snprintf(p->seen[p->total++], 16, "%s", rows[i].ziti_identity_id);
     snprintf(p->after, sizeof p->after, "%s", rows[i].ziti_identity_id);
-    char want[32];
-    snprintf(want, sizeof want, "iid-%s", rows[i].ziti_identity_id);
+    char want[48];
+    lm_iid(want, sizeof want, rows[i].ziti_identity_id);
     assert_string_equal(rows[i].identity_id, want);
     assert_int_equal(rows[i].created_at_ms, T0);
-    assert_string_equal(rows[i].workload_id, "wl");
+    assert_string_equal(rows[i].workload_id, UUID(99));
     assert_null(rows[i].agent_id);
   }
   assert_true(n <= p->limit);
@@ -1255,12 +1318,12 @@ static void test_list_managed(void **state) {
   memset(&o, 0, sizeof o);
   /* Inserted out of order; types 1,2 alternate. */
   for (int i = 0; i < 25; i++) {
-    char id[16], iid[32];
+    char id[16], iid[48];
     int k = (i * 7) % 25;
     snprintf(id, sizeof id, "m-%02d", k);
-    snprintf(iid, sizeof iid, "iid-%s", id);
+    lm_iid(iid, sizeof iid, id);
     zm_store_op_t op = put_managed(id, iid, k % 2 + 1, T0);
-    op.managed.workload_id = "wl";
+    op.managed.workload_id = UUID(99);
     submit(st, &o, i, &op, 1);
   }
   /* Queued in the same turn as the writes: the read sees them. */
@@ -1314,7 +1377,7 @@ static void test_load_roundtrip(void **state) {
                                   "b9e1c0de-0000-4000-8000-000000000002",
                                   "c9e1c0de-0000-4000-8000-000000000003",
                                   "d9e1c0de-0000-4000-8000-000000000004"}},
-      put_managed("old", "x", 1, -86400001LL), /* before 1970 */
+      put_managed("old", UUID(01), 1, -86400001LL), /* before 1970 */
       put_service("svc-1", 5, 4102444800999LL, 946684800000LL),
       put_pending("pend-1", ZM_PENDING_SERVICE, 3, NULL, T0),
       p2,
@@ -1451,7 +1514,7 @@ static void on_gc_unit(int err, void *data) {
 static void gc_submit(zm_store_t *st, int i) {
   char id[32];
   snprintf(id, sizeof id, "g-%05d", i);
-  zm_store_op_t op = put_managed(id, "ident", 1, T0);
+  zm_store_op_t op = put_managed(id, UUID(01), 1, T0);
   gc_tags[i] = i;
   gc.in_submit = 1;
   zm_store_submit(st, &op, 1, on_gc_unit, &gc_tags[i]);
