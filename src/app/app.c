@@ -263,8 +263,10 @@ int zm_app_run(const zm_config_t *cfg) {
   uv_loop_init(&loop);
   app.loop = &loop;
 
-  if (zm_bootstrap_enroll(&loop, cfg) != 0)
+  if (zm_bootstrap_enroll(&loop, cfg) != 0) {
+    uv_loop_close(&loop); /* the bootstrap closed everything it opened */
     return 1;
+  }
   if (open_store(&app) != 0)
     return 1;
   app.index = zm_index_new();

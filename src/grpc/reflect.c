@@ -175,7 +175,8 @@ zm_reflect_t *zm_reflect_new(const uint8_t *set, size_t len,
     google__protobuf__file_descriptor_proto__free_unpacked(parsed[i], NULL);
   free(parsed);
   parsed = NULL;
-  qsort(r->syms, r->n_syms, sizeof *r->syms, sym_cmp);
+  if (r->n_syms > 0)
+    qsort(r->syms, r->n_syms, sizeof *r->syms, sym_cmp);
   /* Services to list: those of the method table that the set defines. */
   r->services = zm_xcalloc(n + 1, sizeof *r->services);
   for (size_t i = 0; i < n; i++) {
