@@ -174,7 +174,11 @@ static void usage(FILE *f) {
       f);
 }
 
-static int bad_usage(const char *fmt, ...) {
+#if defined(__GNUC__)
+__attribute__((format(printf, 1, 2)))
+#endif
+static int
+bad_usage(const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
   fputs("zmctl: ", stderr);
@@ -344,7 +348,11 @@ struct client {
 static void client_close(client_t *cl, int code);
 static void flush(client_t *cl);
 
-static void fail_transport(client_t *cl, const char *fmt, ...) {
+#if defined(__GNUC__)
+__attribute__((format(printf, 2, 3)))
+#endif
+static void
+fail_transport(client_t *cl, const char *fmt, ...) {
   va_list ap;
   char msg[512];
   va_start(ap, fmt);

@@ -162,8 +162,12 @@ size_t zm_log_format(char *out, size_t cap, int json, int64_t wall_ms,
   return b.len;
 }
 
-static void vlog(zm_log_level_t level, const char *const *kv, size_t n,
-                 const char *fmt, va_list ap) {
+#if defined(__GNUC__)
+__attribute__((format(printf, 4, 0)))
+#endif
+static void
+vlog(zm_log_level_t level, const char *const *kv, size_t n, const char *fmt,
+     va_list ap) {
   char msg[LINE_MAX_BYTES], line[LINE_MAX_BYTES + 512];
   vsnprintf(msg, sizeof msg, fmt, ap);
   size_t len = zm_log_format(line, sizeof line, json_mode, zm_wall_ms(), level,
