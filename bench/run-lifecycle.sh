@@ -30,6 +30,8 @@
 #      BASELINE_BIN (optional: an earlier build's ziti-management, e.g. from
 #        `git archive b445401`: run as zm-prev on its own seeded SQLite store in
 #        cases a and d, for a same-run before/after; BASELINE_REV names it)
+#      SOURCE_REV (recorded as the source revision; default: git HEAD of the
+#        tree this script is in, marked when src/ has uncommitted changes)
 #      RESULTS_MD (default bench/RESULTS.md: the section between the
 #        "lifecycle-bench" markers is replaced, or appended)
 # Whole run: about 7 minutes with the defaults.
@@ -80,7 +82,11 @@ FACTS=$OUT/facts.tsv; : >"$FACTS"
 fact() { printf '%s\t%s\n' "$1" "$2" >>"$FACTS"; }
 fact date "$(date -u '+%Y-%m-%d %H:%M UTC')"
 fact machine "nproc $(nproc); $(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo); kernel $(uname -r); $(awk '/MemTotal/{printf "%.1f GiB", $2/1048576}' /proc/meminfo); $(. /etc/os-release 2>/dev/null; echo "${PRETTY_NAME:-?}")"
-fact git "$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet -- src include CMakeLists.txt 2>/dev/null || echo ' (src/ with uncommitted changes)')"
+if [[ -n ${SOURCE_REV:-} ]]; then
+  fact git "$SOURCE_REV"
+else
+  fact git "$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet -- src include CMakeLists.txt 2>/dev/null || echo ' (src/ with uncommitted changes)')"
+fi
 fact load "load average at the start $(cut -d' ' -f1-3 /proc/loadavg) (a shared machine: other sessions' processes are not controlled; steal and core busy show it)"
 fact postgres "$("$(zmb_pg_bin)/postgres" --version 2>/dev/null)"
 fact cmd "$(printf '%q ' "DURATION=$DUR" "WARMUP=$WARM" "ROUNDS=$ROUNDS" "SERVER_CPU=$SERVER_CPU" "CLIENT_CPU=$CLIENT_CPU")bench/run-lifecycle.sh"
