@@ -189,7 +189,7 @@ static size_t sim_identity_count(void) {
 #define NEED_SIM()                                                             \
   do {                                                                         \
     if (!g_have_sim)                                                           \
-      fail_msg("the controller simulator did not start");                     \
+      fail_msg("the controller simulator did not start");                      \
   } while (0)
 
 /* ---- loop helpers
