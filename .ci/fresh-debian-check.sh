@@ -5,7 +5,8 @@
 #   1. the `make run` line, started in the background by .ci/serve-check.sh,
 #      which waits for health SERVING, calls RequestServiceIdentity once
 #      (test/zmctl.py) and checks it returns an identity, then stops it;
-#   2. the `make test` line, which must pass.
+#   2. the `make test` line, which must pass;
+#   3. ./install-deps.sh once more, which must install nothing (print nothing).
 # The two lines are read from the README's "Two commands" block, so what the
 # README prints is what is run. The container gets the committed HEAD (git
 # archive), as a fresh clone would.
@@ -65,10 +66,13 @@ export FRESH_LOGS=${FRESH_LOGS:-$(mktemp -d /tmp/zm-fresh-debian.XXXXXX)}
 echo "== fresh Debian 12 container: the README's two commands (logs: $FRESH_LOGS)"
 echo "   1. $run_cmd   (serves? health + RequestServiceIdentity on 127.0.0.1:$port)"
 echo "   2. $test_cmd"
+echo "   3. ./install-deps.sh again: installs nothing"
 rc=0
 timeout --kill-after=60 "${ZM_FRESH_TIMEOUT:-3600}" "$fresh" -C "$ROOT" \
   "export GRPC_ADDRESS=127.0.0.1:$port && .ci/serve-check.sh '$run_cmd'" \
-  "$test_cmd" || rc=$?
+  "$test_cmd" \
+  'SECONDS=0; out=$(./install-deps.sh 2>&1); echo "install-deps.sh: ${SECONDS}s"; [ -z "$out" ] || { echo "$out"; false; }' \
+  || rc=$?
 if ((rc != 0)); then
   for f in "$FRESH_LOGS"/cmd-*.log; do
     [[ -f $f ]] || continue
