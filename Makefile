@@ -51,11 +51,12 @@ test-release: deps
 	cd $(RELEASE_BUILD) && ctest --output-on-failure -j2 -R '^unit/|^bench/(hist|scenario)_test'
 
 build-matrix: deps
-	@set -e; for cc in gcc clang; do for bt in Debug Release RelWithDebInfo; do \
-	  echo "== $$cc $$bt"; \
-	  CC=$$cc cmake -S . -B build-matrix/$$cc-$$bt -DCMAKE_BUILD_TYPE=$$bt >/dev/null; \
-	  cmake --build build-matrix/$$cc-$$bt -j$(JOBS) >build-matrix/$$cc-$$bt.log 2>&1 || \
-	    { grep -E 'warning|error' build-matrix/$$cc-$$bt.log; exit 1; }; \
+	@set -e; mkdir -p build-matrix; for cc in gcc clang; do for bt in Debug Release RelWithDebInfo; do \
+	  echo "== $$cc $$bt"; log=build-matrix/$$cc-$$bt.log; \
+	  CC=$$cc cmake -S . -B build-matrix/$$cc-$$bt -DCMAKE_BUILD_TYPE=$$bt >$$log 2>&1 && \
+	  cmake --build build-matrix/$$cc-$$bt -j$(JOBS) >>$$log 2>&1 || \
+	    { grep -E 'warning|[Ee]rror' $$log; exit 1; }; \
+	  if grep -E 'warning:|CMake Warning' $$log; then exit 1; fi; \
 	done; done; echo "build-matrix: 6 builds, no warnings"
 
 format-check:
