@@ -69,7 +69,7 @@ echo "   1. $run_cmd   (serves? health + RequestServiceIdentity on 127.0.0.1:$po
 echo "   2. $test_cmd"
 echo "   3. ./install-deps.sh again: installs nothing"
 rc=0
-timeout --kill-after=60 "${ZM_FRESH_TIMEOUT:-3600}" "$fresh" -C "$ROOT" \
+timeout --kill-after=60 "${ZM_FRESH_TIMEOUT:-4800}" "$fresh" -C "$ROOT" \
   "export GRPC_ADDRESS=127.0.0.1:$port && .ci/serve-check.sh '$run_cmd'" \
   "$test_cmd" \
   'SECONDS=0; out=$(./install-deps.sh 2>&1); echo "install-deps.sh: ${SECONDS}s"; [ -z "$out" ] || { echo "$out"; false; }' \
