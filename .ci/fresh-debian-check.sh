@@ -16,7 +16,7 @@
 # Logs: $FRESH_LOGS (default: a new /tmp/zm-fresh-debian.XXXXXX).
 # Budget: about 5 minutes on 2 cores with a near mirror (measured: 290 s;
 # packages, builds, the whole test suite); hard limit ZM_FRESH_TIMEOUT
-# seconds (default 3600).
+# seconds (default 4800).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
