@@ -661,7 +661,7 @@ void zm_life_commit_service(zm_life_t *l, const char *name, const char *id,
                    .service_type = service_type,
                    .lease_expires_ms = u->lease,
                    .created_at_ms = now}},
-      {.kind = ZM_STORE_DEL_PENDING, .name = name},
+      {.kind = ZM_STORE_TAKE_PENDING, .name = name},
   };
   zm_store_submit(l->store, ops, 2, on_unit, u);
 }
@@ -678,9 +678,11 @@ void zm_life_commit_managed(zm_life_t *l, const char *name,
   u->agent_id = row->agent_id ? zm_xstrdup(row->agent_id) : NULL;
   u->environment_id =
       row->environment_id ? zm_xstrdup(row->environment_id) : NULL;
+  /* TAKE: if recovery resolved the creation meanwhile (a commit later than
+   * every bound), the unit fails instead of recording a doomed identity */
   zm_store_op_t ops[2] = {
       {.kind = ZM_STORE_PUT_MANAGED, .managed = *row},
-      {.kind = ZM_STORE_DEL_PENDING, .name = name},
+      {.kind = ZM_STORE_TAKE_PENDING, .name = name},
   };
   ops[0].managed.created_at_ms = zm_life_now(l);
   zm_store_submit(l->store, ops, 2, on_unit, u);
@@ -851,8 +853,10 @@ void zm_life_retire_managed(zm_life_t *l, const char *id, zm_life_cb cb,
 void zm_life_arm(zm_life_t *l, const zm_pending_row_t *row, zm_life_cb cb,
                  void *data) {
   unit_t *u = unit_new(l, ZM_LIFE_T_ARM, cb, data);
+  /* TAKE: if recovery dropped the unarmed row meanwhile, nothing is armed
+   * (and no create may be sent) */
   zm_store_op_t ops[2] = {
-      {.kind = ZM_STORE_DEL_PENDING, .name = row->name},
+      {.kind = ZM_STORE_TAKE_PENDING, .name = row->name},
       {.kind = ZM_STORE_PUT_PENDING, .pending = *row},
   };
   zm_store_submit(l->store, ops, 2, on_unit, u);
@@ -861,7 +865,8 @@ void zm_life_arm(zm_life_t *l, const zm_pending_row_t *row, zm_life_cb cb,
 void zm_life_handover(zm_life_t *l, const char *name, zm_life_cb cb,
                       void *data) {
   unit_t *u = unit_new(l, ZM_LIFE_T_HANDOVER, cb, data);
-  zm_store_op_t op = {.kind = ZM_STORE_DEL_PENDING, .name = name};
+  /* TAKE: recovery resolved (deleted) it meanwhile -> the unit fails */
+  zm_store_op_t op = {.kind = ZM_STORE_TAKE_PENDING, .name = name};
   zm_store_submit(l->store, &op, 1, on_unit, u);
 }
 

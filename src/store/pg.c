@@ -52,6 +52,7 @@
 #include "store_internal.h"
 
 #include "zm/log.h"
+#include "zm/stat.h"
 #include "zm/store.h"
 #include "zm/zm.h"
 
@@ -131,11 +132,18 @@
     " GREATEST(lease_expires_at, zm_ts($2::bigint))"                           \
     " WHERE ziti_identity_id = $1::text RETURNING 1)"                          \
     " SELECT zm_found(count(*)) FROM u")                                       \
+  /* Rows are locked in id order first: two replicas flushing overlapping      \
+   * sets at once then queue behind each other instead of deadlocking. */      \
   X(FLUSH_LEASES, 2,                                                           \
-    "UPDATE service_identities s SET lease_expires_at = zm_ts(v.ms)"           \
-    " FROM (SELECT id, max(ms) AS ms FROM unnest($1::text[], $2::bigint[])"    \
-    " AS a(id, ms) GROUP BY id) v WHERE s.ziti_identity_id = v.id"             \
-    " AND s.lease_expires_at < zm_ts(v.ms)")                                   \
+    "WITH v AS (SELECT id, max(ms) AS ms FROM unnest($1::text[],"              \
+    " $2::bigint[]) AS a(id, ms) GROUP BY id),"                                \
+    " k AS (SELECT s.ziti_identity_id FROM service_identities s JOIN v"        \
+    " ON s.ziti_identity_id = v.id WHERE s.lease_expires_at < zm_ts(v.ms)"     \
+    " ORDER BY s.ziti_identity_id FOR UPDATE OF s)"                            \
+    " UPDATE service_identities s SET lease_expires_at ="                      \
+    " GREATEST(s.lease_expires_at, zm_ts(v.ms)) FROM v, k"                     \
+    " WHERE s.ziti_identity_id = v.id AND s.ziti_identity_id ="                \
+    " k.ziti_identity_id")                                                     \
   X(PUT_PENDING, 7,                                                            \
     "INSERT INTO pending_identities (name, kind, type, ziti_identity_id,"      \
     " agent_id, created_at, resolve_after) VALUES ($1::text, $2::smallint,"    \
@@ -145,6 +153,9 @@
     "WITH u AS (UPDATE pending_identities SET ziti_identity_id = $2::text"     \
     " WHERE name = $1::text RETURNING 1) SELECT zm_found(count(*)) FROM u")    \
   X(DEL_PENDING, 1, "DELETE FROM pending_identities WHERE name = $1::text")    \
+  X(TAKE_PENDING, 1,                                                           \
+    "WITH d AS (DELETE FROM pending_identities WHERE name = $1::text"          \
+    " RETURNING 1) SELECT zm_found(count(*)) FROM d")                          \
   X(RETIRE_MANAGED, 5,                                                         \
     "WITH d AS (DELETE FROM managed_identities WHERE ziti_identity_id ="       \
     " $1::text RETURNING ziti_identity_id, identity_type),"                    \
@@ -186,6 +197,9 @@
     "SELECT " MANAGED_COLS " FROM managed_identities"                          \
     " WHERE identity_id = $1::uuid ORDER BY ziti_identity_id"                  \
     " LIMIT $2::bigint")                                                       \
+  X(GET_MANAGED_BY_IDENTITY, 1,                                                \
+    "SELECT " MANAGED_COLS " FROM managed_identities"                          \
+    " WHERE identity_id = $1::uuid ORDER BY created_at DESC LIMIT 1")          \
   X(CLAIM_EXPIRED, 4,                                                          \
     "WITH c AS (DELETE FROM service_identities WHERE ziti_identity_id IN"      \
     " (SELECT ziti_identity_id FROM service_identities"                        \
@@ -220,9 +234,12 @@
     " INSERT INTO service_clock AS s (id, last_beat, resumed_at)"              \
     " SELECT 1, n.t, n.t FROM n ON CONFLICT (id) DO UPDATE SET"                \
     " resumed_at = CASE WHEN s.last_beat < EXCLUDED.last_beat -"               \
+    " $1::bigint * interval '1 millisecond' OR s.last_beat >"                  \
+    " EXCLUDED.last_beat + $1::bigint * interval '1 millisecond'"              \
+    " THEN EXCLUDED.last_beat ELSE s.resumed_at END,"                          \
+    " last_beat = CASE WHEN s.last_beat > EXCLUDED.last_beat +"                \
     " $1::bigint * interval '1 millisecond' THEN EXCLUDED.last_beat"           \
-    " ELSE s.resumed_at END,"                                                  \
-    " last_beat = GREATEST(s.last_beat, EXCLUDED.last_beat)"                   \
+    " ELSE GREATEST(s.last_beat, EXCLUDED.last_beat) END"                      \
     " RETURNING zm_ms((SELECT t FROM n)), zm_ms(s.resumed_at)")                \
   X(CHANGES, 3,                                                                \
     "SELECT seq, ziti_identity_id FROM identity_changes"                       \
@@ -290,7 +307,7 @@ typedef struct item {
   } cb;
   zm_store_op_t *ops; /* ITEM_UNIT: nops copies, in this block */
   size_t nops;
-  int type;           /* LIST_MANAGED */
+  int type;           /* LIST_MANAGED; GET_MANAGED: 1 = by identity_id */
   int64_t t1, t2, t3; /* times of claims, heartbeat gap, changes */
   const char *key;    /* LIST/GET: id, in this block */
   size_t limit;
@@ -741,6 +758,10 @@ static int send_op(conn_t *c, const zm_store_op_t *op) {
     const char *p[1] = {op->name};
     return send_stmt(c, S_DEL_PENDING, p);
   }
+  case ZM_STORE_TAKE_PENDING: {
+    const char *p[1] = {op->name};
+    return send_stmt(c, S_TAKE_PENDING, p);
+  }
   case ZM_STORE_RETIRE_MANAGED: {
     i64_str(op->tomb.type, a);
     i64_str(op->tomb.next_try_ms, b);
@@ -799,6 +820,7 @@ static void conn_push_job(conn_t *c, job_t *j) {
  * would leave an aborted transaction block open after the Sync. Returns 0, or
  * -1 when the connection failed (j is not queued). */
 static int send_group(conn_t *c, job_t *j) {
+  zm_stat_store_begin(j);
   size_t cap = 1;
   for (size_t i = 0; i < j->nitems; i++)
     cap += j->items[i]->nops;
@@ -859,6 +881,7 @@ static int group_done(conn_t *c, job_t *j) {
     }
   }
   st->stats.groups++;
+  zm_stat_store_end(j, j->nitems);
   st->wjob = NULL;
   st->wconn = NULL;
   for (size_t i = 0; i < j->nitems; i++)
@@ -1268,7 +1291,7 @@ static int send_one(conn_t *c, job_t *j) {
   }
   case ITEM_GET_MANAGED: {
     const char *p[1] = {it->key};
-    rc = send_stmt(c, S_GET_MANAGED, p);
+    rc = send_stmt(c, it->type ? S_GET_MANAGED_BY_IDENTITY : S_GET_MANAGED, p);
     break;
   }
   case ITEM_FIND_MANAGED: {
@@ -1779,6 +1802,7 @@ static size_t op_strings(zm_store_op_t *op, const char **f[8]) {
     f[n++] = &op->id;
     break;
   case ZM_STORE_DEL_PENDING:
+  case ZM_STORE_TAKE_PENDING:
     f[n++] = &op->name;
     break;
   case ZM_STORE_PUT_TOMB:
@@ -1924,6 +1948,18 @@ static void pg_find_managed(zm_store_t *base, const char *identity_id,
   push(st, it);
 }
 
+static void pg_find_managed_by_identity(zm_store_t *base,
+                                        const char *identity_id,
+                                        zm_store_managed_list_cb cb,
+                                        void *data) {
+  pg_store_t *st = PG(base);
+  ZM_ASSERT(cb != NULL && identity_id != NULL);
+  item_t *it = new_item(st, ITEM_GET_MANAGED, identity_id, 1, data);
+  it->type = 1; /* by identity_id */
+  it->cb.managed = cb;
+  push(st, it);
+}
+
 static void pg_claim_expired(zm_store_t *base, int64_t cut_ms, int64_t now_ms,
                              int64_t claim_until_ms, size_t limit,
                              zm_store_tomb_list_cb cb, void *data) {
@@ -2005,6 +2041,7 @@ const zm__store_vt zm__pg_vt = {
     .list_managed = pg_list_managed,
     .get_managed = pg_get_managed,
     .find_managed = pg_find_managed,
+    .find_managed_by_identity = pg_find_managed_by_identity,
     .claim_expired = pg_claim_expired,
     .claim_tombs = pg_claim_tombs,
     .claim_pending = pg_claim_pending,

@@ -33,6 +33,7 @@
 #include "store_internal.h"
 
 #include "zm/log.h"
+#include "zm/stat.h"
 #include "zm/store.h"
 #include "zm/zm.h"
 
@@ -116,6 +117,9 @@
                  " WHERE ziti_identity_id=?1")                                 \
   X(FIND_MANAGED, "SELECT " MANAGED_COLS " FROM managed_identities"            \
                   " WHERE identity_id=?1 ORDER BY ziti_identity_id LIMIT ?2")  \
+  X(GET_MANAGED_BY_IDENTITY,                                                   \
+    "SELECT " MANAGED_COLS " FROM managed_identities WHERE identity_id=?1"     \
+    " ORDER BY created_at DESC LIMIT 1")                                       \
   X(SEL_EXPIRED, "SELECT ziti_identity_id, service_type"                       \
                  " FROM service_identities WHERE lease_expires_at<=?1"         \
                  " ORDER BY lease_expires_at, ziti_identity_id LIMIT ?2")      \
@@ -132,10 +136,14 @@
   X(CLAIM_PENDING, "UPDATE pending_identities SET claimed_until=?1"            \
                    " WHERE name=?2")                                           \
   /* In DO UPDATE, bare column names are the existing row's values */          \
+  /* A beat further than the gap AHEAD of now is a clock stepped back: as      \
+   * much a reason to restart every lease as a silence. */                     \
   X(BEAT, "INSERT INTO service_clock(id, last_beat, resumed_at)"               \
           " VALUES(1, ?1, ?1) ON CONFLICT(id) DO UPDATE SET"                   \
-          " resumed_at=CASE WHEN last_beat<?2 THEN ?1 ELSE resumed_at END,"    \
-          " last_beat=max(last_beat, ?1) RETURNING resumed_at")                \
+          " resumed_at=CASE WHEN last_beat<?2 OR last_beat>?3 THEN ?1"         \
+          " ELSE resumed_at END,"                                              \
+          " last_beat=CASE WHEN last_beat>?3 THEN ?1"                          \
+          " ELSE max(last_beat, ?1) END RETURNING resumed_at")                 \
   X(LOAD_MANAGED, "SELECT " MANAGED_COLS " FROM managed_identities")           \
   X(LOAD_SERVICE, "SELECT ziti_identity_id, service_type, lease_expires_at,"   \
                   " created_at FROM service_identities")                       \
@@ -443,9 +451,14 @@ static int run_op(sq_store_t *st, const zm_store_op_t *op) {
       return rc;
     return sqlite3_changes(st->db) == 0 ? ZM_E_NOT_FOUND : 0;
   case ZM_STORE_DEL_PENDING:
+  case ZM_STORE_TAKE_PENDING:
     s = st->stmt[S_DEL_PENDING];
     bind_str(s, 1, op->name);
-    return write_result(st, step_once(s), "delete pending");
+    if ((rc = write_result(st, step_once(s), "delete pending")) != 0)
+      return rc;
+    return op->kind == ZM_STORE_TAKE_PENDING && sqlite3_changes(st->db) == 0
+               ? ZM_E_NOT_FOUND
+               : 0;
   case ZM_STORE_RETIRE_MANAGED:
     s = st->stmt[S_RETIRE_MANAGED];
     bind_str(s, 1, op->id);
@@ -737,10 +750,11 @@ static int64_t sat_sub(int64_t a, int64_t b) {
 }
 
 static int run_beat(sq_store_t *st, item_t *it) {
-  char t1[ZM__STORE_TIME_BUF], t2[ZM__STORE_TIME_BUF];
+  char t1[ZM__STORE_TIME_BUF], t2[ZM__STORE_TIME_BUF], t3[ZM__STORE_TIME_BUF];
   sqlite3_stmt *s = st->stmt[S_BEAT];
   bind_time(s, 1, it->t1, t1);
   bind_time(s, 2, sat_sub(it->t1, it->t2), t2);
+  bind_time(s, 3, sat_sub(it->t1, -it->t2), t3);
   int rc = sqlite3_step(s);
   if (rc == SQLITE_ROW)
     it->out_ms = col_time(s, 0);
@@ -765,7 +779,7 @@ static int run_read(sq_store_t *st, item_t *it) {
     sqlite3_bind_int64(s, 3, limit_arg(it->limit));
     return collect(st, it, s);
   case ITEM_GET_MANAGED:
-    s = st->stmt[S_GET_MANAGED];
+    s = st->stmt[it->type ? S_GET_MANAGED_BY_IDENTITY : S_GET_MANAGED];
     sqlite3_bind_text(s, 1, it->key, -1, SQLITE_STATIC);
     return collect(st, it, s);
   case ITEM_FIND_MANAGED:
@@ -827,7 +841,7 @@ static void worker_main(void *arg) {
     if (!st->work_ready)
       break;
     uv_mutex_unlock(&st->mu);
-    run_batch(st, &st->batch);
+    ZM_STAT_STORE_TIMED(st->batch.units, run_batch(st, &st->batch));
     uv_mutex_lock(&st->mu);
     st->work_ready = 0;
     st->done_ready = 1;
@@ -1178,6 +1192,7 @@ static size_t op_strings(zm_store_op_t *op, const char **f[ROW_STRS]) {
     f[1] = &op->id;
     return 2;
   case ZM_STORE_DEL_PENDING:
+  case ZM_STORE_TAKE_PENDING:
     f[0] = &op->name;
     return 1;
   case ZM_STORE_PUT_TOMB:
@@ -1325,6 +1340,17 @@ static void sq_find_managed(zm_store_t *base, const char *identity_id,
                             void *data) {
   ZM_ASSERT(base != NULL && cb != NULL);
   item_t *it = new_read(ITEM_FIND_MANAGED, identity_id, limit, data);
+  it->cb.managed = cb;
+  enqueue((sq_store_t *)base, it);
+}
+
+static void sq_find_managed_by_identity(zm_store_t *base,
+                                        const char *identity_id,
+                                        zm_store_managed_list_cb cb,
+                                        void *data) {
+  ZM_ASSERT(base != NULL && cb != NULL);
+  item_t *it = new_read(ITEM_GET_MANAGED, identity_id, 1, data);
+  it->type = 1; /* by identity_id */
   it->cb.managed = cb;
   enqueue((sq_store_t *)base, it);
 }
@@ -1514,6 +1540,7 @@ const zm__store_vt zm__sqlite_vt = {
     .list_managed = sq_list_managed,
     .get_managed = sq_get_managed,
     .find_managed = sq_find_managed,
+    .find_managed_by_identity = sq_find_managed_by_identity,
     .claim_expired = sq_claim_expired,
     .claim_tombs = sq_claim_tombs,
     .claim_pending = sq_claim_pending,

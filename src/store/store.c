@@ -51,6 +51,12 @@ void zm_store_find_managed(zm_store_t *st, const char *identity_id,
   st->vt->find_managed(st, identity_id, limit, cb, data);
 }
 
+void zm_store_find_managed_by_identity(zm_store_t *st, const char *identity_id,
+                                       zm_store_managed_list_cb cb,
+                                       void *data) {
+  st->vt->find_managed_by_identity(st, identity_id, cb, data);
+}
+
 void zm_store_claim_expired(zm_store_t *st, int64_t cut_ms, int64_t now_ms,
                             int64_t claim_until_ms, size_t limit,
                             zm_store_tomb_list_cb cb, void *data) {

@@ -786,6 +786,17 @@ static void test_pending_agent_unique(void **state) {
   assert_int_equal(run1(st, &loop, again, 2), 0);
   load_all(st, &l);
   assert_string_equal(find(l.p, l.np, "a-2")->agent, "agent-x");
+  /* TAKE_PENDING: a commit whose pending row is gone (recovery resolved the
+   * creation) must not record anything */
+  zm_store_op_t take_gone[] = {put_service("late", 1, T0 + 1000, T0),
+                               op_name(ZM_STORE_TAKE_PENDING, "nope", NULL)};
+  assert_int_equal(run1(st, &loop, take_gone, 2), ZM_E_NOT_FOUND);
+  zm_store_op_t take[] = {put_service("ok", 1, T0 + 1000, T0),
+                          op_name(ZM_STORE_TAKE_PENDING, "s-1", NULL)};
+  assert_int_equal(run1(st, &loop, take, 2), 0);
+  load_all(st, &l);
+  assert_int_equal(l.ns, 1); /* "ok" only */
+  assert_null(find(l.p, l.np, "s-1"));
   close_all(st, &loop);
 }
 
@@ -1190,17 +1201,26 @@ static void test_heartbeat(void **state) {
   assert_int_equal(b.resumed, T0 + 11001);
   beat(st, &loop, T0 + 12000, 5000, &b);
   assert_int_equal(b.resumed, T0 + 11001);
-  /* A clock stepped back: last_beat does not move back, no outage. */
+  /* A clock stepped back within the gap: last_beat does not move back, no
+   * outage. */
   beat(st, &loop, T0 + 9000, 5000, &b);
   assert_int_equal(b.now, T0 + 9000);
   assert_int_equal(b.resumed, T0 + 11001);
+  /* Stepped back by more than the gap: an outage (else a last_beat left in
+   * the future would hide every real outage until the clock caught up). */
+  beat(st, &loop, T0 + 1000, 5000, &b);
+  assert_int_equal(b.resumed, T0 + 1000);
+  beat(st, &loop, T0 + 2000, 5000, &b);
+  assert_int_equal(b.resumed, T0 + 1000);
+  beat(st, &loop, T0 + 12000, 5000, &b); /* and a silence after it */
+  assert_int_equal(b.resumed, T0 + 12000);
   close_all(st, &loop);
 
   /* Durable, and across restarts: a restart within the gap is no outage. */
   uv_loop_init(&loop);
   st = open_store(&loop, path, 0);
   beat(st, &loop, T0 + 16000, 5000, &b);
-  assert_int_equal(b.resumed, T0 + 11001);
+  assert_int_equal(b.resumed, T0 + 12000);
   close_all(st, &loop);
   sqlite3 *db = peek_open(path);
   assert_int_equal(peek_int(db, "SELECT count(*) FROM service_clock", NULL), 1);
