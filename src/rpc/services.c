@@ -1197,7 +1197,13 @@ static void upd_comp_next(objop_t *o) {
 static void upd_fail(upd_t *u, zm_grpc_status_t st, const char *msg) {
   if (u->fail_status == ZM_GRPC_OK) {
     u->fail_status = st;
-    snprintf(u->fail_msg, sizeof u->fail_msg, "%s", msg);
+    if (msg != u->fail_msg) {
+      size_t n = strlen(msg);
+      if (n >= sizeof u->fail_msg)
+        n = sizeof u->fail_msg - 1;
+      memmove(u->fail_msg, msg, n);
+      u->fail_msg[n] = '\0';
+    }
   }
   ZM_WARN("update service %s: %s", u->id, u->fail_msg);
   u->handed = 0;
