@@ -205,8 +205,20 @@ core_stat() { # "busy steal total" jiffies of one CPU
 # (a child that exits in between, e.g. an autovacuum worker, is not counted)
 pg_snap() {
   [[ -n $1 ]] || return 0
-  awk -v p="$1" '{ f = FILENAME; sub(/^\/proc\//, "", f); sub(/\/stat$/, "", f); sub(/^.*\) /, "");
-    if ($2 == p || f == p) print f, $12 + $13 }' /proc/[0-9]*/stat 2>/dev/null
+  /usr/bin/python3 - "$1" <<'PY'
+import os, sys
+p = sys.argv[1]
+for d in os.listdir("/proc"):
+    if not d.isdigit():
+        continue
+    try:
+        st = open(f"/proc/{d}/stat").read()
+    except OSError:
+        continue  # exited meanwhile
+    f = st[st.rindex(")") + 2:].split()
+    if f[1] == p or d == p:
+        print(d, int(f[11]) + int(f[12]))
+PY
 }
 jget() { /usr/bin/python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print($2)" "$1" 2>/dev/null; }
 
