@@ -83,7 +83,7 @@ const char *zm_rpc_check_id(const char *s, const char *field);
 /* The gRPC status for a failed controller call: DEADLINE_EXCEEDED when it
  * timed out at or past `deadline` (uv_now() ms), UNAVAILABLE for a timeout
  * before it, an unreachable/overloaded controller (5xx, 429, transport
- * errors) or shutdown, else INTERNAL. */
+ * errors, TLS failures) or shutdown, else INTERNAL. */
 zm_grpc_status_t zm_rpc_status_from_ziti(const zm_ziti_result_t *r,
                                          uint64_t deadline, uint64_t now);
 
