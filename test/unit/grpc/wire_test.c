@@ -1,3 +1,4 @@
+/* zm-unit-libs: zm_grpc zm_util */
 /* Unit tests of the pure gRPC wire helpers: deframing (split at every
  * offset), grpc-timeout parsing, grpc-message percent-encoding, routing. */
 #include <setjmp.h>
