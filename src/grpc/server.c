@@ -192,132 +192,7 @@ static void pb_free(void *data, void *p) {
   (void)p;
 }
 
-/* ===================== nghttp2 allocator ================================= */
-
-/*
- * nghttp2 allocates about 25 KB per session up front (a 16 KB outbound frame
- * buffer, a 4 KB stream map, ...), of which an idle connection touches a
- * page or two. On the heap, neighbouring allocations make all those pages
- * resident; mapped on their own, untouched pages cost nothing. This is what
- * keeps 10,000 idle connections small. Blocks of H2_MMAP_MIN bytes or more
- * are mmap'd, with their sizes in a side table (a header would touch a page);
- * smaller ones stay on the heap. Loop thread only, like every nghttp2 call.
- */
-#define H2_MMAP_MIN 4096u
-
-typedef struct {
-  void *p;
-  size_t n;
-} h2_big_t;
-
-static h2_big_t *h2_big;  /* open addressing, linear probing */
-static size_t h2_big_cap; /* power of two, 0 = not allocated */
-static size_t h2_big_len;
-
-static size_t h2_slot(const void *p, size_t cap) {
-  return (size_t)(((uintptr_t)p >> 12) * 0x9E3779B97F4A7C15ull) & (cap - 1);
-}
-
-static void h2_big_put(void *p, size_t n) {
-  if ((h2_big_len + 1) * 2 > h2_big_cap) {
-    size_t ncap = h2_big_cap ? h2_big_cap * 2 : 1024;
-    h2_big_t *nt = zm_xcalloc(ncap, sizeof *nt);
-    for (size_t i = 0; i < h2_big_cap; i++) {
-      if (h2_big[i].p == NULL)
-        continue;
-      size_t j = h2_slot(h2_big[i].p, ncap);
-      while (nt[j].p != NULL)
-        j = (j + 1) & (ncap - 1);
-      nt[j] = h2_big[i];
-    }
-    free(h2_big);
-    h2_big = nt;
-    h2_big_cap = ncap;
-  }
-  size_t j = h2_slot(p, h2_big_cap);
-  while (h2_big[j].p != NULL)
-    j = (j + 1) & (h2_big_cap - 1);
-  h2_big[j].p = p;
-  h2_big[j].n = n;
-  h2_big_len++;
-}
-
-/* Removes p; returns its size, or 0 when p is a heap block. */
-static size_t h2_big_take(void *p) {
-  if (h2_big_cap == 0)
-    return 0;
-  size_t mask = h2_big_cap - 1, j = h2_slot(p, h2_big_cap);
-  while (h2_big[j].p != NULL && h2_big[j].p != p)
-    j = (j + 1) & mask;
-  if (h2_big[j].p == NULL)
-    return 0;
-  size_t n = h2_big[j].n;
-  h2_big[j].p = NULL;
-  h2_big_len--;
-  /* backward-shift deletion keeps probe chains intact */
-  for (size_t k = (j + 1) & mask; h2_big[k].p != NULL; k = (k + 1) & mask) {
-    size_t home = h2_slot(h2_big[k].p, h2_big_cap);
-    if (((k - home) & mask) >= ((k - j) & mask)) {
-      h2_big[j] = h2_big[k];
-      h2_big[k].p = NULL;
-      j = k;
-    }
-  }
-  return n;
-}
-
-static void *h2_mmap(size_t n) {
-  void *p =
-      mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED)
-    return NULL;
-  h2_big_put(p, n);
-  return p;
-}
-
-static void *h2_malloc(size_t n, void *ud) {
-  (void)ud;
-  return n >= H2_MMAP_MIN ? h2_mmap(n) : malloc(n);
-}
-
-static void h2_free(void *p, void *ud) {
-  (void)ud;
-  if (p == NULL)
-    return;
-  size_t n = h2_big_take(p);
-  if (n != 0)
-    munmap(p, n);
-  else
-    free(p);
-}
-
-static void *h2_calloc(size_t nmemb, size_t size, void *ud) {
-  (void)ud;
-  if (size != 0 && nmemb > SIZE_MAX / size)
-    return NULL;
-  size_t n = nmemb * size;
-  return n >= H2_MMAP_MIN ? h2_mmap(n) /* zero already */ : calloc(nmemb, size);
-}
-
-static void *h2_realloc(void *p, size_t n, void *ud) {
-  if (p == NULL)
-    return h2_malloc(n, ud);
-  size_t old = h2_big_take(p);
-  if (old == 0 && n < H2_MMAP_MIN)
-    return realloc(p, n);
-  if (old != 0)
-    h2_big_put(p, old); /* put back until the copy is done */
-  else
-    old = malloc_usable_size(p);
-  void *np = h2_malloc(n, ud);
-  if (np == NULL)
-    return NULL;
-  memcpy(np, p, old < n ? old : n);
-  h2_free(p, ud);
-  return np;
-}
-
-static nghttp2_mem H2_MEM = {NULL, h2_malloc, h2_free, h2_calloc, h2_realloc};
+#include "h2mem.h"
 
 /* ===================== deadline heap ===================================== */
 
@@ -1006,7 +881,7 @@ static void on_connection(uv_stream_t *ls, int status) {
   }
   srv->stats.conns_accepted++;
   uv_tcp_nodelay(&c->tcp, 1);
-  if (nghttp2_session_server_new3(&c->h2, srv->cbs, c, srv->opt, &H2_MEM) !=
+  if (nghttp2_session_server_new3(&c->h2, srv->cbs, c, srv->opt, &zm__h2_mem) !=
       0) {
     c->state = CONN_CLOSING;
     uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
