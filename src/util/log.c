@@ -1,5 +1,8 @@
-/* log.c - timestamped log lines to stderr, one write(2) per line. */
+/* log.c - timestamped log lines to stderr: one write(2) per line, from a
+ * writer thread once zm_log_start_async() ran (see zm/logq.h), so the loop
+ * thread never waits on a full pipe. */
 #include "zm/log.h"
+#include "zm/logq.h"
 #include "zm/zm.h"
 
 #include <stdarg.h>
@@ -11,6 +14,27 @@
 
 static zm_log_level_t threshold = ZM_LOG_INFO;
 static const char *const NAMES[] = {"DEBUG", "INFO", "WARN", "ERROR"};
+/* Ring of the asynchronous writer: bounded; lines beyond it are counted and
+ * dropped rather than waited for. */
+#define ZM_LOG_RING (1u << 20)
+static zm_logq_t *async_q;
+
+int zm_log_start_async(void) {
+  if (async_q != NULL)
+    return 0;
+  async_q = zm_logq_new(STDERR_FILENO, ZM_LOG_RING, 0, 0);
+  return async_q != NULL ? 0 : ZM_E_NOMEM;
+}
+
+void zm_log_stop_async(void) {
+  zm_logq_t *q = async_q;
+  async_q = NULL;
+  zm_logq_free(q);
+}
+
+uint64_t zm_log_dropped(void) {
+  return async_q != NULL ? zm_logq_dropped(async_q) : 0;
+}
 
 void zm_log_set_level(zm_log_level_t level) { threshold = level; }
 
@@ -50,6 +74,10 @@ void zm_log(zm_log_level_t level, const char *fmt, ...) {
   if (len > sizeof line - 2)
     len = sizeof line - 2; /* truncated: long lines are cut, never split */
   line[len++] = '\n';
+  if (async_q != NULL) {
+    zm_logq_push(async_q, line, len);
+    return;
+  }
   ssize_t w = write(STDERR_FILENO, line, len);
   (void)w;
 }
