@@ -51,7 +51,8 @@ size_t zm_authz_rule_count(const zm_authz_t *a) { return a ? a->n_rules : 0; }
 #if defined(__GNUC__)
 __attribute__((format(printf, 3, 4)))
 #endif
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
+static int
+fail(char *err, size_t errlen, const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
   vsnprintf(err, errlen, fmt, ap);
@@ -101,8 +102,8 @@ static int known_scope(const zm_authz_known_t *k, const char *s) {
 static int take_list(strlist_t *l, json_t *arr, const char *what, size_t rule,
                      char *err, size_t errlen) {
   if (!json_is_array(arr) || json_array_size(arr) == 0)
-    return fail(err, errlen, "rule %zu: \"%s\" must be a non-empty array",
-                rule, what);
+    return fail(err, errlen, "rule %zu: \"%s\" must be a non-empty array", rule,
+                what);
   l->n = 0;
   l->v = calloc(json_array_size(arr), sizeof *l->v);
   if (l->v == NULL)
@@ -123,8 +124,7 @@ static int take_list(strlist_t *l, json_t *arr, const char *what, size_t rule,
 }
 
 static int parse_rule(rule_t *r, json_t *o, size_t idx,
-                      const zm_authz_known_t *known, char *err,
-                      size_t errlen) {
+                      const zm_authz_known_t *known, char *err, size_t errlen) {
   if (!json_is_object(o))
     return fail(err, errlen, "rule %zu: not an object", idx);
   const char *key;
@@ -142,8 +142,8 @@ static int parse_rule(rule_t *r, json_t *o, size_t idx,
                       idx, err, errlen)) != 0)
     return rv;
   json_t *st = json_object_get(o, "service_types");
-  if (st != NULL && (rv = take_list(&r->scopes, st, "service_types", idx, err,
-                                    errlen)) != 0)
+  if (st != NULL &&
+      (rv = take_list(&r->scopes, st, "service_types", idx, err, errlen)) != 0)
     return rv;
   for (size_t i = 0; i < r->principals.n; i++)
     if (!valid_principal(r->principals.v[i]))
@@ -231,8 +231,7 @@ int zm_authz_load(zm_authz_t **out, const char *path,
   if (rd_err) {
     rv = fail(err, errlen, "%s: read error", path);
   } else if (n > ZM_AUTHZ_MAX_FILE) {
-    rv = fail(err, errlen, "%s: larger than %u bytes", path,
-              ZM_AUTHZ_MAX_FILE);
+    rv = fail(err, errlen, "%s: larger than %u bytes", path, ZM_AUTHZ_MAX_FILE);
   } else {
     char why[256];
     rv = zm_authz_parse(out, buf, n, known, why, sizeof why);

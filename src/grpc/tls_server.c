@@ -51,6 +51,99 @@ static int on_send(WOLFSSL *ssl, char *buf, int sz, void *ud) {
 
 /* ---- context ------------------------------------------------------------ */
 
+/*
+ * wolfSSL 5.5.4's wolfSSL_CTX_check_private_key() accepts an EC key that
+ * does not belong to the certificate, and a half-replaced pair would only
+ * show at the first client. So a new context proves itself: one in-memory
+ * handshake against a throwaway client, whose CertificateVerify check fails
+ * when the key does not match.
+ */
+typedef struct {
+  uint8_t buf[32768];
+  size_t len, off;
+} mem_pipe_t;
+
+static int pipe_put(mem_pipe_t *p, const void *b, size_t n) {
+  if (n > sizeof p->buf - p->len)
+    return -1;
+  memcpy(p->buf + p->len, b, n);
+  p->len += n;
+  return 0;
+}
+
+static int pipe_sink(void *ud, const void *b, size_t n) {
+  return pipe_put(ud, b, n);
+}
+
+static int cl_recv(WOLFSSL *ssl, char *buf, int sz, void *ud) {
+  (void)ssl;
+  mem_pipe_t *p = ud;
+  size_t avail = p->len - p->off;
+  if (avail == 0)
+    return WOLFSSL_CBIO_ERR_WANT_READ;
+  size_t n = (size_t)sz < avail ? (size_t)sz : avail;
+  memcpy(buf, p->buf + p->off, n);
+  p->off += n;
+  if (p->off == p->len)
+    p->off = p->len = 0;
+  return (int)n;
+}
+
+static int cl_send(WOLFSSL *ssl, char *buf, int sz, void *ud) {
+  (void)ssl;
+  return pipe_put(ud, buf, (size_t)sz) == 0 ? sz : WOLFSSL_CBIO_ERR_GENERAL;
+}
+
+static int ignore_plain(void *ud, const uint8_t *p, size_t n) {
+  (void)ud;
+  (void)p;
+  (void)n;
+  return 0;
+}
+
+static int self_test(zm_tls_srv_ctx_t *c) {
+  mem_pipe_t *c2s = calloc(1, sizeof *c2s), *s2c = calloc(1, sizeof *s2c);
+  WOLFSSL_CTX *cctx = wolfSSL_CTX_new(wolfSSLv23_client_method());
+  WOLFSSL *cl = cctx ? wolfSSL_new(cctx) : NULL;
+  zm_tls_srv_t t;
+  int ok = 0, srv_up = 0;
+  if (c2s == NULL || s2c == NULL || cl == NULL)
+    goto out;
+  wolfSSL_set_verify(cl, WOLFSSL_VERIFY_NONE, NULL); /* the key, not the CA */
+  wolfSSL_SSLSetIORecv(cl, cl_recv);
+  wolfSSL_SSLSetIOSend(cl, cl_send);
+  wolfSSL_SetIOReadCtx(cl, s2c);
+  wolfSSL_SetIOWriteCtx(cl, c2s);
+  if (zm_tls_srv_init(&t, c, pipe_sink, s2c) != 0)
+    goto out;
+  srv_up = 1;
+  for (int i = 0; i < 8; i++) {
+    int rc = wolfSSL_connect(cl);
+    if (rc == WOLFSSL_SUCCESS) {
+      ok = 1;
+      break;
+    }
+    int e = wolfSSL_get_error(cl, rc);
+    if (e != WOLFSSL_ERROR_WANT_READ && e != WOLFSSL_ERROR_WANT_WRITE)
+      break;
+    const char *why = NULL;
+    if (zm_tls_srv_feed(&t, (const char *)c2s->buf, c2s->len, ignore_plain,
+                        NULL, &why) != 0)
+      break;
+    c2s->len = c2s->off = 0;
+  }
+out:
+  if (srv_up)
+    zm_tls_srv_dispose(&t);
+  if (cl != NULL)
+    wolfSSL_free(cl);
+  if (cctx != NULL)
+    wolfSSL_CTX_free(cctx);
+  free(c2s);
+  free(s2c);
+  return ok;
+}
+
 static const char H2[] = "h2";
 
 int zm_tls_srv_ctx_new(zm_tls_srv_ctx_t **out, const char *cert_file,
@@ -104,6 +197,13 @@ int zm_tls_srv_ctx_new(zm_tls_srv_ctx_t **out, const char *cert_file,
   }
   wolfSSL_CTX_SetIORecv(c->ctx, on_recv);
   wolfSSL_CTX_SetIOSend(c->ctx, on_send);
+  if (!self_test(c)) {
+    snprintf(err, errlen,
+             "%s does not match the certificate in %s (test handshake "
+             "failed)",
+             key_file, cert_file);
+    goto fail;
+  }
   *out = c;
   return 0;
 fail:
@@ -130,8 +230,8 @@ int zm_tls_srv_ctx_client_auth(const zm_tls_srv_ctx_t *c) {
 
 static int add_name(char **names, size_t *n, size_t max, const char *prefix,
                     const unsigned char *v, int len) {
-  if (*n >= max || v == NULL || len <= 0 ||
-      (size_t)len > ZM_TLS_MAX_NAME || memchr(v, 0, (size_t)len) != NULL)
+  if (*n >= max || v == NULL || len <= 0 || (size_t)len > ZM_TLS_MAX_NAME ||
+      memchr(v, 0, (size_t)len) != NULL)
     return 0;
   size_t pl = strlen(prefix);
   char *s = malloc(pl + (size_t)len + 1);
@@ -182,8 +282,8 @@ size_t zm_tls_cert_names(WOLFSSL_X509 *x, char **names, size_t max) {
 
 /* ---- sessions ----------------------------------------------------------- */
 
-int zm_tls_srv_init(zm_tls_srv_t *t, zm_tls_srv_ctx_t *ctx,
-                    zm_tls_sink_fn sink, void *sink_ud) {
+int zm_tls_srv_init(zm_tls_srv_t *t, zm_tls_srv_ctx_t *ctx, zm_tls_sink_fn sink,
+                    void *sink_ud) {
   memset(t, 0, sizeof *t);
   t->ssl = wolfSSL_new(ctx->ctx); /* holds its own reference to ctx->ctx */
   if (t->ssl == NULL)

@@ -59,8 +59,8 @@ typedef struct {
 } zm_tls_srv_t;
 
 /* Returns 0 or ZM_E_TLS / ZM_E_NOMEM. */
-int zm_tls_srv_init(zm_tls_srv_t *t, zm_tls_srv_ctx_t *ctx,
-                    zm_tls_sink_fn sink, void *sink_ud);
+int zm_tls_srv_init(zm_tls_srv_t *t, zm_tls_srv_ctx_t *ctx, zm_tls_sink_fn sink,
+                    void *sink_ud);
 void zm_tls_srv_dispose(zm_tls_srv_t *t);
 
 /*

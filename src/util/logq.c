@@ -79,7 +79,8 @@ static void *writer(void *arg) {
                              "WARN log: %llu lines dropped (queue full)\n",
                              (unsigned long long)drops);
       if (k > 0)
-        write_all(q->fd, line, (size_t)k < sizeof line ? (size_t)k : sizeof line);
+        write_all(q->fd, line,
+                  (size_t)k < sizeof line ? (size_t)k : sizeof line);
     }
     pthread_mutex_lock(&q->mu);
     q->writing = 0;

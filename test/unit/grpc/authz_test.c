@@ -16,9 +16,9 @@
 
 #define SVC "/agynio.api.ziti_management.v1.ZitiManagementService/"
 static const char *const METHODS[] = {
-    SVC "ResolveIdentity",       SVC "ExtendIdentityLease",
+    SVC "ResolveIdentity",        SVC "ExtendIdentityLease",
     SVC "RequestServiceIdentity", SVC "CreateAgentIdentity",
-    SVC "DeleteIdentity",        SVC "ListManagedIdentities"};
+    SVC "DeleteIdentity",         SVC "ListManagedIdentities"};
 static const char *const TYPES[] = {"gateway", "orchestrator", "runner"};
 static const zm_authz_known_t KNOWN = {METHODS, 6, TYPES, 3};
 

@@ -30,8 +30,7 @@ static void test_transient_is_unavailable(void **state) {
 static void test_timeouts(void **state) {
   (void)state;
   zm_ziti_result_t r = {.err = ZM_E_TIMEOUT};
-  assert_int_equal(zm_rpc_status_from_ziti(&r, 1000, 999),
-                   ZM_GRPC_UNAVAILABLE);
+  assert_int_equal(zm_rpc_status_from_ziti(&r, 1000, 999), ZM_GRPC_UNAVAILABLE);
   assert_int_equal(zm_rpc_status_from_ziti(&r, 1000, 1000),
                    ZM_GRPC_DEADLINE_EXCEEDED);
 }

@@ -89,9 +89,9 @@ static void test_full_pipe_never_blocks(void **state) {
 static void test_audit_format(void **state) {
   (void)state;
   char b[256];
-  size_t n = zm_audit_format(b, sizeof b, "authz_denied", "caller",
-                             "cn:a\"b\\c\n", "skip", NULL, "method", "/x/Y",
-                             NULL);
+  size_t n =
+      zm_audit_format(b, sizeof b, "authz_denied", "caller", "cn:a\"b\\c\n",
+                      "skip", NULL, "method", "/x/Y", NULL);
   assert_int_equal(n, strlen(b));
   assert_non_null(strstr(b, "\"event\":\"authz_denied\""));
   assert_non_null(strstr(b, "\"caller\":\"cn:a\\\"b\\\\c\\u000a\""));
