@@ -5,24 +5,29 @@
 
 ZMB_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-# The server's schema v1 (mirrors src/store/migrate.c): used only when the
-# binary cannot create it itself (no --migrate-only). Idempotent, like the
-# server's own migrations, which run again at start-up and record versions.
+# The server's schema (mirrors src/store/migrate.c: the tables the seeding
+# below writes, with the Go service's columns): used only when the binary
+# cannot create it itself (no --migrate-only). Idempotent, like the server's
+# own migrations, which run again at start-up, record their versions and add
+# their own tables and columns to a store made by hand.
 ZMB_SCHEMA_SQL="
 CREATE TABLE IF NOT EXISTS managed_identities(
   ziti_identity_id TEXT PRIMARY KEY, identity_id TEXT NOT NULL,
-  identity_type SMALLINT NOT NULL, created_at TIMESTAMP NOT NULL) WITHOUT ROWID;
+  identity_type SMALLINT NOT NULL, created_at TIMESTAMP NOT NULL,
+  ziti_service_id TEXT, workload_id TEXT, agent_id TEXT, environment_id TEXT) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS service_identities(
   ziti_identity_id TEXT PRIMARY KEY, service_type SMALLINT NOT NULL,
   lease_expires_at TIMESTAMP NOT NULL, created_at TIMESTAMP NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS service_identities_lease_expires_at_idx
-  ON service_identities(lease_expires_at, ziti_identity_id);"
+  ON service_identities(lease_expires_at, ziti_identity_id);
+CREATE INDEX IF NOT EXISTS managed_identities_identity_id_idx
+  ON managed_identities(identity_id);"
 
 # zmb_schema STORE_PATH BIN: creates the schema (the server's own
 # --migrate-only when it works, else the DDL above). Returns non-zero on failure.
 zmb_schema() {
   local store=$1 bin=$2
-  if [[ -x $bin ]] && STORE_PATH=$store ZITI_CONTROLLER_URL= LOG_LEVEL=warn \
+  if [[ -x $bin ]] && DATABASE_URL= STORE_PATH=$store ZITI_CONTROLLER_URL= LOG_LEVEL=warn \
     "$bin" --migrate-only >/dev/null 2>&1; then
     return 0
   fi
@@ -181,4 +186,114 @@ for _ in range(200):
 else:
     sys.exit(1)
 PY
+}
+
+# ---- PostgreSQL: a throwaway cluster, pinned like the anchors' ---------------
+# (shared/anchors/perf/run.sh): initdb in a temp dir, trust auth, 127.0.0.1 on
+# a free port, the socket in the temp dir, every other setting the default
+# (fsync=on, synchronous_commit=on). As root, every postgres binary runs as the
+# postgres user (runuser), as the anchors do. Stopped by pg_ctl on its data
+# dir only; nothing is killed by name.
+
+# zmb_as_pg CMD...: runs CMD as the postgres user when we are root.
+zmb_as_pg() { if [[ $(id -u) == 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+# zmb_pg_bin: prints the newest /usr/lib/postgresql/*/bin (empty if none).
+zmb_pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1; }
+
+# zmb_pg_start PARENT_DIR CPU [DB]: initdb + pg_ctl start (pinned to CPU when
+# non-empty), creates database DB (default zm) owned by user zm. Sets
+# ZMB_PG_DIR, ZMB_PG_PORT, ZMB_PG_PID (the postmaster), ZMB_PG_URL
+# (postgres://zm@127.0.0.1:PORT/DB). Non-zero on failure (ZMB_PG_DIR is set as
+# soon as the dir exists, so zmb_pg_stop cleans up after a partial start).
+zmb_pg_start() {
+  local parent=$1 cpu=${2:-} db=${3:-zm} bin pin=() i
+  bin=$(zmb_pg_bin)
+  [[ -n $bin && -x $bin/initdb ]] || { echo "zmb_pg_start: no PostgreSQL server binaries" >&2; return 1; }
+  ZMB_PG_DIR=$(mktemp -d "$parent/zm-pg.XXXXXX") || return 1
+  [[ $(id -u) == 0 ]] && chown postgres:postgres "$ZMB_PG_DIR"
+  chmod 755 "$ZMB_PG_DIR"
+  zmb_as_pg "$bin/initdb" -D "$ZMB_PG_DIR/data" -A trust -U zm >"$ZMB_PG_DIR/initdb.log" 2>&1 ||
+    { cat "$ZMB_PG_DIR/initdb.log" >&2; return 1; }
+  [[ -n $cpu ]] && pin=(taskset -c "$cpu")
+  for ((i = 0; i < 5; i++)); do # a free port can be taken between probe and bind: retry
+    ZMB_PG_PORT=$(zmb_free_port)
+    if zmb_as_pg "${pin[@]}" "$bin/pg_ctl" -D "$ZMB_PG_DIR/data" -l "$ZMB_PG_DIR/server.log" \
+      -o "-c listen_addresses=127.0.0.1 -p $ZMB_PG_PORT -k $ZMB_PG_DIR" -w -t 60 start >/dev/null 2>&1; then
+      break
+    fi
+    ZMB_PG_PORT=
+  done
+  [[ -n $ZMB_PG_PORT ]] || { tail -5 "$ZMB_PG_DIR/server.log" >&2; return 1; }
+  ZMB_PG_PID=$(head -1 "$ZMB_PG_DIR/data/postmaster.pid" 2>/dev/null)
+  zmb_pg_psql postgres -c "CREATE DATABASE $db" || return 1
+  ZMB_PG_URL="postgres://zm@127.0.0.1:$ZMB_PG_PORT/$db"
+}
+
+# zmb_pg_psql DB ARGS...: psql on the running cluster (ON_ERROR_STOP).
+zmb_pg_psql() {
+  local db=$1
+  shift
+  "$(zmb_pg_bin)/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$ZMB_PG_PORT" -U zm -d "$db" "$@"
+}
+
+# The Go service's tables as its migrations 0001..0008 leave them (issue 10):
+# used only when the binary's --migrate-only does not run against PostgreSQL.
+# The server adds its own tables and columns at start-up.
+ZMB_PG_SCHEMA_SQL="
+CREATE TABLE IF NOT EXISTS managed_identities(
+  ziti_identity_id TEXT PRIMARY KEY, identity_id UUID NOT NULL,
+  identity_type SMALLINT NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+  ziti_service_id TEXT, workload_id UUID, agent_id UUID, environment_id UUID);
+CREATE INDEX IF NOT EXISTS managed_identities_identity_id_idx ON managed_identities(identity_id);
+CREATE TABLE IF NOT EXISTS service_identities(
+  ziti_identity_id TEXT PRIMARY KEY, service_type SMALLINT NOT NULL,
+  lease_expires_at TIMESTAMPTZ NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT NOW());
+CREATE INDEX IF NOT EXISTS service_identities_lease_expires_at_idx ON service_identities(lease_expires_at);"
+
+# zmb_pg_schema DB BIN: the server's own migrations (DATABASE_URL=... BIN
+# --migrate-only) when that works, else the Go tables above. Prints which.
+ZMB_PG_SCHEMA_HOW=
+zmb_pg_schema() {
+  local db=$1 bin=$2
+  if [[ -x $bin ]] && DATABASE_URL="postgres://zm@127.0.0.1:$ZMB_PG_PORT/$db" STORE_PATH= \
+    ZITI_CONTROLLER_URL= LOG_LEVEL=warn timeout 60 "$bin" --migrate-only >"$ZMB_PG_DIR/migrate-$db.log" 2>&1; then
+    ZMB_PG_SCHEMA_HOW="the server's --migrate-only"
+    return 0
+  fi
+  ZMB_PG_SCHEMA_HOW="bench/lib.sh's copy of the Go tables (--migrate-only failed: $(tail -1 "$ZMB_PG_DIR/migrate-$db.log" 2>/dev/null))"
+  zmb_pg_psql "$db" -c "$ZMB_PG_SCHEMA_SQL"
+}
+
+# zmb_pg_seed DB N [LEASE_S]: the anchors' keys 0..N-1 into both tables (as
+# zmb_seed does for SQLite): managed 'zid-%06d' -> 'a9e1c0de-0000-4000-8000-%012d',
+# AGENT (1); service identities with the same ids, type 3, lease now+LEASE_S s
+# (default 300). One transaction, then VACUUM ANALYZE.
+zmb_pg_seed() {
+  local db=$1 n=$2 lease=${3:-300}
+  zmb_pg_psql "$db" <<SQL
+BEGIN;
+INSERT INTO managed_identities(ziti_identity_id, identity_id, identity_type)
+  SELECT 'zid-' || lpad(i::text, 6, '0'), ('a9e1c0de-0000-4000-8000-' || lpad(i::text, 12, '0'))::uuid, 1
+  FROM generate_series(0, $n - 1) AS i;
+INSERT INTO service_identities(ziti_identity_id, service_type, lease_expires_at)
+  SELECT 'zid-' || lpad(i::text, 6, '0'), 3, now() + interval '$lease seconds'
+  FROM generate_series(0, $n - 1) AS i;
+COMMIT;
+VACUUM ANALYZE managed_identities;
+VACUUM ANALYZE service_identities;
+SQL
+}
+
+# zmb_pg_stop [DIR]: pg_ctl stop (fast) of the cluster in DIR (default the
+# last one zmb_pg_start made, ZMB_PG_DIR), then removes DIR.
+zmb_pg_stop() {
+  local dir=${1:-${ZMB_PG_DIR:-}}
+  [[ -n $dir ]] || return 0
+  if [[ -f $dir/data/postmaster.pid ]]; then
+    zmb_as_pg "$(zmb_pg_bin)/pg_ctl" -D "$dir/data" -m fast -w -t 60 stop >/dev/null 2>&1
+  fi
+  rm -rf "$dir"
+  [[ $dir == "${ZMB_PG_DIR:-}" ]] && ZMB_PG_DIR= ZMB_PG_PORT= ZMB_PG_PID= ZMB_PG_URL=
+  return 0
 }

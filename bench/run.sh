@@ -11,6 +11,9 @@
 #   4. GC sweep of 100,000 expired leases, with ResolveIdentity p99 during it.
 #   5. the anchors (shared/anchors/perf/run.sh) side by side, the server added
 #      through EXTRA_SERVERS=zm=bench/anchor-server.sh; ratio table.
+#   6. bench/run-lifecycle.sh (issue 10: random keys, zm-bench driving the
+#      anchors too, PostgreSQL vs go-pg, replicas; SKIP_LIFECYCLE=1 skips it):
+#      its own section of RESULTS.md.
 # Env: QUICK=1 (seconds-long everything), DURATION/RUNS/WARMUP (anchors, and
 #      DURATION/WARMUP for step 1), SERVER_CPU=0 CLIENT_CPU=1, ANCHORS=path,
 #      SKIP_ANCHORS=1, SKIP_BUILD=1, MIXED_RATE (open-loop rate of `mixed`),
@@ -425,6 +428,17 @@ fact notes "$notes_joined"
 RESULTS_MD=${RESULTS_MD:-$here/RESULTS.md}
 /usr/bin/python3 "$here/results.py" "$OUT" "$RESULTS_MD" || { echo "rendering RESULTS.md failed"; exit 1; }
 log "wrote $RESULTS_MD (total ${total} s)"
+
+# ---- 8. identity lifecycle benchmark (issue 10): bench/run-lifecycle.sh --------------------------------
+# random-key ExtendIdentityLease / ResolveIdentity, embedded store and
+# PostgreSQL, anchors driven by zm-bench, replicas; its own section of RESULTS.md
+if [[ ${SKIP_LIFECYCLE:-0} != 1 ]] && ((HAVE_SERVER)); then
+  log "identity lifecycle benchmark (bench/run-lifecycle.sh)"
+  # (run-lifecycle.sh builds a private copy of the anchors if they are not built)
+  SKIP_BUILD=1 BUILD=$BUILD ANCHORS=$ANCHORS SERVER_CPU=$SERVER_CPU CLIENT_CPU=$CLIENT_CPU RESULTS_MD=$RESULTS_MD \
+    DURATION=$([[ $QUICK == 1 ]] && echo 1 || echo 3) ROUNDS=$([[ $QUICK == 1 ]] && echo 1 || echo 3) \
+    "$here/run-lifecycle.sh" >"$OUT/lifecycle.log" 2>&1 || log "run-lifecycle.sh failed (see $OUT/lifecycle.log)"
+fi
 errs=$(for f in "$OUT"/*.json; do json_get "$f" 'j["errors"]["total"]'; done | awk '{s+=$1} END{print s+0}')
 if ((errs > 0)); then
   log "zm-bench saw $errs errors across the runs (see RESULTS.md)"

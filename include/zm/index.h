@@ -32,6 +32,7 @@ typedef struct {
   int64_t lease_expires_ms; /* the lease as last known durable (store clock) */
   int64_t lease_pending_ms; /* a refresh answered from memory and not yet
                                flushed to the store; 0 = none */
+  int queued;               /* on the lifecycle's flush list */
   int64_t created_at_ms;
 } zm_index_service_t;
 
@@ -45,6 +46,8 @@ void zm_index_put_managed(zm_index_t *ix, const char *zid, size_t zid_len,
 /* NULL if absent. The pointer is valid until the entry is removed/replaced. */
 const zm_index_managed_t *zm_index_lookup_managed(const zm_index_t *ix,
                                                   const char *zid, size_t len);
+/* Removes every mapping. */
+void zm_index_clear_managed(zm_index_t *ix);
 /* Returns 1 if removed, 0 if absent. */
 int zm_index_del_managed(zm_index_t *ix, const char *zid, size_t len);
 

@@ -121,6 +121,9 @@ typedef enum {
   ZM_STORE_SET_PENDING_ID,
   /* Delete pending .name; no row = ok. */
   ZM_STORE_DEL_PENDING,
+  /* Delete pending .name; no row -> ZM_E_NOT_FOUND (someone else, i.e.
+   * recovery, resolved the creation: the unit must not commit). */
+  ZM_STORE_TAKE_PENDING,
   /* LIVE -> DELETING of a managed identity: delete the mapping .id, insert a
    * tombstone (.tomb: kind ZM_TOMB_MANAGED, next_try_ms, created_at_ms;
    * claimed by this caller until .ms) and record a change of .id.
@@ -228,9 +231,10 @@ void zm_store_claim_pending(zm_store_t *st, int64_t now_ms,
 
 /* The service clock. Every beat: if the previous beat of ANY process is
  * older than gap_ms (no process was up: an outage, a suspend, a clock step
- * forward), resumed_at = now; last_beat = now. Returns the store clock's
- * now (SQLite: local_now_ms as given; PostgreSQL: the database's clock) and
- * resumed_at. */
+ * forward) or more than gap_ms ahead of now (the clock stepped back),
+ * resumed_at = now; last_beat = now (never moved back otherwise). Returns the
+ * store clock's now (SQLite: local_now_ms as given; PostgreSQL: the database's
+ * clock) and resumed_at. */
 typedef void (*zm_store_beat_cb)(int err, int64_t now_ms, int64_t resumed_ms,
                                  void *data);
 void zm_store_heartbeat(zm_store_t *st, int64_t local_now_ms, int64_t gap_ms,

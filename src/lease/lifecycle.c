@@ -30,7 +30,10 @@
 /* Changes are re-read this far back: a transaction that took its sequence
  * number before an already-seen one but committed after it is still seen. */
 #define CHANGES_LOOKBACK_MS 10000
-#define CHANGES_BATCH 1000u
+#define CHANGES_BATCH 10000u
+/* At the first beat the change log is read this far back: changes made
+ * while this process loaded its cache are seen. */
+#define CHANGES_START_BACK_MS 60000
 /* Without a successful change poll for this long, cached mappings are not
  * trusted (every ResolveIdentity asks the store). */
 #define CHANGES_STALE_MS 5000u
@@ -118,8 +121,10 @@ struct zm_life {
   /* change poller (shared store) */
   uv_timer_t changes_timer;
   int changes_inflight;
-  int64_t changes_seq;      /* highest seq seen */
-  int64_t changes_ok_store; /* store clock of the last successful poll */
+  int64_t changes_seq;      /* highest seq seen; INT64_MAX = none yet */
+  int64_t changes_ok_store; /* store clock when the last successful poll was
+                               sent */
+  int64_t changes_sent_store;
   uint64_t changes_ok_mono; /* mono ms of the last successful poll */
   uint64_t epoch;           /* bumped at every eviction */
   seen_t *seen;             /* seqs seen within the lookback window */
@@ -233,7 +238,7 @@ static void on_beat(int err, int64_t now_ms, int64_t resumed_ms, void *data) {
   int first = l->last_beat_ok == 0;
   l->last_beat_ok = m;
   if (first) {
-    l->changes_ok_store = now_ms;
+    l->changes_ok_store = now_ms - CHANGES_START_BACK_MS;
     l->changes_ok_mono = m;
     if (l->on_ready != NULL)
       l->on_ready(l->ready_data);
@@ -250,6 +255,24 @@ static void on_beat_timer(uv_timer_t *t) {
 }
 
 /* ===================== lease refresh: memory first ======================= */
+
+/* A refresh is queued for the store once it raises the durable lease by at
+ * least this much: the durable lease then trails the answered one by at
+ * most this plus one flush period, and a key refreshed many times a second
+ * costs one row write per granule instead of one per flush. */
+static int64_t granule_ms(const zm_life_t *l) {
+  int64_t g = (int64_t)(l->cfg.lease_ttl_ms / 10);
+  return g > 15000 ? 15000 : g;
+}
+
+static void queue_refresh(zm_life_t *l, zm_index_service_t *s, const char *id) {
+  if (s->queued || s->lease_pending_ms - s->lease_expires_ms < granule_ms(l))
+    return;
+  s->queued = 1;
+  if (l->dirty_since == 0)
+    l->dirty_since = mono_ms();
+  idvec_push(&l->dirty, id);
+}
 
 /* The fast path is allowed while no refresh answered from memory is older
  * than half the collection margin without being durable. */
@@ -274,22 +297,30 @@ static void on_flushed(int err, void *data) {
     l->stats.flushes++;
     l->stats.flushed_leases += l->flying.n;
   }
+  uint64_t since = l->flying_since;
   for (size_t i = 0; i < l->flying.n; i++) {
     const char *id = l->flying.ids[i];
     zm_index_service_t *s = zm_index_lookup_service(l->index, id, strlen(id));
-    if (s == NULL || s->state != ZM_LEASE_LIVE || s->lease_pending_ms == 0)
+    if (s == NULL)
       continue;
-    if (err == 0 && l->flying_ms[i] > s->lease_expires_ms)
-      s->lease_expires_ms = l->flying_ms[i];
-    if (err == 0 && s->lease_pending_ms <= l->flying_ms[i]) {
-      s->lease_pending_ms = 0;
+    s->queued = 0;
+    if (s->state != ZM_LEASE_LIVE || s->lease_pending_ms == 0)
+      continue;
+    if (err == 0) {
+      if (l->flying_ms[i] > s->lease_expires_ms)
+        s->lease_expires_ms = l->flying_ms[i];
+      if (s->lease_pending_ms <= s->lease_expires_ms)
+        s->lease_pending_ms = 0;
+      else
+        queue_refresh(l, s, id); /* refreshed again meanwhile */
       continue;
     }
-    if (err != 0 && l->stopping)
+    if (l->stopping)
       continue; /* the store is closing: the refresh is lost (see README) */
-    /* refreshed again meanwhile, or failed: next flush */
-    if (l->dirty_since == 0)
-      l->dirty_since = err != 0 ? l->flying_since : mono_ms();
+    /* failed: the next flush carries it, still counted from its first try */
+    s->queued = 1;
+    if (l->dirty_since == 0 || since < l->dirty_since)
+      l->dirty_since = since;
     idvec_push(&l->dirty, id);
   }
   idvec_clear(&l->flying);
@@ -313,6 +344,8 @@ static void flush_now(zm_life_t *l) {
     char *id = l->flying.ids[i];
     zm_index_service_t *s = zm_index_lookup_service(l->index, id, strlen(id));
     if (s == NULL || s->state != ZM_LEASE_LIVE || s->lease_pending_ms == 0) {
+      if (s != NULL)
+        s->queued = 0;
       free(id);
       continue;
     }
@@ -357,9 +390,13 @@ static void on_extended(int err, void *data) {
       s = zm_index_put_service(l->index, x->id, strlen(x->id), 0, x->ms, 0);
     if (s->state == ZM_LEASE_LIVE && x->ms > s->lease_expires_ms)
       s->lease_expires_ms = x->ms;
+    if (s->lease_pending_ms != 0 &&
+        s->lease_pending_ms <= s->lease_expires_ms && !s->queued)
+      s->lease_pending_ms = 0;
   } else if (err == ZM_E_NOT_FOUND) {
     /* the store is the truth: no live record */
-    if (s != NULL && s->state == ZM_LEASE_LIVE && s->lease_pending_ms == 0)
+    /* (ids on the flush lists are looked up again: removing is safe) */
+    if (s != NULL)
       zm_index_del_service(l->index, x->id, strlen(x->id));
   } else {
     err = ZM_E_UNAVAILABLE;
@@ -382,13 +419,9 @@ int zm_life_extend(zm_life_t *l, const char *id, zm_life_cb cb, void *data) {
    * this identity before the refresh is flushed (collection waits the
    * margin past the durable lease; flushes land within half of it). */
   if (s != NULL && s->lease_expires_ms > now && flush_window_ok(l)) {
-    if (s->lease_pending_ms == 0) {
-      if (l->dirty_since == 0)
-        l->dirty_since = mono_ms();
-      idvec_push(&l->dirty, id);
-    }
     if (lease > s->lease_pending_ms)
       s->lease_pending_ms = lease;
+    queue_refresh(l, s, id);
     l->stats.extend_fast++;
     return 0;
   }
@@ -474,8 +507,6 @@ static int seen_has(const zm_life_t *l, int64_t seq) {
   return 0;
 }
 
-static void on_changes_timer(uv_timer_t *t);
-
 static void on_changes(int err, const int64_t *seqs, const char *const *ids,
                        size_t n, void *data) {
   zm_life_t *l = data;
@@ -492,8 +523,17 @@ static void on_changes(int err, const int64_t *seqs, const char *const *ids,
     if (m - l->seen[i].seen_mono < 2 * CHANGES_LOOKBACK_MS)
       l->seen[k++] = l->seen[i];
   l->n_seen = k;
+  if (n >= CHANGES_BATCH) {
+    /* more changes than one read tracks: drop the whole cache rather than
+     * miss one; mappings come back from the store as they are asked for */
+    ZM_WARN("lifecycle: %zu+ mapping changes in the window: cache dropped", n);
+    zm_index_clear_managed(l->index);
+    l->epoch++;
+    l->n_seen = 0;
+    n = 0;
+  }
   for (size_t i = 0; i < n; i++) {
-    if (seqs[i] > l->changes_seq)
+    if (l->changes_seq == INT64_MAX || seqs[i] > l->changes_seq)
       l->changes_seq = seqs[i];
     if (seen_has(l, seqs[i]))
       continue;
@@ -506,12 +546,8 @@ static void on_changes(int err, const int64_t *seqs, const char *const *ids,
       l->stats.evicted++;
     l->epoch++;
   }
-  if (n < CHANGES_BATCH) {
-    l->changes_ok_mono = m;
-    l->changes_ok_store = zm_life_now(l);
-  } else if (!l->stopping) {
-    uv_timer_start(&l->changes_timer, on_changes_timer, 0, CHANGES_MS);
-  }
+  l->changes_ok_mono = m;
+  l->changes_ok_store = l->changes_sent_store;
   life_dec(l);
 }
 
@@ -521,6 +557,7 @@ static void on_changes_timer(uv_timer_t *t) {
     return;
   l->changes_inflight = 1;
   l->inflight++;
+  l->changes_sent_store = zm_life_now(l);
   zm_store_changes(l->store, l->changes_seq,
                    l->changes_ok_store - CHANGES_LOOKBACK_MS, CHANGES_BATCH,
                    on_changes, l);
@@ -609,7 +646,7 @@ void zm_life_commit_service(zm_life_t *l, const char *name, const char *id,
                    .service_type = service_type,
                    .lease_expires_ms = u->lease,
                    .created_at_ms = now}},
-      {.kind = ZM_STORE_DEL_PENDING, .name = name},
+      {.kind = ZM_STORE_TAKE_PENDING, .name = name},
   };
   zm_store_submit(l->store, ops, 2, on_unit, u);
 }
@@ -622,9 +659,11 @@ void zm_life_commit_managed(zm_life_t *l, const char *name,
   u->type = row->identity_type;
   u->id = zm_xstrdup(row->ziti_identity_id);
   u->identity_id = zm_xstrdup(row->identity_id);
+  /* TAKE: if recovery resolved the creation meanwhile (a commit later than
+   * every bound), the unit fails instead of recording a doomed identity */
   zm_store_op_t ops[2] = {
       {.kind = ZM_STORE_PUT_MANAGED, .managed = *row},
-      {.kind = ZM_STORE_DEL_PENDING, .name = name},
+      {.kind = ZM_STORE_TAKE_PENDING, .name = name},
   };
   ops[0].managed.created_at_ms = zm_life_now(l);
   zm_store_submit(l->store, ops, 2, on_unit, u);
@@ -652,6 +691,10 @@ static void on_buried(int err, void *data) {
             u->id, zm_strerror(err));
   else
     trace(ZM_LIFE_T_BURY, u->id);
+  zm_index_service_t *s =
+      zm_index_lookup_service(u->l->index, u->id, strlen(u->id));
+  if (s != NULL && s->state == ZM_LEASE_DELETING)
+    zm_index_del_service(u->l->index, u->id, strlen(u->id));
   u->l->stats.deleted++;
   unit_done(u, 0);
 }
@@ -786,6 +829,7 @@ zm_life_t *zm_life_new(uv_loop_t *loop, zm_store_t *store, zm_index_t *index,
   if (l->cfg.flush_ms == 0)
     l->cfg.flush_ms = 1; /* "0" = as often as the loop allows */
   l->shared = zm_store_shared(store);
+  l->changes_seq = INT64_MAX;
   uv_timer_init(loop, &l->beat_timer);
   uv_timer_init(loop, &l->flush_timer);
   l->beat_timer.data = l->flush_timer.data = l;

@@ -200,6 +200,12 @@ void zm_index_free(zm_index_t *ix) {
   free(ix);
 }
 
+void zm_index_clear_managed(zm_index_t *ix) {
+  size_t len_off = ix->managed.len_off;
+  table_dispose(&ix->managed);
+  table_init(&ix->managed, len_off);
+}
+
 void zm_index_put_managed(zm_index_t *ix, const char *zid, size_t zid_len,
                           const char *identity_id, size_t identity_id_len,
                           int identity_type, int64_t created_at_ms) {
@@ -274,6 +280,7 @@ zm_index_service_t *zm_index_put_service(zm_index_t *ix, const char *zid,
   n->pub.state = ZM_LEASE_LIVE;
   n->pub.lease_expires_ms = lease_expires_ms;
   n->pub.lease_pending_ms = 0;
+  n->pub.queued = 0;
   n->pub.created_at_ms = created_at_ms;
   return &n->pub;
 }

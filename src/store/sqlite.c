@@ -1,5 +1,7 @@
 /*
- * sqlite.c - the SQLite backend of zm_store (include/zm/store.h).
+ * sqlite.c - the SQLite backend of zm_store (include/zm/store.h), exported
+ * as zm__sqlite_vt (store.c dispatches to it). Not shared: this process is
+ * the store's only writer, so zm_store_changes has nothing to report.
  *
  * Threads. The connection belongs to one thread at a time: the loop thread
  * at open, load and close (when no batch is in flight), otherwise one
@@ -9,18 +11,22 @@
  * one condvar and one uv_async:
  *
  *   loop: submit -> queue -> uv_prepare (before the loop blocks) -> dispatch
- *         batch -> worker: BEGIN; per unit SAVEPOINT/ops/RELEASE; reads; COMMIT
- *         -> done + uv_async_send -> loop: every callback, in submission order
+ *         batch -> worker: BEGIN; per unit SAVEPOINT/ops/RELEASE; reads;
+ *         claims; COMMIT -> done + uv_async_send -> loop: every callback, in
+ *         submission order
  *
- * Only one batch is in flight; what is submitted meanwhile waits in the queue
- * and forms the next batch (at most MAX_BATCH_ITEMS per transaction; the rest
- * chains into the following ones). Callbacks never run inside the call that
- * queued them: they run from on_async (or from zm_store_close).
+ * Claims and heartbeats are writes: they run inside the group transaction
+ * like units, so their results are durable before their callbacks fire (and
+ * a failed group fails them too). Only one batch is in flight; what is
+ * submitted meanwhile waits in the queue and forms the next batch (at most
+ * MAX_BATCH_ITEMS per transaction; the rest chains into the following ones).
+ * Callbacks never run inside the call that queued them: they run from
+ * on_async (or from close).
  *
  * Handles. The uv_prepare and uv_async live in a block of their own that is
- * freed by their close callbacks, so zm_store_close can free the store at
- * once; the caller lets the loop run (uv_run NOWAIT or DEFAULT) afterwards so
- * those close callbacks fire before uv_loop_close. The async handle is
+ * freed by their close callbacks, so close can free the store at once; the
+ * caller lets the loop run (uv_run NOWAIT or DEFAULT) afterwards so those
+ * close callbacks fire before uv_loop_close. The async handle is
  * unreferenced except while a batch is in flight, so an idle store never
  * keeps uv_run alive.
  */
@@ -48,8 +54,19 @@
  * random-key writes walk (about 1% of a million-row table); a bigger cache
  * mostly holds leaf pages of the start-up scan and costs RSS. */
 #define CACHE_PRAGMA "PRAGMA cache_size=-4096"
+/* claimed_until of a row nobody holds. */
+#define UNCLAIMED "'1970-01-01 00:00:00.000'"
 
 /* ==== prepared statements ============================================== */
+
+#define MANAGED_COLS                                                           \
+  "ziti_identity_id, identity_id, identity_type, created_at,"                  \
+  " ziti_service_id, workload_id, agent_id, environment_id"
+#define PENDING_COLS                                                           \
+  "name, kind, type, ziti_identity_id, agent_id, created_at, resolve_after"
+#define TOMB_COLS                                                              \
+  "ziti_identity_id, kind, type, attempts, next_try_at, claimed_until,"        \
+  " created_at"
 
 #define STMTS(X)                                                               \
   X(BEGIN, "BEGIN")                                                            \
@@ -59,40 +76,72 @@
   X(SAVEPOINT, "SAVEPOINT u")                                                  \
   X(RELEASE, "RELEASE u")                                                      \
   X(ROLLBACK_TO, "ROLLBACK TO u")                                              \
-  X(PUT_MANAGED, "INSERT OR REPLACE INTO managed_identities(ziti_identity_id," \
-                 " identity_id, identity_type, created_at) VALUES(?,?,?,?)")   \
-  X(DEL_MANAGED, "DELETE FROM managed_identities WHERE ziti_identity_id=?")    \
+  X(PUT_MANAGED, "INSERT OR REPLACE INTO managed_identities(" MANAGED_COLS     \
+                 ") VALUES(?,?,?,?,?,?,?,?)")                                  \
+  X(RETIRE_MANAGED, "DELETE FROM managed_identities WHERE ziti_identity_id=?"  \
+                    " RETURNING identity_type")                                \
   X(PUT_SERVICE, "INSERT OR REPLACE INTO service_identities(ziti_identity_id," \
                  " service_type, lease_expires_at, created_at)"                \
                  " VALUES(?,?,?,?)")                                           \
-  X(EXTEND_LEASE, "UPDATE service_identities SET lease_expires_at=?"           \
-                  " WHERE ziti_identity_id=?")                                 \
-  X(DEL_SERVICE_IF, "DELETE FROM service_identities WHERE ziti_identity_id=?"  \
-                    " AND lease_expires_at<=?")                                \
-  X(DEL_SERVICE, "DELETE FROM service_identities WHERE ziti_identity_id=?")    \
-  X(PUT_PENDING, "INSERT INTO pending_identities(name, kind, type,"            \
-                 " ziti_identity_id, created_at) VALUES(?,?,?,?,?)")           \
+  X(EXTEND_LEASE, "UPDATE service_identities"                                  \
+                  " SET lease_expires_at=max(lease_expires_at, ?1)"            \
+                  " WHERE ziti_identity_id=?2")                                \
+  /* FLUSH_LEASES: a row whose lease is not raised is not rewritten */         \
+  X(RAISE_LEASE, "UPDATE service_identities SET lease_expires_at=?1"           \
+                 " WHERE ziti_identity_id=?2 AND lease_expires_at<?1")         \
+  X(RETIRE_SERVICE_IF, "DELETE FROM service_identities"                        \
+                       " WHERE ziti_identity_id=?1 AND lease_expires_at<=?2"   \
+                       " RETURNING service_type")                              \
+  X(RETIRE_SERVICE, "DELETE FROM service_identities WHERE ziti_identity_id=?"  \
+                    " RETURNING service_type")                                 \
+  X(PUT_PENDING, "INSERT INTO pending_identities(" PENDING_COLS                \
+                 ", claimed_until) VALUES(?,?,?,?,?,?,?," UNCLAIMED ")")       \
   X(SET_PENDING_ID, "UPDATE pending_identities SET ziti_identity_id=?"         \
                     " WHERE name=?")                                           \
   X(DEL_PENDING, "DELETE FROM pending_identities WHERE name=?")                \
-  X(LIST_MANAGED, "SELECT ziti_identity_id, identity_id, identity_type,"       \
-                  " created_at FROM managed_identities"                        \
+  /* A tombstone made from a live row replaces a stale one for the id */       \
+  X(TOMB_FROM_LIVE, "INSERT OR REPLACE INTO deleting_identities(" TOMB_COLS    \
+                    ") VALUES(?,?,?,?,?,?,?)")                                 \
+  X(PUT_TOMB, "INSERT INTO deleting_identities(" TOMB_COLS ")"                 \
+              " VALUES(?,?,?,?,?,?,?)"                                         \
+              " ON CONFLICT(ziti_identity_id) DO NOTHING")                     \
+  X(DEL_TOMB, "DELETE FROM deleting_identities WHERE ziti_identity_id=?")      \
+  X(DEFER_TOMB,                                                                \
+    "UPDATE deleting_identities SET attempts=attempts+1,"                      \
+    " next_try_at=?1, claimed_until=" UNCLAIMED " WHERE ziti_identity_id=?2")  \
+  X(LIST_MANAGED, "SELECT " MANAGED_COLS " FROM managed_identities"            \
                   " WHERE ziti_identity_id>?1 AND (?2=0 OR identity_type=?2)"  \
                   " ORDER BY ziti_identity_id LIMIT ?3")                       \
-  X(LIST_EXPIRED, "SELECT ziti_identity_id, service_type, lease_expires_at,"   \
-                  " created_at FROM service_identities"                        \
-                  " WHERE lease_expires_at<=?1 AND lease_expires_at>=?2"       \
-                  " AND (lease_expires_at>?2 OR ziti_identity_id>?3)"          \
-                  " ORDER BY lease_expires_at, ziti_identity_id LIMIT ?4")     \
-  X(LIST_PENDING, "SELECT name, kind, type, ziti_identity_id, created_at"      \
-                  " FROM pending_identities WHERE created_at<=?1"              \
-                  " ORDER BY created_at, name LIMIT ?2")                       \
-  X(LOAD_MANAGED, "SELECT ziti_identity_id, identity_id, identity_type,"       \
-                  " created_at FROM managed_identities")                       \
+  X(GET_MANAGED, "SELECT " MANAGED_COLS " FROM managed_identities"             \
+                 " WHERE ziti_identity_id=?1")                                 \
+  X(SEL_EXPIRED, "SELECT ziti_identity_id, service_type"                       \
+                 " FROM service_identities WHERE lease_expires_at<=?1"         \
+                 " ORDER BY lease_expires_at, ziti_identity_id LIMIT ?2")      \
+  X(DEL_SERVICE, "DELETE FROM service_identities WHERE ziti_identity_id=?")    \
+  X(SEL_TOMBS, "SELECT ziti_identity_id, kind, type, attempts, next_try_at,"   \
+               " created_at FROM deleting_identities"                          \
+               " WHERE next_try_at<=?1 AND claimed_until<=?1"                  \
+               " ORDER BY next_try_at, ziti_identity_id LIMIT ?2")             \
+  X(CLAIM_TOMB, "UPDATE deleting_identities SET claimed_until=?1"              \
+                " WHERE ziti_identity_id=?2")                                  \
+  X(SEL_PENDING, "SELECT " PENDING_COLS " FROM pending_identities"             \
+                 " WHERE resolve_after<=?1 AND claimed_until<=?1"              \
+                 " ORDER BY created_at, name LIMIT ?2")                        \
+  X(CLAIM_PENDING, "UPDATE pending_identities SET claimed_until=?1"            \
+                   " WHERE name=?2")                                           \
+  /* In DO UPDATE, bare column names are the existing row's values */          \
+  /* A beat further than the gap AHEAD of now is a clock stepped back: as      \
+   * much a reason to restart every lease as a silence. */                     \
+  X(BEAT, "INSERT INTO service_clock(id, last_beat, resumed_at)"               \
+          " VALUES(1, ?1, ?1) ON CONFLICT(id) DO UPDATE SET"                   \
+          " resumed_at=CASE WHEN last_beat<?2 OR last_beat>?3 THEN ?1"         \
+          " ELSE resumed_at END,"                                              \
+          " last_beat=CASE WHEN last_beat>?3 THEN ?1"                          \
+          " ELSE max(last_beat, ?1) END RETURNING resumed_at")                 \
+  X(LOAD_MANAGED, "SELECT " MANAGED_COLS " FROM managed_identities")           \
   X(LOAD_SERVICE, "SELECT ziti_identity_id, service_type, lease_expires_at,"   \
                   " created_at FROM service_identities")                       \
-  X(LOAD_PENDING, "SELECT name, kind, type, ziti_identity_id, created_at"      \
-                  " FROM pending_identities")
+  X(LOAD_PENDING, "SELECT " PENDING_COLS " FROM pending_identities")
 
 enum {
 #define X(name, sql) S_##name,
@@ -109,11 +158,27 @@ static const char *const STMT_SQL[S__COUNT] = {
 
 /* ==== queued work ======================================================== */
 
-enum { ITEM_UNIT, ITEM_LIST_MANAGED, ITEM_LIST_EXPIRED, ITEM_LIST_PENDING };
+enum {
+  ITEM_UNIT,
+  ITEM_LIST_MANAGED,
+  ITEM_GET_MANAGED,
+  ITEM_CLAIM_EXPIRED,
+  ITEM_CLAIM_TOMBS,
+  ITEM_CLAIM_PENDING,
+  ITEM_BEAT,
+  ITEM_CHANGES,
+};
 
-/* One unit or one read, in one allocation with its copied ops and strings.
- * Read results are built by the worker (rows + the strings they point to)
- * and freed after the callback. */
+/* Items that write (the batch takes the write lock up front for them). */
+static int item_writes(int kind) {
+  return kind == ITEM_UNIT || kind == ITEM_CLAIM_EXPIRED ||
+         kind == ITEM_CLAIM_TOMBS || kind == ITEM_CLAIM_PENDING ||
+         kind == ITEM_BEAT;
+}
+
+/* One unit, read or claim, in one allocation with its copied ops, arrays and
+ * strings. Results are built by the worker (rows + the strings they point
+ * to) and freed after the callback. */
 typedef struct item {
   struct item *next;
   int kind; /* ITEM_* */
@@ -122,15 +187,20 @@ typedef struct item {
   union {
     zm_store_cb unit;
     zm_store_managed_list_cb managed;
-    zm_store_service_list_cb service;
+    zm_store_tomb_list_cb tomb;
     zm_store_pending_list_cb pending;
+    zm_store_beat_cb beat;
+    zm_store_changes_cb changes;
   } cb;
   zm_store_op_t *ops; /* ITEM_UNIT: nops copies, in this block */
   size_t nops;
-  int type;        /* LIST_MANAGED: identity type, 0 = any */
-  int64_t t1, t2;  /* LIST_EXPIRED: now, after; LIST_PENDING: older_than */
-  const char *key; /* LIST_*: cursor id, in this block, "" = start */
-  size_t limit;    /* LIST_*: max rows */
+  int type; /* LIST_MANAGED: identity type, 0 = any */
+  /* CLAIM_EXPIRED: cut, now, claim_until; CLAIM_TOMBS/PENDING: now,
+   * claim_until; BEAT: local now, gap */
+  int64_t t1, t2, t3;
+  int64_t out_ms;  /* BEAT: resumed_at */
+  const char *key; /* LIST_MANAGED: cursor id; GET_MANAGED: the id */
+  size_t limit;    /* max rows */
   void *rows;      /* result rows (malloc), nrows of them */
   size_t nrows;
   char *strs; /* result strings the rows point into (malloc) */
@@ -138,12 +208,13 @@ typedef struct item {
 
 typedef struct {
   item_t *head, *tail;
-  size_t items, units;
+  size_t items, units, writes;
 } itemq_t;
 
 typedef struct handles handles_t;
 
-struct zm_store {
+typedef struct sq_store {
+  zm_store_t base; /* first: zm_store_t * <-> sq_store_t * */
   uv_loop_t *loop;
   sqlite3 *db;
   char *path; /* owned, for log lines */
@@ -171,12 +242,12 @@ struct zm_store {
   uv_thread_t ckpt_thread;
   uv_cond_t ckpt_cond;
   int ckpt_stop;
-};
+} sq_store_t;
 
 struct handles {
   uv_prepare_t prepare;
   uv_async_t async;
-  zm_store_t *st; /* NULL once the store is closed */
+  sq_store_t *st; /* NULL once the store is closed */
   int open;       /* handles not yet closed */
 };
 
@@ -185,6 +256,7 @@ static void on_async(uv_async_t *a);
 static void on_handle_closed(uv_handle_t *hd);
 static void worker_main(void *arg);
 static void ckpt_main(void *arg);
+static void kick(sq_store_t *st);
 
 static void q_push(itemq_t *q, item_t *it) {
   it->next = NULL;
@@ -195,6 +267,7 @@ static void q_push(itemq_t *q, item_t *it) {
   q->tail = it;
   q->items++;
   q->units += it->kind == ITEM_UNIT;
+  q->writes += item_writes(it->kind);
 }
 
 /* Moves up to MAX_BATCH_ITEMS items from q to out (empty). */
@@ -205,6 +278,7 @@ static void q_take(itemq_t *q, itemq_t *out) {
     q->head = it->next;
     q->items--;
     q->units -= it->kind == ITEM_UNIT;
+    q->writes -= item_writes(it->kind);
     q_push(out, it);
   }
   if (q->head == NULL)
@@ -213,12 +287,13 @@ static void q_take(itemq_t *q, itemq_t *out) {
 
 /* ==== worker side: running a batch ======================================== */
 
-static void log_db(const zm_store_t *st, const char *what) {
+static void log_db(const sq_store_t *st, const char *what) {
   ZM_ERROR("store %s: %s: %s", st->path, what, sqlite3_errmsg(st->db));
 }
 
 /* Steps s once, resets it and drops its bindings (so stack buffers bound
- * SQLITE_STATIC are never referenced afterwards). Returns the step code. */
+ * SQLITE_STATIC are never referenced afterwards). Returns the step code.
+ * A DELETE/INSERT ... RETURNING makes all its changes at the first step. */
 static int step_once(sqlite3_stmt *s) {
   int rc = sqlite3_step(s);
   sqlite3_reset(s);
@@ -226,7 +301,7 @@ static int step_once(sqlite3_stmt *s) {
   return rc;
 }
 
-static int exec_stmt(zm_store_t *st, int which, const char *what) {
+static int exec_stmt(sq_store_t *st, int which, const char *what) {
   int rc = step_once(st->stmt[which]);
   if (rc != SQLITE_DONE) {
     log_db(st, what);
@@ -250,8 +325,8 @@ static void bind_time(sqlite3_stmt *s, int i, int64_t ms,
 
 /* Maps a write's step code: 0, ZM_E_INVAL (a constraint: the caller passed
  * NULL for a NOT NULL column), or ZM_E_STORE (the group must fail). */
-static int write_result(zm_store_t *st, int rc, const char *what) {
-  if (rc == SQLITE_DONE)
+static int write_result(sq_store_t *st, int rc, const char *what) {
+  if (rc == SQLITE_DONE || rc == SQLITE_ROW)
     return 0;
   if ((rc & 0xff) == SQLITE_CONSTRAINT) {
     ZM_WARN("store %s: %s: %s", st->path, what, sqlite3_errmsg(st->db));
@@ -261,8 +336,62 @@ static int write_result(zm_store_t *st, int rc, const char *what) {
   return ZM_E_STORE;
 }
 
-static int run_op(zm_store_t *st, const zm_store_op_t *op) {
-  char t1[ZM__STORE_TIME_BUF], t2[ZM__STORE_TIME_BUF];
+/* Inserts a tombstone (statement which: TOMB_FROM_LIVE or PUT_TOMB). */
+static int put_tomb(sq_store_t *st, int which, const char *id, int kind,
+                    int type, int attempts, int64_t next_try_ms,
+                    int64_t claim_until_ms, int64_t created_ms) {
+  char t1[ZM__STORE_TIME_BUF], t2[ZM__STORE_TIME_BUF], t3[ZM__STORE_TIME_BUF];
+  sqlite3_stmt *s = st->stmt[which];
+  bind_str(s, 1, id);
+  sqlite3_bind_int(s, 2, kind);
+  sqlite3_bind_int(s, 3, type);
+  sqlite3_bind_int(s, 4, attempts);
+  bind_time(s, 5, next_try_ms, t1);
+  bind_time(s, 6, claim_until_ms, t2);
+  bind_time(s, 7, created_ms, t3);
+  return write_result(st, step_once(s), "put tombstone");
+}
+
+/* LIVE -> DELETING: s is a bound DELETE ... RETURNING type. */
+static int retire(sq_store_t *st, sqlite3_stmt *s, const zm_store_op_t *op,
+                  int tomb_kind) {
+  int rc = sqlite3_step(s);
+  int type = rc == SQLITE_ROW ? sqlite3_column_int(s, 0) : 0;
+  sqlite3_reset(s);
+  sqlite3_clear_bindings(s);
+  int err = write_result(st, rc, "retire");
+  if (err != 0)
+    return err;
+  if (rc != SQLITE_ROW)
+    return ZM_E_NOT_FOUND;
+  if (type == 0)
+    type = op->tomb.type;
+  return put_tomb(st, S_TOMB_FROM_LIVE, op->id,
+                  op->tomb.kind ? op->tomb.kind : tomb_kind, type, 0,
+                  op->tomb.next_try_ms, op->ms, op->tomb.created_at_ms);
+}
+
+static int flush_leases(sq_store_t *st, const zm_store_op_t *op) {
+  char t[ZM__STORE_TIME_BUF];
+  sqlite3_stmt *s = st->stmt[S_RAISE_LEASE];
+  for (size_t i = 0; i < op->n; i++) {
+    if (op->ids[i] == NULL)
+      continue;
+    bind_time(s, 1, op->mss[i], t);
+    sqlite3_bind_text(s, 2, op->ids[i], -1, SQLITE_STATIC);
+    int rc = sqlite3_step(s);
+    sqlite3_reset(s);
+    if (rc != SQLITE_DONE) {
+      sqlite3_clear_bindings(s);
+      return write_result(st, rc, "flush leases");
+    }
+  }
+  sqlite3_clear_bindings(s);
+  return 0;
+}
+
+static int run_op(sq_store_t *st, const zm_store_op_t *op) {
+  char t1[ZM__STORE_TIME_BUF], t2[ZM__STORE_TIME_BUF], t3[ZM__STORE_TIME_BUF];
   sqlite3_stmt *s;
   int rc;
   switch (op->kind) {
@@ -272,11 +401,11 @@ static int run_op(zm_store_t *st, const zm_store_op_t *op) {
     bind_str(s, 2, op->managed.identity_id);
     sqlite3_bind_int(s, 3, op->managed.identity_type);
     bind_time(s, 4, op->managed.created_at_ms, t1);
+    bind_str(s, 5, op->managed.ziti_service_id);
+    bind_str(s, 6, op->managed.workload_id);
+    bind_str(s, 7, op->managed.agent_id);
+    bind_str(s, 8, op->managed.environment_id);
     return write_result(st, step_once(s), "put managed");
-  case ZM_STORE_DEL_MANAGED:
-    s = st->stmt[S_DEL_MANAGED];
-    bind_str(s, 1, op->id);
-    return write_result(st, step_once(s), "delete managed");
   case ZM_STORE_PUT_SERVICE:
     s = st->stmt[S_PUT_SERVICE];
     bind_str(s, 1, op->service.ziti_identity_id);
@@ -291,24 +420,19 @@ static int run_op(zm_store_t *st, const zm_store_op_t *op) {
     if ((rc = write_result(st, step_once(s), "extend lease")) != 0)
       return rc;
     return sqlite3_changes(st->db) == 0 ? ZM_E_NOT_FOUND : 0;
-  case ZM_STORE_DEL_SERVICE:
-    if (op->ms == INT64_MAX) {
-      s = st->stmt[S_DEL_SERVICE];
-      bind_str(s, 1, op->id);
-    } else {
-      s = st->stmt[S_DEL_SERVICE_IF];
-      bind_str(s, 1, op->id);
-      bind_time(s, 2, op->ms, t1);
-    }
-    return write_result(st, step_once(s), "delete service");
+  case ZM_STORE_FLUSH_LEASES:
+    return flush_leases(st, op);
   case ZM_STORE_PUT_PENDING:
     s = st->stmt[S_PUT_PENDING];
     bind_str(s, 1, op->pending.name);
     sqlite3_bind_int(s, 2, op->pending.kind);
     sqlite3_bind_int(s, 3, op->pending.type);
     bind_str(s, 4, op->pending.ziti_identity_id);
-    bind_time(s, 5, op->pending.created_at_ms, t1);
+    bind_str(s, 5, op->pending.agent_id);
+    bind_time(s, 6, op->pending.created_at_ms, t1);
+    bind_time(s, 7, op->pending.resolve_after_ms, t2);
     rc = step_once(s);
+    /* the name (primary key), or the agent (unique among pending rows) */
     if (rc == SQLITE_CONSTRAINT_PRIMARYKEY || rc == SQLITE_CONSTRAINT_UNIQUE)
       return ZM_E_EXISTS;
     return write_result(st, rc, "put pending");
@@ -320,19 +444,57 @@ static int run_op(zm_store_t *st, const zm_store_op_t *op) {
       return rc;
     return sqlite3_changes(st->db) == 0 ? ZM_E_NOT_FOUND : 0;
   case ZM_STORE_DEL_PENDING:
+  case ZM_STORE_TAKE_PENDING:
     s = st->stmt[S_DEL_PENDING];
     bind_str(s, 1, op->name);
-    return write_result(st, step_once(s), "delete pending");
+    if ((rc = write_result(st, step_once(s), "delete pending")) != 0)
+      return rc;
+    return op->kind == ZM_STORE_TAKE_PENDING && sqlite3_changes(st->db) == 0
+               ? ZM_E_NOT_FOUND
+               : 0;
+  case ZM_STORE_RETIRE_MANAGED:
+    s = st->stmt[S_RETIRE_MANAGED];
+    bind_str(s, 1, op->id);
+    return retire(st, s, op, ZM_TOMB_MANAGED);
+  case ZM_STORE_RETIRE_SERVICE:
+    if (op->ms2 == INT64_MAX) {
+      s = st->stmt[S_RETIRE_SERVICE];
+      bind_str(s, 1, op->id);
+    } else {
+      s = st->stmt[S_RETIRE_SERVICE_IF];
+      bind_str(s, 1, op->id);
+      bind_time(s, 2, op->ms2, t3);
+    }
+    return retire(st, s, op, ZM_TOMB_SERVICE);
+  case ZM_STORE_PUT_TOMB:
+    return put_tomb(st, S_PUT_TOMB, op->tomb.ziti_identity_id, op->tomb.kind,
+                    op->tomb.type, op->tomb.attempts, op->tomb.next_try_ms,
+                    op->ms, op->tomb.created_at_ms);
+  case ZM_STORE_DEL_TOMB:
+    s = st->stmt[S_DEL_TOMB];
+    bind_str(s, 1, op->id);
+    return write_result(st, step_once(s), "delete tombstone");
+  case ZM_STORE_DEFER_TOMB:
+    s = st->stmt[S_DEFER_TOMB];
+    bind_time(s, 1, op->ms, t1);
+    bind_str(s, 2, op->id);
+    return write_result(st, step_once(s), "defer tombstone");
   }
   ZM_WARN("store %s: unknown op kind %d", st->path, (int)op->kind);
   return ZM_E_INVAL;
 }
 
+/* Ops that are one statement, atomic on their own. (FLUSH_LEASES is many,
+ * but it can only fail with ZM_E_STORE, which loses the whole group.) */
+static int op_is_atomic(zm_store_op_kind_t k) {
+  return k != ZM_STORE_RETIRE_MANAGED && k != ZM_STORE_RETIRE_SERVICE;
+}
+
 /* Runs one unit inside SAVEPOINT u. Sets it->err to 0 or the unit's own
  * failure (rolled back to the savepoint). Returns ZM_E_STORE if the whole
  * transaction is lost, else 0. */
-static int run_unit(zm_store_t *st, item_t *it) {
-  if (it->nops == 1) {
+static int run_unit(sq_store_t *st, item_t *it) {
+  if (it->nops == 1 && op_is_atomic(it->ops[0].kind)) {
     /* One statement is atomic on its own (SQLite rolls a failed statement
      * back), so a one-op unit needs no savepoint: two fewer statements per
      * ExtendIdentityLease, the hottest write. */
@@ -401,99 +563,95 @@ static int64_t limit_arg(size_t limit) {
   return limit > (size_t)INT64_MAX ? INT64_MAX : (int64_t)limit;
 }
 
-/* Runs one read; rows go to it->rows / it->strs. Returns 0 or ZM_E_STORE. */
-static int run_read(zm_store_t *st, item_t *it) {
-  char t1[ZM__STORE_TIME_BUF], t2[ZM__STORE_TIME_BUF];
-  sqlite3_stmt *s;
-  size_t rowsz;
-  switch (it->kind) {
+/* Strings per result row, at most. */
+#define ROW_STRS 6
+
+/* Fills row r from the current result row of s; string columns are recorded
+ * as arena offsets in offs[ROW_STRS] (pointers once the arena stops). */
+static void fill_row(int kind, void *row, sqlite3_stmt *s, arena_t *a,
+                     size_t *offs) {
+  switch (kind) {
   case ITEM_LIST_MANAGED:
-    s = st->stmt[S_LIST_MANAGED];
-    sqlite3_bind_text(s, 1, it->key, -1, SQLITE_STATIC);
-    sqlite3_bind_int(s, 2, it->type);
-    sqlite3_bind_int64(s, 3, limit_arg(it->limit));
-    rowsz = sizeof(zm_managed_row_t);
+  case ITEM_GET_MANAGED: {
+    zm_managed_row_t *r = row;
+    offs[0] = arena_col(a, s, 0);
+    offs[1] = arena_col(a, s, 1);
+    r->identity_type = sqlite3_column_int(s, 2);
+    r->created_at_ms = col_time(s, 3);
+    for (int k = 0; k < 4; k++)
+      offs[2 + k] = arena_col(a, s, 4 + k);
     break;
-  case ITEM_LIST_EXPIRED:
-    s = st->stmt[S_LIST_EXPIRED];
-    bind_time(s, 1, it->t1, t1);
-    if (it->key[0] == '\0')
-      sqlite3_bind_text(s, 2, "", 0, SQLITE_STATIC);
-    else
-      bind_time(s, 2, it->t2, t2);
-    sqlite3_bind_text(s, 3, it->key, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(s, 4, limit_arg(it->limit));
-    rowsz = sizeof(zm_service_row_t);
+  }
+  case ITEM_CLAIM_EXPIRED: { /* ziti_identity_id, service_type */
+    zm_tomb_row_t *r = row;
+    offs[0] = arena_col(a, s, 0);
+    r->kind = ZM_TOMB_SERVICE;
+    r->type = sqlite3_column_int(s, 1);
+    r->attempts = 0;
     break;
+  }
+  case ITEM_CLAIM_TOMBS: {
+    zm_tomb_row_t *r = row;
+    offs[0] = arena_col(a, s, 0);
+    r->kind = sqlite3_column_int(s, 1);
+    r->type = sqlite3_column_int(s, 2);
+    r->attempts = sqlite3_column_int(s, 3);
+    r->next_try_ms = col_time(s, 4);
+    r->created_at_ms = col_time(s, 5);
+    break;
+  }
+  default: { /* ITEM_CLAIM_PENDING */
+    zm_pending_row_t *r = row;
+    offs[0] = arena_col(a, s, 0);
+    r->kind = sqlite3_column_int(s, 1);
+    r->type = sqlite3_column_int(s, 2);
+    offs[1] = arena_col(a, s, 3);
+    offs[2] = arena_col(a, s, 4);
+    r->created_at_ms = col_time(s, 5);
+    r->resolve_after_ms = col_time(s, 6);
+    break;
+  }
+  }
+}
+
+static void fix_row(int kind, void *row, const arena_t *a, const size_t *offs) {
+  switch (kind) {
+  case ITEM_LIST_MANAGED:
+  case ITEM_GET_MANAGED: {
+    zm_managed_row_t *r = row;
+    r->ziti_identity_id = arena_str(a, offs[0]);
+    r->identity_id = arena_str(a, offs[1]);
+    r->ziti_service_id = arena_str(a, offs[2]);
+    r->workload_id = arena_str(a, offs[3]);
+    r->agent_id = arena_str(a, offs[4]);
+    r->environment_id = arena_str(a, offs[5]);
+    break;
+  }
+  case ITEM_CLAIM_EXPIRED:
+  case ITEM_CLAIM_TOMBS:
+    ((zm_tomb_row_t *)row)->ziti_identity_id = arena_str(a, offs[0]);
+    break;
+  default: {
+    zm_pending_row_t *r = row;
+    r->name = arena_str(a, offs[0]);
+    r->ziti_identity_id = arena_str(a, offs[1]);
+    r->agent_id = arena_str(a, offs[2]);
+    break;
+  }
+  }
+}
+
+static size_t row_size(int kind) {
+  switch (kind) {
+  case ITEM_LIST_MANAGED:
+  case ITEM_GET_MANAGED:
+    return sizeof(zm_managed_row_t);
+  case ITEM_CLAIM_EXPIRED:
+  case ITEM_CLAIM_TOMBS:
+    return sizeof(zm_tomb_row_t);
   default:
-    s = st->stmt[S_LIST_PENDING];
-    bind_time(s, 1, it->t1, t1);
-    sqlite3_bind_int64(s, 2, limit_arg(it->limit));
-    rowsz = sizeof(zm_pending_row_t);
-    break;
+    return sizeof(zm_pending_row_t);
   }
-  arena_t a = {0};
-  size_t n = 0, cap = 0;
-  char *rows = NULL;
-  size_t *offs = NULL; /* two string offsets per row */
-  int rc;
-  while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-    if (n == cap) {
-      cap = cap ? cap * 2 : 16;
-      rows = zm_xrealloc(rows, cap * rowsz);
-      offs = zm_xrealloc(offs, cap * 2 * sizeof *offs);
-    }
-    if (it->kind == ITEM_LIST_MANAGED) {
-      zm_managed_row_t *r = (zm_managed_row_t *)(void *)(rows + n * rowsz);
-      offs[2 * n] = arena_col(&a, s, 0);
-      offs[2 * n + 1] = arena_col(&a, s, 1);
-      r->identity_type = sqlite3_column_int(s, 2);
-      r->created_at_ms = col_time(s, 3);
-    } else if (it->kind == ITEM_LIST_EXPIRED) {
-      zm_service_row_t *r = (zm_service_row_t *)(void *)(rows + n * rowsz);
-      offs[2 * n] = arena_col(&a, s, 0);
-      offs[2 * n + 1] = 0;
-      r->service_type = sqlite3_column_int(s, 1);
-      r->lease_expires_ms = col_time(s, 2);
-      r->created_at_ms = col_time(s, 3);
-    } else {
-      zm_pending_row_t *r = (zm_pending_row_t *)(void *)(rows + n * rowsz);
-      offs[2 * n] = arena_col(&a, s, 0);
-      r->kind = sqlite3_column_int(s, 1);
-      r->type = sqlite3_column_int(s, 2);
-      offs[2 * n + 1] = arena_col(&a, s, 3);
-      r->created_at_ms = col_time(s, 4);
-    }
-    n++;
-  }
-  sqlite3_reset(s);
-  sqlite3_clear_bindings(s);
-  if (rc != SQLITE_DONE) {
-    log_db(st, "list");
-    free(rows);
-    free(offs);
-    free(a.buf);
-    return ZM_E_STORE;
-  }
-  /* The arena has stopped moving: turn offsets into pointers. */
-  for (size_t i = 0; i < n; i++) {
-    void *r = rows + i * rowsz;
-    if (it->kind == ITEM_LIST_MANAGED) {
-      ((zm_managed_row_t *)r)->ziti_identity_id = arena_str(&a, offs[2 * i]);
-      ((zm_managed_row_t *)r)->identity_id = arena_str(&a, offs[2 * i + 1]);
-    } else if (it->kind == ITEM_LIST_EXPIRED) {
-      ((zm_service_row_t *)r)->ziti_identity_id = arena_str(&a, offs[2 * i]);
-    } else {
-      ((zm_pending_row_t *)r)->name = arena_str(&a, offs[2 * i]);
-      ((zm_pending_row_t *)r)->ziti_identity_id =
-          arena_str(&a, offs[2 * i + 1]);
-    }
-  }
-  free(offs);
-  it->rows = rows;
-  it->nrows = n;
-  it->strs = a.buf;
-  return 0;
 }
 
 static void drop_rows(item_t *it) {
@@ -504,11 +662,139 @@ static void drop_rows(item_t *it) {
   it->nrows = 0;
 }
 
+/* Runs the bound SELECT s to completion; the rows go to it->rows /
+ * it->strs. Returns 0 or ZM_E_STORE. */
+static int collect(sq_store_t *st, item_t *it, sqlite3_stmt *s) {
+  size_t rowsz = row_size(it->kind);
+  arena_t a = {0};
+  size_t n = 0, cap = 0;
+  char *rows = NULL;
+  size_t *offs = NULL; /* ROW_STRS string offsets per row */
+  int rc;
+  while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+    if (n == cap) {
+      cap = cap ? cap * 2 : 16;
+      rows = zm_xrealloc(rows, cap * rowsz);
+      offs = zm_xrealloc(offs, cap * ROW_STRS * sizeof *offs);
+    }
+    memset(rows + n * rowsz, 0, rowsz);
+    memset(offs + n * ROW_STRS, 0, ROW_STRS * sizeof *offs);
+    fill_row(it->kind, rows + n * rowsz, s, &a, offs + n * ROW_STRS);
+    n++;
+  }
+  sqlite3_reset(s);
+  sqlite3_clear_bindings(s);
+  if (rc != SQLITE_DONE) {
+    log_db(st, "read");
+    free(rows);
+    free(offs);
+    free(a.buf);
+    return ZM_E_STORE;
+  }
+  /* The arena has stopped moving: turn offsets into pointers. */
+  for (size_t i = 0; i < n; i++)
+    fix_row(it->kind, rows + i * rowsz, &a, offs + i * ROW_STRS);
+  free(offs);
+  it->rows = rows;
+  it->nrows = n;
+  it->strs = a.buf;
+  return 0;
+}
+
+/* The writes of a claim, over the rows collect() selected (inside the group
+ * transaction, so the rows cannot have changed meanwhile). */
+static int claim_rows(sq_store_t *st, item_t *it) {
+  char t[ZM__STORE_TIME_BUF];
+  for (size_t i = 0; i < it->nrows; i++) {
+    int err;
+    if (it->kind == ITEM_CLAIM_EXPIRED) {
+      zm_tomb_row_t *r = (zm_tomb_row_t *)it->rows + i;
+      r->next_try_ms = r->created_at_ms = it->t2;
+      sqlite3_stmt *s = st->stmt[S_DEL_SERVICE];
+      bind_str(s, 1, r->ziti_identity_id);
+      err = write_result(st, step_once(s), "claim expired");
+      if (err == 0)
+        err = put_tomb(st, S_TOMB_FROM_LIVE, r->ziti_identity_id, r->kind,
+                       r->type, 0, it->t2, it->t3, it->t2);
+    } else {
+      int tomb = it->kind == ITEM_CLAIM_TOMBS;
+      sqlite3_stmt *s = st->stmt[tomb ? S_CLAIM_TOMB : S_CLAIM_PENDING];
+      bind_time(s, 1, it->t2, t);
+      bind_str(s, 2,
+               tomb ? ((zm_tomb_row_t *)it->rows)[i].ziti_identity_id
+                    : ((zm_pending_row_t *)it->rows)[i].name);
+      err = write_result(st, step_once(s), "claim");
+    }
+    if (err != 0) /* a constraint here is a corrupt table: fail the group */
+      return ZM_E_STORE;
+  }
+  return 0;
+}
+
+static int64_t sat_sub(int64_t a, int64_t b) {
+  if (b > 0 && a < INT64_MIN + b)
+    return INT64_MIN;
+  if (b < 0 && a > INT64_MAX + b)
+    return INT64_MAX;
+  return a - b;
+}
+
+static int run_beat(sq_store_t *st, item_t *it) {
+  char t1[ZM__STORE_TIME_BUF], t2[ZM__STORE_TIME_BUF], t3[ZM__STORE_TIME_BUF];
+  sqlite3_stmt *s = st->stmt[S_BEAT];
+  bind_time(s, 1, it->t1, t1);
+  bind_time(s, 2, sat_sub(it->t1, it->t2), t2);
+  bind_time(s, 3, sat_sub(it->t1, -it->t2), t3);
+  int rc = sqlite3_step(s);
+  if (rc == SQLITE_ROW)
+    it->out_ms = col_time(s, 0);
+  sqlite3_reset(s);
+  sqlite3_clear_bindings(s);
+  if (rc != SQLITE_ROW) {
+    log_db(st, "heartbeat");
+    return ZM_E_STORE;
+  }
+  return 0;
+}
+
+/* Runs one read or claim. Returns 0 or ZM_E_STORE. */
+static int run_read(sq_store_t *st, item_t *it) {
+  char t1[ZM__STORE_TIME_BUF];
+  sqlite3_stmt *s;
+  switch (it->kind) {
+  case ITEM_LIST_MANAGED:
+    s = st->stmt[S_LIST_MANAGED];
+    sqlite3_bind_text(s, 1, it->key, -1, SQLITE_STATIC);
+    sqlite3_bind_int(s, 2, it->type);
+    sqlite3_bind_int64(s, 3, limit_arg(it->limit));
+    return collect(st, it, s);
+  case ITEM_GET_MANAGED:
+    s = st->stmt[S_GET_MANAGED];
+    sqlite3_bind_text(s, 1, it->key, -1, SQLITE_STATIC);
+    return collect(st, it, s);
+  case ITEM_CLAIM_EXPIRED:
+  case ITEM_CLAIM_TOMBS:
+  case ITEM_CLAIM_PENDING:
+    s = st->stmt[it->kind == ITEM_CLAIM_EXPIRED ? S_SEL_EXPIRED
+                 : it->kind == ITEM_CLAIM_TOMBS ? S_SEL_TOMBS
+                                                : S_SEL_PENDING];
+    bind_time(s, 1, it->t1, t1);
+    sqlite3_bind_int64(s, 2, limit_arg(it->limit));
+    if (collect(st, it, s) != 0)
+      return ZM_E_STORE;
+    return claim_rows(st, it);
+  case ITEM_BEAT:
+    return run_beat(st, it);
+  default: /* ITEM_CHANGES: not shared, nothing to report */
+    return 0;
+  }
+}
+
 /* Runs batch b as one transaction on the calling thread (the worker, or the
- * loop thread in zm_store_close). Every item's err is set; on a lost
- * transaction every item gets ZM_E_STORE and no rows. */
-static void run_batch(zm_store_t *st, itemq_t *b) {
-  int fatal = exec_stmt(st, b->units ? S_BEGIN_IMM : S_BEGIN, "begin");
+ * loop thread in close). Every item's err is set; on a lost transaction
+ * every item gets ZM_E_STORE and no rows. */
+static void run_batch(sq_store_t *st, itemq_t *b) {
+  int fatal = exec_stmt(st, b->writes ? S_BEGIN_IMM : S_BEGIN, "begin");
   for (item_t *it = b->head; it != NULL && !fatal; it = it->next) {
     it->err = 0;
     if (it->kind == ITEM_UNIT)
@@ -531,9 +817,8 @@ static void run_batch(zm_store_t *st, itemq_t *b) {
     drop_rows(it);
   }
 }
-
 static void worker_main(void *arg) {
-  zm_store_t *st = arg;
+  sq_store_t *st = arg;
   uv_mutex_lock(&st->mu);
   for (;;) {
     while (!st->work_ready && !st->stop)
@@ -565,7 +850,7 @@ static void worker_main(void *arg) {
 #define WAL_AUTOCHECKPOINT_PRAGMA "PRAGMA wal_autocheckpoint=8192"
 
 static void ckpt_main(void *arg) {
-  zm_store_t *st = arg;
+  sq_store_t *st = arg;
   /* Background work: when the service is pinned to one core, copying pages
    * must not take the CPU from the loop or the writer (nice +10). */
   if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10) != 0)
@@ -590,14 +875,14 @@ static void ckpt_main(void *arg) {
 
 /* ==== loop side =========================================================== */
 
-static void kick(zm_store_t *st) {
+static void kick(sq_store_t *st) {
   if (st->closing || st->queue.head == NULL)
     return;
   if (!uv_is_active((uv_handle_t *)&st->h->prepare))
     uv_prepare_start(&st->h->prepare, on_prepare);
 }
 
-static void dispatch(zm_store_t *st) {
+static void dispatch(sq_store_t *st) {
   if (st->in_flight || st->queue.head == NULL)
     return;
   q_take(&st->queue, &st->batch);
@@ -611,7 +896,7 @@ static void dispatch(zm_store_t *st) {
 
 /* Runs the callbacks of the finished batch, in submission order, and frees
  * its items. Callbacks may submit (that goes to the queue, not the batch). */
-static void deliver(zm_store_t *st) {
+static void deliver(sq_store_t *st) {
   itemq_t b = st->batch;
   memset(&st->batch, 0, sizeof st->batch);
   st->stats.groups += st->batch_groups;
@@ -628,13 +913,21 @@ static void deliver(zm_store_t *st) {
         it->cb.unit(it->err, it->data);
       break;
     case ITEM_LIST_MANAGED:
+    case ITEM_GET_MANAGED:
       it->cb.managed(it->err, it->rows, it->nrows, it->data);
       break;
-    case ITEM_LIST_EXPIRED:
-      it->cb.service(it->err, it->rows, it->nrows, it->data);
+    case ITEM_CLAIM_EXPIRED:
+    case ITEM_CLAIM_TOMBS:
+      it->cb.tomb(it->err, it->rows, it->nrows, it->data);
+      break;
+    case ITEM_CLAIM_PENDING:
+      it->cb.pending(it->err, it->rows, it->nrows, it->data);
+      break;
+    case ITEM_BEAT:
+      it->cb.beat(it->err, it->t1, it->err ? 0 : it->out_ms, it->data);
       break;
     default:
-      it->cb.pending(it->err, it->rows, it->nrows, it->data);
+      it->cb.changes(it->err, NULL, NULL, 0, it->data);
       break;
     }
     drop_rows(it);
@@ -652,7 +945,7 @@ static void on_prepare(uv_prepare_t *p) {
 
 static void on_async(uv_async_t *a) {
   handles_t *h = container_of(a, handles_t, async);
-  zm_store_t *st = h->st;
+  sq_store_t *st = h->st;
   if (st == NULL || !st->in_flight)
     return;
   uv_mutex_lock(&st->mu);
@@ -674,9 +967,10 @@ static void on_handle_closed(uv_handle_t *hd) {
     free(h);
 }
 
-/* ==== public API ========================================================== */
+/* ==== the backend (zm__sqlite_vt)
+ * ========================================================== */
 
-static int pragma(zm_store_t *st, const char *sql) {
+static int pragma(sq_store_t *st, const char *sql) {
   if (sqlite3_exec(st->db, sql, NULL, NULL, NULL) != SQLITE_OK) {
     ZM_ERROR("store %s: %s: %s", st->path, sql, sqlite3_errmsg(st->db));
     return ZM_E_STORE;
@@ -684,7 +978,7 @@ static int pragma(zm_store_t *st, const char *sql) {
   return 0;
 }
 
-static int set_wal(zm_store_t *st) {
+static int set_wal(sq_store_t *st) {
   sqlite3_stmt *s = NULL;
   int ok = 0;
   if (sqlite3_prepare_v2(st->db, "PRAGMA journal_mode=WAL", -1, &s, NULL) ==
@@ -700,11 +994,12 @@ static int set_wal(zm_store_t *st) {
   return ok ? 0 : ZM_E_STORE;
 }
 
-int zm_store_open(zm_store_t **out, uv_loop_t *loop,
-                  const zm_store_config_t *cfg) {
+static int sq_open(zm_store_t **out, uv_loop_t *loop,
+                   const zm_store_config_t *cfg) {
   ZM_ASSERT(out != NULL && loop != NULL && cfg != NULL && cfg->path != NULL);
   *out = NULL;
-  zm_store_t *st = zm_xcalloc(1, sizeof *st);
+  sq_store_t *st = zm_xcalloc(1, sizeof *st);
+  st->base.vt = &zm__sqlite_vt;
   st->loop = loop;
   st->path = zm_xstrdup(cfg->path);
   int rc = sqlite3_open_v2(
@@ -776,7 +1071,7 @@ int zm_store_open(zm_store_t **out, uv_loop_t *loop,
     sqlite3_exec(st->db, "PRAGMA wal_autocheckpoint=1000", NULL, NULL, NULL);
     /* (the default: small, frequent checkpoints inside commits) */
   }
-  *out = st;
+  *out = &st->base;
   return 0;
 
 fail_thread:
@@ -803,7 +1098,7 @@ fail_db:
 }
 
 /* Blocks until the worker has finished the batch in flight (if any). */
-static int wait_worker(zm_store_t *st) {
+static int wait_worker(sq_store_t *st) {
   if (!st->in_flight)
     return 0;
   uv_mutex_lock(&st->mu);
@@ -813,9 +1108,10 @@ static int wait_worker(zm_store_t *st) {
   return 1;
 }
 
-void zm_store_close(zm_store_t *st) {
-  if (st == NULL)
+static void sq_close(zm_store_t *base) {
+  if (base == NULL)
     return;
+  sq_store_t *st = (sq_store_t *)base;
   ZM_ASSERT(!st->delivering); /* not from inside a store callback */
   st->closing = 1;
   if (wait_worker(st)) {
@@ -856,68 +1152,102 @@ void zm_store_close(zm_store_t *st) {
   free(st);
 }
 
-/* Strings op uses, by kind: up to 2 fields. */
-static size_t op_strings(zm_store_op_t *op, const char **f[2]) {
+/* The string fields an op of its kind reads (at most ROW_STRS). */
+static size_t op_strings(zm_store_op_t *op, const char **f[ROW_STRS]) {
   switch (op->kind) {
   case ZM_STORE_PUT_MANAGED:
     f[0] = &op->managed.ziti_identity_id;
     f[1] = &op->managed.identity_id;
-    return 2;
+    f[2] = &op->managed.ziti_service_id;
+    f[3] = &op->managed.workload_id;
+    f[4] = &op->managed.agent_id;
+    f[5] = &op->managed.environment_id;
+    return 6;
   case ZM_STORE_PUT_SERVICE:
     f[0] = &op->service.ziti_identity_id;
     return 1;
   case ZM_STORE_PUT_PENDING:
     f[0] = &op->pending.name;
     f[1] = &op->pending.ziti_identity_id;
-    return 2;
+    f[2] = &op->pending.agent_id;
+    return 3;
   case ZM_STORE_SET_PENDING_ID:
     f[0] = &op->name;
     f[1] = &op->id;
     return 2;
   case ZM_STORE_DEL_PENDING:
+  case ZM_STORE_TAKE_PENDING:
     f[0] = &op->name;
     return 1;
-  case ZM_STORE_DEL_MANAGED:
+  case ZM_STORE_PUT_TOMB:
+    f[0] = &op->tomb.ziti_identity_id;
+    return 1;
   case ZM_STORE_EXTEND_LEASE:
-  case ZM_STORE_DEL_SERVICE:
+  case ZM_STORE_RETIRE_MANAGED:
+  case ZM_STORE_RETIRE_SERVICE:
+  case ZM_STORE_DEL_TOMB:
+  case ZM_STORE_DEFER_TOMB:
     f[0] = &op->id;
     return 1;
+  case ZM_STORE_FLUSH_LEASES: /* the arrays: copied separately */
+    return 0;
   }
   return 0;
 }
 
-void zm_store_submit(zm_store_t *st, const zm_store_op_t *ops, size_t n,
-                     zm_store_cb cb, void *data) {
+static int is_flush(const zm_store_op_t *op) {
+  return op->kind == ZM_STORE_FLUSH_LEASES && op->n > 0 && op->ids != NULL &&
+         op->mss != NULL;
+}
+
+static void sq_submit(zm_store_t *base, const zm_store_op_t *ops, size_t n,
+                      zm_store_cb cb, void *data) {
+  sq_store_t *st = (sq_store_t *)base;
   ZM_ASSERT(st != NULL && (n == 0 || ops != NULL));
-  size_t bytes = 0;
+  /* One block: the item, the ops, FLUSH_LEASES arrays (8-byte elements, so
+   * they stay aligned after the ops), then every string. */
+  size_t arrays = 0, bytes = 0;
   for (size_t i = 0; i < n; i++) {
     zm_store_op_t tmp = ops[i];
-    const char **f[2];
+    const char **f[ROW_STRS];
     size_t nf = op_strings(&tmp, f);
     for (size_t k = 0; k < nf; k++)
       if (*f[k] != NULL)
         bytes += strlen(*f[k]) + 1;
+    if (is_flush(&ops[i])) {
+      arrays += ops[i].n * (sizeof(const char *) + sizeof(int64_t));
+      for (size_t k = 0; k < ops[i].n; k++)
+        if (ops[i].ids[k] != NULL)
+          bytes += strlen(ops[i].ids[k]) + 1;
+    }
   }
-  item_t *it = zm_xcalloc(1, sizeof *it + n * sizeof *ops + bytes);
+  item_t *it = zm_xcalloc(1, sizeof *it + n * sizeof *ops + arrays + bytes);
   it->kind = ITEM_UNIT;
   it->cb.unit = cb;
   it->data = data;
   it->ops = (zm_store_op_t *)(void *)(it + 1);
   it->nops = n;
-  char *p = (char *)(it->ops + n);
+  char *arr = (char *)(it->ops + n);
+  char *p = arr + arrays;
   for (size_t i = 0; i < n; i++) {
     zm_store_op_t *op = &it->ops[i];
     *op = ops[i];
     /* Only the fields this kind reads survive; the rest may be garbage. */
-    const char *keep[2] = {NULL, NULL};
-    const char **f[2];
+    const char *keep[ROW_STRS] = {NULL};
+    const char **f[ROW_STRS];
     size_t nf = op_strings(op, f);
     for (size_t k = 0; k < nf; k++)
       keep[k] = *f[k];
     op->managed.ziti_identity_id = op->managed.identity_id = NULL;
+    op->managed.ziti_service_id = op->managed.workload_id = NULL;
+    op->managed.agent_id = op->managed.environment_id = NULL;
     op->service.ziti_identity_id = NULL;
     op->pending.name = op->pending.ziti_identity_id = NULL;
+    op->pending.agent_id = NULL;
+    op->tomb.ziti_identity_id = NULL;
     op->id = op->name = NULL;
+    op->ids = NULL;
+    op->mss = NULL;
     for (size_t k = 0; k < nf; k++) {
       if (keep[k] == NULL)
         continue;
@@ -926,6 +1256,27 @@ void zm_store_submit(zm_store_t *st, const zm_store_op_t *ops, size_t n,
       *f[k] = p;
       p += len;
     }
+    if (!is_flush(&ops[i])) {
+      op->n = 0;
+      continue;
+    }
+    const char **ids = (const char **)(void *)arr;
+    arr += op->n * sizeof *ids;
+    int64_t *mss = (int64_t *)(void *)arr;
+    arr += op->n * sizeof *mss;
+    memcpy(mss, ops[i].mss, op->n * sizeof *mss);
+    for (size_t k = 0; k < op->n; k++) {
+      if (ops[i].ids[k] == NULL) {
+        ids[k] = NULL;
+        continue;
+      }
+      size_t len = strlen(ops[i].ids[k]) + 1;
+      memcpy(p, ops[i].ids[k], len);
+      ids[k] = p;
+      p += len;
+    }
+    op->ids = ids;
+    op->mss = mss;
   }
   st->stats.units++;
   q_push(&st->queue, it);
@@ -945,42 +1296,89 @@ static item_t *new_read(int kind, const char *key, size_t limit, void *data) {
   return it;
 }
 
-void zm_store_list_managed(zm_store_t *st, int type, const char *after_id,
-                           size_t limit, zm_store_managed_list_cb cb,
-                           void *data) {
-  ZM_ASSERT(st != NULL && cb != NULL);
+static void enqueue(sq_store_t *st, item_t *it) {
+  q_push(&st->queue, it);
+  kick(st);
+}
+
+static void sq_list_managed(zm_store_t *base, int type, const char *after_id,
+                            size_t limit, zm_store_managed_list_cb cb,
+                            void *data) {
+  ZM_ASSERT(base != NULL && cb != NULL);
   item_t *it = new_read(ITEM_LIST_MANAGED, after_id, limit, data);
   it->type = type;
   it->cb.managed = cb;
-  q_push(&st->queue, it);
-  kick(st);
+  enqueue((sq_store_t *)base, it);
 }
 
-void zm_store_list_expired(zm_store_t *st, int64_t now_ms, int64_t after_ms,
-                           const char *after_id, size_t limit,
-                           zm_store_service_list_cb cb, void *data) {
-  ZM_ASSERT(st != NULL && cb != NULL);
-  item_t *it = new_read(ITEM_LIST_EXPIRED, after_id, limit, data);
+static void sq_get_managed(zm_store_t *base, const char *id,
+                           zm_store_managed_list_cb cb, void *data) {
+  ZM_ASSERT(base != NULL && cb != NULL);
+  item_t *it = new_read(ITEM_GET_MANAGED, id, 1, data);
+  it->cb.managed = cb;
+  enqueue((sq_store_t *)base, it);
+}
+
+static void sq_claim_expired(zm_store_t *base, int64_t cut_ms, int64_t now_ms,
+                             int64_t claim_until_ms, size_t limit,
+                             zm_store_tomb_list_cb cb, void *data) {
+  ZM_ASSERT(base != NULL && cb != NULL);
+  item_t *it = new_read(ITEM_CLAIM_EXPIRED, NULL, limit, data);
+  it->t1 = cut_ms;
+  it->t2 = now_ms;
+  it->t3 = claim_until_ms;
+  it->cb.tomb = cb;
+  enqueue((sq_store_t *)base, it);
+}
+
+static void sq_claim_tombs(zm_store_t *base, int64_t now_ms,
+                           int64_t claim_until_ms, size_t limit,
+                           zm_store_tomb_list_cb cb, void *data) {
+  ZM_ASSERT(base != NULL && cb != NULL);
+  item_t *it = new_read(ITEM_CLAIM_TOMBS, NULL, limit, data);
   it->t1 = now_ms;
-  it->t2 = after_ms;
-  it->cb.service = cb;
-  q_push(&st->queue, it);
-  kick(st);
+  it->t2 = claim_until_ms;
+  it->cb.tomb = cb;
+  enqueue((sq_store_t *)base, it);
 }
 
-void zm_store_list_pending(zm_store_t *st, int64_t older_than_ms, size_t limit,
-                           zm_store_pending_list_cb cb, void *data) {
-  ZM_ASSERT(st != NULL && cb != NULL);
-  item_t *it = new_read(ITEM_LIST_PENDING, NULL, limit, data);
-  it->t1 = older_than_ms;
+static void sq_claim_pending(zm_store_t *base, int64_t now_ms,
+                             int64_t claim_until_ms, size_t limit,
+                             zm_store_pending_list_cb cb, void *data) {
+  ZM_ASSERT(base != NULL && cb != NULL);
+  item_t *it = new_read(ITEM_CLAIM_PENDING, NULL, limit, data);
+  it->t1 = now_ms;
+  it->t2 = claim_until_ms;
   it->cb.pending = cb;
-  q_push(&st->queue, it);
-  kick(st);
+  enqueue((sq_store_t *)base, it);
 }
 
-void zm_store_get_stats(const zm_store_t *st, zm_store_stats_t *out) {
+static void sq_heartbeat(zm_store_t *base, int64_t local_now_ms, int64_t gap_ms,
+                         zm_store_beat_cb cb, void *data) {
+  ZM_ASSERT(base != NULL && cb != NULL);
+  item_t *it = new_read(ITEM_BEAT, NULL, 0, data);
+  it->t1 = local_now_ms;
+  it->t2 = gap_ms;
+  it->cb.beat = cb;
+  enqueue((sq_store_t *)base, it);
+}
+
+static void sq_changes(zm_store_t *base, int64_t after_seq, int64_t since_ms,
+                       size_t limit, zm_store_changes_cb cb, void *data) {
+  (void)after_seq;
+  (void)since_ms;
+  (void)limit;
+  ZM_ASSERT(base != NULL && cb != NULL);
+  item_t *it = new_read(ITEM_CHANGES, NULL, 0, data);
+  it->cb.changes = cb;
+  enqueue((sq_store_t *)base, it);
+}
+
+static void sq_get_stats(const zm_store_t *base, zm_store_stats_t *out) {
+  const sq_store_t *st = (const sq_store_t *)base;
   *out = st->stats;
   out->queued = st->queue.units;
+  out->reconnects = 0;
 }
 
 /* ==== start-up load ======================================================= */
@@ -1004,11 +1402,12 @@ static int64_t load_time(sqlite3_stmt *s, int col, int keycol, badtime_t *b) {
   return 0;
 }
 
-int zm_store_load(zm_store_t *st,
-                  void (*on_managed)(const zm_managed_row_t *r, void *data),
-                  void (*on_service)(const zm_service_row_t *r, void *data),
-                  void (*on_pending)(const zm_pending_row_t *r, void *data),
-                  void *data) {
+static int sq_load(zm_store_t *base,
+                   void (*on_managed)(const zm_managed_row_t *r, void *data),
+                   void (*on_service)(const zm_service_row_t *r, void *data),
+                   void (*on_pending)(const zm_pending_row_t *r, void *data),
+                   void *data) {
+  sq_store_t *st = (sq_store_t *)base;
   ZM_ASSERT(st != NULL && !st->delivering);
   /* The worker must let go of the connection; its callbacks are delivered
    * later by on_async as usual. */
@@ -1027,6 +1426,10 @@ int zm_store_load(zm_store_t *st,
           .identity_id = (const char *)sqlite3_column_text(s, 1),
           .identity_type = sqlite3_column_int(s, 2),
           .created_at_ms = load_time(s, 3, 0, &bad),
+          .ziti_service_id = (const char *)sqlite3_column_text(s, 4),
+          .workload_id = (const char *)sqlite3_column_text(s, 5),
+          .agent_id = (const char *)sqlite3_column_text(s, 6),
+          .environment_id = (const char *)sqlite3_column_text(s, 7),
       };
       if (r.ziti_identity_id == NULL || r.identity_id == NULL)
         continue; /* NOT NULL columns: only a hand-made table has these */
@@ -1061,7 +1464,9 @@ int zm_store_load(zm_store_t *st,
           .kind = sqlite3_column_int(s, 1),
           .type = sqlite3_column_int(s, 2),
           .ziti_identity_id = (const char *)sqlite3_column_text(s, 3),
-          .created_at_ms = load_time(s, 4, 0, &bad),
+          .agent_id = (const char *)sqlite3_column_text(s, 4),
+          .created_at_ms = load_time(s, 5, 0, &bad),
+          .resolve_after_ms = load_time(s, 6, 0, &bad),
       };
       if (r.name == NULL)
         continue;
@@ -1088,3 +1493,20 @@ fail:
     exec_stmt(st, S_ROLLBACK, "rollback load");
   return err;
 }
+
+const zm__store_vt zm__sqlite_vt = {
+    .name = "sqlite",
+    .shared = 0,
+    .open = sq_open,
+    .close = sq_close,
+    .load = sq_load,
+    .submit = sq_submit,
+    .list_managed = sq_list_managed,
+    .get_managed = sq_get_managed,
+    .claim_expired = sq_claim_expired,
+    .claim_tombs = sq_claim_tombs,
+    .claim_pending = sq_claim_pending,
+    .heartbeat = sq_heartbeat,
+    .changes = sq_changes,
+    .get_stats = sq_get_stats,
+};

@@ -4,6 +4,9 @@
  */
 #include "store_internal.h"
 
+#include "zm/log.h"
+#include "zm/zm.h"
+
 int zm_store_open(zm_store_t **out, uv_loop_t *loop,
                   const zm_store_config_t *cfg) {
   const zm__store_vt *vt =

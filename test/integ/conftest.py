@@ -25,3 +25,7 @@ def sim():
     yield s
     s.stop()
     shutil.rmtree(d, ignore_errors=True)
+
+
+def pytest_report_header(config):
+    return "ziti-management store backend: %s (ZM_TEST_BACKEND)" % zmtest.BACKEND

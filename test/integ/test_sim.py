@@ -759,6 +759,32 @@ def test_fault_drop_drop_mid_delay(sim, api):
     sim.faults({})
 
 
+def _post_and_hang_up(sim, token, name):
+    """Sends a create and closes the connection without reading the answer."""
+    body = json.dumps({"name": name, "type": "Device", "isAdmin": False}).encode()
+    ctx = ssl.create_default_context(cafile=sim.ca_file)
+    s = socket.create_connection(("127.0.0.1", sim.port), timeout=10)
+    ss = ctx.wrap_socket(s, server_hostname="127.0.0.1")
+    ss.sendall(("POST %s/identities HTTP/1.1\r\nHost: x\r\nzt-session: %s\r\nContent-Type: application/json"
+                "\r\nContent-Length: %d\r\n\r\n" % (MGMT, token, len(body))).encode() + body)
+    time.sleep(0.1)
+    ss.close()
+
+
+@pytest.mark.parametrize("apply", [False, True])
+def test_fault_delay_client_gone(sim, api, apply):
+    """A delayed request whose client hung up is dropped, unless apply:true:
+    then it is carried out late (as a Go handler that ignores its context)."""
+    sim.faults({"rules": [{"method": "POST", "path_prefix": MGMT + "/identities", "action": "delay", "ms": 400,
+                           "count": 1, "apply": apply}]})
+    _post_and_hang_up(sim, api.token, "late-1")
+    assert "late-1" not in [i["name"] for i in sim.state()["identities"]]
+    time.sleep(0.8)
+    names = [i["name"] for i in sim.state()["identities"]]
+    assert ("late-1" in names) == apply
+    assert sim.state()["late_applied"] == (1 if apply else 0)
+
+
 def test_refuse(sim, api):
     assert api.req("GET", MGMT + "/identities").status == 200
     sim.refuse(True)

@@ -1243,6 +1243,7 @@ class Sim:
         self.faults = []
         self.latency_ms = 0
         self.faults_applied = 0
+        self.late_applied = 0
         self.requests = 0
         self.conns = set()
         self.server = None
@@ -1730,6 +1731,7 @@ class Sim:
         live = sum(1 for s in self.sessions.values() if now - s.last <= self.args.session_timeout)
         return {"identities": idents, "counters": dict(self.counters), "sessions": live,
                 "connections": len(self.conns), "requests": self.requests, "faults_applied": self.faults_applied,
+                "late_applied": self.late_applied,
                 "pending_enrollments": len(self.enrollments), "refusing": self.refusing,
                 "admin_id": self.admin.id}
 
@@ -1756,6 +1758,7 @@ class Sim:
         self.latency_ms = 0
         self.counters.clear()
         self.faults_applied = 0
+        self.late_applied = 0
         self.requests = 0
 
     def fault_response(self, f):
@@ -1970,6 +1973,16 @@ class ApiConn(asyncio.Protocol):
         sim = self.sim
         self.busy = False
         if self.closed:
+            # The client went away while the request was held. A Go handler
+            # is not stopped by that (net/http only cancels the context), so
+            # with apply:true a delayed request is still carried out: the
+            # create or delete a client gave up on lands late.
+            if fault is not None and fault.action == "delay" and fault.apply:
+                try:
+                    sim.dispatch(req)
+                except Exception:  # nobody to answer
+                    pass
+                sim.late_applied += 1
             return
         if fault is not None and fault.action == "status" and not fault.apply:
             resp = sim.fault_response(fault)

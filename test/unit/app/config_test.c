@@ -128,9 +128,23 @@ static void test_env_overrides_and_errors(void **state) {
   assert_int_equal(load(&cfg, bad_types, err, sizeof err), ZM_E_INVAL);
   const char *bad_types2[] = {"SERVICE_TYPES", "x:y:z", NULL};
   assert_int_equal(load(&cfg, bad_types2, err, sizeof err), ZM_E_INVAL);
-  const char *pg[] = {"DATABASE_URL", "postgres://x", NULL};
-  assert_int_equal(load(&cfg, pg, err, sizeof err), ZM_E_INVAL);
-  assert_non_null(strstr(err, "DATABASE_URL"));
+  const char *pg[] = {"DATABASE_URL", "postgres://u:secret@db:5432/zm", NULL};
+  assert_int_equal(load(&cfg, pg, err, sizeof err), 0);
+  assert_string_equal(cfg.database_url, "postgres://u:secret@db:5432/zm");
+  assert_int_equal(cfg.database_pool, 4);
+  assert_int_equal(cfg.lease_flush_ms, 1000);
+  const char *pool[] = {"DATABASE_POOL_SIZE", "1", NULL};
+  assert_int_equal(load(&cfg, pool, err, sizeof err), ZM_E_INVAL);
+  assert_non_null(strstr(err, "DATABASE_POOL_SIZE"));
+  const char *flush[] = {"LEASE_FLUSH_INTERVAL", "2m", NULL};
+  assert_int_equal(load(&cfg, flush, err, sizeof err), ZM_E_INVAL);
+  assert_non_null(strstr(err, "LEASE_FLUSH_INTERVAL"));
+  /* a URL too long is refused without echoing it (it may hold a password) */
+  static char long_url[2048];
+  memset(long_url, 'p', sizeof long_url - 1);
+  const char *pg_long[] = {"DATABASE_URL", long_url, NULL};
+  assert_int_equal(load(&cfg, pg_long, err, sizeof err), ZM_E_INVAL);
+  assert_null(strstr(err, "ppppppppp"));
   const char *sync[] = {"STORE_SYNC", "sometimes", NULL};
   assert_int_equal(load(&cfg, sync, err, sizeof err), ZM_E_INVAL);
 }

@@ -1,0 +1,233 @@
+/* lifecycle_test.c - the lifecycle (src/lease/lifecycle.c) against a real
+ * SQLite store in a temp dir, with no controller: its transition table, the
+ * memory-first refresh and its flush, the outage rule's start-up hold, the
+ * agent lock, and that a delete without an answer stays DELETING. */
+#include "zm/lifecycle.h"
+#include "zm/zm.h"
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+#include <sqlite3.h>
+
+typedef struct {
+  char dir[64];
+  char path[96];
+  uv_loop_t loop;
+  zm_store_t *store;
+  zm_index_t *index;
+  zm_life_t *life;
+  int ready;
+} fx_t;
+
+static void on_ready(void *data) { ((fx_t *)data)->ready = 1; }
+
+static void run_until(fx_t *f, const int *flag, int want) {
+  for (int i = 0; i < 5000 && *flag != want; i++)
+    uv_run(&f->loop, UV_RUN_ONCE);
+  assert_int_equal(*flag, want);
+}
+
+static int setup(void **state) {
+  fx_t *f = calloc(1, sizeof *f);
+  snprintf(f->dir, sizeof f->dir, "/tmp/zm-life-test-XXXXXX");
+  assert_non_null(mkdtemp(f->dir));
+  snprintf(f->path, sizeof f->path, "%s/zm.db", f->dir);
+  uv_loop_init(&f->loop);
+  zm_store_config_t sc = {.path = f->path, .sync_full = 0};
+  assert_int_equal(zm_store_open(&f->store, &f->loop, &sc), 0);
+  f->index = zm_index_new();
+  zm_life_config_t lc = {
+      .lease_ttl_ms = 2000, .flush_ms = 20, .ziti_timeout_ms = 1000};
+  f->life = zm_life_new(&f->loop, f->store, f->index, NULL, &lc);
+  zm_life_start(f->life, on_ready, f);
+  run_until(f, &f->ready, 1);
+  *state = f;
+  return 0;
+}
+
+static int stopped;
+static void on_stopped(void *data) {
+  (void)data;
+  stopped = 1;
+}
+
+static int teardown(void **state) {
+  fx_t *f = *state;
+  stopped = 0;
+  zm_life_stop(f->life, on_stopped, NULL);
+  run_until(f, &stopped, 1);
+  zm_store_close(f->store);
+  uv_run(&f->loop, UV_RUN_DEFAULT);
+  zm_life_free(f->life);
+  zm_index_free(f->index);
+  assert_int_equal(uv_loop_close(&f->loop), 0);
+  char cmd[160];
+  snprintf(cmd, sizeof cmd, "rm -rf %s", f->dir);
+  assert_int_equal(system(cmd), 0);
+  free(f);
+  return 0;
+}
+
+/* One value from the store file, through a second connection. */
+static long long scalar(fx_t *f, const char *sql) {
+  sqlite3 *db;
+  assert_int_equal(sqlite3_open(f->path, &db), SQLITE_OK);
+  sqlite3_stmt *st;
+  assert_int_equal(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK);
+  long long v = -1;
+  if (sqlite3_step(st) == SQLITE_ROW)
+    v = sqlite3_column_int64(st, 0);
+  sqlite3_finalize(st);
+  sqlite3_close(db);
+  return v;
+}
+
+typedef struct {
+  int done, err;
+} res_t;
+
+static void on_res(int err, void *data) {
+  res_t *r = data;
+  r->err = err;
+  r->done = 1;
+}
+
+static void test_edges(void **state) {
+  (void)state;
+  zm_life_state_t to;
+  assert_true(zm_life_edge(ZM_LIFE_NONE, ZM_LIFE_T_INTENT, &to));
+  assert_int_equal(to, ZM_LIFE_PENDING);
+  assert_true(zm_life_edge(ZM_LIFE_PENDING, ZM_LIFE_T_COMMIT, &to));
+  assert_int_equal(to, ZM_LIFE_LIVE);
+  assert_true(zm_life_edge(ZM_LIFE_LIVE, ZM_LIFE_T_RETIRE, &to));
+  assert_int_equal(to, ZM_LIFE_DELETING);
+  assert_true(zm_life_edge(ZM_LIFE_DELETING, ZM_LIFE_T_DEFER, &to));
+  assert_int_equal(to, ZM_LIFE_DELETING);
+  assert_true(zm_life_edge(ZM_LIFE_DELETING, ZM_LIFE_T_BURY, &to));
+  assert_int_equal(to, ZM_LIFE_GONE);
+  /* what must never happen */
+  assert_false(zm_life_edge(ZM_LIFE_DELETING, ZM_LIFE_T_COMMIT, NULL));
+  assert_false(zm_life_edge(ZM_LIFE_LIVE, ZM_LIFE_T_ABANDON, NULL));
+  assert_false(zm_life_edge(ZM_LIFE_GONE, ZM_LIFE_T_RETIRE, NULL));
+  assert_false(zm_life_edge(ZM_LIFE_NONE, ZM_LIFE_T__COUNT, NULL));
+  assert_string_equal(zm_life_state_name(ZM_LIFE_DELETING), "DELETING");
+}
+
+static void test_commit_extend_flush(void **state) {
+  fx_t *f = *state;
+  res_t r = {0};
+  /* unknown to a store that is not shared: NOT_FOUND at once */
+  assert_int_equal(zm_life_extend(f->life, "nope", on_res, &r), ZM_E_NOT_FOUND);
+  zm_pending_row_t p = {.name = "svc-a", .kind = ZM_PENDING_SERVICE, .type = 1};
+  zm_life_intent(f->life, &p, uv_now(&f->loop) + 1000, on_res, &r);
+  run_until(f, &r.done, 1);
+  assert_int_equal(r.err, 0);
+  assert_int_equal(scalar(f, "SELECT count(*) FROM pending_identities"), 1);
+  r.done = 0;
+  zm_life_commit_service(f->life, "svc-a", "id-a", 1, on_res, &r);
+  run_until(f, &r.done, 1);
+  assert_int_equal(r.err, 0);
+  assert_int_equal(scalar(f, "SELECT count(*) FROM pending_identities"), 0);
+  long long before =
+      scalar(f, "SELECT (julianday(lease_expires_at) - 2440587.5) * 86400000 "
+                "FROM service_identities WHERE ziti_identity_id = 'id-a'");
+  assert_true(before > 0);
+  /* a refresh 300 ms later is answered from memory ... */
+  uv_sleep(300);
+  uv_update_time(&f->loop);
+  assert_int_equal(zm_life_extend(f->life, "id-a", on_res, &r), 0);
+  /* ... and reaches the store with the next flush */
+  long long after = before;
+  for (int i = 0; i < 200 && after < before + 250; i++) {
+    uv_run(&f->loop, UV_RUN_ONCE);
+    after = scalar(f, "SELECT (julianday(lease_expires_at) - 2440587.5) * "
+                      "86400000 FROM service_identities");
+  }
+  assert_true(after >= before + 250);
+  assert_true(zm_life_stats(f->life)->flushes >= 1);
+}
+
+static void test_agent_lock(void **state) {
+  fx_t *f = *state;
+  res_t a = {0}, b = {0};
+  zm_pending_row_t p1 = {
+      .name = "agent-1", .kind = ZM_PENDING_AGENT, .type = 1, .agent_id = "A"};
+  zm_pending_row_t p2 = {
+      .name = "agent-2", .kind = ZM_PENDING_AGENT, .type = 1, .agent_id = "A"};
+  zm_life_intent(f->life, &p1, uv_now(&f->loop) + 1000, on_res, &a);
+  zm_life_intent(f->life, &p2, uv_now(&f->loop) + 1000, on_res, &b);
+  run_until(f, &b.done, 1);
+  run_until(f, &a.done, 1);
+  assert_int_equal(a.err, 0);
+  assert_int_equal(b.err, ZM_E_EXISTS);
+  /* once the first is resolved the agent is free again */
+  a.done = 0;
+  zm_life_abandon(f->life, "agent-1", on_res, &a);
+  run_until(f, &a.done, 1);
+  b.done = 0;
+  zm_life_intent(f->life, &p2, uv_now(&f->loop) + 1000, on_res, &b);
+  run_until(f, &b.done, 1);
+  assert_int_equal(b.err, 0);
+}
+
+static void test_delete_without_answer_stays_deleting(void **state) {
+  fx_t *f = *state;
+  res_t r = {0};
+  zm_managed_row_t m = {.ziti_identity_id = "m-1",
+                        .identity_id = "0b9ad0e0-1111-4222-8333-444455556666",
+                        .identity_type = 1};
+  zm_pending_row_t p = {.name = "agent-x", .kind = ZM_PENDING_AGENT, .type = 1};
+  zm_life_intent(f->life, &p, uv_now(&f->loop) + 1000, on_res, &r);
+  run_until(f, &r.done, 1);
+  r.done = 0;
+  zm_life_commit_managed(f->life, "agent-x", &m, on_res, &r);
+  run_until(f, &r.done, 1);
+  assert_int_equal(r.err, 0);
+  assert_non_null(zm_life_cached_managed(f->life, "m-1"));
+  /* no controller: the DELETE cannot be answered */
+  r.done = 0;
+  zm_life_retire_managed(f->life, "m-1", on_res, &r);
+  run_until(f, &r.done, 1);
+  assert_int_not_equal(r.err, 0);
+  assert_null(zm_life_cached_managed(f->life, "m-1"));
+  assert_int_equal(scalar(f, "SELECT count(*) FROM managed_identities"), 0);
+  assert_int_equal(scalar(f, "SELECT attempts FROM deleting_identities WHERE "
+                             "ziti_identity_id = 'm-1'"),
+                   1);
+  /* retiring what is not mapped: NOT_FOUND, nothing recorded */
+  r.done = 0;
+  zm_life_retire_managed(f->life, "m-2", on_res, &r);
+  run_until(f, &r.done, 1);
+  assert_int_equal(r.err, ZM_E_NOT_FOUND);
+  assert_int_equal(scalar(f, "SELECT count(*) FROM deleting_identities"), 1);
+}
+
+static void test_no_collection_right_after_a_resume(void **state) {
+  fx_t *f = *state;
+  /* first start of this store: resumed now, so every lease lives TTL +
+   * margin from now */
+  assert_int_equal(zm_life_collect_cut(f->life), INT64_MIN);
+  assert_false(zm_life_settled(f->life, 60000));
+  assert_true(zm_life_settled(f->life, 0));
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_edges),
+      cmocka_unit_test_setup_teardown(test_commit_extend_flush, setup,
+                                      teardown),
+      cmocka_unit_test_setup_teardown(test_agent_lock, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_delete_without_answer_stays_deleting,
+                                      setup, teardown),
+      cmocka_unit_test_setup_teardown(test_no_collection_right_after_a_resume,
+                                      setup, teardown),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
