@@ -1,5 +1,6 @@
 /* main.c - flags -> configuration -> run the service -> exit code. */
 #include "zm/app.h"
+#include "zm/audit.h"
 #include "zm/config.h"
 #include "zm/healthcheck.h"
 #include "zm/log.h"
@@ -71,7 +72,19 @@ int main(int argc, char **argv) {
     return 2;
   }
   zm_log_set_level(level);
+  /* abort() is the OOM/assertion strategy: no core with keys in it */
+  if (zm_disable_core_dumps() != 0)
+    fprintf(stderr, "ziti-management: cannot disable core dumps\n");
   if (migrate_only)
     return zm_app_migrate_only(&cfg);
-  return zm_app_run(&cfg);
+  if (zm_audit_open(cfg.audit_log, err, sizeof err) != 0) {
+    fprintf(stderr, "ziti-management: AUDIT_LOG: %s\n", err);
+    return 2;
+  }
+  /* from here on no log line waits on stderr on the loop thread */
+  zm_log_start_async();
+  int rc = zm_app_run(&cfg);
+  zm_audit_close();
+  zm_log_stop_async();
+  return rc;
 }

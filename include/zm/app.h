@@ -43,6 +43,9 @@ typedef struct zm_app {
   zm_recover_t *recover;
   int stops_pending; /* collect/recover/life stops not yet done */
   uv_signal_t sigterm, sigint;
+  uv_signal_t sighup; /* reloads the listener's TLS material and policy */
+  const char *type_names[32]; /* service type names (authorization scopes) */
+  size_t n_type_names;
   uv_timer_t lag_timer;
   uv_timer_t
       shutdown_timer; /* runs the last shutdown steps outside callbacks */

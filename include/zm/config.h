@@ -51,6 +51,21 @@ typedef struct {
   uint32_t max_streams;       /* GRPC_MAX_CONCURRENT_STREAMS, default 1024 */
   uint64_t shutdown_grace_ms; /* SHUTDOWN_GRACE, default 20s */
   char log_level[16];         /* LOG_LEVEL, default info */
+  /* listener security and limits (README "Security") */
+  char tls_cert_file[512];      /* GRPC_TLS_CERT_FILE */
+  char tls_key_file[512];       /* GRPC_TLS_KEY_FILE: TLS when both set */
+  char tls_client_ca_file[512]; /* GRPC_TLS_CLIENT_CA_FILE: mTLS */
+  char authz_policy_file[512];  /* GRPC_AUTHZ_POLICY_FILE */
+  char audit_log[512];          /* AUDIT_LOG: "stderr" (default), "off", or
+                                   a file path */
+  unsigned max_conns;           /* GRPC_MAX_CONNECTIONS, default 65536 */
+  size_t max_buffered;          /* GRPC_MAX_BUFFERED_BYTES, default 256 MiB */
+  uint64_t recv_timeout_ms;     /* GRPC_RECV_TIMEOUT, default 30s; 0 = never */
+  uint64_t
+      write_stall_ms;    /* GRPC_WRITE_STALL_TIMEOUT, default 30s; 0 = never */
+  unsigned caller_rate;  /* GRPC_CALLER_RATE per second, default 10 */
+  unsigned caller_burst; /* GRPC_CALLER_BURST, default 20 */
+  unsigned caller_inflight;   /* GRPC_CALLER_MAX_INFLIGHT, default 32 */
   char disabled_methods[512]; /* GRPC_DISABLED_METHODS: comma-separated method
                                  names answered UNIMPLEMENTED; default none */
   zm_service_type_t types[ZM_MAX_SERVICE_TYPES]; /* built-ins + SERVICE_TYPES */

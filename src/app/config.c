@@ -226,6 +226,14 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
   cfg->max_streams = 1024;
   cfg->shutdown_grace_ms = 20000;
   strcpy(cfg->log_level, "info");
+  strcpy(cfg->audit_log, "stderr");
+  cfg->max_conns = 65536;
+  cfg->max_buffered = 256u << 20;
+  cfg->recv_timeout_ms = 30000;
+  cfg->write_stall_ms = 30000;
+  cfg->caller_rate = 10;
+  cfg->caller_burst = 20;
+  cfg->caller_inflight = 32;
   add_type(cfg, 1, "gateway", "gateway-hosts");
   add_type(cfg, 2, "orchestrator", "orchestrators");
   add_type(cfg, 3, "runner", "runners");
@@ -244,6 +252,11 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
   STR(key_file, "ZITI_KEY_FILE");
   STR(log_level, "LOG_LEVEL");
   STR(disabled_methods, "GRPC_DISABLED_METHODS");
+  STR(tls_cert_file, "GRPC_TLS_CERT_FILE");
+  STR(tls_key_file, "GRPC_TLS_KEY_FILE");
+  STR(tls_client_ca_file, "GRPC_TLS_CLIENT_CA_FILE");
+  STR(authz_policy_file, "GRPC_AUTHZ_POLICY_FILE");
+  STR(audit_log, "AUDIT_LOG");
 #undef STR
   if ((v = get("DATABASE_URL")) != NULL && *v != '\0') {
     /* never echo the value: it may carry a password */
@@ -275,7 +288,11 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
       (rv = env_duration(get, "SHUTDOWN_GRACE", &cfg->shutdown_grace_ms, 1, err,
                          errlen)) ||
       (rv = env_duration(get, "LEASE_FLUSH_INTERVAL", &cfg->lease_flush_ms, 0,
-                         err, errlen)))
+                         err, errlen)) ||
+      (rv = env_duration(get, "GRPC_RECV_TIMEOUT", &cfg->recv_timeout_ms, 1,
+                         err, errlen)) ||
+      (rv = env_duration(get, "GRPC_WRITE_STALL_TIMEOUT", &cfg->write_stall_ms,
+                         1, err, errlen)))
     return rv;
   if (cfg->lease_flush_ms > 60000)
     return fail(err, errlen, "LEASE_FLUSH_INTERVAL must be at most 1m");
@@ -308,6 +325,29 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
                      errlen)))
     return rv;
   cfg->max_streams = (uint32_t)x;
+  x = cfg->max_conns;
+  if ((rv =
+           env_uint(get, "GRPC_MAX_CONNECTIONS", 1, 1u << 20, &x, err, errlen)))
+    return rv;
+  cfg->max_conns = (unsigned)x;
+  x = cfg->max_buffered;
+  if ((rv = env_uint(get, "GRPC_MAX_BUFFERED_BYTES", 1u << 16, 1ull << 40, &x,
+                     err, errlen)))
+    return rv;
+  cfg->max_buffered = (size_t)x;
+  x = cfg->caller_rate;
+  if ((rv = env_uint(get, "GRPC_CALLER_RATE", 0, 1000000, &x, err, errlen)))
+    return rv;
+  cfg->caller_rate = (unsigned)x;
+  x = cfg->caller_burst;
+  if ((rv = env_uint(get, "GRPC_CALLER_BURST", 1, 1000000, &x, err, errlen)))
+    return rv;
+  cfg->caller_burst = (unsigned)x;
+  x = cfg->caller_inflight;
+  if ((rv = env_uint(get, "GRPC_CALLER_MAX_INFLIGHT", 0, 1000000, &x, err,
+                     errlen)))
+    return rv;
+  cfg->caller_inflight = (unsigned)x;
   if ((v = get("ENROLLMENT_KEY_ALG")) != NULL && *v != '\0' &&
       zm_key_alg_parse(v, &cfg->key_alg) != 0)
     return fail(err, errlen,
