@@ -57,6 +57,20 @@ static void resolve(zm_call_t *c, const ProtobufCMessage *m, void *ctx) {
   (void)ctx;
   const Agynio__Api__ZitiManagement__V1__ResolveIdentityRequest *req =
       (const void *)m;
+  if (strncmp(req->ziti_identity_id, "big:", 4) == 0) {
+    /* a large answer, for slow-reader tests */
+    size_t n = (size_t)strtoul(req->ziti_identity_id + 4, NULL, 10);
+    if (n > (1u << 20))
+      n = 1u << 20;
+    char *big = zm_call_alloc(c, n + 1);
+    memset(big, 'b', n);
+    big[n] = '\0';
+    Agynio__Api__ZitiManagement__V1__ResolveIdentityResponse r =
+        AGYNIO__API__ZITI_MANAGEMENT__V1__RESOLVE_IDENTITY_RESPONSE__INIT;
+    r.identity_id = big;
+    zm_call_reply(c, &r.base);
+    return;
+  }
   if (strcmp(req->ziti_identity_id, "known") != 0) {
     zm_call_fail(c, ZM_GRPC_NOT_FOUND, "no such identity");
     return;
