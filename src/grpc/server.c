@@ -90,6 +90,7 @@ struct zm_call {
   unsigned bad_timeout : 1;
   unsigned failed_early : 1; /* an error was already submitted */
   unsigned resp_heap : 1;    /* resp was malloc'd (not in the arena) */
+  unsigned rst_after : 1;    /* RST_STREAM(NO_ERROR) once the answer is out */
   const zm_grpc_method_t *method;
   const ProtobufCMessage *req; /* decoded request (arena), from dispatch */
   uint64_t deadline;           /* uv_now() ms, 0 = none */
@@ -906,6 +907,23 @@ static int on_begin_frame(nghttp2_session *s, const nghttp2_frame_hd *hd,
   return 0;
 }
 
+/* An early answer to a request that is still arriving (receive deadline,
+ * budget eviction) is followed by RST_STREAM(NO_ERROR) once it is on the
+ * wire (RFC 9113 8.1: stop sending), so the stream's state goes too.
+ * Submitted earlier, the RST would make nghttp2 drop the answer. */
+static int on_frame_send(nghttp2_session *s, const nghttp2_frame *f, void *ud) {
+  (void)ud;
+  if (f->hd.type != NGHTTP2_HEADERS || !(f->hd.flags & NGHTTP2_FLAG_END_STREAM))
+    return 0;
+  zm_call_t *call = nghttp2_session_get_stream_user_data(s, f->hd.stream_id);
+  if (call != NULL && call->rst_after) {
+    call->rst_after = 0;
+    nghttp2_submit_rst_stream(s, NGHTTP2_FLAG_NONE, f->hd.stream_id,
+                              NGHTTP2_NO_ERROR);
+  }
+  return 0;
+}
+
 static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud) {
   zm_conn_t *c = ud;
   c->got_frame = 1;
@@ -924,6 +942,41 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud) {
   return 0;
 }
 
+/*
+ * The process-wide request budget is full. Whoever holds the most pays:
+ * the largest unfinished request of the connection holding the most bytes
+ * is answered RESOURCE_EXHAUSTED (and its bytes freed), until len fits.
+ * Well-behaved clients send small, complete requests, so a client that
+ * parks large unfinished messages cannot starve them. Returns 1 when len
+ * now fits, 0 when the caller's own request is the one to refuse. Walks
+ * connections and streams only when the budget is exhausted.
+ */
+static int budget_make_room(zm_grpc_server_t *srv, zm_call_t *self,
+                            size_t len) {
+  while (srv->stats.buffered + len > srv->cfg.max_buffered) {
+    zm_conn_t *worst = NULL;
+    for (zm_conn_t *c = srv->conns; c != NULL; c = c->next)
+      if (worst == NULL || c->recv_buffered > worst->recv_buffered)
+        worst = c;
+    if (worst == NULL || worst->recv_buffered == 0)
+      return 0;
+    zm_call_t *victim = NULL;
+    for (zm_call_t *k = worst->calls; k != NULL; k = k->next)
+      if (k->state == CALL_RECEIVING &&
+          (victim == NULL || k->rlen > victim->rlen))
+        victim = k;
+    if (victim == NULL || victim->rlen == 0)
+      return 0;
+    if (victim == self || victim->rlen <= self->rlen + len)
+      return 0; /* ours is the largest: refuse it instead */
+    srv->stats.budget_refusals++;
+    victim->rst_after = 1;
+    submit_status(victim, ZM_GRPC_RESOURCE_EXHAUSTED,
+                  "server busy: request buffer budget exhausted");
+  }
+  return 1;
+}
+
 static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid,
                          const uint8_t *data, size_t len, void *ud) {
   (void)flags;
@@ -932,7 +985,8 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid,
   if (call == NULL || call->state != CALL_RECEIVING)
     return 0;
   zm_grpc_server_t *srv = c->srv;
-  if (srv->stats.buffered + len > srv->cfg.max_buffered) {
+  if (srv->stats.buffered + len > srv->cfg.max_buffered &&
+      !budget_make_room(srv, call, len)) {
     /* the process-wide budget: no client set can hold more than this */
     srv->stats.budget_refusals++;
     submit_status(call, ZM_GRPC_RESOURCE_EXHAUSTED,
@@ -1409,10 +1463,9 @@ static void call_recv_timeout(zm_call_t *call) {
     conn_mark_dirty(c);
     return;
   }
-  int32_t sid = call->stream_id;
+  call->rst_after = 1;
   submit_status(call, ZM_GRPC_DEADLINE_EXCEEDED,
                 "request not received in time (GRPC_RECV_TIMEOUT)");
-  nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, sid, NGHTTP2_NO_ERROR);
 }
 
 static void on_deadline(uv_timer_t *t) {
@@ -1541,6 +1594,7 @@ int zm_grpc_server_new(zm_grpc_server_t **out, uv_loop_t *loop,
                                                           on_begin_headers);
   nghttp2_session_callbacks_set_on_begin_frame_callback(srv->cbs,
                                                         on_begin_frame);
+  nghttp2_session_callbacks_set_on_frame_send_callback(srv->cbs, on_frame_send);
   nghttp2_session_callbacks_set_on_header_callback(srv->cbs, on_header);
   nghttp2_session_callbacks_set_on_frame_recv_callback(srv->cbs, on_frame_recv);
   nghttp2_session_callbacks_set_on_data_chunk_recv_callback(srv->cbs,
