@@ -7,6 +7,7 @@
 
 #include <jansson.h>
 #include <malloc.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,6 +55,10 @@ int main(int argc, char **argv) {
       return 2;
     }
   }
+  /* A peer that closes while we write must cost an EPIPE on that write,
+   * not the process (libuv leaves SIGPIPE to the application); the log
+   * writer thread relies on it too when stderr is a closed pipe. */
+  signal(SIGPIPE, SIG_IGN);
   json_set_alloc_funcs(malloc, wiping_free);
   wolfSSL_Init();
   if (zm_config_load(&cfg, NULL, err, sizeof err) != 0) {

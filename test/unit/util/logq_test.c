@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -107,6 +108,7 @@ static void test_audit_format(void **state) {
 }
 
 int main(void) {
+  signal(SIGPIPE, SIG_IGN); /* as main.c does */
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_order_and_flush),
       cmocka_unit_test(test_full_pipe_never_blocks),
