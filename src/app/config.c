@@ -348,6 +348,15 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
                      errlen)))
     return rv;
   cfg->caller_inflight = (unsigned)x;
+  /* Without client certificates the caller key is the peer address, and in
+   * a mesh that terminates TLS every caller shares the sidecar's address:
+   * per-caller limits are then off unless set explicitly. */
+  if (cfg->tls_client_ca_file[0] == '\0') {
+    if ((v = get("GRPC_CALLER_RATE")) == NULL || *v == '\0')
+      cfg->caller_rate = 0;
+    if ((v = get("GRPC_CALLER_MAX_INFLIGHT")) == NULL || *v == '\0')
+      cfg->caller_inflight = 0;
+  }
   if ((v = get("ENROLLMENT_KEY_ALG")) != NULL && *v != '\0' &&
       zm_key_alg_parse(v, &cfg->key_alg) != 0)
     return fail(err, errlen,

@@ -1203,6 +1203,11 @@ static void conn_flush(zm_conn_t *c) {
     int rv = c->tls != NULL
                  ? zm_tls_srv_write(c->tls, p, (size_t)n)
                  : buf_append(&c->out, &c->out_len, &c->out_cap, p, (size_t)n);
+    /* nghttp2 keeps its last frame in its frame buffer until the next
+     * one overwrites it: a response with a private key would sit there for
+     * as long as the connection idles. The bytes are ours now; clear them.
+     * (The buffer stays nghttp2's; it is not reread after mem_send.) */
+    zm_wipe((void *)p, (size_t)n);
     if (rv != 0) {
       c->srv->stats.nomem++;
       conn_close(c);
