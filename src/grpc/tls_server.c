@@ -4,6 +4,7 @@
  */
 #include "tls_server.h"
 
+#include "zm/secret.h"
 #include "zm/zm.h"
 
 #include <stdio.h>
@@ -172,8 +173,18 @@ int zm_tls_srv_ctx_new(zm_tls_srv_ctx_t **out, const char *cert_file,
              cert_file);
     goto fail;
   }
-  if (wolfSSL_CTX_use_PrivateKey_file(c->ctx, key_file, WOLFSSL_FILETYPE_PEM) !=
-      WOLFSSL_SUCCESS) {
+  /* through a buffer we wipe: wolfSSL's *_file() loaders free their copy
+   * of the PEM unwiped */
+  zm_secret_t pem = {0};
+  int krc = zm_secret_read_file(&pem, key_file, 1u << 20);
+  if (krc == 0)
+    krc = wolfSSL_CTX_use_PrivateKey_buffer(
+              c->ctx, (const unsigned char *)pem.base, (long)pem.len,
+              WOLFSSL_FILETYPE_PEM) == WOLFSSL_SUCCESS
+              ? 0
+              : -1;
+  zm_secret_dispose(&pem);
+  if (krc != 0) {
     snprintf(err, errlen, "%s: cannot load the private key (PEM)", key_file);
     goto fail;
   }

@@ -50,14 +50,14 @@ def find(snap, needles):
         for name, n in needles:
             i = data.find(n)
             if i >= 0:
-                hits.append("%s at %#x (%s)" % (name, lo + i, path or "anon"))
+                ctx = data[max(0, i - 400):i + 400]
+                hits.append("%s at %#x (%s): %r" % (name, lo + i, path or "anon", ctx))
     return hits
 
 
-def key_body(identity_json):
-    pem = json.loads(identity_json)["id"]["key"][4:]
-    lines = [l for l in pem.splitlines() if l and not l.startswith("-----")]
-    return "".join(lines).encode()
+def pem_lines(pem):
+    """The base64 lines of a PEM block (a copy keeps its line breaks)."""
+    return [l.encode() for l in pem.splitlines() if l and not l.startswith("-----")]
 
 
 def test_no_secret_in_memory_after_100_enrollments(sim):
@@ -88,14 +88,29 @@ def test_no_secret_in_memory_after_100_enrollments(sim):
         snap = snapshot(pid)  # the client connection is still open
         needles = []
         for r in ids:
-            body = key_body(r.identity_json)
-            # any 48-byte window of the key's base64, and its PEM armour
-            needles.append(("key of " + r.ziti_identity_id, body[20:68]))
+            lines = pem_lines(json.loads(r.identity_json)["id"]["key"][4:])
+            # every line of the key's base64 (the first holds the private
+            # scalar's start, the last the public key)
+            for k, l in enumerate(lines):
+                needles.append(("key of %s line %d" % (r.ziti_identity_id, k), l[8:56]))
         for a in agents:
             needles.append(("JWT of " + a.ziti_identity_id, a.enrollment_jwt.split(".")[2][:40].encode()))
             needles.append(("JWT payload of " + a.ziti_identity_id, a.enrollment_jwt.split(".")[1][:40].encode()))
-        needles.append(("PEM armour", b"PRIVATE KEY-----"))
+        with open(sim.key_file) as f:
+            for k, l in enumerate(pem_lines(f.read())):
+                needles.append(("admin key (ZITI_KEY_FILE) line %d" % k, l[8:40]))
         hits = find(snap, needles)
+        # any private key PEM at all: a BEGIN line followed by base64 (a
+        # lone footer string from wolfSSL's PEM code is no key)
+        pem = re.compile(rb"BEGIN [A-Z ]*PRIVATE KEY-----\r?\n?[A-Za-z0-9+/]{16}")
+        for lo, path, data in snap:
+            for m in pem.finditer(data):
+                hits.append("PEM private key at %#x (%s)" % (lo + m.start(), path or "anon"))
+        # and any JWT-shaped string (header.payload.signature, base64url)
+        jwt = re.compile(rb"eyJ[A-Za-z0-9_-]{10,}\.eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{20,}")
+        for lo, path, data in snap:
+            for m in jwt.finditer(data):
+                hits.append("JWT at %#x (%s)" % (lo + m.start(), path or "anon"))
         ch.close()
         assert hits == [], "\n".join(hits[:40])
         assert "secret" not in status  # (keeps the linter quiet about status)
