@@ -51,9 +51,9 @@ static int load_key(WOLFSSL_CTX *ctx, const char *path) {
   zm_secret_t pem = {0};
   if (zm_secret_read_file(&pem, path, 1u << 20) != 0)
     return -1;
-  int rc = wolfSSL_CTX_use_PrivateKey_buffer(
-      ctx, (const unsigned char *)pem.base, (long)pem.len,
-      WOLFSSL_FILETYPE_PEM);
+  int rc =
+      wolfSSL_CTX_use_PrivateKey_buffer(ctx, (const unsigned char *)pem.base,
+                                        (long)pem.len, WOLFSSL_FILETYPE_PEM);
   zm_secret_dispose(&pem);
   return rc == WOLFSSL_SUCCESS ? 0 : -1;
 }
