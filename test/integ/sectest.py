@@ -65,6 +65,14 @@ class Pki:
         return self.issue(stem, "zm-server", ["DNS:localhost", "IP:127.0.0.1"], server=True)
 
 
+SANITIZED = os.environ.get("ZM_SANITIZED", "").lower() in ("1", "true", "on", "yes")
+
+
+def rss_budget_kb(kb):
+    """An RSS bound, looser under ASan (its quarantine keeps freed memory)."""
+    return kb * 4 if SANITIZED else kb
+
+
 def read(path):
     with open(path, "rb") as f:
         return f.read()
@@ -129,6 +137,10 @@ class TestServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        log = self.logtext()
+        for bad in ("AddressSanitizer", "LeakSanitizer", "runtime error:"):
+            if bad in log:
+                raise AssertionError("sanitizer report in the server log:\n" + log[-6000:])
         return self.proc.returncode if self.proc else None
 
 

@@ -116,7 +116,7 @@ def test_ten_thousand_half_open_streams(tmp):
             stats = srv.stats()
             assert stats["buffered"] <= 8 << 20
             grown = rss_kb(srv.proc.pid) - base
-            assert grown < 120 * 1024, grown  # KiB: bounded, not 10 GB
+            assert grown < st.rss_budget_kb(120 * 1024), grown  # KiB: bounded, not 10 GB
             # the receive deadline answers and resets every stalled stream
             assert wait_for(lambda: srv.stats().get("recv_timeouts", 0) + srv.stats().get("budget_refusals", 0)
                             >= 10000, 15)
@@ -185,7 +185,7 @@ def test_non_reading_client_is_evicted(tmp):
             c.send(out)
             # ...and never reads again
             assert wait_for(lambda: srv.stats().get("write_stalls", 0) >= 1, 10)
-            assert rss_kb(srv.proc.pid) < 200 * 1024
+            assert rss_kb(srv.proc.pid) < st.rss_budget_kb(200 * 1024)
             s.close()
         p.check()
         assert any(a["event"] == "write_stall" for a in srv.audit())
@@ -234,7 +234,7 @@ def test_global_buffer_budget(tmp):
             stats = srv.stats()
             assert stats["buffered"] <= 16 << 20
             assert stats["budget_refusals"] > 0
-            assert rss_kb(srv.proc.pid) - base < 60 * 1024
+            assert rss_kb(srv.proc.pid) - base < st.rss_budget_kb(60 * 1024)
         p.check()
     finally:
         for c in conns:
