@@ -1186,33 +1186,60 @@ static void on_write(uv_write_t *req, int status) {
   conn_flush(c);
 }
 
+/* Plaintext of one TLS record being gathered (loop thread only; wiped after
+ * every flush). */
+static uint8_t tls_plain[16384];
+
 /* Pulls nghttp2's output, writes it, applies backpressure, closes when done. */
 static void conn_flush(zm_conn_t *c) {
   if (c->state != CONN_OPEN)
     return;
+  /* TLS: frames are gathered into full records (one wolfSSL_write per
+   * 16 KiB, not per frame: a unary response is three frames) */
+  size_t plen = 0;
+  int rv = 0;
   while (c->out_len < ZM_CONN_OUT_SOFT_MAX &&
          (c->tls == NULL || c->tls->established)) {
     const uint8_t *p;
     ssize_t n = nghttp2_session_mem_send(c->h2, &p);
     if (n < 0) {
-      conn_close(c);
-      return;
+      rv = (int)n; /* nghttp2's error: the session is broken */
+      break;
     }
     if (n == 0)
       break;
-    int rv = c->tls != NULL
-                 ? zm_tls_srv_write(c->tls, p, (size_t)n)
-                 : buf_append(&c->out, &c->out_len, &c->out_cap, p, (size_t)n);
+    if (c->tls == NULL) {
+      rv = buf_append(&c->out, &c->out_len, &c->out_cap, p, (size_t)n);
+    } else {
+      for (size_t off = 0; off < (size_t)n && rv == 0;) {
+        size_t k = sizeof tls_plain - plen;
+        if (k > (size_t)n - off)
+          k = (size_t)n - off;
+        memcpy(tls_plain + plen, p + off, k);
+        plen += k;
+        off += k;
+        if (plen == sizeof tls_plain) {
+          rv = zm_tls_srv_write(c->tls, tls_plain, plen);
+          plen = 0;
+        }
+      }
+    }
     /* nghttp2 keeps its last frame in its frame buffer until the next
      * one overwrites it: a response with a private key would sit there for
      * as long as the connection idles. The bytes are ours now; clear them.
      * (The buffer stays nghttp2's; it is not reread after mem_send.) */
     zm_wipe((void *)p, (size_t)n);
-    if (rv != 0) {
+    if (rv != 0)
+      break;
+  }
+  if (plen > 0 && rv == 0)
+    rv = zm_tls_srv_write(c->tls, tls_plain, plen);
+  zm_wipe(tls_plain, sizeof tls_plain);
+  if (rv != 0) {
+    if (rv == -1) /* buf_append */
       c->srv->stats.nomem++;
-      conn_close(c);
-      return;
-    }
+    conn_close(c);
+    return;
   }
   if (!c->writing && c->out_len > 0) {
     /* swap gathered output into the in-flight buffer */
@@ -1226,8 +1253,8 @@ static void conn_flush(zm_conn_t *c) {
     c->out_len = 0;
     uv_buf_t b = uv_buf_init(c->wr, (unsigned)c->wr_len);
     c->wreq.data = c;
-    int rv = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_write);
-    if (rv < 0) {
+    int wrv = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_write);
+    if (wrv < 0) {
       conn_close(c);
       return;
     }
