@@ -8,7 +8,7 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
 BUILD="build-essential cmake pkg-config libuv1-dev libnghttp2-dev libprotobuf-c-dev \
 protobuf-c-compiler libprotobuf-dev libwolfssl-dev node-llhttp libjansson-dev libsqlite3-dev libpq-dev"
-TEST="libcmocka-dev nghttp2-client postgresql sqlite3 openssl python3 python3-grpcio \
+TEST="libcmocka-dev nghttp2-client postgresql sqlite3 openssl python3 python3-grpcio python3-prometheus-client \
 python3-protobuf python3-grpc-tools python3-pytest python3-cryptography python3-psycopg2 python3-h2 clang-format \
 clang libclang-rt-14-dev \
 util-linux procps"

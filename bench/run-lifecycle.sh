@@ -10,14 +10,19 @@
 #   c. two replicas on one PostgreSQL vs one: two zm-bench processes (16x32
 #      each), one per replica, total req/s; the one-replica control is the same
 #      two zm-bench processes against one replica;
+#   a'/b'. ExtendIdentityLease 32x32 on zm and zm-pg over a STEADY_DURATION
+#      window (default 15 s: the flush granule, so the window holds one store
+#      write of every key, as under continuous load; the DURATION windows
+#      start cold: every key's first refresh is written inside them);
 #   d. ResolveIdentity 32x32 and 1x1 (regression check: same-run ratios
-#      against the anchors, and the previous bench/RESULTS.md figures).
+#      against the anchors, and the previous bench/RESULTS.md figures); and
+#      grpc.health.v1 Check 1x1 on zm: the floor of a 1x1 round trip here.
 # Every server (and PostgreSQL) is pinned to SERVER_CPU, the clients to
 # CLIENT_CPU. Rounds are interleaved: each round goes case by case, rotating
 # the order of the servers, so compared runs are seconds apart. Everything
 # listens on 127.0.0.1 only; every client run is time-bounded.
 #
-# Env: DURATION=3 WARMUP=1 ROUNDS=3  SERVER_CPU=0 CLIENT_CPU=1
+# Env: DURATION=3 WARMUP=1 ROUNDS=3 STEADY_DURATION=15  SERVER_CPU=0 CLIENT_CPU=1
 #      BUILD (default build-bench; SKIP_BUILD=1 uses it as it is)
 #      ANCHORS (a dir with the anchors built: bin/cpp_server ...; default the
 #        shared anchors; if they are not built there, they are copied into the
@@ -25,9 +30,11 @@
 #      BASELINE_BIN (optional: an earlier build's ziti-management, e.g. from
 #        `git archive b445401`: run as zm-prev on its own seeded SQLite store in
 #        cases a and d, for a same-run before/after; BASELINE_REV names it)
+#      SOURCE_REV (recorded as the source revision; default: git HEAD of the
+#        tree this script is in, marked when src/ has uncommitted changes)
 #      RESULTS_MD (default bench/RESULTS.md: the section between the
 #        "lifecycle-bench" markers is replaced, or appended)
-# Whole run: about 5 minutes with the defaults.
+# Whole run: about 7 minutes with the defaults.
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=bench/lib.sh
@@ -49,7 +56,8 @@ OUT=$BUILD/bench-results/lifecycle
 BIN=$BUILD/ziti-management
 BENCH=$BUILD/bench/zm-bench
 CLK_TCK=$(getconf CLK_TCK)
-CASE_TIMEOUT=$(awk -v d="$DUR" -v w="$WARM" 'BEGIN{printf "%d", d + w + 40}')
+STEADY_DUR=${STEADY_DURATION:-15}
+CASE_TIMEOUT=$(awk -v d="$DUR" -v s="$STEADY_DUR" -v w="$WARM" 'BEGIN{printf "%d", (d > s ? d : s) + w + 40}')
 
 log() { echo "[$(($(date +%s) - T_START))s] $*"; }
 
@@ -57,7 +65,7 @@ rm -rf "$OUT"; mkdir -p "$OUT"
 W=$(mktemp -d "${TMPDIR:-/tmp}/zm-lifecycle.XXXXXX")
 chmod 755 "$W"
 declare -A SPID PORT
-PG_ZM_DIR=; PG_GO_DIR=; PG_ZM_URL=; PG_ZM_PORT=
+PG_ZM_DIR=; PG_GO_DIR=; PG_ZM_URL=; PG_ZM_PORT=; PG_ZM_PID=; PG_GO_PID=
 stop_srv() { zmb_stop "${SPID[$1]:-}"; unset "SPID[$1]"; }
 cleanup() {
   local n
@@ -74,12 +82,16 @@ FACTS=$OUT/facts.tsv; : >"$FACTS"
 fact() { printf '%s\t%s\n' "$1" "$2" >>"$FACTS"; }
 fact date "$(date -u '+%Y-%m-%d %H:%M UTC')"
 fact machine "nproc $(nproc); $(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo); kernel $(uname -r); $(awk '/MemTotal/{printf "%.1f GiB", $2/1048576}' /proc/meminfo); $(. /etc/os-release 2>/dev/null; echo "${PRETTY_NAME:-?}")"
-fact git "$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet -- src include CMakeLists.txt 2>/dev/null || echo ' (src/ with uncommitted changes)')"
+if [[ -n ${SOURCE_REV:-} ]]; then
+  fact git "$SOURCE_REV"
+else
+  fact git "$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet -- src include CMakeLists.txt 2>/dev/null || echo ' (src/ with uncommitted changes)')"
+fi
 fact load "load average at the start $(cut -d' ' -f1-3 /proc/loadavg) (a shared machine: other sessions' processes are not controlled; steal and core busy show it)"
 fact postgres "$("$(zmb_pg_bin)/postgres" --version 2>/dev/null)"
 fact cmd "$(printf '%q ' "DURATION=$DUR" "WARMUP=$WARM" "ROUNDS=$ROUNDS" "SERVER_CPU=$SERVER_CPU" "CLIENT_CPU=$CLIENT_CPU")bench/run-lifecycle.sh"
 fact pinning "servers and PostgreSQL on CPU $SERVER_CPU (taskset), zm-bench on CPU $CLIENT_CPU"
-fact shape "-D $DUR --warmup $WARM per case, $ROUNDS interleaved rounds, --keys $KEYS (uniformly random keys), --timeout-ms 10000"
+fact shape "-D $DUR --warmup $WARM per case (extend-steady: -D $STEADY_DUR), $ROUNDS interleaved rounds, --keys $KEYS (uniformly random keys), --timeout-ms 10000"
 
 # ---- build -----------------------------------------------------------------------
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
@@ -151,7 +163,7 @@ start_anchor go env GOMAXPROCS=1 ./bin/goserver
 
 log "PostgreSQL for zm-pg (pinned to CPU $SERVER_CPU)"
 if zmb_pg_start "$W" "$SERVER_CPU" zm; then
-  PG_ZM_DIR=$ZMB_PG_DIR; PG_ZM_URL=$ZMB_PG_URL; PG_ZM_PORT=$ZMB_PG_PORT
+  PG_ZM_DIR=$ZMB_PG_DIR; PG_ZM_URL=$ZMB_PG_URL; PG_ZM_PORT=$ZMB_PG_PORT; PG_ZM_PID=$ZMB_PG_PID
   zmb_pg_schema zm "$BIN"
   fact zm_pg_schema "$ZMB_PG_SCHEMA_HOW"
   if zmb_pg_seed zm "$KEYS" 3600 >/dev/null; then
@@ -164,7 +176,7 @@ fi
 
 log "PostgreSQL for go-pg (pinned to CPU $SERVER_CPU), seeded as the anchors' run.sh does"
 if zmb_pg_start "$W" "$SERVER_CPU" zitiperf; then
-  PG_GO_DIR=$ZMB_PG_DIR
+  PG_GO_DIR=$ZMB_PG_DIR; PG_GO_PID=$ZMB_PG_PID
   zmb_pg_psql zitiperf <<'SQL' >/dev/null
 CREATE TABLE service_identities (
   ziti_identity_id TEXT PRIMARY KEY,
@@ -184,9 +196,17 @@ sleep 1
 
 # ---- measurement -----------------------------------------------------------------------------
 RUNS=$OUT/runs.tsv
-printf 'group\tserver\trpc\tconns\tstreams\tround\trps\tlat_mean_us\tlat_p50_us\tlat_p99_us\tlat_max_us\terrors\tsrv_cpu_pct\tcore_busy_pct\tcli_cpu_pct\tsteal_pct\n' >"$RUNS"
+printf 'group\tserver\trpc\tconns\tstreams\tround\trps\tlat_mean_us\tlat_p50_us\tlat_p99_us\tlat_max_us\terrors\tsrv_cpu_pct\tcore_busy_pct\tcli_cpu_pct\tsteal_pct\tpg_cpu_pct\n' >"$RUNS"
 core_stat() { # "busy steal total" jiffies of one CPU
   awk -v c="cpu$1" '$1==c{t=0; for (i=2; i<=9; i++) t+=$i; print $2+$3+$4+$7+$8, $9, t}' /proc/stat
+}
+# pg_snap POSTMASTER_PID: "pid ticks" (utime+stime) of the postmaster and
+# each of its children; two snapshots give the cluster's CPU per process
+# (a child that exits in between, e.g. an autovacuum worker, is not counted)
+pg_snap() {
+  [[ -n $1 ]] || return 0
+  awk -v p="$1" '{ f = FILENAME; sub(/^\/proc\//, "", f); sub(/\/stat$/, "", f); sub(/^.*\) /, "");
+    if ($2 == p || f == p) print f, $12 + $13 }' /proc/[0-9]*/stat 2>/dev/null
 }
 jget() { /usr/bin/python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print($2)" "$1" 2>/dev/null; }
 
@@ -200,32 +220,45 @@ one_case() {
   cc=$((c / n))
   for t in "${targets[@]}"; do [[ -n ${SPID[$t]:-} ]] || return 0; done
   uniq=$(printf '%s\n' "${targets[@]}" | sort -u)
-  [[ $rpc == resolve ]] && scen=resolve || scen=extend
+  case $rpc in resolve*) scen=resolve ;; health) scen=health ;; *) scen=extend ;; esac
+  local dur=$DUR
+  [[ $rpc == *-steady ]] && dur=$STEADY_DUR
   for t in $uniq; do s0=$((s0 + $(zmb_ticks "${SPID[$t]}"))); done
-  k0=$(core_stat "$SERVER_CPU")
+  local pgp=
+  case ${targets[0]} in zm-pg*) pgp=$PG_ZM_PID ;; go-pg) pgp=$PG_GO_PID ;; esac
   local base=$OUT/${label}_${rpc}_c${c}m${m}_r$round
+  pg_snap "$pgp" >"$base.pg0"
+  k0=$(core_stat "$SERVER_CPU")
   TIMEFORMAT='%R %U %S'
   for ((i = 0; i < n; i++)); do
     t=${targets[$i]}
     { time taskset -c "$CLIENT_CPU" timeout "$CASE_TIMEOUT" "$BENCH" --target "127.0.0.1:${PORT[$t]}" \
-        --scenario "$scen" -c "$cc" -m "$m" -D "$DUR" --warmup "$WARM" --keys "$KEYS" --seed $((round * 10 + i + 1)) \
+        --scenario "$scen" -c "$cc" -m "$m" -D "$dur" --warmup "$WARM" --keys "$KEYS" --seed $((round * 10 + i + 1)) \
         --timeout-ms 10000 --allow-errors --show-errors 3 --json "$base.$i.json" >"$base.$i.txt" 2>&1; } 2>"$base.$i.time" &
     pids+=($!)
   done
   for t in "${pids[@]}"; do wait "$t"; done
   k1=$(core_stat "$SERVER_CPU")
+  pg_snap "$pgp" >"$base.pg1"
   for t in $uniq; do s1=$((s1 + $(zmb_ticks "${SPID[$t]}"))); done
-  /usr/bin/python3 - "$base" "$n" "$DUR" "$WARM" "$((s1 - s0))" "$CLK_TCK" "$k0" "$k1" >"$base.row" <<'PY'
+  /usr/bin/python3 - "$base" "$n" "$dur" "$WARM" "$((s1 - s0))" "$CLK_TCK" "$k0" "$k1" >"$base.row" <<'PY'
 import json, sys
 base, n, dur, warm, ticks, hz = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 k0, k1 = [list(map(int, a.split())) for a in sys.argv[7:9]]
+def snap(f):
+    try:
+        return {a: int(b) for a, b in (l.split() for l in open(f) if l.strip())}
+    except FileNotFoundError:
+        return {}
+p0, p1 = snap(base + ".pg0"), snap(base + ".pg1")
+pgt = sum(t - p0.get(pid, 0) for pid, t in p1.items())
 rps = cnt = msum = p50 = p99 = mx = err = 0.0
 cli = wall = 0.0
 for i in range(n):
     try:
         j = json.load(open(f"{base}.{i}.json"))
     except Exception:
-        print("0\t0\t0\t0\t0\t-1\t0\t0\t0\t0"); sys.exit(0)
+        print("0\t0\t0\t0\t0\t-1\t0\t0\t0\t0\t0"); sys.exit(0)
     l = j["latency_us"]
     rps += j["rps"]; c = l["count"]; cnt += c; msum += l["mean"] * c
     p50 = max(p50, l["p50"]); p99 = max(p99, l["p99"]); mx = max(mx, l["max"])
@@ -234,14 +267,14 @@ for i in range(n):
     cli += user + sys_; wall = max(wall, real)
 d = k1[2] - k0[2] or 1
 print("\t".join(str(x) for x in (f"{rps:.0f}", f"{msum / cnt if cnt else 0:.1f}", f"{p50:.1f}", f"{p99:.1f}", f"{mx:.1f}", int(err),
-      f"{100 * ticks / hz / wall:.0f}", f"{100 * (k1[0] - k0[0]) / d:.0f}", f"{100 * cli / wall:.0f}", f"{100 * (k1[1] - k0[1]) / d:.0f}")))
+      f"{100 * ticks / hz / wall:.0f}", f"{100 * (k1[0] - k0[0]) / d:.0f}", f"{100 * cli / wall:.0f}", f"{100 * (k1[1] - k0[1]) / d:.0f}", f"{100 * pgt / hz / wall:.0f}")))
 PY
   local row
   row=$(cat "$base.row")
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$group" "$label" "$rpc" "$c" "$m" "$round" "$row" >>"$RUNS"
-  read -r rps mean _ p99 _ err srv core cli _ <<<"$row"
-  printf '    %-16s %-7s %3sx%-3s %9s req/s  mean %8s us  p99 %9s us  err %s  srv %s%%  core%s %s%%  cli %s%%\n' \
-    "$label" "$rpc" "$c" "$m" "$rps" "$mean" "$p99" "$err" "$srv" "$SERVER_CPU" "$core" "$cli"
+  read -r rps mean _ p99 _ err srv core cli _ pgc <<<"$row"
+  printf '    %-16s %-13s %3sx%-3s %9s req/s  mean %8s us  p99 %9s us  err %s  srv %s%%  pg %s%%  core%s %s%%  cli %s%%\n' \
+    "$label" "$rpc" "$c" "$m" "$rps" "$mean" "$p99" "$err" "$srv" "$pgc" "$SERVER_CPU" "$core" "$cli"
 }
 
 # a case over several servers, order rotated per round
@@ -268,6 +301,10 @@ for round in $(seq "$ROUNDS"); do
   rotate_case a extend 1 1 "$round" "${MEM[@]}"
   rotate_case b extend 32 32 "$round" zm-pg go-pg
   rotate_case b extend 1 1 "$round" zm-pg go-pg
+  # steady state: a window as long as the flush granule (15 s), so it holds
+  # one write of every key, as continuous load does, not a cold start
+  rotate_case a extend-steady 32 32 "$round" zm
+  rotate_case b extend-steady 32 32 "$round" zm-pg
   # c: one replica vs two, the same two zm-bench processes (16x32 each)
   one_case c zm-pg-1rep extend 32 32 "$round" zm-pg zm-pg
   sleep 1.5
@@ -279,6 +316,9 @@ for round in $(seq "$ROUNDS"); do
   fi
   rotate_case d resolve 32 32 "$round" "${MEM[@]}" zm-pg
   rotate_case d resolve 1 1 "$round" "${MEM[@]}"
+  # the floor of a 1x1 round trip through this client, kernel and h2 stack:
+  # grpc.health.v1 Check (no store, no index)
+  rotate_case d health 1 1 "$round" zm
 done
 
 # server-side facts after the load

@@ -14,6 +14,9 @@
 #include <wolfssl/options.h>
 #include <wolfssl/ssl.h>
 
+/* Settings given as flags override the environment. */
+static const char *flag_values[64];
+
 /* jansson keeps copies of parsed strings (enrollment JWTs, one-time tokens,
  * session tokens) in its own allocations: wipe every one before it is freed. */
 static void wiping_free(void *p) {
@@ -23,15 +26,33 @@ static void wiping_free(void *p) {
   }
 }
 
+static const char *get_setting(const char *name) {
+  for (size_t i = 0; i < zm_settings_count; i++)
+    if (strcmp(zm_settings[i].env, name) == 0 && flag_values[i] != NULL)
+      return flag_values[i];
+  return getenv(name);
+}
+
 static void usage(FILE *f) {
   fputs(
-      "usage: ziti-management [--health-check [ADDR]] [--migrate-only] "
-      "[--help]\n"
-      "Configuration comes from environment variables; see README.md.\n"
+      "usage: ziti-management [--SETTING=VALUE ...] [--health-check [ADDR]]\n"
+      "                       [--migrate-only] [--version] [--help]\n"
       "  --health-check [ADDR]  call grpc.health.v1.Health/Check on ADDR\n"
       "                         (default: GRPC_ADDRESS); exit 0 if SERVING\n"
-      "  --migrate-only         create/migrate the store at STORE_PATH, exit\n",
+      "  --migrate-only         create/migrate the store, then exit\n"
+      "\n"
+      "Settings: each is an environment variable and a flag (the flag wins).\n"
+      "(Go) marks the variables the Go service reads with the same "
+      "meaning.\n\n",
       f);
+  for (size_t i = 0; i < zm_settings_count; i++) {
+    char flag[64];
+    zm_config_flag_name(zm_settings[i].env, flag, sizeof flag);
+    fprintf(f, "  %s=VALUE  %s%s\n      %s (default: %s)\n", flag,
+            zm_settings[i].env, zm_settings[i].go ? " (Go)" : "",
+            zm_settings[i].help,
+            zm_settings[i].def[0] ? zm_settings[i].def : "none");
+  }
 }
 
 int main(int argc, char **argv) {
@@ -40,18 +61,40 @@ int main(int argc, char **argv) {
   int health = 0, migrate_only = 0;
   const char *health_addr = NULL;
   for (int i = 1; i < argc; i++) {
-    if (strcmp(argv[i], "--health-check") == 0) {
+    const char *a = argv[i];
+    if (strcmp(a, "--health-check") == 0) {
       health = 1;
       if (i + 1 < argc && argv[i + 1][0] != '-')
         health_addr = argv[++i];
-    } else if (strcmp(argv[i], "--migrate-only") == 0) {
+    } else if (strcmp(a, "--migrate-only") == 0) {
       migrate_only = 1;
-    } else if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+    } else if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
       usage(stdout);
       return 0;
+    } else if (strcmp(a, "--version") == 0) {
+      printf("ziti-management %s (%s)\n", ZM_VERSION, ZM_GIT_COMMIT);
+      return 0;
+    } else if (strncmp(a, "--", 2) == 0) {
+      size_t n = strcspn(a, "=");
+      const zm_setting_t *s = zm_config_setting_by_flag(a, n);
+      if (s == NULL) {
+        fprintf(stderr, "ziti-management: unknown flag '%.*s' (see --help)\n",
+                (int)n, a);
+        return 2;
+      }
+      const char *v;
+      if (a[n] == '=') {
+        v = a + n + 1;
+      } else if (i + 1 < argc) {
+        v = argv[++i];
+      } else {
+        fprintf(stderr, "ziti-management: %s needs a value (%s)\n", a, s->env);
+        return 2;
+      }
+      flag_values[s - zm_settings] = v;
     } else {
-      fprintf(stderr, "ziti-management: unknown argument '%s'\n", argv[i]);
-      usage(stderr);
+      fprintf(stderr, "ziti-management: unknown argument '%s' (see --help)\n",
+              a);
       return 2;
     }
   }
@@ -61,7 +104,7 @@ int main(int argc, char **argv) {
   signal(SIGPIPE, SIG_IGN);
   json_set_alloc_funcs(malloc, wiping_free);
   wolfSSL_Init();
-  if (zm_config_load(&cfg, NULL, err, sizeof err) != 0) {
+  if (zm_config_load(&cfg, get_setting, err, sizeof err) != 0) {
     fprintf(stderr, "ziti-management: configuration: %s\n", err);
     return 2;
   }
@@ -69,14 +112,9 @@ int main(int argc, char **argv) {
     return zm_healthcheck_run(health_addr ? health_addr : cfg.grpc_address, "",
                               3000);
   zm_log_level_t level;
-  if (zm_log_parse_level(cfg.log_level, &level) != 0) {
-    fprintf(stderr,
-            "ziti-management: LOG_LEVEL=%s: expected debug, info, "
-            "warn or error\n",
-            cfg.log_level);
-    return 2;
-  }
+  zm_log_parse_level(cfg.log_level, &level); /* validated by config */
   zm_log_set_level(level);
+  zm_log_set_json(cfg.log_json);
   /* abort() is the OOM/assertion strategy: no core with keys in it */
   if (zm_disable_core_dumps() != 0)
     fprintf(stderr, "ziti-management: cannot disable core dumps\n");

@@ -13,6 +13,8 @@
 #include "zm/health.h"
 #include "zm/index.h"
 #include "zm/lifecycle.h"
+#include "zm/metrics.h"
+#include "zm/reflect.h"
 #include "zm/store.h"
 #include "zm/ziti.h"
 
@@ -52,15 +54,34 @@ typedef struct zm_app {
   uint64_t lag_expected;
   uint64_t lag_report_s; /* uv_now()/1000 of the last lag report */
   int shutting_down;
+  int serving; /* on_ready ran */
   int exit_code;
+  int64_t start_wall_ms;
+  zm_metrics_srv_t *metrics; /* NULL without METRICS_ADDRESS */
+  zm_reflect_t *reflect;
   unsigned enroll_inflight;
   zm_app_stats_t stats;
 } zm_app_t;
 
 /* Runs the service until SIGTERM/SIGINT; returns the process exit code. */
 int zm_app_run(const zm_config_t *cfg);
+/* ZITI_ENROLLMENT_JWT_FILE: when set and a cert/key/CA file is missing,
+ * enrolls the admin identity from the JWT and writes the three files
+ * (src/app/bootstrap.c). Runs `loop` until done; call it before anything
+ * else uses the loop. Returns 0 (files present or written) or 1. */
+int zm_bootstrap_enroll(uv_loop_t *loop, const zm_config_t *cfg);
 /* Opens/migrates the store and exits: returns 0 or 1. */
 int zm_app_migrate_only(const zm_config_t *cfg);
+
+/* ---- observability (src/app/observe.c) ---------------------------------- */
+/* Renders every metric (the metrics listener's render callback). */
+void zm_app_render_metrics(zm_prom_t *p, void *data);
+/* /readyz: 1 when serving, not draining, the store open with a fresh
+ * heartbeat and the controller answering (or not configured); else 0 and
+ * the reason in why (may be NULL). */
+int zm_app_ready(void *data, char *why, size_t cap);
+/* "OK", "NOT_FOUND", ... */
+const char *zm_grpc_code_name(int code);
 
 /* ---- RPC handlers (ctx = zm_app_t *) ---------------------------------------
  */
@@ -73,6 +94,15 @@ void zm_rpc_delete_identity(zm_call_t *c, const ProtobufCMessage *req,
                             void *ctx);
 void zm_rpc_request_service_identity(zm_call_t *c, const ProtobufCMessage *req,
                                      void *ctx);
+
+/* ResolveIdentity found no mapping for the requested id: with
+ * ZITI_IDENTITY_NAME_RESOLVE, an id of the form agent-<uuid>[-...] resolves
+ * by identity_id = <uuid> (the Go service's fallback); otherwise, or when
+ * that finds nothing, NOT_FOUND. Finishes the call (src/rpc/resolve_name.c). */
+void zm_rpc_resolve_not_found(zm_call_t *call);
+/* The canonical lower-case UUID of an agent-<uuid>[-...] name into out, or
+ * -1 when name has another form. Pure. */
+int zm_rpc_agent_name_uuid(const char *name, char out[37]);
 
 /* CreateAgentIdentity's saga (src/enroll/saga.c), for a validated agent id
  * (canonical lower-case UUID). */

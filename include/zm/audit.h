@@ -3,7 +3,8 @@
  * security-relevant decision and lifecycle event, written asynchronously
  * (zm/logq.h) to its own file or to stderr.
  *
- *   {"ts":"2026-12-01T13:45:32.123Z","event":"authz_denied",
+ *   {"time":"2026-12-01T13:45:32.123Z","level":"info","msg":"audit",
+ *    "component":"audit","event":"authz_denied",
  *    "caller":"uri:spiffe://agyn/sa/runner","peer":"10.0.0.7:50312",
  *    "method":"/agynio...ZitiManagementService/RequestServiceIdentity",
  *    "service_type":"gateway","status":"PERMISSION_DENIED"}

@@ -65,7 +65,11 @@ typedef struct {
       write_stall_ms;    /* GRPC_WRITE_STALL_TIMEOUT, default 30s; 0 = never */
   unsigned caller_rate;  /* GRPC_CALLER_RATE per second, default 10 */
   unsigned caller_burst; /* GRPC_CALLER_BURST, default 20 */
-  unsigned caller_inflight;   /* GRPC_CALLER_MAX_INFLIGHT, default 32 */
+  unsigned caller_inflight;      /* GRPC_CALLER_MAX_INFLIGHT, default 32 */
+  int log_json;                  /* LOG_FORMAT=json (default text) */
+  char metrics_address[128];     /* METRICS_ADDRESS; empty = no listener */
+  char enrollment_jwt_file[512]; /* ZITI_ENROLLMENT_JWT_FILE */
+  int name_resolve;              /* ZITI_IDENTITY_NAME_RESOLVE */
   char disabled_methods[512]; /* GRPC_DISABLED_METHODS: comma-separated method
                                  names answered UNIMPLEMENTED; default none */
   zm_service_type_t types[ZM_MAX_SERVICE_TYPES]; /* built-ins + SERVICE_TYPES */
@@ -81,6 +85,25 @@ typedef struct {
  */
 int zm_config_load(zm_config_t *cfg, const char *(*getenv_fn)(const char *),
                    char *err, size_t errlen);
+
+/* Every setting: its variable, default (as text, "" = none), meaning, and
+ * whether the Go service reads the same variable. Each is also a flag:
+ * --grpc-address=... for GRPC_ADDRESS (zm_config_flag_name). */
+typedef struct {
+  const char *env;
+  const char *def;
+  const char *help;
+  int go;
+} zm_setting_t;
+extern const zm_setting_t zm_settings[];
+extern const size_t zm_settings_count;
+/* "--grpc-address" for "GRPC_ADDRESS" into out (cap bytes). */
+void zm_config_flag_name(const char *env, char *out, size_t cap);
+/* The setting whose flag is `flag` (without "=value"; n bytes), or NULL. */
+const zm_setting_t *zm_config_setting_by_flag(const char *flag, size_t n);
+/* Go strconv.ParseBool: 1 t T TRUE true True / 0 f F FALSE false False.
+ * Returns 0 or ZM_E_INVAL. */
+int zm_parse_bool(const char *s, int *out);
 
 /* Go time.ParseDuration subset: "300ms", "1.5h", "2h45m", "5m", "10s",
  * "100us"/"100µs", "0". Result rounded up to whole ms (a non-zero duration

@@ -1,6 +1,7 @@
 /*
  * grpc.h - the gRPC server: plaintext HTTP/2 (h2c, prior knowledge) on libuv
- * with nghttp2, unary methods only, one loop.
+ * with nghttp2, one loop. Unary methods, and streaming methods (client,
+ * server and bidirectional streaming share one small API, below).
  *
  * A handler gets the decoded request and finishes the call later, exactly
  * once, with zm_call_reply() or zm_call_fail() - possibly long after the
@@ -62,14 +63,33 @@ typedef void (*zm_grpc_finish_fn)(zm_call_t *c, const ProtobufCMessage *req,
                                   zm_grpc_status_t st,
                                   const ProtobufCMessage *resp, void *ctx);
 
+/*
+ * A streaming method. The handler holds the call from on_open until it
+ * finishes it with zm_call_finish() (or zm_call_fail()/zm_call_reply());
+ * in between it sends any number of messages with zm_call_send(). Request
+ * messages arrive one by one in on_message, in order. When the client can
+ * no longer receive (reset, deadline, connection gone, drain grace over) the
+ * cancel callback fires (zm_call_on_cancel) and the handler must still
+ * finish the call.
+ */
+typedef struct {
+  /* Headers accepted; the call is the handler's. May be NULL. */
+  void (*on_open)(zm_call_t *c, void *ctx);
+  /* One decoded request message, valid only during the callback. */
+  void (*on_message)(zm_call_t *c, const ProtobufCMessage *msg, void *ctx);
+  /* The client sent END_STREAM: no more messages. May be NULL. */
+  void (*on_half_close)(zm_call_t *c, void *ctx);
+} zm_grpc_stream_ops_t;
+
 typedef struct {
   const char *path; /* "/package.Service/Method", not owned */
   const ProtobufCMessageDescriptor *input;
-  zm_grpc_handler_fn fn;
+  zm_grpc_handler_fn fn; /* unary methods (stream == NULL) */
   void *ctx;
-  unsigned flags;              /* ZM_GRPC_M_* */
-  zm_grpc_scope_fn scope_fn;   /* NULL = no scope check */
-  zm_grpc_finish_fn on_finish; /* NULL = none; called with ctx */
+  const zm_grpc_stream_ops_t *stream; /* non-NULL: a streaming method */
+  unsigned flags;                     /* ZM_GRPC_M_* */
+  zm_grpc_scope_fn scope_fn;          /* NULL = no scope check */
+  zm_grpc_finish_fn on_finish;        /* NULL = none; called with ctx */
 } zm_grpc_method_t;
 
 typedef struct {
@@ -102,6 +122,19 @@ typedef struct {
       recv_timeouts, write_stalls, budget_refusals, nomem;
   uint64_t buffered; /* request bytes buffered now, all connections */
 } zm_grpc_stats_t;
+
+/* Per-method counters for metrics (loop thread only). Latency runs from the
+ * request headers to the status being sent (or the client going away). */
+#define ZM_GRPC_LAT_BUCKETS 18
+/* Upper bounds of the latency buckets, in seconds (the last bucket, +Inf,
+ * is implicit). */
+extern const double zm_grpc_latency_bounds_s[ZM_GRPC_LAT_BUCKETS];
+typedef struct {
+  uint64_t by_status[17];                       /* index = grpc status */
+  uint64_t lat_counts[ZM_GRPC_LAT_BUCKETS + 1]; /* per bucket, not cumulative */
+  uint64_t lat_sum_ns;
+  uint64_t inflight; /* handler holds the call */
+} zm_grpc_method_stats_t;
 
 /* Creates the server (binds nothing yet). The method table is copied. */
 int zm_grpc_server_new(zm_grpc_server_t **out, uv_loop_t *loop,
@@ -171,6 +204,14 @@ int zm_grpc_server_load_security(zm_grpc_server_t *srv,
 void zm_grpc_server_free(zm_grpc_server_t *srv);
 void zm_grpc_server_get_stats(const zm_grpc_server_t *srv,
                               zm_grpc_stats_t *out);
+/* Slots 0..n-1 are the method table's methods (path via ..._method_path),
+ * slot n counts calls to unknown paths (path NULL). */
+size_t zm_grpc_server_method_count(const zm_grpc_server_t *srv);
+const char *zm_grpc_server_method_path(const zm_grpc_server_t *srv, size_t i);
+const zm_grpc_method_stats_t *
+zm_grpc_server_method_stats(const zm_grpc_server_t *srv, size_t i);
+/* 1 once zm_grpc_server_drain() was called. */
+int zm_grpc_server_draining(const zm_grpc_server_t *srv);
 
 /* ---- calls (used by handlers) ------------------------------------------- */
 
@@ -179,17 +220,38 @@ void zm_call_reply(zm_call_t *c, const ProtobufCMessage *resp);
 /* Finishes the call with an error status and message (percent-encoded on the
  * wire; keep it free of secrets). */
 void zm_call_fail(zm_call_t *c, zm_grpc_status_t status, const char *msg);
+/* Streaming calls: queues one message. Returns 0, ZM_E_CANCELLED when the
+ * call can no longer send (client gone, already finished), or
+ * ZM_E_UNAVAILABLE when more than ZM_GRPC_SENDQ_MAX bytes are already
+ * queued (the client does not read): the handler should finish the call. */
+#define ZM_GRPC_SENDQ_MAX (4u * 1024 * 1024)
+int zm_call_send(zm_call_t *c, const ProtobufCMessage *msg);
+/* Streaming calls: bytes queued and not yet taken by HTTP/2. */
+size_t zm_call_send_queued(const zm_call_t *c);
+/* Finishes any call with a status: for a streaming call that already sent
+ * messages, the trailers follow the queued messages; otherwise a
+ * Trailers-Only response. (zm_call_fail is this with status != OK.) */
+void zm_call_finish(zm_call_t *c, zm_grpc_status_t status, const char *msg);
+/* A number unique to this call within the server, for logs. */
+uint64_t zm_call_id(const zm_call_t *c);
 /* 1 once the client can no longer receive an answer. */
 int zm_call_is_cancelled(const zm_call_t *c);
 /* cb fires at most once, from the loop, when the call becomes cancelled while
  * the handler still holds it. */
 void zm_call_on_cancel(zm_call_t *c, void (*cb)(zm_call_t *c, void *data),
                        void *data);
+/* The data given to zm_call_on_cancel (modules keep per-call state there). */
+void *zm__call_cancel_data(const zm_call_t *c);
 /* The call's deadline as a uv_now() time in ms, or 0 if the client set none. */
 uint64_t zm_call_deadline(const zm_call_t *c);
 /* Bump allocation from the call's arena, freed with the call. Aborts on OOM. */
 void *zm_call_alloc(zm_call_t *c, size_t n);
 char *zm_call_strdup(zm_call_t *c, const char *s);
+/* Unary calls: the decoded request the handler got (valid until the call
+ * is finished); NULL for streaming calls. */
+const ProtobufCMessage *zm_call_request(const zm_call_t *c);
+/* The method's ctx (zm_grpc_method_t.ctx). */
+void *zm_call_ctx(const zm_call_t *c);
 /* The server the call belongs to (never NULL). */
 zm_grpc_server_t *zm_call_server(const zm_call_t *c);
 /* The method path, for logs. */
@@ -213,6 +275,9 @@ ssize_t zm_grpc_deframe(const uint8_t *src, size_t len, size_t max,
 /* Parses a grpc-timeout header value ("1-8 digits" + H|M|S|m|u|n) into ms
  * (rounded up, so "1n" is 1 ms). Returns 0 or ZM_E_INVAL. */
 int zm_grpc_timeout_parse(const char *v, size_t len, uint64_t *ms);
+/* Decodes a percent-encoded grpc-message (invalid escapes are kept as
+ * they are). Writes at most cap-1 bytes + NUL; returns the length. */
+size_t zm_grpc_pct_decode(const char *src, size_t len, char *dst, size_t cap);
 /* Percent-encodes a grpc-message per the spec (bytes outside 0x20-0x7E and
  * '%' become %XX). Writes at most cap-1 bytes + NUL; returns the length. */
 size_t zm_grpc_pct_encode(const char *src, size_t len, char *dst, size_t cap);

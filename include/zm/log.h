@@ -1,13 +1,25 @@
 /*
  * log.h - one-line structured logs to stderr.
  *
- * Lines look like `2026-11-24T01:02:03.456Z INFO enroll: svc-gateway-x: CREATE
- * -> FETCH_JWT`. Never pass secrets (keys, JWTs, session tokens) to these
- * functions.
+ * Text lines (the default) look like `2026-11-24T01:02:03.456Z INFO enroll
+ * svc-gateway-x: CREATE -> FETCH_JWT`. With zm_log_set_json(1)
+ * (LOG_FORMAT=json) every line is one JSON object with stable fields:
+ *   time     RFC 3339 UTC with milliseconds
+ *   level    "debug" | "info" | "warn" | "error"
+ *   msg      the message
+ *   component  the message's leading word before ':' or ' ' when it names a
+ *              module ("enroll", "grpc", "store", "ziti", ...), if any
+ *   saga     the enrollment saga (identity name) of "enroll <name>: ..." lines
+ *   request_id, method   the gRPC call being handled, when the line was
+ *              written synchronously inside its handler
+ *   identity the controller identity id, when the code set it (zm_log_ctx)
+ * plus any fields passed to zm_log_kv(). Never pass secrets (keys, JWTs,
+ * session tokens) to these functions.
  */
 #ifndef ZM_LOG_H
 #define ZM_LOG_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 typedef enum {
@@ -31,11 +43,35 @@ int zm_log_start_async(void);
 void zm_log_stop_async(void);
 /* Lines dropped because the queue was full. */
 uint64_t zm_log_dropped(void);
+/* 1 = JSON lines, 0 = text (default). */
+void zm_log_set_json(int on);
+
+/* The context of the code running now (loop thread): set around a handler
+ * invocation by the gRPC server, cleared after. Strings are not copied. */
+typedef struct {
+  uint64_t request_id; /* 0 = none */
+  const char *method;
+  const char *identity;
+} zm_log_ctx_t;
+/* Installs ctx (NULL clears) and returns the previous one. */
+const zm_log_ctx_t *zm_log_ctx_swap(const zm_log_ctx_t *ctx);
 
 #if defined(__GNUC__)
 __attribute__((format(printf, 2, 3)))
 #endif
 void zm_log(zm_log_level_t level, const char *fmt, ...);
+/* A line with extra fields: kv holds n (key, value) pairs of strings. */
+#if defined(__GNUC__)
+__attribute__((format(printf, 4, 5)))
+#endif
+void zm_log_kv(zm_log_level_t level, const char *const *kv, size_t n,
+               const char *fmt, ...);
+
+/* Formats one line into out (cap bytes, ending in '\n'); returns its
+ * length. Pure except for the context; for tests. */
+size_t zm_log_format(char *out, size_t cap, int json, int64_t wall_ms,
+                     zm_log_level_t level, const char *const *kv, size_t n,
+                     const char *msg);
 
 #define ZM_DEBUG(...)                                                          \
   do {                                                                         \

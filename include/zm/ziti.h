@@ -40,6 +40,11 @@ typedef struct {
   uint64_t idle_timeout_ms;    /* keep-alive idle close, default 4000 (<
                                   controller's 5 s) */
   uint64_t cacerts_refresh_ms; /* CA bundle refresh period, default 3600000 */
+  /* First contact for self-enrollment: no CA file yet, so the server
+   * certificate is not verified by TLS; the caller verifies the enrollment
+   * JWT against it (zm_ziti_server_cert) and pins it. Only the client API
+   * (enroll, cacerts) may be used. */
+  int bootstrap;
 } zm_ziti_config_t;
 
 /* What a call produced. Only the fields of that call are set. */
@@ -106,11 +111,47 @@ void zm_ziti_fetch_ca_bundle(zm_ziti_t *z, uint64_t deadline, zm_ziti_cb cb,
  * handshake, or NULL before any handshake. Owned by z. */
 const uint8_t *zm_ziti_server_cert(const zm_ziti_t *z, size_t *len);
 
-/* Counters for logs/metrics. */
+/* Counters for logs/metrics. reachable: 1 when the latest exchange got an
+ * HTTP response (any status), 0 when it failed in transport (connect, TLS,
+ * timeout, reset), -1 before any exchange finished. */
 typedef struct {
   uint64_t requests, retries, reauths, failures, connects;
   unsigned open_conns, busy_conns, queued;
+  int reachable;
 } zm_ziti_stats_t;
 void zm_ziti_get_stats(const zm_ziti_t *z, zm_ziti_stats_t *out);
+
+/* ---- per-endpoint exchange counters (metrics) ------------------------------
+ * Every HTTP exchange (retries and re-authentications are exchanges of
+ * their own) is counted under its endpoint and outcome: the HTTP status, or
+ * ZM_ZITI_XCHG_ERROR when no response came back. */
+#define ZM_ZITI_ENDPOINTS(X)                                                   \
+  X(AUTHENTICATE, "authenticate")                                              \
+  X(CREATE_IDENTITY, "create_identity")                                        \
+  X(GET_IDENTITY, "get_identity")                                              \
+  X(LIST_IDENTITIES, "list_identities")                                        \
+  X(DELETE_IDENTITY, "delete_identity")                                        \
+  X(ENROLL, "enroll")                                                          \
+  X(CACERTS, "cacerts")                                                        \
+  X(OTHER, "other")
+typedef enum {
+#define X(e, s) ZM_ZITI_EP_##e,
+  ZM_ZITI_ENDPOINTS(X)
+#undef X
+      ZM_ZITI_EP__COUNT
+} zm_ziti_endpoint_t;
+#define ZM_ZITI_XCHG_ERROR 0 /* "status" of an exchange without a response */
+#define ZM_ZITI_LAT_BUCKETS 14
+extern const double zm_ziti_latency_bounds_s[ZM_ZITI_LAT_BUCKETS];
+typedef struct {
+  uint64_t by_status[600]; /* index: HTTP status 100..599, 0 = error */
+  uint64_t lat_counts[ZM_ZITI_LAT_BUCKETS + 1];
+  uint64_t lat_sum_ns;
+} zm_ziti_ep_stats_t;
+const char *zm_ziti_endpoint_name(zm_ziti_endpoint_t e);
+/* The endpoint of a serialized request ("METHOD /path..."). Pure. */
+zm_ziti_endpoint_t zm_ziti_classify(const char *req, size_t len);
+const zm_ziti_ep_stats_t *zm_ziti_endpoint_stats(const zm_ziti_t *z,
+                                                 zm_ziti_endpoint_t e);
 
 #endif /* ZM_ZITI_H */

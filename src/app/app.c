@@ -9,6 +9,7 @@
 
 #include "agynio/api/ziti_management/v1/ziti_management.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
+#include "grpc/reflection/v1/reflection.pb-c.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -264,6 +265,8 @@ static void finish_shutdown(zm_app_t *app) {
   /* Commits whatever handlers queued; callbacks run before it returns. */
   zm_store_close(app->store);
   app->store = NULL;
+  if (app->metrics != NULL)
+    zm_metrics_srv_close(app->metrics, NULL, NULL);
   uv_close((uv_handle_t *)&app->sigterm, on_handle_closed);
   uv_close((uv_handle_t *)&app->sigint, on_handle_closed);
   uv_close((uv_handle_t *)&app->sighup, on_handle_closed);
@@ -320,6 +323,8 @@ static void on_signal(uv_signal_t *s, int signum) {
   ZM_INFO("signal %d: draining (grace %llu ms)", signum,
           (unsigned long long)app->cfg.shutdown_grace_ms);
   zm_health_set_all(&app->health, 0);
+  /* watchers heard NOT_SERVING; their streams must not hold the drain */
+  zm_health_end_watches(&app->health);
   zm_grpc_server_drain(app->grpc, app->cfg.shutdown_grace_ms, on_drained, app);
 }
 
@@ -334,6 +339,7 @@ static void on_ready(void *data) {
     zm_recover_start(app->recover);
   }
   zm_health_set_all(&app->health, 1);
+  app->serving = 1;
   ZM_INFO("serving");
 }
 
@@ -358,10 +364,15 @@ int zm_app_run(const zm_config_t *cfg) {
   static zm_app_t app; /* one per process; static keeps it off the stack */
   memset(&app, 0, sizeof app);
   app.cfg = *cfg;
+  app.start_wall_ms = zm_wall_ms();
   uv_loop_t loop;
   uv_loop_init(&loop);
   app.loop = &loop;
 
+  if (zm_bootstrap_enroll(&loop, cfg) != 0) {
+    uv_loop_close(&loop); /* the bootstrap closed everything it opened */
+    return 1;
+  }
   if (open_store(&app) != 0)
     return 1;
   app.index = zm_index_new();
@@ -400,26 +411,39 @@ int zm_app_run(const zm_config_t *cfg) {
   const zm_grpc_method_t methods[] = {
       {SVC "ResolveIdentity",
        &agynio__api__ziti_management__v1__resolve_identity_request__descriptor,
-       zm_rpc_resolve_identity, &app, 0, NULL, NULL},
+       zm_rpc_resolve_identity, &app, NULL, 0, NULL, NULL},
       {SVC "ExtendIdentityLease",
        &agynio__api__ziti_management__v1__extend_identity_lease_request__descriptor,
-       zm_rpc_extend_lease, &app, 0, NULL, NULL},
+       zm_rpc_extend_lease, &app, NULL, 0, NULL, NULL},
       {SVC "ListManagedIdentities",
        &agynio__api__ziti_management__v1__list_managed_identities_request__descriptor,
-       zm_rpc_list_managed, &app, 0, NULL, NULL},
+       zm_rpc_list_managed, &app, NULL, 0, NULL, NULL},
       {SVC "CreateAgentIdentity",
        &agynio__api__ziti_management__v1__create_agent_identity_request__descriptor,
-       zm_rpc_create_agent, &app, ZM_GRPC_M_COSTLY, NULL, audit_create_agent},
+       zm_rpc_create_agent, &app, NULL, ZM_GRPC_M_COSTLY, NULL,
+       audit_create_agent},
       {SVC "DeleteIdentity",
        &agynio__api__ziti_management__v1__delete_identity_request__descriptor,
-       zm_rpc_delete_identity, &app, 0, NULL, audit_delete},
+       zm_rpc_delete_identity, &app, NULL, 0, NULL, audit_delete},
       {SVC "RequestServiceIdentity",
        &agynio__api__ziti_management__v1__request_service_identity_request__descriptor,
-       zm_rpc_request_service_identity, &app, ZM_GRPC_M_COSTLY, rsi_scope,
+       zm_rpc_request_service_identity, &app, NULL, ZM_GRPC_M_COSTLY, rsi_scope,
        audit_rsi},
+      /* health is always reachable (probes carry no client certificate) */
       {"/grpc.health.v1.Health/Check",
        &grpc__health__v1__health_check_request__descriptor, zm_health_check,
-       &app.health, ZM_GRPC_M_PUBLIC, NULL, NULL},
+       &app.health, NULL, ZM_GRPC_M_PUBLIC, NULL, NULL},
+      {"/grpc.health.v1.Health/Watch",
+       &grpc__health__v1__health_check_request__descriptor, NULL, &app.health,
+       &zm_health_watch_ops, ZM_GRPC_M_PUBLIC, NULL, NULL},
+      /* v1alpha has the same wire format as v1: one implementation;
+       * subject to the policy like the service's methods */
+      {"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+       &grpc__reflection__v1__server_reflection_request__descriptor, NULL, NULL,
+       &zm_reflect_ops, 0, NULL, NULL},
+      {"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+       &grpc__reflection__v1__server_reflection_request__descriptor, NULL, NULL,
+       &zm_reflect_ops, 0, NULL, NULL},
   };
   /* GRPC_DISABLED_METHODS: an operator can switch RPCs off (they answer
    * UNIMPLEMENTED, as unknown methods do). */
@@ -433,6 +457,12 @@ int zm_app_run(const zm_config_t *cfg) {
     }
     enabled[n_enabled++] = methods[i];
   }
+  app.reflect = zm_reflect_new(zm_descriptor_set, zm_descriptor_set_len,
+                               enabled, n_enabled);
+  ZM_ASSERT(app.reflect != NULL); /* built from protoc's own output */
+  for (size_t i = 0; i < n_enabled; i++)
+    if (enabled[i].stream == &zm_reflect_ops)
+      enabled[i].ctx = app.reflect;
   zm_grpc_config_t gc = {.address = cfg->grpc_address,
                          .max_recv_msg = cfg->max_recv_msg,
                          .max_streams = cfg->max_streams,
@@ -464,6 +494,20 @@ int zm_app_run(const zm_config_t *cfg) {
     ZM_ERROR("grpc: cannot listen on %s: %s", cfg->grpc_address,
              zm_strerror(rv));
     return 1;
+  }
+  if (cfg->metrics_address[0] != '\0') {
+    zm_metrics_config_t mc = {.address = cfg->metrics_address,
+                              .render = zm_app_render_metrics,
+                              .ready = zm_app_ready,
+                              .data = &app};
+    if (zm_metrics_srv_new(&app.metrics, &loop, &mc) != 0 ||
+        (rv = zm_metrics_srv_listen(app.metrics)) != 0) {
+      ZM_ERROR("metrics: cannot listen on %s: %s", cfg->metrics_address,
+               zm_strerror(rv));
+      return 1;
+    }
+    ZM_INFO("metrics: /metrics, /healthz, /readyz on %s (port %d)",
+            cfg->metrics_address, zm_metrics_srv_port(app.metrics));
   }
 
   uv_signal_init(&loop, &app.sigterm);
@@ -509,6 +553,10 @@ int zm_app_run(const zm_config_t *cfg) {
   zm_life_free(app.life);
   zm_grpc_server_free(app.grpc);
   zm_index_free(app.index);
+  if (app.metrics != NULL)
+    zm_metrics_srv_free(app.metrics);
+  zm_reflect_free(app.reflect);
+  zm_health_dispose(&app.health);
   rv = uv_loop_close(&loop);
   if (rv != 0)
     ZM_WARN("loop closed with handles open: %s", uv_strerror(rv));

@@ -1,5 +1,6 @@
 /* config.c - environment -> zm_config_t (pure; unit-tested). */
 #include "zm/config.h"
+#include "zm/log.h"
 #include "zm/zm.h"
 
 #include <errno.h>
@@ -200,6 +201,135 @@ static int parse_service_types(zm_config_t *cfg, const char *v, char *err,
   return 0;
 }
 
+const zm_setting_t zm_settings[] = {
+    {"GRPC_ADDRESS", ":50051",
+     "gRPC listen address (host:port, :port = all interfaces, [::1]:port)", 1},
+    {"METRICS_ADDRESS", "",
+     "HTTP listener for /metrics, /healthz, /readyz (empty = off)", 0},
+    {"STORE_PATH", "./ziti-management.db", "SQLite store file", 0},
+    {"STORE_SYNC", "full", "SQLite durability: full (fsync) or normal", 0},
+    {"DATABASE_URL", "", "PostgreSQL connection URL (empty = SQLite)", 1},
+    {"DATABASE_POOL_SIZE", "4", "PostgreSQL connections, 2..64", 0},
+    {"LEASE_FLUSH_INTERVAL", "1s",
+     "lease refreshes reach the store at most this late (<= 1m)", 0},
+    {"ZITI_CONTROLLER_URL", "", "controller https://host:port (empty = none)",
+     1},
+    {"ZITI_CA_FILE", "", "CA bundle PEM to verify the controller", 1},
+    {"ZITI_CERT_FILE", "", "admin identity client certificate PEM", 1},
+    {"ZITI_KEY_FILE", "", "admin identity private key PEM", 1},
+    {"ZITI_ENROLLMENT_JWT_FILE", "",
+     "one-time JWT: enroll the admin identity at start-up when a cert/key/CA "
+     "file is missing",
+     1},
+    {"ZITI_IDENTITY_NAME_RESOLVE", "false",
+     "ResolveIdentity falls back to agent-<uuid>[-...] names", 1},
+    {"SERVICE_IDENTITY_LEASE_TTL", "5m", "service identity lease length", 1},
+    {"SERVICE_IDENTITY_GC_INTERVAL", "1m", "lease GC period", 1},
+    {"SERVICE_IDENTITY_GC_CONCURRENCY", "16",
+     "controller DELETEs in flight per sweep, 1..1024", 0},
+    {"PENDING_RECOVERY_AGE", "",
+     "accepted for compatibility and ignored (see README, Lifecycle)", 0},
+    {"SERVICE_TYPES", "",
+     "extra/overriding service types: number:name:role[+role],...", 0},
+    {"ENROLLMENT_KEY_ALG", "ec-p384",
+     "key of enrolled identities: ec-p384, ec-p256, rsa-2048, rsa-4096", 0},
+    {"ENROLLMENT_TIMEOUT", "60s", "bound of one enrollment", 0},
+    {"ENROLLMENT_MAX_INFLIGHT", "256", "enrollments at once, 1..100000", 0},
+    {"ZITI_REQUEST_TIMEOUT", "15s", "bound of one controller call", 0},
+    {"ZITI_POOL_SIZE", "16", "keep-alive connections to the controller", 0},
+    {"GRPC_MAX_RECV_MSG_SIZE", "4194304", "largest request message, bytes", 0},
+    {"GRPC_MAX_CONCURRENT_STREAMS", "1024", "streams per HTTP/2 connection", 0},
+    {"GRPC_IDLE_TIMEOUT", "5m", "close idle connections after (0 = never)", 0},
+    {"GRPC_DISABLED_METHODS", "",
+     "comma-separated methods answered UNIMPLEMENTED", 0},
+    {"SHUTDOWN_GRACE", "20s", "drain time on SIGTERM/SIGINT", 0},
+    {"LOG_LEVEL", "info", "debug, info, warn, error", 0},
+    {"LOG_FORMAT", "text", "text or json (JSON lines)", 0},
+    {"GRPC_TLS_CERT_FILE", "",
+     "gRPC listener certificate chain PEM (TLS with GRPC_TLS_KEY_FILE)", 0},
+    {"GRPC_TLS_KEY_FILE", "", "gRPC listener private key PEM", 0},
+    {"GRPC_TLS_CLIENT_CA_FILE", "",
+     "CA bundle PEM: verify client certificates (mTLS)", 0},
+    {"GRPC_AUTHZ_POLICY_FILE", "",
+     "per-RPC authorization policy JSON (reloaded on SIGHUP)", 0},
+    {"AUDIT_LOG", "stderr", "audit log: stderr, a file path, or off", 0},
+    {"GRPC_MAX_CONNECTIONS", "65536", "connections at once, 1..1048576", 0},
+    {"GRPC_MAX_BUFFERED_BYTES", "268435456",
+     "request bytes buffered across all connections", 0},
+    {"GRPC_RECV_TIMEOUT", "30s",
+     "a request must arrive within this (0 = never)", 0},
+    {"GRPC_WRITE_STALL_TIMEOUT", "30s",
+     "close a connection whose write is stuck this long (0 = never)", 0},
+    {"GRPC_CALLER_RATE", "10",
+     "costly RPCs per second per caller (0 = off; default off without a "
+     "client CA)",
+     0},
+    {"GRPC_CALLER_BURST", "20", "per-caller token bucket depth", 0},
+    {"GRPC_CALLER_MAX_INFLIGHT", "32",
+     "costly RPCs in flight per caller (0 = off; default off without a "
+     "client CA)",
+     0},
+};
+const size_t zm_settings_count = ZM_ARRAY_SIZE(zm_settings);
+
+void zm_config_flag_name(const char *env, char *out, size_t cap) {
+  size_t o = 0;
+  if (cap < 3) {
+    if (cap > 0)
+      out[0] = '\0';
+    return;
+  }
+  out[o++] = '-';
+  out[o++] = '-';
+  for (; *env && o + 1 < cap; env++)
+    out[o++] =
+        *env == '_'
+            ? '-'
+            : (char)(*env >= 'A' && *env <= 'Z' ? *env - 'A' + 'a' : *env);
+  out[o] = '\0';
+}
+
+const zm_setting_t *zm_config_setting_by_flag(const char *flag, size_t n) {
+  char name[64];
+  for (size_t i = 0; i < zm_settings_count; i++) {
+    zm_config_flag_name(zm_settings[i].env, name, sizeof name);
+    if (strlen(name) == n && memcmp(name, flag, n) == 0)
+      return &zm_settings[i];
+  }
+  return NULL;
+}
+
+int zm_parse_bool(const char *s, int *out) {
+  static const char *const T[] = {"1", "t", "T", "TRUE", "true", "True"};
+  static const char *const F[] = {"0", "f", "F", "FALSE", "false", "False"};
+  for (size_t i = 0; i < ZM_ARRAY_SIZE(T); i++) {
+    if (strcmp(s, T[i]) == 0) {
+      *out = 1;
+      return 0;
+    }
+    if (strcmp(s, F[i]) == 0) {
+      *out = 0;
+      return 0;
+    }
+  }
+  return ZM_E_INVAL;
+}
+
+/* host:port as GRPC_ADDRESS accepts it (the listeners parse it again). */
+static int valid_address(const char *a) {
+  const char *colon = strrchr(a, ':');
+  if (colon == NULL || colon[1] == '\0')
+    return 0;
+  char *end;
+  long port = strtol(colon + 1, &end, 10);
+  if (*end != '\0' || port < 0 || port > 65535)
+    return 0;
+  size_t hl = (size_t)(colon - a);
+  if (hl > 0 && a[0] == '[')
+    return a[hl - 1] == ']';
+  return memchr(a, ':', hl) == NULL; /* a bare IPv6 needs brackets */
+}
+
 static const char *default_getenv(const char *name) { return getenv(name); }
 
 int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
@@ -251,6 +381,8 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
   STR(cert_file, "ZITI_CERT_FILE");
   STR(key_file, "ZITI_KEY_FILE");
   STR(log_level, "LOG_LEVEL");
+  STR(metrics_address, "METRICS_ADDRESS");
+  STR(enrollment_jwt_file, "ZITI_ENROLLMENT_JWT_FILE");
   STR(disabled_methods, "GRPC_DISABLED_METHODS");
   STR(tls_cert_file, "GRPC_TLS_CERT_FILE");
   STR(tls_key_file, "GRPC_TLS_KEY_FILE");
@@ -366,6 +498,40 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
   if ((v = get("SERVICE_TYPES")) != NULL && *v != '\0' &&
       (rv = parse_service_types(cfg, v, err, errlen)))
     return rv;
+  if ((v = get("LOG_FORMAT")) != NULL && *v != '\0') {
+    if (strcmp(v, "json") == 0)
+      cfg->log_json = 1;
+    else if (strcmp(v, "text") == 0)
+      cfg->log_json = 0;
+    else
+      return fail(err, errlen, "LOG_FORMAT=%s: expected text or json", v);
+  }
+  if ((v = get("ZITI_IDENTITY_NAME_RESOLVE")) != NULL && *v != '\0' &&
+      zm_parse_bool(v, &cfg->name_resolve) != 0)
+    return fail(err, errlen,
+                "ZITI_IDENTITY_NAME_RESOLVE=%s: expected true or false", v);
+  if (!valid_address(cfg->grpc_address))
+    return fail(err, errlen,
+                "GRPC_ADDRESS=%s: expected host:port, :port or [v6]:port",
+                cfg->grpc_address);
+  if (cfg->metrics_address[0] != '\0' && !valid_address(cfg->metrics_address))
+    return fail(err, errlen,
+                "METRICS_ADDRESS=%s: expected host:port, :port or [v6]:port",
+                cfg->metrics_address);
+  {
+    zm_log_level_t lv;
+    if (zm_log_parse_level(cfg->log_level, &lv) != 0)
+      return fail(err, errlen,
+                  "LOG_LEVEL=%s: expected debug, info, warn or error",
+                  cfg->log_level);
+  }
+  if (cfg->enrollment_jwt_file[0] != '\0' &&
+      (cfg->controller_url[0] == '\0' || cfg->ca_file[0] == '\0' ||
+       cfg->cert_file[0] == '\0' || cfg->key_file[0] == '\0'))
+    return fail(err, errlen,
+                "ZITI_ENROLLMENT_JWT_FILE needs ZITI_CONTROLLER_URL, "
+                "ZITI_CA_FILE, ZITI_CERT_FILE and ZITI_KEY_FILE (the files "
+                "it writes)");
   if (cfg->controller_url[0] != '\0' &&
       strncmp(cfg->controller_url, "https://", 8) != 0)
     return fail(err, errlen, "ZITI_CONTROLLER_URL must start with https://");

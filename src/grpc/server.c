@@ -1,6 +1,7 @@
 /*
  * server.c - the gRPC server: listener, HTTP/2 connections (nghttp2 over
- * uv_tcp), unary calls (framing, deadline, status, trailers).
+ * uv_tcp), unary and streaming calls (framing, deadline, status, trailers),
+ * per-method counters.
  *
  * Ownership, in one place:
  * - a connection owns its nghttp2 session and its uv_tcp handle; it is freed
@@ -11,6 +12,10 @@
  *   the stream is closed AND the handler has finished it (or was never
  *   given it). A stream that closes first detaches the call (conn = NULL) and
  *   marks it cancelled.
+ * - streaming calls: the handler holds the call from the headers on; request
+ *   messages are delivered as they complete (the request buffer keeps only
+ *   an incomplete tail); responses queue in call->sq, which a deferred
+ *   nghttp2 data provider drains; finishing queues the trailers behind them.
  * - writes: nghttp2 output of one loop turn is gathered into conn->out and
  *   flushed by one uv_prepare before the loop blocks; one uv_write in flight
  *   per connection; above ZM_CONN_OUT_SOFT_MAX we stop reading.
@@ -91,9 +96,19 @@ struct zm_call {
   unsigned failed_early : 1; /* an error was already submitted */
   unsigned resp_heap : 1;    /* resp was malloc'd (not in the arena) */
   unsigned rst_after : 1;    /* RST_STREAM(NO_ERROR) once the answer is out */
+  unsigned streaming : 1;    /* a streaming method */
+  unsigned headers_sent : 1; /* streaming: response headers submitted */
+  unsigned fin_pending : 1;  /* streaming: trailers follow the queue */
+  unsigned recorded : 1;     /* counted in the method stats */
   const zm_grpc_method_t *method;
-  const ProtobufCMessage *req; /* decoded request (arena), from dispatch */
-  uint64_t deadline;           /* uv_now() ms, 0 = none */
+  const ProtobufCMessage *req; /* unary: the decoded request (arena) */
+  uint64_t id;
+  uint64_t start_ns; /* uv_hrtime() at the request headers */
+  uint8_t *sq;       /* streaming: framed messages to send (malloc'd) */
+  size_t sq_len, sq_off, sq_cap;
+  zm_grpc_status_t fin_status;
+  char *fin_msg;          /* percent-encoded, malloc'd */
+  uint64_t deadline;      /* uv_now() ms, 0 = none */
   uint64_t recv_deadline; /* uv_now() ms the request must be in by, 0 = none */
   uint64_t heap_key;      /* the time the heap orders by */
   size_t heap_idx;        /* position in srv->heap, SIZE_MAX if not there */
@@ -173,8 +188,21 @@ struct zm_grpc_server {
   void (*drain_done)(void *data);
   void *drain_data;
   zm_grpc_stats_t stats;
+  zm_grpc_method_stats_t *mstats; /* n_methods + 1 (unknown paths) */
+  uint64_t call_seq;
   char readbuf[ZM_READ_BUF_SIZE];
 };
+
+/* Latency buckets: 100 us .. 60 s; enough resolution for the sub-ms hot
+ * paths and for enrollments that take seconds. */
+const double zm_grpc_latency_bounds_s[ZM_GRPC_LAT_BUCKETS] = {
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1,    0.25,    0.5,    1,     2.5,    5,     10,   30,    60};
+static const uint64_t LAT_BOUNDS_NS[ZM_GRPC_LAT_BUCKETS] = {
+    100000ull,      250000ull,      500000ull,     1000000ull,    2500000ull,
+    5000000ull,     10000000ull,    25000000ull,   50000000ull,   100000000ull,
+    250000000ull,   500000000ull,   1000000000ull, 2500000000ull, 5000000000ull,
+    10000000000ull, 30000000000ull, 60000000000ull};
 
 static void conn_close(zm_conn_t *c);
 static void conn_flush(zm_conn_t *c);
@@ -186,6 +214,8 @@ static void on_deadline(uv_timer_t *t);
 static int call_authorized(zm_call_t *call, const char *scope);
 static int call_admitted(zm_call_t *call);
 static const char *const *conn_names(const zm_conn_t *c, size_t *n);
+static void call_record(zm_call_t *call, zm_grpc_status_t st);
+static void stream_fin(zm_call_t *call, zm_grpc_status_t st, const char *msg);
 
 /* ===================== arena ============================================ */
 
@@ -404,6 +434,7 @@ static void submit_status(zm_call_t *call, zm_grpc_status_t st,
   };
   size_t n = enclen > 0 ? 4 : 3;
   call->state = CALL_FINISHED;
+  call_record(call, st);
   if (c == NULL)
     return;
   /* No RST_STREAM after an early answer: gRPC clients treat any RST before
@@ -413,6 +444,15 @@ static void submit_status(zm_call_t *call, zm_grpc_status_t st,
     nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, call->stream_id,
                               NGHTTP2_INTERNAL_ERROR);
   conn_mark_dirty(c);
+}
+
+/* Ends the call with a status: after the queued messages of a streaming
+ * call that sent its headers, else Trailers-Only. */
+static void call_end(zm_call_t *call, zm_grpc_status_t st, const char *msg) {
+  if (call->streaming && call->headers_sent)
+    stream_fin(call, st, msg);
+  else
+    submit_status(call, st, msg);
 }
 
 static ssize_t on_text_read(nghttp2_session *s, int32_t sid, uint8_t *buf,
@@ -460,6 +500,28 @@ static void submit_http_error(zm_call_t *call, const char *status,
   conn_mark_dirty(c);
 }
 
+static zm_grpc_method_stats_t *call_mstats(zm_call_t *call) {
+  zm_grpc_server_t *srv = call->srv;
+  size_t i = call->method != NULL ? (size_t)(call->method - srv->methods)
+                                  : srv->n_methods;
+  return &srv->mstats[i];
+}
+
+/* Counts the call's outcome once: its status and its latency. */
+static void call_record(zm_call_t *call, zm_grpc_status_t st) {
+  if (call->recorded)
+    return;
+  call->recorded = 1;
+  zm_grpc_method_stats_t *m = call_mstats(call);
+  m->by_status[(unsigned)st <= 16 ? (unsigned)st : ZM_GRPC_UNKNOWN]++;
+  uint64_t ns = uv_hrtime() - call->start_ns;
+  size_t b = 0;
+  while (b < ZM_GRPC_LAT_BUCKETS && ns > LAT_BOUNDS_NS[b])
+    b++;
+  m->lat_counts[b]++;
+  m->lat_sum_ns += ns;
+}
+
 static void call_handler_done(zm_call_t *call) {
   zm_grpc_server_t *srv = call->srv;
   call->handler_holds = 0;
@@ -470,6 +532,9 @@ static void call_handler_done(zm_call_t *call) {
   heap_remove(srv, call);
   if (srv->stats.calls_active > 0)
     srv->stats.calls_active--;
+  zm_grpc_method_stats_t *m = call_mstats(call);
+  if (m->inflight > 0)
+    m->inflight--;
   if (call->stream_closed)
     call_free(call);
   if (srv->draining && srv->stats.calls_active == 0)
@@ -478,10 +543,16 @@ static void call_handler_done(zm_call_t *call) {
 
 void zm_call_reply(zm_call_t *call, const ProtobufCMessage *resp) {
   ZM_ASSERT(call->handler_holds);
+  if (call->streaming) {
+    zm_call_send(call, resp);
+    zm_call_finish(call, ZM_GRPC_OK, NULL);
+    return;
+  }
   if (call->method->on_finish != NULL)
     call->method->on_finish(call, call->req, ZM_GRPC_OK, resp,
                             call->method->ctx);
   if (call->conn != NULL && call->state == CALL_HANDLER) {
+    call_record(call, ZM_GRPC_OK);
     size_t n = protobuf_c_message_get_packed_size(resp);
     uint8_t *buf = zm_call_alloc(call, n + 5);
     buf[0] = 0;
@@ -508,13 +579,118 @@ void zm_call_reply(zm_call_t *call, const ProtobufCMessage *resp) {
 }
 
 void zm_call_fail(zm_call_t *call, zm_grpc_status_t status, const char *msg) {
+  zm_call_finish(call, status, msg);
+}
+
+void zm_call_finish(zm_call_t *call, zm_grpc_status_t status, const char *msg) {
   ZM_ASSERT(call->handler_holds);
   if (call->method->on_finish != NULL)
     call->method->on_finish(call, call->req, status, NULL, call->method->ctx);
   if (call->conn != NULL && call->state == CALL_HANDLER)
-    submit_status(call, status, msg);
+    call_end(call, status, msg);
   call_handler_done(call);
 }
+
+/* ===================== streaming responses =============================== */
+
+static ssize_t on_stream_read(nghttp2_session *s, int32_t sid, uint8_t *buf,
+                              size_t len, uint32_t *flags,
+                              nghttp2_data_source *src, void *ud) {
+  (void)ud;
+  zm_call_t *call = src->ptr;
+  size_t avail = call->sq_len - call->sq_off;
+  if (avail == 0) {
+    if (!call->fin_pending)
+      return NGHTTP2_ERR_DEFERRED;
+    char code[8];
+    int codelen = snprintf(code, sizeof code, "%d", (int)call->fin_status);
+    size_t mlen = call->fin_msg ? strlen(call->fin_msg) : 0;
+    nghttp2_nv tr[2] = {
+        {(uint8_t *)"grpc-status", (uint8_t *)code, 11, (size_t)codelen,
+         NGHTTP2_NV_FLAG_NO_COPY_NAME},
+        {(uint8_t *)"grpc-message", (uint8_t *)call->fin_msg, 12, mlen,
+         NGHTTP2_NV_FLAG_NO_COPY_NAME},
+    };
+    *flags |= NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM;
+    if (nghttp2_submit_trailer(s, sid, tr, mlen > 0 ? 2 : 1) != 0)
+      return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    return 0;
+  }
+  size_t n = avail < len ? avail : len;
+  memcpy(buf, call->sq + call->sq_off, n);
+  call->sq_off += n;
+  if (call->sq_off == call->sq_len)
+    call->sq_off = call->sq_len = 0;
+  return (ssize_t)n;
+}
+
+/* Response headers with the queue as the body, or a wake-up of a data
+ * provider that ran dry. */
+static void stream_kick(zm_call_t *call) {
+  zm_conn_t *c = call->conn;
+  if (!call->headers_sent) {
+    static const nghttp2_nv hdrs[] = {NV(":status", "200"),
+                                      NV("content-type", "application/grpc")};
+    nghttp2_data_provider dp = {.source.ptr = call,
+                                .read_callback = on_stream_read};
+    call->headers_sent = 1;
+    if (nghttp2_submit_response(c->h2, call->stream_id, hdrs,
+                                ZM_ARRAY_SIZE(hdrs), &dp) != 0)
+      nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, call->stream_id,
+                                NGHTTP2_INTERNAL_ERROR);
+  } else {
+    nghttp2_session_resume_data(c->h2, call->stream_id);
+  }
+  conn_mark_dirty(c);
+}
+
+static void stream_fin(zm_call_t *call, zm_grpc_status_t st, const char *msg) {
+  char enc[ZM_GRPC_MSG_MAX];
+  size_t n = zm_grpc_pct_encode(msg ? msg : "", msg ? strlen(msg) : 0, enc,
+                                sizeof enc);
+  call->fin_pending = 1;
+  call->fin_status = st;
+  free(call->fin_msg);
+  call->fin_msg = n > 0 ? zm_xstrdup(enc) : NULL;
+  call->state = CALL_FINISHED;
+  call_record(call, st);
+  if (call->conn != NULL)
+    stream_kick(call);
+}
+
+int zm_call_send(zm_call_t *call, const ProtobufCMessage *msg) {
+  ZM_ASSERT(call->handler_holds && call->streaming);
+  if (call->conn == NULL || call->state != CALL_HANDLER || call->cancelled)
+    return ZM_E_CANCELLED;
+  if (call->sq_len - call->sq_off > ZM_GRPC_SENDQ_MAX)
+    return ZM_E_UNAVAILABLE;
+  size_t n = protobuf_c_message_get_packed_size(msg);
+  if (call->sq_off > 0) {
+    memmove(call->sq, call->sq + call->sq_off, call->sq_len - call->sq_off);
+    call->sq_len -= call->sq_off;
+    call->sq_off = 0;
+  }
+  if (call->sq_len + n + 5 > call->sq_cap) {
+    size_t cap = call->sq_cap ? call->sq_cap : 256;
+    while (cap < call->sq_len + n + 5)
+      cap *= 2;
+    call->sq = zm_xrealloc(call->sq, cap);
+    call->sq_cap = cap;
+  }
+  uint8_t *p = call->sq + call->sq_len;
+  p[0] = 0;
+  p[1] = (uint8_t)(n >> 24);
+  p[2] = (uint8_t)(n >> 16);
+  p[3] = (uint8_t)(n >> 8);
+  p[4] = (uint8_t)n;
+  protobuf_c_message_pack(msg, p + 5);
+  call->sq_len += n + 5;
+  stream_kick(call);
+  return 0;
+}
+
+size_t zm_call_send_queued(const zm_call_t *c) { return c->sq_len - c->sq_off; }
+uint64_t zm_call_id(const zm_call_t *c) { return c->id; }
 
 int zm_call_is_cancelled(const zm_call_t *c) { return c->cancelled; }
 
@@ -525,6 +701,11 @@ void zm_call_on_cancel(zm_call_t *c, void (*cb)(zm_call_t *, void *),
 }
 
 uint64_t zm_call_deadline(const zm_call_t *c) { return c->deadline; }
+void *zm__call_cancel_data(const zm_call_t *c) { return c->cancel_data; }
+const ProtobufCMessage *zm_call_request(const zm_call_t *c) { return c->req; }
+void *zm_call_ctx(const zm_call_t *c) {
+  return c->method ? c->method->ctx : NULL;
+}
 zm_grpc_server_t *zm_call_server(const zm_call_t *c) { return c->srv; }
 const char *zm_call_path(const zm_call_t *c) {
   return c->method ? c->method->path : "?";
@@ -613,6 +794,8 @@ static void call_free(zm_call_t *call) {
   heap_remove(srv, call);
   zm_wipe(call->rbuf, call->rlen);
   free(call->rbuf);
+  free(call->sq);
+  free(call->fin_msg);
   for (arena_block_t *b = call->arena_extra, *n; b != NULL; b = n) {
     n = b->next;
     free(b);
@@ -628,6 +811,8 @@ static void call_free(zm_call_t *call) {
 
 /* The stream is gone (closed by nghttp2, or its connection closed). */
 static void call_stream_closed(zm_call_t *call) {
+  if (call->state != CALL_FINISHED)
+    call_record(call, ZM_GRPC_CANCELLED);
   call_unlink(call);
   call->stream_closed = 1;
   if (call->handler_holds) {
@@ -695,8 +880,101 @@ static void call_dispatch(zm_call_t *call) {
   call->req = req;
   heap_update(srv, call);
   call->handler_holds = 1;
+  call->req = req;
   srv->stats.calls_active++;
+  call_mstats(call)->inflight++;
+  zm_log_ctx_t lc = {call->id, call->method->path, NULL};
+  const zm_log_ctx_t *old = zm_log_ctx_swap(&lc);
+  ZM_DEBUG("grpc: call %llu %s", (unsigned long long)call->id,
+           call->method->path);
   call->method->fn(call, req, call->method->ctx);
+  zm_log_ctx_swap(old);
+}
+
+/* A streaming call's headers are accepted: the handler holds it from now. */
+static void stream_open(zm_call_t *call) {
+  zm_grpc_server_t *srv = call->srv;
+  call->streaming = 1;
+  call->state = CALL_HANDLER;
+  heap_update(srv, call); /* a stream's requests arrive when they do */
+  call->handler_holds = 1;
+  srv->stats.calls_active++;
+  call_mstats(call)->inflight++;
+  if (call->method->stream->on_open != NULL) {
+    zm_log_ctx_t lc = {call->id, call->method->path, NULL};
+    const zm_log_ctx_t *old = zm_log_ctx_swap(&lc);
+    call->method->stream->on_open(call, call->method->ctx);
+    zm_log_ctx_swap(old);
+  }
+}
+
+/* Ends a streaming call the server gave up on (bad message): the handler is
+ * told through its cancel callback and finishes it as usual. */
+static void stream_abort(zm_call_t *call, zm_grpc_status_t st,
+                         const char *msg) {
+  call_end(call, st, msg);
+  call_cancel(call);
+}
+
+/* Delivers every complete message buffered for a streaming call; keeps the
+ * incomplete tail. */
+static void stream_deliver(zm_call_t *call) {
+  zm_grpc_server_t *srv = call->srv;
+  size_t off = 0;
+  while (call->state == CALL_HANDLER && !call->cancelled) {
+    uint8_t flags;
+    const uint8_t *msg;
+    size_t msg_len;
+    ssize_t n = zm_grpc_deframe(call->rbuf + off, call->rlen - off,
+                                srv->cfg.max_recv_msg, &flags, &msg, &msg_len);
+    if (n == ZM_E_INCOMPLETE)
+      break;
+    if (n == ZM_E_MSG_TOO_LARGE) {
+      stream_abort(call, ZM_GRPC_RESOURCE_EXHAUSTED,
+                   "request message larger than max");
+      break;
+    }
+    off += (size_t)n;
+    if (flags & 1u) {
+      stream_abort(call, ZM_GRPC_INTERNAL,
+                   "compressed message without negotiated grpc-encoding");
+      break;
+    }
+    if (!zm_grpc_strings_nul_free(call->method->input, msg, msg_len)) {
+      stream_abort(call, ZM_GRPC_INVALID_ARGUMENT,
+                   "string field contains a NUL byte");
+      break;
+    }
+    /* heap-allocated per message: a long stream must not grow the arena */
+    ProtobufCMessage *req =
+        protobuf_c_message_unpack(call->method->input, NULL, msg_len, msg);
+    if (req == NULL) {
+      stream_abort(call, ZM_GRPC_INTERNAL, "cannot parse request message");
+      break;
+    }
+    zm_log_ctx_t lc = {call->id, call->method->path, NULL};
+    const zm_log_ctx_t *old = zm_log_ctx_swap(&lc);
+    call->method->stream->on_message(call, req, call->method->ctx);
+    zm_log_ctx_swap(old);
+    protobuf_c_message_free_unpacked(req, NULL);
+  }
+  if (off > 0 && call->conn != NULL) {
+    memmove(call->rbuf, call->rbuf + off, call->rlen - off);
+    call->rlen -= off;
+    call->conn->recv_buffered -= off;
+    call->srv->stats.buffered -= off;
+  }
+}
+
+static void stream_half_close(zm_call_t *call) {
+  if (call->state != CALL_HANDLER || call->cancelled)
+    return;
+  if (call->rlen > 0) {
+    stream_abort(call, ZM_GRPC_INTERNAL, "truncated request message");
+    return;
+  }
+  if (call->method->stream->on_half_close != NULL)
+    call->method->stream->on_half_close(call, call->method->ctx);
 }
 
 /* ===================== nghttp2 callbacks ================================ */
@@ -712,6 +990,8 @@ static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *f,
     return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE; /* RST_STREAM */
   }
   c->srv->stats.calls_started++;
+  call->id = ++c->srv->call_seq;
+  call->start_ns = uv_hrtime();
   nghttp2_session_set_stream_user_data(s, f->hd.stream_id, call);
   return 0;
 }
@@ -880,6 +1160,8 @@ static void call_headers_done(zm_call_t *call) {
     return;
   call->state = CALL_RECEIVING;
   heap_update(call->srv, call);
+  if (call->method->stream != NULL)
+    stream_open(call);
 }
 
 /*
@@ -938,6 +1220,8 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud) {
     call->end_stream_seen = 1;
     if (call->state == CALL_RECEIVING)
       call_dispatch(call);
+    else if (call->streaming)
+      stream_half_close(call);
   }
   return 0;
 }
@@ -982,7 +1266,9 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid,
   (void)flags;
   zm_conn_t *c = ud;
   zm_call_t *call = nghttp2_session_get_stream_user_data(s, sid);
-  if (call == NULL || call->state != CALL_RECEIVING)
+  if (call == NULL ||
+      !(call->state == CALL_RECEIVING ||
+        (call->streaming && call->state == CALL_HANDLER && !call->cancelled)))
     return 0;
   zm_grpc_server_t *srv = c->srv;
   if (srv->stats.buffered + len > srv->cfg.max_buffered &&
@@ -994,14 +1280,20 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid,
     return 0;
   }
   size_t max = c->srv->cfg.max_recv_msg + 5;
-  if (call->rlen + len > max || c->recv_buffered + len > ZM_CONN_RECV_BUDGET) {
-    /* Report the declared size when we have the prefix. */
-    submit_status(call, ZM_GRPC_RESOURCE_EXHAUSTED,
-                  "request message larger than max");
+  /* A streaming call's buffer holds only an incomplete tail (whose declared
+   * length the deframer checks), so only the connection budget applies. */
+  if ((!call->streaming && call->rlen + len > max) ||
+      c->recv_buffered + len > ZM_CONN_RECV_BUDGET) {
+    if (call->streaming)
+      stream_abort(call, ZM_GRPC_RESOURCE_EXHAUSTED,
+                   "request message larger than max");
+    else
+      submit_status(call, ZM_GRPC_RESOURCE_EXHAUSTED,
+                    "request message larger than max");
     return 0;
   }
   /* Early check of the declared length: refuse before buffering it all. */
-  if (call->rlen + len >= 5 && call->rlen < 5) {
+  if (!call->streaming && call->rlen + len >= 5 && call->rlen < 5) {
     uint8_t hdr[5];
     size_t have = call->rlen;
     if (have > 0)
@@ -1039,6 +1331,8 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid,
   call->rlen += len;
   c->recv_buffered += len;
   srv->stats.buffered += len;
+  if (call->streaming)
+    stream_deliver(call);
   return 0;
 }
 
@@ -1515,7 +1809,7 @@ static void on_deadline(uv_timer_t *t) {
     srv->stats.deadline_exceeded++;
     if (call->state == CALL_RECEIVING || call->state == CALL_HANDLER) {
       int held = call->state == CALL_HANDLER;
-      submit_status(call, ZM_GRPC_DEADLINE_EXCEEDED, "deadline exceeded");
+      call_end(call, ZM_GRPC_DEADLINE_EXCEEDED, "deadline exceeded");
       if (held)
         call_cancel(call);
     }
@@ -1619,6 +1913,7 @@ int zm_grpc_server_new(zm_grpc_server_t **out, uv_loop_t *loop,
   for (size_t i = 0; i < n_methods; i++)
     srv->path_lens[i] = strlen(methods[i].path);
   srv->n_methods = n_methods;
+  srv->mstats = zm_xcalloc(n_methods + 1, sizeof *srv->mstats);
   if (nghttp2_session_callbacks_new(&srv->cbs) != 0 ||
       nghttp2_option_new(&srv->opt) != 0)
     abort();
@@ -1746,6 +2041,7 @@ void zm_grpc_server_free(zm_grpc_server_t *srv) {
   zm_authz_free(srv->authz);
   zm_limiter_free(srv->limiter);
   free(srv->heap);
+  free(srv->mstats);
   free(srv->methods);
   free(srv->path_lens);
   free(srv->address);
@@ -1755,6 +2051,23 @@ void zm_grpc_server_free(zm_grpc_server_t *srv) {
 void zm_grpc_server_get_stats(const zm_grpc_server_t *srv,
                               zm_grpc_stats_t *out) {
   *out = srv->stats;
+}
+
+size_t zm_grpc_server_method_count(const zm_grpc_server_t *srv) {
+  return srv->n_methods;
+}
+
+const char *zm_grpc_server_method_path(const zm_grpc_server_t *srv, size_t i) {
+  return i < srv->n_methods ? srv->methods[i].path : NULL;
+}
+
+const zm_grpc_method_stats_t *
+zm_grpc_server_method_stats(const zm_grpc_server_t *srv, size_t i) {
+  return &srv->mstats[i];
+}
+
+int zm_grpc_server_draining(const zm_grpc_server_t *srv) {
+  return srv->draining != 0;
 }
 
 int zm_grpc_server_set_tls(zm_grpc_server_t *srv, const char *cert_file,

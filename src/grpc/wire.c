@@ -78,6 +78,34 @@ size_t zm_grpc_pct_encode(const char *src, size_t len, char *dst, size_t cap) {
   return o;
 }
 
+static int hexval(char c) {
+  if (c >= '0' && c <= '9')
+    return c - '0';
+  if (c >= 'A' && c <= 'F')
+    return c - 'A' + 10;
+  if (c >= 'a' && c <= 'f')
+    return c - 'a' + 10;
+  return -1;
+}
+
+size_t zm_grpc_pct_decode(const char *src, size_t len, char *dst, size_t cap) {
+  size_t o = 0;
+  if (cap == 0)
+    return 0;
+  for (size_t i = 0; i < len && o + 1 < cap; i++) {
+    int hi, lo;
+    if (src[i] == '%' && i + 2 < len && (hi = hexval(src[i + 1])) >= 0 &&
+        (lo = hexval(src[i + 2])) >= 0) {
+      dst[o++] = (char)(hi << 4 | lo);
+      i += 2;
+    } else {
+      dst[o++] = src[i];
+    }
+  }
+  dst[o] = '\0';
+  return o;
+}
+
 const zm_grpc_method_t *zm_grpc_route(const zm_grpc_method_t *methods,
                                       const size_t *path_lens, size_t n,
                                       const uint8_t *path, size_t len) {

@@ -35,7 +35,7 @@ static void on_fetched(int err, const zm_index_managed_t *m, void *data) {
   if (err == 0)
     reply_resolved(call, m);
   else if (err == ZM_E_NOT_FOUND)
-    zm_call_fail(call, ZM_GRPC_NOT_FOUND, "identity not found");
+    zm_rpc_resolve_not_found(call);
   else
     zm_call_fail(call, ZM_GRPC_UNAVAILABLE, "store unavailable, retry");
 }
@@ -57,7 +57,7 @@ void zm_rpc_resolve_identity(zm_call_t *call, const ProtobufCMessage *msg,
     return;
   }
   if (!zm_life_read_through(app->life)) {
-    zm_call_fail(call, ZM_GRPC_NOT_FOUND, "identity not found");
+    zm_rpc_resolve_not_found(call);
     return;
   }
   /* shared store: another replica may have created it */

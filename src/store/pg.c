@@ -52,6 +52,7 @@
 #include "store_internal.h"
 
 #include "zm/log.h"
+#include "zm/stat.h"
 #include "zm/store.h"
 #include "zm/zm.h"
 
@@ -131,11 +132,18 @@
     " GREATEST(lease_expires_at, zm_ts($2::bigint))"                           \
     " WHERE ziti_identity_id = $1::text RETURNING 1)"                          \
     " SELECT zm_found(count(*)) FROM u")                                       \
+  /* Rows are locked in id order first: two replicas flushing overlapping      \
+   * sets at once then queue behind each other instead of deadlocking. */      \
   X(FLUSH_LEASES, 2,                                                           \
-    "UPDATE service_identities s SET lease_expires_at = zm_ts(v.ms)"           \
-    " FROM (SELECT id, max(ms) AS ms FROM unnest($1::text[], $2::bigint[])"    \
-    " AS a(id, ms) GROUP BY id) v WHERE s.ziti_identity_id = v.id"             \
-    " AND s.lease_expires_at < zm_ts(v.ms)")                                   \
+    "WITH v AS (SELECT id, max(ms) AS ms FROM unnest($1::text[],"              \
+    " $2::bigint[]) AS a(id, ms) GROUP BY id),"                                \
+    " k AS (SELECT s.ziti_identity_id FROM service_identities s JOIN v"        \
+    " ON s.ziti_identity_id = v.id WHERE s.lease_expires_at < zm_ts(v.ms)"     \
+    " ORDER BY s.ziti_identity_id FOR UPDATE OF s)"                            \
+    " UPDATE service_identities s SET lease_expires_at ="                      \
+    " GREATEST(s.lease_expires_at, zm_ts(v.ms)) FROM v, k"                     \
+    " WHERE s.ziti_identity_id = v.id AND s.ziti_identity_id ="                \
+    " k.ziti_identity_id")                                                     \
   X(PUT_PENDING, 7,                                                            \
     "INSERT INTO pending_identities (name, kind, type, ziti_identity_id,"      \
     " agent_id, created_at, resolve_after) VALUES ($1::text, $2::smallint,"    \
@@ -803,6 +811,7 @@ static void conn_push_job(conn_t *c, job_t *j) {
  * would leave an aborted transaction block open after the Sync. Returns 0, or
  * -1 when the connection failed (j is not queued). */
 static int send_group(conn_t *c, job_t *j) {
+  zm_stat_store_begin(j);
   size_t cap = 1;
   for (size_t i = 0; i < j->nitems; i++)
     cap += j->items[i]->nops;
@@ -863,6 +872,7 @@ static int group_done(conn_t *c, job_t *j) {
     }
   }
   st->stats.groups++;
+  zm_stat_store_end(j, j->nitems);
   st->wjob = NULL;
   st->wconn = NULL;
   for (size_t i = 0; i < j->nitems; i++)

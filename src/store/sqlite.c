@@ -33,6 +33,7 @@
 #include "store_internal.h"
 
 #include "zm/log.h"
+#include "zm/stat.h"
 #include "zm/store.h"
 #include "zm/zm.h"
 
@@ -826,7 +827,7 @@ static void worker_main(void *arg) {
     if (!st->work_ready)
       break;
     uv_mutex_unlock(&st->mu);
-    run_batch(st, &st->batch);
+    ZM_STAT_STORE_TIMED(st->batch.units, run_batch(st, &st->batch));
     uv_mutex_lock(&st->mu);
     st->work_ready = 0;
     st->done_ready = 1;

@@ -86,9 +86,12 @@ static size_t vformat(char *b, size_t cap, const char *event, va_list ap) {
   struct tm tm;
   clock_gettime(CLOCK_REALTIME, &ts);
   gmtime_r(&ts.tv_sec, &tm);
+  /* the fields of a JSON log line (LOG_FORMAT=json) come first, so that
+   * an audit stream shared with the log (AUDIT_LOG=stderr) parses as one */
   int k = snprintf(b, cap,
-                   "{\"ts\":\"%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ\","
-                   "\"event\":\"",
+                   "{\"time\":\"%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ\","
+                   "\"level\":\"info\",\"msg\":\"audit\","
+                   "\"component\":\"audit\",\"event\":\"",
                    tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
                    tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000);
   /* room for the closing "}\n" and NUL whatever the values */

@@ -113,6 +113,11 @@ static void conn_set_state(zm__ziti_conn_t *c, conn_state_t next) {
 }
 
 static void xchg_done(zm__ziti_xchg_t *x, int err, const char *why) {
+  zm__ziti_observe(x->z, x, err == 0 ? x->resp.status : ZM_ZITI_XCHG_ERROR);
+  if (err == 0)
+    x->z->stats.reachable = 1;
+  else if (err != ZM_E_SHUTDOWN && why != err_queue_full)
+    x->z->stats.reachable = 0; /* no answer: connect, TLS, timeout, reset */
   x->conn = NULL;
   x->cb(x, err, why);
 }
@@ -642,6 +647,7 @@ static void dispatch(zm_ziti_t *z) {
 void zm__ziti_xchg_start(zm_ziti_t *z, zm__ziti_xchg_t *x) {
   x->z = z;
   x->conn = NULL;
+  x->start_ns = uv_hrtime();
   x->retried = 0;
   x->queued = 0;
   zm_http1_resp_reset(&x->resp);
@@ -698,6 +704,7 @@ static void z_free(zm_ziti_t *z) {
   zm_secret_dispose(&z->auth_x.req);
   free(z->ca_bundle);
   free(z->server_cert);
+  free(z->ep_stats);
   free(z->host);
   free(z->host_header);
   free((char *)z->cfg.controller_url);
@@ -814,7 +821,9 @@ int zm_ziti_new(zm_ziti_t **out, uv_loop_t *loop, const zm_ziti_config_t *cfg) {
     goto fail;
   }
   const char *why = NULL;
-  if ((rc = zm__ziti_tls_ctx_new(&z->tls_ctx, z->cfg.ca_file, z->cfg.cert_file,
+  if ((rc = cfg->bootstrap ? zm__ziti_tls_ctx_new_unverified(&z->tls_ctx, &why)
+                           : zm__ziti_tls_ctx_new(
+                                 &z->tls_ctx, z->cfg.ca_file, z->cfg.cert_file,
                                  z->cfg.key_file, &why)) != 0) {
     ZM_ERROR("ziti: %s", why);
     goto fail;
@@ -827,6 +836,8 @@ int zm_ziti_new(zm_ziti_t **out, uv_loop_t *loop, const zm_ziti_config_t *cfg) {
   zm__ziti_list_init(&z->ops);
   zm__ziti_list_init(&z->auth_waiters);
   z->rng = uv_hrtime() | 1;
+  z->stats.reachable = -1;
+  z->ep_stats = zm_xcalloc(ZM_ZITI_EP__COUNT, sizeof *z->ep_stats);
   zm__ziti_api_init(z);
   *out = z;
   return 0;

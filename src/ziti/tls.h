@@ -25,6 +25,10 @@ int zm__ziti_tls_ctx_new(WOLFSSL_CTX **out, const char *ca_file,
                          const char *cert_file, const char *key_file,
                          const char **why);
 
+/* A context that does not verify the peer (self-enrollment's first
+ * contact; the enrollment JWT's signature authenticates the server). */
+int zm__ziti_tls_ctx_new_unverified(WOLFSSL_CTX **out, const char **why);
+
 typedef struct {
   WOLFSSL *ssl;
   char host[256]; /* expected peer name (DNS name or IP literal) */

@@ -79,6 +79,7 @@ struct zm__ziti_xchg {
   const char *why;
   zm__ziti_xchg_cb cb;
   void *data;
+  uint64_t start_ns; /* uv_hrtime() at start: exchange latency (metrics) */
 };
 
 /* ---- the client
@@ -123,6 +124,7 @@ struct zm_ziti {
   uint64_t rng; /* xorshift state for backoff jitter */
 
   zm_ziti_stats_t stats;
+  zm_ziti_ep_stats_t *ep_stats; /* ZM_ZITI_EP__COUNT */
 
   /* shutdown */
   int closing;
@@ -142,6 +144,9 @@ void zm__ziti_defer(zm_ziti_t *z, zm__ziti_defer_t *d,
                     void (*fn)(zm__ziti_defer_t *d));
 /* Called whenever something that shutdown waits for went away. */
 void zm__ziti_maybe_finish(zm_ziti_t *z);
+
+/* metrics.c: counts a finished exchange (status 0 = no response). */
+void zm__ziti_observe(zm_ziti_t *z, const zm__ziti_xchg_t *x, int status);
 
 /* api.c */
 int zm__ziti_api_init(zm_ziti_t *z);

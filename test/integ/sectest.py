@@ -86,7 +86,7 @@ class TestServer:
         self.stats_path = os.path.join(self.tmp, "stats")
         e = {k: v for k, v in os.environ.items() if not k.startswith(("GRPC_", "AUDIT_"))}
         e.update(GRPC_ADDRESS="127.0.0.1:0", AUDIT_LOG=self.audit_path,
-                 TESTSRV_STATS_FILE=self.stats_path, LOG_LEVEL="debug")
+                 TESTSRV_STATS_FILE=self.stats_path)
         e.update(env or {})
         self.env = e
         self.proc = None
@@ -107,7 +107,7 @@ class TestServer:
 
     def logtext(self):
         try:
-            return read(self.log_path).decode(errors="replace")[-20000:]
+            return read(self.log_path).decode(errors="replace")
         except OSError:
             return ""
 

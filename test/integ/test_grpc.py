@@ -53,10 +53,13 @@ def test_unknown_method_and_service(srv):
             with pytest.raises(grpc.RpcError) as e:
                 call(b"", timeout=5)
             assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        # Watch is not offered: a clear UNIMPLEMENTED, not a hang
+        # Watch is offered (issue 14): the current status at once, then the
+        # stream stays open until the deadline (changes: test_ops.py)
+        stream = HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=1)
+        assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.RpcError) as e:
-            list(HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=5))
-        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            next(stream)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def test_resolve_roundtrip_and_errors(srv):

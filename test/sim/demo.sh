@@ -17,7 +17,7 @@ export ZITI_CERT_FILE="$(get cert_file)" ZITI_KEY_FILE="$(get key_file)"
 export GRPC_ADDRESS="${GRPC_ADDRESS:-127.0.0.1:50051}" STORE_PATH="${STORE_PATH:-$DIR/ziti-management.db}"
 echo "controller simulator: $ZITI_CONTROLLER_URL (control API on 127.0.0.1:$(get ctl_port))"
 echo "ziti-management:      $GRPC_ADDRESS, store $STORE_PATH"
-echo "try: /usr/bin/python3 $REPO/test/zmctl.py request-service-identity gateway"
+echo "try: $BUILD/zmctl request-service-identity gateway -o gateway.json"
 case $BUILD in /*) BIN=$BUILD/ziti-management ;; *) BIN=$REPO/$BUILD/ziti-management ;; esac
 "$BIN" &
 ZM=$!

@@ -1,13 +1,17 @@
 #!/usr/bin/python3
-"""Hand-run soak of ziti-management against the controller simulator: random
-kills (SIGKILL, SIGTERM, crashes at saga states through ZM_TEST_CRASH_AT),
-random controller faults, random enrollments / extensions / agent identities,
-and periodic invariant checks. See README.md in this folder.
+"""Soak of ziti-management against the controller simulator: random kills
+(SIGKILL, SIGTERM, crashes at saga states through ZM_TEST_CRASH_AT), random
+controller faults, random enrollments / extensions / agent identities, and
+periodic invariant checks. With --backend pg --replicas 2 it runs two
+replicas on one PostgreSQL database (every call to a random replica) and also
+kills the database (SIGKILL of the postmaster, pg_ctl stop -m immediate) and
+stops every replica for longer than the TTL (an outage). See README.md.
 
     ZM_BUILD_DIR=/work/build /usr/bin/python3 test/soak/soak.py --duration 3600
+    ZM_BUILD_DIR=/work/build /usr/bin/python3 test/soak/soak.py --backend pg --replicas 2 --duration 600
 
-Exit code 0 only if it ends with zero leaked and zero wrongly deleted
-identities and the service never died on its own.
+Exit code 0 only if it ends with zero leaked, zero wrongly deleted, zero
+zombies and the service never died on its own.
 """
 
 import argparse
@@ -60,22 +64,62 @@ class Stats:
         log("PROBLEM %s: %s" % (kind, msg))
 
 
+class Router:
+    """Stubs for every replica; each call goes to a random one (a load
+    balancer). Same call interface as a stub for the methods the soak uses."""
+
+    def __init__(self, ports, rng):
+        self.rng = rng
+        self.chans = [grpc.insecure_channel("127.0.0.1:%d" % p) for p in ports]
+        self.stubs = [zmtest.pb_grpc.ZitiManagementServiceStub(c) for c in self.chans]
+
+    def __getattr__(self, name):
+        def call(req, timeout):
+            return getattr(self.rng.choice(self.stubs), name)(req, timeout=timeout)
+        return call
+
+    def call_retry(self, name, req, timeout):
+        """UNAVAILABLE from one replica: at once to another (if any)."""
+        order = list(range(len(self.stubs)))
+        self.rng.shuffle(order)
+        for k, i in enumerate(order):
+            try:
+                return getattr(self.stubs[i], name)(req, timeout=timeout)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or k == len(order) - 1:
+                    raise
+
+    def close(self):
+        for c in self.chans:
+            c.close()
+
+
 class Soak:
     def __init__(self, args):
         self.a = args
         self.rng = random.Random(args.seed)
         self.ttl = args.ttl
         self.dir = tempfile.mkdtemp(prefix="zm-soak-")
-        self.store = os.path.join(self.dir, "zm.db")
-        self.log_path = os.path.join(self.dir, "server.log")
-        self.port = zmtest.free_port()
+        self.pg = None
+        if args.backend == "pg":
+            from pgfix import PgCluster
+
+            self.pg = PgCluster()
+            self.pg.start()
+            self.store = self.pg.url
+        else:
+            self.store = os.path.join(self.dir, "zm.db")
+        self.n = args.replicas
+        self.log_paths = [os.path.join(self.dir, "server.log" if self.n == 1 else "server-%d.log" % i)
+                          for i in range(self.n)]
+        self.ports = [zmtest.free_port() for _ in range(self.n)]
         self.sim = Sim.start(os.path.join(self.dir, "sim"), log_file=os.path.join(self.dir, "sim.log"))
         self.stats = Stats()
         self.stop = threading.Event()
-        self.srv = None
+        self.srvs = [None] * self.n
+        self.hooked = [None] * self.n
         self.srv_lock = threading.Lock()
-        self.expected_exit = True
-        self.hooked = None
+        self.db_lock = threading.Lock()
         self.keepers = {}  # slot -> (ziti id, last OK extend send time)
         self.deleting = set()  # agent ziti ids the soak asked to delete/replace
         self.agents = {}  # agent uuid -> current ziti id
@@ -85,13 +129,14 @@ class Soak:
     def env(self, hook=None):
         e = {"SERVICE_IDENTITY_LEASE_TTL": "%dms" % int(self.ttl * 1000),
              "SERVICE_IDENTITY_GC_INTERVAL": "300ms", "ZITI_REQUEST_TIMEOUT": "2s",
-             "ENROLLMENT_TIMEOUT": "5s", "SHUTDOWN_GRACE": "3s", "LOG_LEVEL": "info"}
+             "ENROLLMENT_TIMEOUT": "5s", "SHUTDOWN_GRACE": "3s", "LOG_LEVEL": "info",
+             "LEASE_FLUSH_INTERVAL": "200ms"}
         if hook:
             e["ZM_TEST_CRASH_AT"] = hook
         return e
 
-    def start_server(self, hook=None):
-        s = zmtest.Server(sim=self.sim, store_path=self.store, port=self.port, log_path=self.log_path,
+    def start_server(self, i=0, hook=None):
+        s = zmtest.Server(sim=self.sim, store_path=self.store, port=self.ports[i], log_path=self.log_paths[i],
                           env=self.env(hook))
         shutil.rmtree(s.tmp, ignore_errors=True)  # store and log live in self.dir
         try:
@@ -102,16 +147,23 @@ class Soak:
             # saw SERVING. That is the crash we asked for, not a failure.
             if hook and s.proc.returncode == 137:
                 self.stats.inc("hook_crash_during_start")
-                return self.start_server(hook=None)
+                return self.start_server(i, hook=None)
             raise
         with self.srv_lock:
-            self.srv, self.hooked = s, hook
+            self.srvs[i], self.hooked[i] = s, hook
         self.stats.inc("starts")
         return s
 
-    def kill_server(self, how):
+    def start_all(self):
+        for i in range(self.n):
+            with self.srv_lock:
+                s = self.srvs[i]
+            if s is None or s.proc.poll() is not None:
+                self.start_server(i)
+
+    def kill_server(self, how, i=0):
         with self.srv_lock:
-            s = self.srv
+            s = self.srvs[i]
         if s is None or s.proc.poll() is not None:
             return
         if how == "SIGKILL":
@@ -120,31 +172,57 @@ class Soak:
         else:
             rc = s.stop(signal.SIGTERM, timeout=30)
             if rc != 0:
-                self.stats.problem("bad_exit", "SIGTERM exit code %s" % rc)
+                self.stats.problem("bad_exit", "SIGTERM exit code %s (replica %d)" % (rc, i))
         self.stats.inc("kills_" + how)
+
+    def kill_all(self, how="SIGKILL"):
+        for i in range(self.n):
+            self.kill_server(how, i)
 
     def check_alive(self):
         """An exit we did not cause: a crash hook (expected, code 137) or a bug."""
-        with self.srv_lock:
-            s, hook = self.srv, self.hooked
-        if s is None or s.proc.poll() is None:
-            return
-        rc = s.proc.returncode
-        if hook and rc == 137:
-            self.stats.inc("hook_crashes")
-        else:
-            self.stats.problem("server_died", "exit code %s (hook %s); log %s" % (rc, hook, self.log_path))
-        self.start_server()
+        for i in range(self.n):
+            with self.srv_lock:
+                s, hook = self.srvs[i], self.hooked[i]
+            if s is None or s.proc.poll() is None:
+                continue
+            rc = s.proc.returncode
+            if hook and rc == 137:
+                self.stats.inc("hook_crashes")
+            else:
+                self.stats.problem("server_died", "exit code %s (hook %s); log %s" % (rc, hook, self.log_paths[i]))
+            self.start_server(i)
+
+    # ---- the database (--backend pg) --------------------------------------
+
+    def db_crash(self, how):
+        """SIGKILL of the postmaster or an immediate shutdown, down for a
+        random 0.3-4 s, then crash recovery."""
+        with self.db_lock:
+            if how == "DB_KILL":
+                self.pg.kill()
+            else:
+                self.pg._ctl("stop", "-m", "immediate", check=False)
+            self.stop.wait(self.rng.uniform(0.3, 4.0))
+            self.pg.start()
+        self.stats.inc("db_" + how.lower())
+
+    def outage(self):
+        """Every replica down for longer than the TTL (and the 5 s outage
+        gap): no live pod may lose its lease because of it."""
+        self.kill_all("SIGKILL")
+        self.stop.wait(max(self.ttl, 5.0) + self.rng.uniform(0.5, 2.0))
+        self.start_all()
+        self.stats.inc("outages")
 
     # ---- clients ----------------------------------------------------------
 
     def stub(self):
-        ch = grpc.insecure_channel("127.0.0.1:%d" % self.port)
-        return ch, zmtest.pb_grpc.ZitiManagementServiceStub(ch)
+        return Router(self.ports, random.Random(self.rng.random()))
 
     def worker(self, wid):
         rng = random.Random(self.a.seed * 1000 + wid)
-        ch, st = self.stub()
+        st = ch = self.stub()
         while not self.stop.is_set():
             r = rng.random()
             try:
@@ -184,10 +262,14 @@ class Soak:
         ch.close()
 
     def keeper(self, slot):
-        """A pod: enrolls, extends every TTL/3; on NOT_FOUND re-enrolls. A
-        NOT_FOUND less than TTL after the last successful extension was sent
-        means the service deleted a live lease: wrongly deleted."""
-        ch, st = self.stub()
+        """A pod: enrolls, then tries to extend every TTL/3 (an UNAVAILABLE
+        is retried at once on another replica, as a pod behind a load
+        balancer would); on NOT_FOUND it re-enrolls. Since issue 10 a lease
+        never expires because the service or its database was down, and
+        this pod never stops trying: any NOT_FOUND is a wrongly deleted
+        identity. An OK for an identity the controller no longer has is a
+        zombie."""
+        st = ch = self.stub()
         zid, last_ok = None, 0.0
         while not self.stop.is_set():
             try:
@@ -199,18 +281,24 @@ class Soak:
                     self.stats.inc("keeper_enroll")
                 else:
                     t = time.time()
-                    st.ExtendIdentityLease(pb.ExtendIdentityLeaseRequest(ziti_identity_id=zid), timeout=2)
+                    st.call_retry("ExtendIdentityLease", pb.ExtendIdentityLeaseRequest(ziti_identity_id=zid),
+                                  timeout=2)
                     last_ok = t
                     self.keepers[slot] = (zid, last_ok)
                     self.stats.inc("extend_ok")
+                    try:
+                        self.sim.identity(zid)
+                    except Exception as e:  # noqa: BLE001
+                        if "404" in str(e):
+                            self.stats.problem("zombie", "%s: ExtendIdentityLease OK, but the controller "
+                                                         "no longer has it" % zid)
+                            self.keepers.pop(slot, None)
+                            zid = None
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.NOT_FOUND and zid is not None:
                     age = time.time() - last_ok
-                    if age < self.ttl - 0.2:
-                        self.stats.problem("wrongly_deleted", "%s NOT_FOUND %.2fs after a successful extension "
-                                           "(TTL %.1fs)" % (zid, age, self.ttl))
-                    else:
-                        self.stats.inc("keeper_lease_lapsed")  # service was down > TTL
+                    self.stats.problem("wrongly_deleted", "%s NOT_FOUND %.2fs after a successful extension "
+                                       "(TTL %.1fs; the pod never stopped trying)" % (zid, age, self.ttl))
                     self.keepers.pop(slot, None)
                     zid = None
                 else:
@@ -255,10 +343,12 @@ class Soak:
     # ---- invariants -------------------------------------------------------
 
     def records(self):
+        tomb = {r[0] for r in zmtest.query(self.store, "SELECT ziti_identity_id FROM deleting_identities")}
         svc = dict(zmtest.query(self.store, "SELECT ziti_identity_id, lease_expires_at FROM service_identities"))
         man = {r[0] for r in zmtest.query(self.store, "SELECT ziti_identity_id FROM managed_identities")}
         pend = {r[0] for r in zmtest.query(self.store, "SELECT name FROM pending_identities")}
-        return svc, man, pend
+        tomb |= {r[0] for r in zmtest.query(self.store, "SELECT ziti_identity_id FROM deleting_identities")}
+        return svc, man, pend, tomb
 
     def checkpoint(self, final=False):
         """With the service stopped and the simulator quiet: no identity on
@@ -268,12 +358,12 @@ class Soak:
         self.sim.refuse(False)
         self.sim.clear_faults()
         time.sleep(MAX_DELAY_MS / 1000.0 + 0.5)  # delayed requests land
-        svc, man, pend = self.records()
+        svc, man, pend, tomb = self.records()
         idents = self.sim.state()["identities"]
         on_sim = {i["id"] for i in idents}
         now_ts = zmtest.ts(zmtest.now_ms() + 200)
         leaked = [i for i in idents if i["id"] not in svc and i["id"] not in man and
-                  (final or i["name"] not in pend)]
+                  (final or (i["name"] not in pend and i["id"] not in tomb))]
         wrong = [z for z, lease in svc.items() if z not in on_sim and lease > now_ts]
         stale = [z for z in man if z not in on_sim]
         wrong_man = [z for z in stale if z not in self.deleting]
@@ -287,18 +377,21 @@ class Soak:
                 self.stats.problem("unresolved", "records without identity after recovery: %s" % expired_gone)
             if pend:
                 self.stats.problem("unresolved", "pending records after recovery: %s" % sorted(pend))
+            if tomb:
+                self.stats.problem("unresolved", "tombstones after recovery: %s" % sorted(tomb))
         self.stats.inc("stale_mappings_seen", len(set(stale) - set(wrong_man)))
         self.stats.inc("checkpoints")
-        log("checkpoint%s: %d on sim, %d service, %d managed, %d pending; leaked %d, wrongly deleted %d" %
-            (" (final)" if final else "", len(idents), len(svc), len(man), len(pend), len(leaked),
-             len(wrong) + len(wrong_man)))
+        log("checkpoint%s: %d on sim, %d service, %d managed, %d pending, %d deleting; leaked %d, "
+            "wrongly deleted %d" % (" (final)" if final else "", len(idents), len(svc), len(man), len(pend),
+                                    len(tomb), len(leaked), len(wrong) + len(wrong_man)))
 
     # ---- main -------------------------------------------------------------
 
     def run(self):
         a = self.a
         self.pause_chaos = threading.Event()
-        self.start_server()
+        t_start = time.monotonic()
+        self.start_all()
         threads = [threading.Thread(target=self.worker, args=(i,), daemon=True) for i in range(a.workers)]
         threads += [threading.Thread(target=self.keeper, args=(i,), daemon=True) for i in range(a.keepers)]
         threads.append(threading.Thread(target=self.chaos, daemon=True))
@@ -306,25 +399,36 @@ class Soak:
             t.start()
         t_end = time.monotonic() + a.duration
         next_check = time.monotonic() + a.check_every
+        deck = []
         try:
             while time.monotonic() < t_end:
                 time.sleep(self.rng.uniform(a.kill_min, a.kill_max))
                 self.check_alive()
                 if time.monotonic() >= next_check:
                     self.pause_chaos.set()
-                    self.kill_server("SIGKILL")
+                    self.kill_all("SIGKILL")
                     self.checkpoint()
-                    self.start_server()
+                    self.start_all()
                     self.pause_chaos.clear()
                     next_check = time.monotonic() + a.check_every
                     continue
-                how = self.rng.choice(["SIGKILL", "SIGKILL", "SIGTERM", "HOOK"])
+                if not deck:  # every kind once per round, in random order
+                    deck = ["SIGKILL", "SIGKILL", "SIGTERM", "HOOK"]
+                    if self.pg is not None:
+                        deck += ["DB_KILL", "DB_IMMEDIATE", "OUTAGE"]
+                    self.rng.shuffle(deck)
+                how = deck.pop()
+                i = self.rng.randrange(self.n)
                 if how == "HOOK":
-                    self.kill_server("SIGKILL")
-                    self.start_server(hook=self.rng.choice(STATES))
+                    self.kill_server("SIGKILL", i)
+                    self.start_server(i, hook=self.rng.choice(STATES))
+                elif how in ("DB_KILL", "DB_IMMEDIATE"):
+                    self.db_crash(how)
+                elif how == "OUTAGE":
+                    self.outage()
                 else:
-                    self.kill_server(how)
-                    self.start_server()
+                    self.kill_server(how, i)
+                    self.start_server(i)
             # final: quiet controller, no hook, wait for recovery and GC
             log("final phase")
             self.stop.set()
@@ -334,31 +438,40 @@ class Soak:
             self.sim.refuse(False)
             self.sim.clear_faults()
             self.check_alive()
-            self.kill_server("SIGTERM")
+            self.kill_all("SIGTERM")
             time.sleep(MAX_DELAY_MS / 1000.0 + 0.5)
-            self.start_server()
-            deadline = time.monotonic() + self.ttl + 30
+            self.start_all()
+            # recovery and GC: pending rows resolve after intent + deadline +
+            # ZITI_REQUEST_TIMEOUT + margin, leases go TTL + margin after the
+            # (re)start, deferred deletes back off up to a few tens of seconds
+            deadline = time.monotonic() + self.ttl + a.settle
             while time.monotonic() < deadline:
-                svc, man, pend = self.records()
-                if not pend and not svc:
+                svc, man, pend, tomb = self.records()
+                if not pend and not svc and not tomb:
                     break
                 time.sleep(0.5)
-            self.kill_server("SIGTERM")
+            self.kill_all("SIGTERM")
             self.checkpoint(final=True)
         finally:
             self.stop.set()
-            self.kill_server("SIGKILL")
+            self.kill_all("SIGKILL")
             self.sim.stop()
+            if self.pg is not None:
+                self.pg.destroy()
         c = self.stats.c
-        summary = {"duration_s": a.duration, "seed": a.seed, "leaked": c["leaked"],
-                   "wrongly_deleted": c["wrongly_deleted"], "server_died": c["server_died"],
+        wall = time.monotonic() - t_start
+        summary = {"duration_s": a.duration, "wall_s": round(wall, 1), "seed": a.seed, "backend": a.backend,
+                   "replicas": self.n, "leaked": c["leaked"], "wrongly_deleted": c["wrongly_deleted"],
+                   "zombies": c["zombie"], "server_died": c["server_died"],
                    "unresolved": c["unresolved"], "counters": dict(sorted(c.items())),
                    "problems": self.stats.problems[:50], "dir": self.dir}
         print(json.dumps(summary, indent=1))
-        ok = not (c["leaked"] or c["wrongly_deleted"] or c["server_died"] or c["unresolved"] or c["bad_exit"]
-                  or c["client_error"])
-        log("RESULT: %s - leaked %d, wrongly deleted %d, server died %d" %
-            ("PASS" if ok else "FAIL", c["leaked"], c["wrongly_deleted"], c["server_died"]))
+        ok = not (c["leaked"] or c["wrongly_deleted"] or c["zombie"] or c["server_died"] or c["unresolved"]
+                  or c["bad_exit"] or c["client_error"])
+        log("RESULT: %s - leaked %d, wrongly deleted %d, zombies %d, server died %d (seed %d, %s x%d, "
+            "chaos %.0f s, wall %.0f s)" %
+            ("PASS" if ok else "FAIL", c["leaked"], c["wrongly_deleted"], c["zombie"], c["server_died"],
+             a.seed, a.backend, self.n, a.duration, wall))
         if ok and not a.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
         return 0 if ok else 1
@@ -375,8 +488,15 @@ def main():
     p.add_argument("--kill-max", type=float, default=8.0)
     p.add_argument("--check-every", type=float, default=30.0, help="seconds between invariant checkpoints")
     p.add_argument("--keep", action="store_true", help="keep the work directory even on success")
+    p.add_argument("--backend", choices=["sqlite", "pg"], default="sqlite",
+                   help="pg: a throwaway PostgreSQL cluster (DATABASE_URL), also killed now and then")
+    p.add_argument("--replicas", type=int, default=1, help="replicas on the one store (pg only for > 1)")
+    p.add_argument("--settle", type=float, default=90.0, help="seconds (plus TTL) the final phase may take")
     a = p.parse_args()
-    log("soak: seed %d, duration %.0fs, binary %s" % (a.seed, a.duration, zmtest.zm_bin()))
+    if a.replicas > 1 and a.backend != "pg":
+        p.error("--replicas > 1 needs --backend pg")
+    log("soak: seed %d, duration %.0fs, backend %s, replicas %d, binary %s" %
+        (a.seed, a.duration, a.backend, a.replicas, zmtest.zm_bin()))
     sys.exit(Soak(a).run())
 
 

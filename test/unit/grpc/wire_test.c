@@ -114,9 +114,10 @@ static void handler(zm_call_t *c, const ProtobufCMessage *m, void *ctx) {
 static void test_route(void **state) {
   (void)state;
   zm_grpc_method_t methods[] = {
-      {"/a.B/C", NULL, handler, NULL, 0, NULL, NULL},
-      {"/a.B/CD", NULL, handler, NULL, 0, NULL, NULL},
-      {"/grpc.health.v1.Health/Check", NULL, handler, NULL, 0, NULL, NULL},
+      {"/a.B/C", NULL, handler, NULL, NULL, 0, NULL, NULL},
+      {"/a.B/CD", NULL, handler, NULL, NULL, 0, NULL, NULL},
+      {"/grpc.health.v1.Health/Check", NULL, handler, NULL, NULL, 0, NULL,
+       NULL},
   };
   size_t lens[] = {6, 7, 28};
   const uint8_t *p = (const uint8_t *)"/a.B/CD";
