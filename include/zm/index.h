@@ -48,12 +48,6 @@ const zm_index_managed_t *zm_index_lookup_managed(const zm_index_t *ix,
                                                   const char *zid, size_t len);
 /* Removes every mapping. */
 void zm_index_clear_managed(zm_index_t *ix);
-/* The first mapping whose identity_id equals identity_id[0..len), or NULL.
- * A scan of every mapping: for the rare ZITI_IDENTITY_NAME_RESOLVE
- * fallback only, never for the hot path's primary lookup. */
-const zm_index_managed_t *
-zm_index_find_managed_by_identity(const zm_index_t *ix, const char *identity_id,
-                                  size_t len);
 /* Returns 1 if removed, 0 if absent. */
 int zm_index_del_managed(zm_index_t *ix, const char *zid, size_t len);
 

@@ -204,6 +204,10 @@ void zm_store_list_managed(zm_store_t *st, int type, const char *after_id,
 /* The mapping of one id: n = 1 with the row, or n = 0. */
 void zm_store_get_managed(zm_store_t *st, const char *id,
                           zm_store_managed_list_cb cb, void *data);
+/* The newest mapping whose identity_id is this (a UUID): n = 1 or 0
+ * (indexed in both backends: ResolveIdentity's name fallback). */
+void zm_store_find_managed_by_identity(zm_store_t *st, const char *identity_id,
+                                       zm_store_managed_list_cb cb, void *data);
 
 typedef void (*zm_store_tomb_list_cb)(int err, const zm_tomb_row_t *rows,
                                       size_t n, void *data);

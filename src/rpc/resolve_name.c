@@ -31,6 +31,30 @@ int zm_rpc_agent_name_uuid(const char *name, char out[37]) {
   return 0;
 }
 
+static void on_found(int err, const zm_managed_row_t *rows, size_t n,
+                     void *data) {
+  zm_call_t *call = data;
+  if (err != 0) {
+    zm_call_fail(call, ZM_GRPC_UNAVAILABLE, "store unavailable, retry");
+    return;
+  }
+  if (n == 0) {
+    zm_call_fail(call, ZM_GRPC_NOT_FOUND, "identity not found");
+    return;
+  }
+  ZM_DEBUG("resolve: answered by identity_id %s (name fallback)",
+           rows[0].identity_id);
+  Agynio__Api__ZitiManagement__V1__ResolveIdentityResponse resp =
+      AGYNIO__API__ZITI_MANAGEMENT__V1__RESOLVE_IDENTITY_RESPONSE__INIT;
+  resp.identity_id = (char *)rows[0].identity_id;
+  resp.identity_type = rows[0].identity_type;
+  zm_call_reply(call, &resp.base);
+}
+
+/* The lookup by identity_id goes to the store, whose index on identity_id
+ * answers it: a scan of the in-memory table would hold the loop for
+ * milliseconds per call at a million mappings, and miss mappings another
+ * replica made. */
 void zm_rpc_resolve_not_found(zm_call_t *call) {
   zm_app_t *app = zm_call_ctx(call);
   const Agynio__Api__ZitiManagement__V1__ResolveIdentityRequest *req =
@@ -39,18 +63,8 @@ void zm_rpc_resolve_not_found(zm_call_t *call) {
   char uuid[37];
   if (app != NULL && app->cfg.name_resolve && id != NULL &&
       zm_rpc_agent_name_uuid(id, uuid) == 0) {
-    const zm_index_managed_t *m =
-        zm_index_find_managed_by_identity(app->index, uuid, 36);
-    if (m != NULL) {
-      ZM_DEBUG("resolve: %s answered by identity_id %s (name fallback)", id,
-               uuid);
-      Agynio__Api__ZitiManagement__V1__ResolveIdentityResponse resp =
-          AGYNIO__API__ZITI_MANAGEMENT__V1__RESOLVE_IDENTITY_RESPONSE__INIT;
-      resp.identity_id = (char *)m->identity_id;
-      resp.identity_type = m->identity_type;
-      zm_call_reply(call, &resp.base);
-      return;
-    }
+    zm_store_find_managed_by_identity(app->store, uuid, on_found, call);
+    return;
   }
   zm_call_fail(call, ZM_GRPC_NOT_FOUND, "identity not found");
 }

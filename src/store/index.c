@@ -244,19 +244,6 @@ const zm_index_managed_t *zm_index_lookup_managed(const zm_index_t *ix,
   return found ? &((const mnode_t *)ix->managed.nodes[i])->pub : NULL;
 }
 
-const zm_index_managed_t *
-zm_index_find_managed_by_identity(const zm_index_t *ix, const char *identity_id,
-                                  size_t len) {
-  const table_t *t = &ix->managed;
-  for (size_t i = 0; i <= t->mask; i++) {
-    const mnode_t *n = t->tags[i] ? t->nodes[i] : NULL;
-    if (n != NULL && n->pub.identity_id_len == len &&
-        memcmp(n->pub.identity_id, identity_id, len) == 0)
-      return &n->pub;
-  }
-  return NULL;
-}
-
 int zm_index_del_managed(zm_index_t *ix, const char *zid, size_t len) {
   int found;
   size_t i = table_find(&ix->managed, zid, len, tag_of(zid, len), &found);

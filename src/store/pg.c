@@ -193,6 +193,9 @@
   X(GET_MANAGED, 1,                                                            \
     "SELECT " MANAGED_COLS " FROM managed_identities"                          \
     " WHERE ziti_identity_id = $1::text")                                      \
+  X(GET_MANAGED_BY_IDENTITY, 1,                                                \
+    "SELECT " MANAGED_COLS " FROM managed_identities"                          \
+    " WHERE identity_id = $1::uuid ORDER BY created_at DESC LIMIT 1")          \
   X(CLAIM_EXPIRED, 4,                                                          \
     "WITH c AS (DELETE FROM service_identities WHERE ziti_identity_id IN"      \
     " (SELECT ziti_identity_id FROM service_identities"                        \
@@ -299,7 +302,7 @@ typedef struct item {
   } cb;
   zm_store_op_t *ops; /* ITEM_UNIT: nops copies, in this block */
   size_t nops;
-  int type;           /* LIST_MANAGED */
+  int type;           /* LIST_MANAGED; GET_MANAGED: 1 = by identity_id */
   int64_t t1, t2, t3; /* times of claims, heartbeat gap, changes */
   const char *key;    /* LIST/GET: id, in this block */
   size_t limit;
@@ -1282,7 +1285,7 @@ static int send_one(conn_t *c, job_t *j) {
   }
   case ITEM_GET_MANAGED: {
     const char *p[1] = {it->key};
-    rc = send_stmt(c, S_GET_MANAGED, p);
+    rc = send_stmt(c, it->type ? S_GET_MANAGED_BY_IDENTITY : S_GET_MANAGED, p);
     break;
   }
   case ITEM_CLAIM_EXPIRED: {
@@ -1923,6 +1926,18 @@ static void pg_get_managed(zm_store_t *base, const char *id,
   push(st, it);
 }
 
+static void pg_find_managed_by_identity(zm_store_t *base,
+                                        const char *identity_id,
+                                        zm_store_managed_list_cb cb,
+                                        void *data) {
+  pg_store_t *st = PG(base);
+  ZM_ASSERT(cb != NULL && identity_id != NULL);
+  item_t *it = new_item(st, ITEM_GET_MANAGED, identity_id, 1, data);
+  it->type = 1; /* by identity_id */
+  it->cb.managed = cb;
+  push(st, it);
+}
+
 static void pg_claim_expired(zm_store_t *base, int64_t cut_ms, int64_t now_ms,
                              int64_t claim_until_ms, size_t limit,
                              zm_store_tomb_list_cb cb, void *data) {
@@ -2003,6 +2018,7 @@ const zm__store_vt zm__pg_vt = {
     .submit = pg_submit,
     .list_managed = pg_list_managed,
     .get_managed = pg_get_managed,
+    .find_managed_by_identity = pg_find_managed_by_identity,
     .claim_expired = pg_claim_expired,
     .claim_tombs = pg_claim_tombs,
     .claim_pending = pg_claim_pending,

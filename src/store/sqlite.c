@@ -115,6 +115,9 @@
                   " ORDER BY ziti_identity_id LIMIT ?3")                       \
   X(GET_MANAGED, "SELECT " MANAGED_COLS " FROM managed_identities"             \
                  " WHERE ziti_identity_id=?1")                                 \
+  X(GET_MANAGED_BY_IDENTITY,                                                   \
+    "SELECT " MANAGED_COLS " FROM managed_identities WHERE identity_id=?1"     \
+    " ORDER BY created_at DESC LIMIT 1")                                       \
   X(SEL_EXPIRED, "SELECT ziti_identity_id, service_type"                       \
                  " FROM service_identities WHERE lease_expires_at<=?1"         \
                  " ORDER BY lease_expires_at, ziti_identity_id LIMIT ?2")      \
@@ -770,7 +773,7 @@ static int run_read(sq_store_t *st, item_t *it) {
     sqlite3_bind_int64(s, 3, limit_arg(it->limit));
     return collect(st, it, s);
   case ITEM_GET_MANAGED:
-    s = st->stmt[S_GET_MANAGED];
+    s = st->stmt[it->type ? S_GET_MANAGED_BY_IDENTITY : S_GET_MANAGED];
     sqlite3_bind_text(s, 1, it->key, -1, SQLITE_STATIC);
     return collect(st, it, s);
   case ITEM_CLAIM_EXPIRED:
@@ -1320,6 +1323,17 @@ static void sq_get_managed(zm_store_t *base, const char *id,
   enqueue((sq_store_t *)base, it);
 }
 
+static void sq_find_managed_by_identity(zm_store_t *base,
+                                        const char *identity_id,
+                                        zm_store_managed_list_cb cb,
+                                        void *data) {
+  ZM_ASSERT(base != NULL && cb != NULL);
+  item_t *it = new_read(ITEM_GET_MANAGED, identity_id, 1, data);
+  it->type = 1; /* by identity_id */
+  it->cb.managed = cb;
+  enqueue((sq_store_t *)base, it);
+}
+
 static void sq_claim_expired(zm_store_t *base, int64_t cut_ms, int64_t now_ms,
                              int64_t claim_until_ms, size_t limit,
                              zm_store_tomb_list_cb cb, void *data) {
@@ -1504,6 +1518,7 @@ const zm__store_vt zm__sqlite_vt = {
     .submit = sq_submit,
     .list_managed = sq_list_managed,
     .get_managed = sq_get_managed,
+    .find_managed_by_identity = sq_find_managed_by_identity,
     .claim_expired = sq_claim_expired,
     .claim_tombs = sq_claim_tombs,
     .claim_pending = sq_claim_pending,

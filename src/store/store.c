@@ -45,6 +45,12 @@ void zm_store_get_managed(zm_store_t *st, const char *id,
   st->vt->get_managed(st, id, cb, data);
 }
 
+void zm_store_find_managed_by_identity(zm_store_t *st, const char *identity_id,
+                                       zm_store_managed_list_cb cb,
+                                       void *data) {
+  st->vt->find_managed_by_identity(st, identity_id, cb, data);
+}
+
 void zm_store_claim_expired(zm_store_t *st, int64_t cut_ms, int64_t now_ms,
                             int64_t claim_until_ms, size_t limit,
                             zm_store_tomb_list_cb cb, void *data) {

