@@ -4,6 +4,7 @@
  * knows every module.
  */
 #include "zm/app.h"
+#include "zm/audit.h"
 #include "zm/log.h"
 
 #include "agynio/api/ziti_management/v1/ziti_management.pb-c.h"
@@ -87,6 +88,110 @@ static int method_disabled(const char *list, const char *name) {
   return 0;
 }
 
+/* ===================== security: scopes, audit, reload =================== */
+
+/* RequestServiceIdentity's authorization scope: the service type's name. */
+static const char *rsi_scope(const ProtobufCMessage *m, void *ctx) {
+  const zm_app_t *app = ctx;
+  const Agynio__Api__ZitiManagement__V1__RequestServiceIdentityRequest *req =
+      (const void *)m;
+  const zm_service_type_t *t =
+      zm_config_service_type(&app->cfg, (int)req->service_type);
+  return t ? t->name : NULL;
+}
+
+static const char *status_name(zm_grpc_status_t st) {
+  static const char *const N[] = {"OK",
+                                  "CANCELLED",
+                                  "UNKNOWN",
+                                  "INVALID_ARGUMENT",
+                                  "DEADLINE_EXCEEDED",
+                                  "NOT_FOUND",
+                                  "ALREADY_EXISTS",
+                                  "PERMISSION_DENIED",
+                                  "RESOURCE_EXHAUSTED",
+                                  "FAILED_PRECONDITION",
+                                  "ABORTED",
+                                  "OUT_OF_RANGE",
+                                  "UNIMPLEMENTED",
+                                  "INTERNAL",
+                                  "UNAVAILABLE",
+                                  "DATA_LOSS",
+                                  "UNAUTHENTICATED"};
+  return (unsigned)st < ZM_ARRAY_SIZE(N) ? N[st] : "?";
+}
+
+/* Audit records of the RPCs that change identities (never the identity
+ * JSON or the enrollment JWT of a response). */
+static void audit_rsi(zm_call_t *c, const ProtobufCMessage *req,
+                      zm_grpc_status_t st, const ProtobufCMessage *resp,
+                      void *ctx) {
+  const Agynio__Api__ZitiManagement__V1__RequestServiceIdentityResponse *r =
+      (const void *)resp;
+  zm_audit(st == ZM_GRPC_OK ? "service_identity_issued"
+                            : "service_identity_failed",
+           "id", r ? r->ziti_identity_id : NULL, "service_type",
+           rsi_scope(req, ctx), "caller", zm_call_caller(c), "peer",
+           zm_call_peer(c), "status", status_name(st), NULL);
+}
+
+static void audit_create_agent(zm_call_t *c, const ProtobufCMessage *req,
+                               zm_grpc_status_t st,
+                               const ProtobufCMessage *resp, void *ctx) {
+  (void)ctx;
+  const Agynio__Api__ZitiManagement__V1__CreateAgentIdentityRequest *q =
+      (const void *)req;
+  const Agynio__Api__ZitiManagement__V1__CreateAgentIdentityResponse *r =
+      (const void *)resp;
+  zm_audit(st == ZM_GRPC_OK ? "agent_identity_created"
+                            : "agent_identity_failed",
+           "id", r ? r->ziti_identity_id : NULL, "agent_id",
+           q ? q->agent_id : NULL, "caller", zm_call_caller(c), "peer",
+           zm_call_peer(c), "status", status_name(st), NULL);
+}
+
+static void audit_delete(zm_call_t *c, const ProtobufCMessage *req,
+                         zm_grpc_status_t st, const ProtobufCMessage *resp,
+                         void *ctx) {
+  (void)ctx;
+  (void)resp;
+  const Agynio__Api__ZitiManagement__V1__DeleteIdentityRequest *q =
+      (const void *)req;
+  zm_audit(st == ZM_GRPC_OK ? "identity_deleted" : "identity_delete_failed",
+           "id", q ? q->ziti_identity_id : NULL, "caller", zm_call_caller(c),
+           "peer", zm_call_peer(c), "status", status_name(st), NULL);
+}
+
+static zm_grpc_security_t security_of(zm_app_t *app) {
+  zm_grpc_security_t sec = {.cert_file = app->cfg.tls_cert_file,
+                            .key_file = app->cfg.tls_key_file,
+                            .client_ca_file = app->cfg.tls_client_ca_file,
+                            .policy_file = app->cfg.authz_policy_file,
+                            .scopes = app->type_names,
+                            .n_scopes = app->n_type_names};
+  return sec;
+}
+
+/* SIGHUP: certificate, key, client CA and policy are read again (the same
+ * paths) and replace the old ones together; a bad file changes nothing.
+ * Open connections keep theirs; the policy applies to the next call. */
+static void on_sighup(uv_signal_t *s, int signum) {
+  (void)signum;
+  zm_app_t *app = s->data;
+  zm_grpc_security_t sec = security_of(app);
+  char err[512];
+  if (zm_grpc_server_load_security(app->grpc, &sec, err, sizeof err) != 0) {
+    ZM_ERROR("reload (SIGHUP): %s; keeping the previous TLS and policy", err);
+    zm_audit("reload_failed", "reason", err, NULL);
+    return;
+  }
+  ZM_INFO("reload (SIGHUP): TLS material and authorization policy reloaded");
+  zm_audit("reload", "tls",
+           zm_grpc_server_tls_enabled(app->grpc) ? "on" : "off", "policy",
+           app->cfg.authz_policy_file[0] ? app->cfg.authz_policy_file : "none",
+           NULL);
+}
+
 /* ===================== loop-lag probe ==================================== */
 
 static void on_lag(uv_timer_t *t) {
@@ -164,6 +269,7 @@ static void finish_shutdown(zm_app_t *app) {
     zm_metrics_srv_close(app->metrics, NULL, NULL);
   uv_close((uv_handle_t *)&app->sigterm, on_handle_closed);
   uv_close((uv_handle_t *)&app->sigint, on_handle_closed);
+  uv_close((uv_handle_t *)&app->sighup, on_handle_closed);
   uv_close((uv_handle_t *)&app->lag_timer, on_handle_closed);
   uv_close((uv_handle_t *)&app->shutdown_timer, on_handle_closed);
   ZM_INFO("shutdown complete");
@@ -305,35 +411,39 @@ int zm_app_run(const zm_config_t *cfg) {
   const zm_grpc_method_t methods[] = {
       {SVC "ResolveIdentity",
        &agynio__api__ziti_management__v1__resolve_identity_request__descriptor,
-       zm_rpc_resolve_identity, &app, NULL},
+       zm_rpc_resolve_identity, &app, NULL, 0, NULL, NULL},
       {SVC "ExtendIdentityLease",
        &agynio__api__ziti_management__v1__extend_identity_lease_request__descriptor,
-       zm_rpc_extend_lease, &app, NULL},
+       zm_rpc_extend_lease, &app, NULL, 0, NULL, NULL},
       {SVC "ListManagedIdentities",
        &agynio__api__ziti_management__v1__list_managed_identities_request__descriptor,
-       zm_rpc_list_managed, &app, NULL},
+       zm_rpc_list_managed, &app, NULL, 0, NULL, NULL},
       {SVC "CreateAgentIdentity",
        &agynio__api__ziti_management__v1__create_agent_identity_request__descriptor,
-       zm_rpc_create_agent, &app, NULL},
+       zm_rpc_create_agent, &app, NULL, ZM_GRPC_M_COSTLY, NULL,
+       audit_create_agent},
       {SVC "DeleteIdentity",
        &agynio__api__ziti_management__v1__delete_identity_request__descriptor,
-       zm_rpc_delete_identity, &app, NULL},
+       zm_rpc_delete_identity, &app, NULL, 0, NULL, audit_delete},
       {SVC "RequestServiceIdentity",
        &agynio__api__ziti_management__v1__request_service_identity_request__descriptor,
-       zm_rpc_request_service_identity, &app, NULL},
+       zm_rpc_request_service_identity, &app, NULL, ZM_GRPC_M_COSTLY, rsi_scope,
+       audit_rsi},
+      /* health is always reachable (probes carry no client certificate) */
       {"/grpc.health.v1.Health/Check",
        &grpc__health__v1__health_check_request__descriptor, zm_health_check,
-       &app.health, NULL},
+       &app.health, NULL, ZM_GRPC_M_PUBLIC, NULL, NULL},
       {"/grpc.health.v1.Health/Watch",
        &grpc__health__v1__health_check_request__descriptor, NULL, &app.health,
-       &zm_health_watch_ops},
-      /* v1alpha has the same wire format as v1: one implementation */
+       &zm_health_watch_ops, ZM_GRPC_M_PUBLIC, NULL, NULL},
+      /* v1alpha has the same wire format as v1: one implementation;
+       * subject to the policy like the service's methods */
       {"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
        &grpc__reflection__v1__server_reflection_request__descriptor, NULL, NULL,
-       &zm_reflect_ops},
+       &zm_reflect_ops, 0, NULL, NULL},
       {"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
        &grpc__reflection__v1__server_reflection_request__descriptor, NULL, NULL,
-       &zm_reflect_ops},
+       &zm_reflect_ops, 0, NULL, NULL},
   };
   /* GRPC_DISABLED_METHODS: an operator can switch RPCs off (they answer
    * UNIMPLEMENTED, as unknown methods do). */
@@ -356,8 +466,29 @@ int zm_app_run(const zm_config_t *cfg) {
   zm_grpc_config_t gc = {.address = cfg->grpc_address,
                          .max_recv_msg = cfg->max_recv_msg,
                          .max_streams = cfg->max_streams,
-                         .idle_timeout_ms = cfg->idle_timeout_ms};
+                         .idle_timeout_ms = cfg->idle_timeout_ms,
+                         .max_conns = cfg->max_conns,
+                         .max_buffered = cfg->max_buffered,
+                         .recv_timeout_ms = cfg->recv_timeout_ms,
+                         .write_stall_ms = cfg->write_stall_ms,
+                         .caller_rate = cfg->caller_rate,
+                         .caller_burst = cfg->caller_burst,
+                         .caller_inflight = cfg->caller_inflight};
   zm_grpc_server_new(&app.grpc, &loop, &gc, enabled, n_enabled);
+  for (size_t i = 0; i < cfg->n_types && i < ZM_ARRAY_SIZE(app.type_names); i++)
+    app.type_names[app.n_type_names++] = app.cfg.types[i].name;
+  {
+    zm_grpc_security_t sec = security_of(&app);
+    char err[512];
+    if (zm_grpc_server_load_security(app.grpc, &sec, err, sizeof err) != 0) {
+      ZM_ERROR("grpc: %s", err);
+      return 1;
+    }
+    ZM_INFO("grpc: %s%s%s",
+            zm_grpc_server_tls_enabled(app.grpc) ? "TLS" : "h2c (plaintext)",
+            cfg->tls_client_ca_file[0] ? ", client certificates verified" : "",
+            cfg->authz_policy_file[0] ? ", authorization policy loaded" : "");
+  }
   int rv = zm_grpc_server_listen(app.grpc);
   if (rv != 0) {
     ZM_ERROR("grpc: cannot listen on %s: %s", cfg->grpc_address,
@@ -384,6 +515,9 @@ int zm_app_run(const zm_config_t *cfg) {
   app.sigterm.data = app.sigint.data = &app;
   uv_signal_start(&app.sigterm, on_signal, SIGTERM);
   uv_signal_start(&app.sigint, on_signal, SIGINT);
+  uv_signal_init(&loop, &app.sighup);
+  app.sighup.data = &app;
+  uv_signal_start(&app.sighup, on_sighup, SIGHUP);
   uv_timer_init(&loop, &app.shutdown_timer);
   app.shutdown_timer.data = &app;
   uv_timer_init(&loop, &app.lag_timer);
