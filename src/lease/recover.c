@@ -13,6 +13,7 @@
  */
 #include "zm/collect.h"
 
+#include "zm/audit.h"
 #include "zm/log.h"
 #include "zm/zm.h"
 
@@ -80,6 +81,7 @@ static void on_abandoned(int err, void *data) {
   } else {
     ZM_INFO("recover: %s was never created on the controller: dropped",
             p->name);
+    zm_audit("recovery_abandoned", "name", p->name, NULL);
   }
   pend_free(p);
 }
@@ -101,6 +103,8 @@ static void on_found(const zm_ziti_result_t *res, void *data) {
   }
   ZM_INFO("recover: %s exists on the controller (%zu): deleting", p->name,
           res->n_ids);
+  for (size_t i = 0; i < res->n_ids; i++)
+    zm_audit("recovery_condemned", "name", p->name, "id", res->ids[i], NULL);
   p->left = (unsigned)res->n_ids;
   /* names are unique on the controller; more than one is handled anyway:
    * the last condemnation also drops the pending row */
@@ -149,6 +153,7 @@ static void on_tombs_claimed(int err, const zm_tomb_row_t *rows, size_t n,
   }
   for (size_t i = 0; i < n; i++) {
     r->stats.tombs_retried++;
+    zm_audit("recovery_delete_retried", "id", rows[i].ziti_identity_id, NULL);
     r->inflight++;
     zm_life_delete(r->life, rows[i].ziti_identity_id, rows[i].attempts,
                    on_tomb_deleted, r);
