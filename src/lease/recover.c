@@ -21,8 +21,6 @@
 #include <string.h>
 
 #define CLAIM_MAX 32u
-/* A claimed pending row is not looked at by others for this long. */
-#define PENDING_CLAIM_MS (2 * 60 * 1000)
 
 typedef enum { R_IDLE, R_PENDING, R_TOMBS } phase_t;
 
@@ -186,8 +184,13 @@ static void pump(zm_recover_t *r) {
     int64_t now = zm_life_now(r->life);
     r->claiming = 1;
     if (r->phase == R_PENDING)
-      zm_store_claim_pending(r->store, now, now + PENDING_CLAIM_MS, CLAIM_MAX,
-                             on_pending_claimed, r);
+      /* the claim covers the lookup and the condemnation that follows it
+       * (then the tombstone's own claim takes over); a process that dies
+       * holding it delays the row by no more than this */
+      zm_store_claim_pending(r->store, now,
+                             now + 2 * (int64_t)r->cfg.ziti_timeout_ms +
+                                 (int64_t)zm_life_margin_ms(r->life),
+                             CLAIM_MAX, on_pending_claimed, r);
     else
       zm_store_claim_tombs(r->store, now,
                            now + (int64_t)r->cfg.ziti_timeout_ms +
