@@ -15,7 +15,7 @@ protobuf-c-compiler libprotobuf-dev libwolfssl-dev node-llhttp libjansson-dev li
 # fetch), PostgreSQL server binaries (tests run initdb/pg_ctl from
 # /usr/lib/postgresql/15/bin on their own data directories).
 TEST="make ca-certificates libcmocka-dev nghttp2-client postgresql sqlite3 openssl python3 python3-grpcio \
-python3-prometheus-client python3-protobuf python3-grpc-tools python3-pytest python3-cryptography python3-psycopg2 \
+python3-prometheus-client python3-protobuf python3-grpc-tools python3-pytest python3-cryptography python3-psycopg2 python3-h2 \
 clang-format \
 clang libclang-rt-14-dev \
 util-linux procps"

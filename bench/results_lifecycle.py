@@ -43,8 +43,9 @@ for r in runs:
 med = {}
 rows = []
 for key, rs in groups.items():
-    ok = [r for r in rs if int(r["errors"]) == 0 and float(r["rps"]) > 0]
-    use = ok or rs
+    # every round that produced a result counts (req/s counts verified
+    # answers only; errors are reported next to it, never left out)
+    use = [r for r in rs if int(r["errors"]) >= 0] or rs
     m = {
         "rps": statistics.median(float(r["rps"]) for r in use),
         "mean": statistics.median(float(r["lat_mean_us"]) for r in use),
@@ -149,29 +150,30 @@ target("PostgreSQL extend 32x32 / fastest in-memory anchor", fx(x), None if x is
 x = ratio(get("zm-pg", "extend-steady", "32x32"), ba_x32)
 target("PostgreSQL extend 32x32, steady-state window / fastest in-memory anchor", fx(x), None if x is None else x > 1, "> 1x",
        f"zm-pg {get('zm-pg', 'extend-steady', '32x32') or 0:.0f} / {ba_x32_n} {ba_x32 or 0:.0f} req/s")
-x = ratio(get("zm-pg-2rep", "extend", "32x32"), get("zm-pg-1rep", "extend", "32x32"))
-target("two replicas / one (one PostgreSQL, same client shape)", fx(x), None if x is None else x > 1, "> 1x",
-       f"{get('zm-pg-2rep', 'extend', '32x32') or 0:.0f} / {get('zm-pg-1rep', 'extend', '32x32') or 0:.0f} req/s; both replicas + PostgreSQL on the one server core")
-x = ratio(get("zm", "resolve", "32x32"), ba_r32)
-p = prev.get("resolve_32_ratio")
-target("resolve 32x32 / best anchor (regression check)", fx(x), None if x is None or p is None else x >= 0.9 * p,
-       f">= 0.9 x previous {fx(p)}", f"zm {get('zm', 'resolve', '32x32') or 0:.0f} / {ba_r32_n} {ba_r32 or 0:.0f} req/s; previous ratio was measured with h2load (one key)")
-xa = get("zm", "resolve", "32x32")
-p = prev.get("resolve_32_rps")
-target("resolve 32x32 req/s vs previous RESULTS.md (zm-bench, same client)", fx(ratio(xa, p)),
-       None if xa is None or p is None else xa >= 0.9 * p, ">= 0.9x", f"{xa or 0:.0f} now / {p or 0:.0f} then (other day: machine drift)")
+x = ratio(get("zm-pg-2rep", "extend-steady", "32x32"), get("zm-pg-1rep", "extend-steady", "32x32"))
+target("two replicas / one (one PostgreSQL, same client shape, steady-state window)", fx(x), None if x is None else x > 1, "> 1x",
+       f"{get('zm-pg-2rep', 'extend-steady', '32x32') or 0:.0f} / {get('zm-pg-1rep', 'extend-steady', '32x32') or 0:.0f} req/s; both replicas + PostgreSQL on the one server core")
+# ResolveIdentity regression: decided by the same-run before/after (zm vs
+# zm-prev, same client, same seconds); the cross-run and cross-client
+# comparisons are listed as information only.
 xp = ratio(get("zm", "resolve", "32x32"), get("zm-prev", "resolve", "32x32"))
-if xp is not None:
-    target("resolve 32x32: this build / previous build, same run", fx(xp), xp >= 0.9, ">= 0.9x",
-           f"zm {get('zm', 'resolve', '32x32'):.0f} / zm-prev {get('zm-prev', 'resolve', '32x32'):.0f} req/s")
-x = ratio(get("zm", "resolve", "1x1", "mean"), ba_r1l)
-p = prev.get("resolve_1_latratio")
-target("resolve 1x1 mean latency / best anchor's (regression check)", fx(x), None if x is None or p is None else x <= 1.1 * p,
-       f"<= 1.1 x previous {fx(p)}", f"zm {us(get('zm', 'resolve', '1x1', 'mean') or 0)} / {ba_r1l_n} {us(ba_r1l or 0)}")
+target("resolve 32x32 req/s: this build / previous build, same run", fx(xp), None if xp is None else xp >= 0.9, ">= 0.9x",
+       f"zm {get('zm', 'resolve', '32x32') or 0:.0f} / zm-prev {get('zm-prev', 'resolve', '32x32') or 0:.0f} req/s")
 xp = ratio(get("zm", "resolve", "1x1", "mean"), get("zm-prev", "resolve", "1x1", "mean"))
-if xp is not None:
-    target("resolve 1x1 mean latency: this build / previous build, same run", fx(xp), xp <= 1.1, "<= 1.1x",
-           f"zm {us(get('zm', 'resolve', '1x1', 'mean'))} / zm-prev {us(get('zm-prev', 'resolve', '1x1', 'mean'))}")
+target("resolve 1x1 mean latency: this build / previous build, same run", fx(xp), None if xp is None else xp <= 1.1, "<= 1.1x",
+       f"zm {us(get('zm', 'resolve', '1x1', 'mean') or 0)} / zm-prev {us(get('zm-prev', 'resolve', '1x1', 'mean') or 0)}")
+info = []
+x = ratio(get("zm", "resolve", "32x32"), ba_r32)
+xq = ratio(get("zm-prev", "resolve", "32x32"), ba_r32)
+info.append(f"resolve 32x32 / best anchor ({ba_r32_n}): zm {fx(x)}, zm-prev {fx(xq)} (the earlier file's {fx(prev.get('resolve_32_ratio'))} "
+            "was h2load repeating one key: another client, not comparable)")
+x = ratio(get("zm", "resolve", "1x1", "mean"), ba_r1l)
+xq = ratio(get("zm-prev", "resolve", "1x1", "mean"), ba_r1l)
+info.append(f"resolve 1x1 mean latency / best anchor's ({ba_r1l_n}): zm {fx(x)}, zm-prev {fx(xq)} (earlier file, h2load: "
+            f"{fx(prev.get('resolve_1_latratio'))})")
+xa, p = get("zm", "resolve", "32x32"), prev.get("resolve_32_rps")
+info.append(f"resolve 32x32 req/s against the earlier file's zm-bench figure (another day on a shared VM): {fx(ratio(xa, p))} "
+            f"({xa or 0:.0f} / {p or 0:.0f})")
 
 # ---- markdown -------------------------------------------------------------------------------------
 L = [BEGIN, "", "## Identity lifecycle benchmark (issue 10): random keys, one run", ""]
@@ -226,6 +228,11 @@ L.append("| what | ratio | target | | from |")
 L.append("|---|---:|---|---|---|")
 for name, value, ok, goal, how in targets:
     L.append(f"| {name} | {value} | {goal} | {ok} | {how} |")
+L.append("")
+L.append("Resolve, for information (not the regression verdict):")
+L.append("")
+for t in info:
+    L.append(f"- {t}")
 L.append("")
 L.append("Other same-run ratios:")
 L.append("")

@@ -1,11 +1,13 @@
 /* main.c - flags -> configuration -> run the service -> exit code. */
 #include "zm/app.h"
+#include "zm/audit.h"
 #include "zm/config.h"
 #include "zm/healthcheck.h"
 #include "zm/log.h"
 
 #include <jansson.h>
 #include <malloc.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -96,6 +98,10 @@ int main(int argc, char **argv) {
       return 2;
     }
   }
+  /* A peer that closes while we write must cost an EPIPE on that write,
+   * not the process (libuv leaves SIGPIPE to the application); the log
+   * writer thread relies on it too when stderr is a closed pipe. */
+  signal(SIGPIPE, SIG_IGN);
   json_set_alloc_funcs(malloc, wiping_free);
   wolfSSL_Init();
   if (zm_config_load(&cfg, get_setting, err, sizeof err) != 0) {
@@ -109,7 +115,19 @@ int main(int argc, char **argv) {
   zm_log_parse_level(cfg.log_level, &level); /* validated by config */
   zm_log_set_level(level);
   zm_log_set_json(cfg.log_json);
+  /* abort() is the OOM/assertion strategy: no core with keys in it */
+  if (zm_disable_core_dumps() != 0)
+    fprintf(stderr, "ziti-management: cannot disable core dumps\n");
   if (migrate_only)
     return zm_app_migrate_only(&cfg);
-  return zm_app_run(&cfg);
+  if (zm_audit_open(cfg.audit_log, err, sizeof err) != 0) {
+    fprintf(stderr, "ziti-management: AUDIT_LOG: %s\n", err);
+    return 2;
+  }
+  /* from here on no log line waits on stderr on the loop thread */
+  zm_log_start_async();
+  int rc = zm_app_run(&cfg);
+  zm_audit_close();
+  zm_log_stop_async();
+  return rc;
 }

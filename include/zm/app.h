@@ -45,6 +45,9 @@ typedef struct zm_app {
   zm_recover_t *recover;
   int stops_pending; /* collect/recover/life stops not yet done */
   uv_signal_t sigterm, sigint;
+  uv_signal_t sighup; /* reloads the listener's TLS material and policy */
+  const char *type_names[32]; /* service type names (authorization scopes) */
+  size_t n_type_names;
   uv_timer_t lag_timer;
   uv_timer_t
       shutdown_timer; /* runs the last shutdown steps outside callbacks */
@@ -159,7 +162,7 @@ const char *zm_rpc_check_id(const char *s, const char *field);
 /* The gRPC status for a failed controller call: DEADLINE_EXCEEDED when it
  * timed out at or past `deadline` (uv_now() ms), UNAVAILABLE for a timeout
  * before it, an unreachable/overloaded controller (5xx, 429, transport
- * errors) or shutdown, else INTERNAL. */
+ * errors, TLS failures) or shutdown, else INTERNAL. */
 zm_grpc_status_t zm_rpc_status_from_ziti(const zm_ziti_result_t *r,
                                          uint64_t deadline, uint64_t now);
 

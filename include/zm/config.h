@@ -51,8 +51,23 @@ typedef struct {
   uint32_t max_streams;       /* GRPC_MAX_CONCURRENT_STREAMS, default 1024 */
   uint64_t shutdown_grace_ms; /* SHUTDOWN_GRACE, default 20s */
   char log_level[16];         /* LOG_LEVEL, default info */
-  int log_json;               /* LOG_FORMAT=json (default text) */
-  char metrics_address[128];  /* METRICS_ADDRESS; empty = no listener */
+  /* listener security and limits (README "Security") */
+  char tls_cert_file[512];      /* GRPC_TLS_CERT_FILE */
+  char tls_key_file[512];       /* GRPC_TLS_KEY_FILE: TLS when both set */
+  char tls_client_ca_file[512]; /* GRPC_TLS_CLIENT_CA_FILE: mTLS */
+  char authz_policy_file[512];  /* GRPC_AUTHZ_POLICY_FILE */
+  char audit_log[512];          /* AUDIT_LOG: "stderr" (default), "off", or
+                                   a file path */
+  unsigned max_conns;           /* GRPC_MAX_CONNECTIONS, default 65536 */
+  size_t max_buffered;          /* GRPC_MAX_BUFFERED_BYTES, default 256 MiB */
+  uint64_t recv_timeout_ms;     /* GRPC_RECV_TIMEOUT, default 30s; 0 = never */
+  uint64_t
+      write_stall_ms;    /* GRPC_WRITE_STALL_TIMEOUT, default 30s; 0 = never */
+  unsigned caller_rate;  /* GRPC_CALLER_RATE per second, default 10 */
+  unsigned caller_burst; /* GRPC_CALLER_BURST, default 20 */
+  unsigned caller_inflight;      /* GRPC_CALLER_MAX_INFLIGHT, default 32 */
+  int log_json;                  /* LOG_FORMAT=json (default text) */
+  char metrics_address[128];     /* METRICS_ADDRESS; empty = no listener */
   char enrollment_jwt_file[512]; /* ZITI_ENROLLMENT_JWT_FILE */
   int name_resolve;              /* ZITI_IDENTITY_NAME_RESOLVE */
   char disabled_methods[512]; /* GRPC_DISABLED_METHODS: comma-separated method

@@ -48,6 +48,21 @@ typedef struct zm_call zm_call_t;
 typedef void (*zm_grpc_handler_fn)(zm_call_t *call, const ProtobufCMessage *req,
                                    void *ctx);
 
+/* Method flags. */
+#define ZM_GRPC_M_PUBLIC 1u /* no authorization (health probes) */
+#define ZM_GRPC_M_COSTLY 2u /* per-caller rate limit and in-flight cap */
+
+/* The authorization scope of a decoded request (RequestServiceIdentity:
+ * the service type's name), or NULL when it has none (unknown values are
+ * left to the handler to refuse). */
+typedef const char *(*zm_grpc_scope_fn)(const ProtobufCMessage *req, void *ctx);
+
+/* Observes how a call ended, just before the answer is sent (audit):
+ * resp is NULL unless st is OK. Never log secrets from resp. */
+typedef void (*zm_grpc_finish_fn)(zm_call_t *c, const ProtobufCMessage *req,
+                                  zm_grpc_status_t st,
+                                  const ProtobufCMessage *resp, void *ctx);
+
 /*
  * A streaming method. The handler holds the call from on_open until it
  * finishes it with zm_call_finish() (or zm_call_fail()/zm_call_reply());
@@ -72,6 +87,9 @@ typedef struct {
   zm_grpc_handler_fn fn; /* unary methods (stream == NULL) */
   void *ctx;
   const zm_grpc_stream_ops_t *stream; /* non-NULL: a streaming method */
+  unsigned flags;                     /* ZM_GRPC_M_* */
+  zm_grpc_scope_fn scope_fn;          /* NULL = no scope check */
+  zm_grpc_finish_fn on_finish;        /* NULL = none; called with ctx */
 } zm_grpc_method_t;
 
 typedef struct {
@@ -81,12 +99,28 @@ typedef struct {
   uint64_t idle_timeout_ms; /* close connections without streams after this, 0 =
                                never */
   unsigned max_conns;       /* accepted connections cap, default 65536 */
+  size_t max_buffered;      /* request bytes buffered across all connections,
+                               default 256 MiB */
+  uint64_t recv_timeout_ms; /* a stream must deliver its whole request within
+                               this after its HEADERS began, default 30 s;
+                               0 = never */
+  uint64_t write_stall_ms;  /* a connection whose write has not completed for
+                               this long is closed (non-reading peer),
+                               default 30 s; 0 = never */
+  double caller_rate;       /* ZM_GRPC_M_COSTLY calls per second per caller,
+                               default 10; 0 = unlimited */
+  unsigned caller_burst;    /* token bucket depth, default 20 */
+  unsigned caller_inflight; /* ZM_GRPC_M_COSTLY calls in flight per caller,
+                               default 32; 0 = unlimited */
 } zm_grpc_config_t;
 
 /* Counters (loop thread only). */
 typedef struct {
   uint64_t conns_accepted, conns_open, calls_started, calls_active,
       calls_cancelled, deadline_exceeded, protocol_errors;
+  uint64_t conns_refused, tls_failures, authz_denied, rate_limited,
+      recv_timeouts, write_stalls, budget_refusals, nomem;
+  uint64_t buffered; /* request bytes buffered now, all connections */
 } zm_grpc_stats_t;
 
 /* Per-method counters for metrics (loop thread only). Latency runs from the
@@ -119,6 +153,53 @@ int zm_grpc_server_port(const zm_grpc_server_t *srv);
  */
 void zm_grpc_server_drain(zm_grpc_server_t *srv, uint64_t grace_ms,
                           void (*done)(void *data), void *data);
+/*
+ * TLS (both files set) for connections accepted from now on; client_ca
+ * (NULL/"" = none) makes the server verify client certificates. Replaces
+ * the previous TLS context only on success (SIGHUP reload): open
+ * connections keep theirs. Returns 0 or ZM_E_TLS with a reason in err.
+ * Call before listen to serve TLS from the first connection; a server
+ * that started without TLS stays h2c.
+ */
+int zm_grpc_server_set_tls(zm_grpc_server_t *srv, const char *cert_file,
+                           const char *key_file, const char *client_ca,
+                           char *err, size_t errlen);
+/* 1 when the server speaks TLS. */
+int zm_grpc_server_tls_enabled(const zm_grpc_server_t *srv);
+/*
+ * Installs the authorization policy (zm/authz.h; the server takes
+ * ownership and frees the previous one). NULL = no policy: then with
+ * client certificates verified (a client CA) every non-public method needs
+ * one, and without, every caller is allowed.
+ */
+struct zm_authz;
+void zm_grpc_server_set_authz(zm_grpc_server_t *srv, struct zm_authz *authz);
+/* The method paths served (for validating a policy). */
+size_t zm_grpc_server_methods(const zm_grpc_server_t *srv, const char **paths,
+                              size_t max);
+
+/* The security settings of the listener (all paths may be NULL or ""). */
+typedef struct {
+  const char *cert_file, *key_file; /* TLS when both are set */
+  const char *client_ca_file;       /* verify client certificates */
+  const char *policy_file;          /* authorization policy (zm/authz.h) */
+  const char *const *scopes;        /* scope names a policy may use */
+  size_t n_scopes;
+} zm_grpc_security_t;
+
+/*
+ * Loads TLS material and the policy and installs them together, or
+ * nothing: on any error the server keeps what it had (a SIGHUP with a bad
+ * new file changes nothing) and err says which file and why. Certificates
+ * without the policy file or the reverse are allowed; a key without a
+ * certificate is an error. A server started without TLS cannot switch to
+ * TLS on reload (its clients speak h2c): that is an error too.
+ * Returns 0 or ZM_E_INVAL / ZM_E_TLS.
+ */
+int zm_grpc_server_load_security(zm_grpc_server_t *srv,
+                                 const zm_grpc_security_t *sec, char *err,
+                                 size_t errlen);
+
 /* Frees the server after drain completed. */
 void zm_grpc_server_free(zm_grpc_server_t *srv);
 void zm_grpc_server_get_stats(const zm_grpc_server_t *srv,
@@ -175,6 +256,12 @@ void *zm_call_ctx(const zm_call_t *c);
 zm_grpc_server_t *zm_call_server(const zm_call_t *c);
 /* The method path, for logs. */
 const char *zm_call_path(const zm_call_t *c);
+/* Who called, for audit records: the first name of the verified client
+ * certificate ("uri:..", "dns:..", "cn:..") or "" without one. Valid until
+ * the call is finished (copied into the call). */
+const char *zm_call_caller(const zm_call_t *c);
+/* The peer address "ip:port" (or "" once unknown). */
+const char *zm_call_peer(const zm_call_t *c);
 
 /* ---- pure helpers (unit-tested) ----------------------------------------- */
 

@@ -34,6 +34,15 @@ void zm_log_set_level(zm_log_level_t level);
 /* Parses "debug"/"info"/"warn"/"error"; returns 0, or ZM_E_INVAL. */
 int zm_log_parse_level(const char *s, zm_log_level_t *out);
 int zm_log_enabled(zm_log_level_t level);
+/* From now on lines go through a bounded queue and a writer thread (never
+ * a blocking write on the caller's thread; lines that do not fit are
+ * dropped and counted). zm_log_stop_async() at exit writes what is queued.
+ * Returns 0 or ZM_E_NOMEM. */
+int zm_log_start_async(void);
+/* Writes what is queued and stops the writer (at exit). */
+void zm_log_stop_async(void);
+/* Lines dropped because the queue was full. */
+uint64_t zm_log_dropped(void);
 /* 1 = JSON lines, 0 = text (default). */
 void zm_log_set_json(int on);
 

@@ -84,6 +84,9 @@ _Noreturn void zm__assert_fail(const char *expr, const char *file, int line);
 /* Wipes a secret buffer in a way the compiler may not elide. */
 void zm_wipe(void *p, size_t n);
 
+/* No core dumps (RLIMIT_CORE 0, PR_SET_DUMPABLE 0). Returns 0 or -1. */
+int zm_disable_core_dumps(void);
+
 /* Wall-clock time in milliseconds since the Unix epoch (for stored times). */
 int64_t zm_wall_ms(void);
 

@@ -4,6 +4,7 @@
  * knows every module.
  */
 #include "zm/app.h"
+#include "zm/audit.h"
 #include "zm/log.h"
 
 #include "agynio/api/ziti_management/v1/ziti_management.pb-c.h"
@@ -88,6 +89,170 @@ static int method_disabled(const char *list, const char *name) {
   return 0;
 }
 
+/* ===================== security: scopes, audit, reload =================== */
+
+/* RequestServiceIdentity's authorization scope: the service type's name. */
+static const char *rsi_scope(const ProtobufCMessage *m, void *ctx) {
+  const zm_app_t *app = ctx;
+  const Agynio__Api__ZitiManagement__V1__RequestServiceIdentityRequest *req =
+      (const void *)m;
+  const zm_service_type_t *t =
+      zm_config_service_type(&app->cfg, (int)req->service_type);
+  return t ? t->name : NULL;
+}
+
+static const char *status_name(zm_grpc_status_t st) {
+  static const char *const N[] = {"OK",
+                                  "CANCELLED",
+                                  "UNKNOWN",
+                                  "INVALID_ARGUMENT",
+                                  "DEADLINE_EXCEEDED",
+                                  "NOT_FOUND",
+                                  "ALREADY_EXISTS",
+                                  "PERMISSION_DENIED",
+                                  "RESOURCE_EXHAUSTED",
+                                  "FAILED_PRECONDITION",
+                                  "ABORTED",
+                                  "OUT_OF_RANGE",
+                                  "UNIMPLEMENTED",
+                                  "INTERNAL",
+                                  "UNAVAILABLE",
+                                  "DATA_LOSS",
+                                  "UNAUTHENTICATED"};
+  return (unsigned)st < ZM_ARRAY_SIZE(N) ? N[st] : "?";
+}
+
+/* Audit records of the RPCs that change identities (never the identity
+ * JSON or the enrollment JWT of a response). */
+static void audit_rsi(zm_call_t *c, const ProtobufCMessage *req,
+                      zm_grpc_status_t st, const ProtobufCMessage *resp,
+                      void *ctx) {
+  const Agynio__Api__ZitiManagement__V1__RequestServiceIdentityResponse *r =
+      (const void *)resp;
+  zm_audit(st == ZM_GRPC_OK ? "service_identity_issued"
+                            : "service_identity_failed",
+           "id", r ? r->ziti_identity_id : NULL, "service_type",
+           rsi_scope(req, ctx), "caller", zm_call_caller(c), "peer",
+           zm_call_peer(c), "status", status_name(st), NULL);
+}
+
+static void audit_create_agent(zm_call_t *c, const ProtobufCMessage *req,
+                               zm_grpc_status_t st,
+                               const ProtobufCMessage *resp, void *ctx) {
+  (void)ctx;
+  const Agynio__Api__ZitiManagement__V1__CreateAgentIdentityRequest *q =
+      (const void *)req;
+  const Agynio__Api__ZitiManagement__V1__CreateAgentIdentityResponse *r =
+      (const void *)resp;
+  zm_audit(st == ZM_GRPC_OK ? "agent_identity_created"
+                            : "agent_identity_failed",
+           "id", r ? r->ziti_identity_id : NULL, "agent_id",
+           q ? q->agent_id : NULL, "caller", zm_call_caller(c), "peer",
+           zm_call_peer(c), "status", status_name(st), NULL);
+}
+
+static void audit_delete(zm_call_t *c, const ProtobufCMessage *req,
+                         zm_grpc_status_t st, const ProtobufCMessage *resp,
+                         void *ctx) {
+  (void)ctx;
+  (void)resp;
+  const Agynio__Api__ZitiManagement__V1__DeleteIdentityRequest *q =
+      (const void *)req;
+  zm_audit(st == ZM_GRPC_OK ? "identity_deleted" : "identity_delete_failed",
+           "id", q ? q->ziti_identity_id : NULL, "caller", zm_call_caller(c),
+           "peer", zm_call_peer(c), "status", status_name(st), NULL);
+}
+
+/* The other identity RPCs of the current contract: every create response
+ * and every delete request starts with the identity id (field 1). */
+typedef struct {
+  ProtobufCMessage base;
+  char *first;
+} first_string_t;
+
+static const char *first_str(const ProtobufCMessage *m) {
+  return m ? ((const first_string_t *)(const void *)m)->first : NULL;
+}
+
+static void audit_create_identity(zm_call_t *c, const ProtobufCMessage *req,
+                                  zm_grpc_status_t st,
+                                  const ProtobufCMessage *resp, void *ctx) {
+  (void)ctx;
+  zm_audit(st == ZM_GRPC_OK ? "identity_created" : "identity_create_failed",
+           "id", first_str(resp), "request",
+           req ? req->descriptor->short_name : NULL, "caller",
+           zm_call_caller(c), "peer", zm_call_peer(c), "status",
+           status_name(st), NULL);
+}
+
+static void audit_delete_any(zm_call_t *c, const ProtobufCMessage *req,
+                             zm_grpc_status_t st, const ProtobufCMessage *resp,
+                             void *ctx) {
+  (void)ctx;
+  (void)resp;
+  zm_audit(st == ZM_GRPC_OK ? "identity_deleted" : "identity_delete_failed",
+           "id", first_str(req), "request",
+           req ? req->descriptor->short_name : NULL, "caller",
+           zm_call_caller(c), "peer", zm_call_peer(c), "status",
+           status_name(st), NULL);
+}
+
+static void audit_patch_roles(zm_call_t *c, const ProtobufCMessage *req,
+                              zm_grpc_status_t st, const ProtobufCMessage *resp,
+                              void *ctx) {
+  (void)ctx;
+  (void)resp;
+  zm_audit(st == ZM_GRPC_OK ? "identity_roles_patched"
+                            : "identity_roles_patch_failed",
+           "id", first_str(req), "caller", zm_call_caller(c), "peer",
+           zm_call_peer(c), "status", status_name(st), NULL);
+}
+
+/* Services, configs and policies: the request's first field (a name or an
+ * id) and, for creates, the new id. */
+static void audit_object(zm_call_t *c, const ProtobufCMessage *req,
+                         zm_grpc_status_t st, const ProtobufCMessage *resp,
+                         void *ctx) {
+  (void)ctx;
+  const char *rname = req ? req->descriptor->short_name : "";
+  int create = strncmp(rname, "Create", 6) == 0;
+  zm_audit(st == ZM_GRPC_OK ? "controller_object_changed"
+                            : "controller_object_change_failed",
+           "request", rname, "key", first_str(req), "id",
+           create ? first_str(resp) : NULL, "caller", zm_call_caller(c), "peer",
+           zm_call_peer(c), "status", status_name(st), NULL);
+}
+
+static zm_grpc_security_t security_of(zm_app_t *app) {
+  zm_grpc_security_t sec = {.cert_file = app->cfg.tls_cert_file,
+                            .key_file = app->cfg.tls_key_file,
+                            .client_ca_file = app->cfg.tls_client_ca_file,
+                            .policy_file = app->cfg.authz_policy_file,
+                            .scopes = app->type_names,
+                            .n_scopes = app->n_type_names};
+  return sec;
+}
+
+/* SIGHUP: certificate, key, client CA and policy are read again (the same
+ * paths) and replace the old ones together; a bad file changes nothing.
+ * Open connections keep theirs; the policy applies to the next call. */
+static void on_sighup(uv_signal_t *s, int signum) {
+  (void)signum;
+  zm_app_t *app = s->data;
+  zm_grpc_security_t sec = security_of(app);
+  char err[512];
+  if (zm_grpc_server_load_security(app->grpc, &sec, err, sizeof err) != 0) {
+    ZM_ERROR("reload (SIGHUP): %s; keeping the previous TLS and policy", err);
+    zm_audit("reload_failed", "reason", err, NULL);
+    return;
+  }
+  ZM_INFO("reload (SIGHUP): TLS material and authorization policy reloaded");
+  zm_audit("reload", "tls",
+           zm_grpc_server_tls_enabled(app->grpc) ? "on" : "off", "policy",
+           app->cfg.authz_policy_file[0] ? app->cfg.authz_policy_file : "none",
+           NULL);
+}
+
 /* ===================== loop-lag probe ==================================== */
 
 static void on_lag(uv_timer_t *t) {
@@ -165,6 +330,7 @@ static void finish_shutdown(zm_app_t *app) {
     zm_metrics_srv_close(app->metrics, NULL, NULL);
   uv_close((uv_handle_t *)&app->sigterm, on_handle_closed);
   uv_close((uv_handle_t *)&app->sigint, on_handle_closed);
+  uv_close((uv_handle_t *)&app->sighup, on_handle_closed);
   uv_close((uv_handle_t *)&app->lag_timer, on_handle_closed);
   uv_close((uv_handle_t *)&app->shutdown_timer, on_handle_closed);
   ZM_INFO("shutdown complete");
@@ -306,104 +472,113 @@ int zm_app_run(const zm_config_t *cfg) {
   const zm_grpc_method_t methods[] = {
       {SVC "ResolveIdentity",
        &agynio__api__ziti_management__v1__resolve_identity_request__descriptor,
-       zm_rpc_resolve_identity, &app, NULL},
+       zm_rpc_resolve_identity, &app, NULL, 0, NULL, NULL},
       {SVC "ExtendIdentityLease",
        &agynio__api__ziti_management__v1__extend_identity_lease_request__descriptor,
-       zm_rpc_extend_lease, &app, NULL},
+       zm_rpc_extend_lease, &app, NULL, 0, NULL, NULL},
       {SVC "ListManagedIdentities",
        &agynio__api__ziti_management__v1__list_managed_identities_request__descriptor,
-       zm_rpc_list_managed, &app, NULL},
+       zm_rpc_list_managed, &app, NULL, 0, NULL, NULL},
       {SVC "CreateAgentIdentity",
        &agynio__api__ziti_management__v1__create_agent_identity_request__descriptor,
-       zm_rpc_create_agent, &app, NULL},
+       zm_rpc_create_agent, &app, NULL, ZM_GRPC_M_COSTLY, NULL,
+       audit_create_agent},
       {SVC "CreateSandboxIdentity",
        &agynio__api__ziti_management__v1__create_sandbox_identity_request__descriptor,
-       zm_rpc_create_sandbox, &app, NULL},
+       zm_rpc_create_sandbox, &app, NULL, ZM_GRPC_M_COSTLY, NULL,
+       audit_create_identity},
       {SVC "CreateAppIdentity",
        &agynio__api__ziti_management__v1__create_app_identity_request__descriptor,
-       zm_rpc_create_app, &app, NULL},
+       zm_rpc_create_app, &app, NULL, ZM_GRPC_M_COSTLY, NULL,
+       audit_create_identity},
       {SVC "CreateRunnerIdentity",
        &agynio__api__ziti_management__v1__create_runner_identity_request__descriptor,
-       zm_rpc_create_runner, &app, NULL},
+       zm_rpc_create_runner, &app, NULL, ZM_GRPC_M_COSTLY, NULL,
+       audit_create_identity},
       {SVC "CreateDeviceIdentity",
        &agynio__api__ziti_management__v1__create_device_identity_request__descriptor,
-       zm_rpc_create_device, &app, NULL},
+       zm_rpc_create_device, &app, NULL, ZM_GRPC_M_COSTLY, NULL,
+       audit_create_identity},
       {SVC "CreateTunnelIdentity",
        &agynio__api__ziti_management__v1__create_tunnel_identity_request__descriptor,
-       zm_rpc_create_tunnel, &app, NULL},
+       zm_rpc_create_tunnel, &app, NULL, ZM_GRPC_M_COSTLY, NULL,
+       audit_create_identity},
       {SVC "DeleteIdentity",
        &agynio__api__ziti_management__v1__delete_identity_request__descriptor,
-       zm_rpc_delete_identity, &app, NULL},
+       zm_rpc_delete_identity, &app, NULL, 0, NULL, audit_delete},
       {SVC "DeleteAppIdentity",
        &agynio__api__ziti_management__v1__delete_app_identity_request__descriptor,
-       zm_rpc_delete_app, &app, NULL},
+       zm_rpc_delete_app, &app, NULL, 0, NULL, audit_delete_any},
       {SVC "DeleteRunnerIdentity",
        &agynio__api__ziti_management__v1__delete_runner_identity_request__descriptor,
-       zm_rpc_delete_runner, &app, NULL},
+       zm_rpc_delete_runner, &app, NULL, 0, NULL, audit_delete_any},
       {SVC "DeleteDeviceIdentity",
        &agynio__api__ziti_management__v1__delete_device_identity_request__descriptor,
-       zm_rpc_delete_device, &app, NULL},
+       zm_rpc_delete_device, &app, NULL, 0, NULL, audit_delete_any},
       {SVC "DeleteTunnelIdentity",
        &agynio__api__ziti_management__v1__delete_tunnel_identity_request__descriptor,
-       zm_rpc_delete_tunnel, &app, NULL},
+       zm_rpc_delete_tunnel, &app, NULL, 0, NULL, audit_delete_any},
       {SVC "PatchIdentityRoleAttributes",
        &agynio__api__ziti_management__v1__patch_identity_role_attributes_request__descriptor,
-       zm_rpc_patch_identity_roles, &app, NULL},
+       zm_rpc_patch_identity_roles, &app, NULL, 0, NULL, audit_patch_roles},
       {SVC "GetIdentityLiveness",
        &agynio__api__ziti_management__v1__get_identity_liveness_request__descriptor,
-       zm_rpc_identity_liveness, &app, NULL},
+       zm_rpc_identity_liveness, &app, NULL, 0, NULL, NULL},
       {SVC "RequestServiceIdentity",
        &agynio__api__ziti_management__v1__request_service_identity_request__descriptor,
-       zm_rpc_request_service_identity, &app, NULL},
+       zm_rpc_request_service_identity, &app, NULL, ZM_GRPC_M_COSTLY, rsi_scope,
+       audit_rsi},
       {SVC "CreateService",
        &agynio__api__ziti_management__v1__create_service_request__descriptor,
-       zm_rpc_create_service, &app, NULL},
+       zm_rpc_create_service, &app, NULL, ZM_GRPC_M_COSTLY, NULL, audit_object},
       {SVC "GetService",
        &agynio__api__ziti_management__v1__get_service_request__descriptor,
-       zm_rpc_get_service, &app, NULL},
+       zm_rpc_get_service, &app, NULL, 0, NULL, NULL},
       {SVC "ListServices",
        &agynio__api__ziti_management__v1__list_services_request__descriptor,
-       zm_rpc_list_services, &app, NULL},
+       zm_rpc_list_services, &app, NULL, 0, NULL, NULL},
       {SVC "UpdateService",
        &agynio__api__ziti_management__v1__update_service_request__descriptor,
-       zm_rpc_update_service, &app, NULL},
+       zm_rpc_update_service, &app, NULL, ZM_GRPC_M_COSTLY, NULL, audit_object},
       {SVC "DeleteService",
        &agynio__api__ziti_management__v1__delete_service_request__descriptor,
-       zm_rpc_delete_service_rpc, &app, NULL},
+       zm_rpc_delete_service_rpc, &app, NULL, 0, NULL, audit_object},
       {SVC "CreateServicePolicy",
        &agynio__api__ziti_management__v1__create_service_policy_request__descriptor,
-       zm_rpc_create_policy, &app, NULL},
+       zm_rpc_create_policy, &app, NULL, ZM_GRPC_M_COSTLY, NULL, audit_object},
       {SVC "GetServicePolicy",
        &agynio__api__ziti_management__v1__get_service_policy_request__descriptor,
-       zm_rpc_get_policy, &app, NULL},
+       zm_rpc_get_policy, &app, NULL, 0, NULL, NULL},
       {SVC "ListServicePolicies",
        &agynio__api__ziti_management__v1__list_service_policies_request__descriptor,
-       zm_rpc_list_policies, &app, NULL},
+       zm_rpc_list_policies, &app, NULL, 0, NULL, NULL},
       {SVC "DeleteServicePolicy",
        &agynio__api__ziti_management__v1__delete_service_policy_request__descriptor,
-       zm_rpc_delete_policy, &app, NULL},
+       zm_rpc_delete_policy, &app, NULL, 0, NULL, audit_object},
       {SVC "ListServicesByTag",
        &agynio__api__ziti_management__v1__list_services_by_tag_request__descriptor,
-       zm_rpc_list_services_by_tag, &app, NULL},
+       zm_rpc_list_services_by_tag, &app, NULL, 0, NULL, NULL},
       {SVC "ListIdentitiesByTag",
        &agynio__api__ziti_management__v1__list_identities_by_tag_request__descriptor,
-       zm_rpc_list_identities_by_tag, &app, NULL},
+       zm_rpc_list_identities_by_tag, &app, NULL, 0, NULL, NULL},
       {SVC "ListServicePoliciesByTag",
        &agynio__api__ziti_management__v1__list_service_policies_by_tag_request__descriptor,
-       zm_rpc_list_policies_by_tag, &app, NULL},
+       zm_rpc_list_policies_by_tag, &app, NULL, 0, NULL, NULL},
+      /* health is always reachable (probes carry no client certificate) */
       {"/grpc.health.v1.Health/Check",
        &grpc__health__v1__health_check_request__descriptor, zm_health_check,
-       &app.health, NULL},
+       &app.health, NULL, ZM_GRPC_M_PUBLIC, NULL, NULL},
       {"/grpc.health.v1.Health/Watch",
        &grpc__health__v1__health_check_request__descriptor, NULL, &app.health,
-       &zm_health_watch_ops},
-      /* v1alpha has the same wire format as v1: one implementation */
+       &zm_health_watch_ops, ZM_GRPC_M_PUBLIC, NULL, NULL},
+      /* v1alpha has the same wire format as v1: one implementation;
+       * subject to the policy like the service's methods */
       {"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
        &grpc__reflection__v1__server_reflection_request__descriptor, NULL, NULL,
-       &zm_reflect_ops},
+       &zm_reflect_ops, 0, NULL, NULL},
       {"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
        &grpc__reflection__v1__server_reflection_request__descriptor, NULL, NULL,
-       &zm_reflect_ops},
+       &zm_reflect_ops, 0, NULL, NULL},
   };
   /* GRPC_DISABLED_METHODS: an operator can switch RPCs off (they answer
    * UNIMPLEMENTED, as unknown methods do). */
@@ -426,8 +601,29 @@ int zm_app_run(const zm_config_t *cfg) {
   zm_grpc_config_t gc = {.address = cfg->grpc_address,
                          .max_recv_msg = cfg->max_recv_msg,
                          .max_streams = cfg->max_streams,
-                         .idle_timeout_ms = cfg->idle_timeout_ms};
+                         .idle_timeout_ms = cfg->idle_timeout_ms,
+                         .max_conns = cfg->max_conns,
+                         .max_buffered = cfg->max_buffered,
+                         .recv_timeout_ms = cfg->recv_timeout_ms,
+                         .write_stall_ms = cfg->write_stall_ms,
+                         .caller_rate = cfg->caller_rate,
+                         .caller_burst = cfg->caller_burst,
+                         .caller_inflight = cfg->caller_inflight};
   zm_grpc_server_new(&app.grpc, &loop, &gc, enabled, n_enabled);
+  for (size_t i = 0; i < cfg->n_types && i < ZM_ARRAY_SIZE(app.type_names); i++)
+    app.type_names[app.n_type_names++] = app.cfg.types[i].name;
+  {
+    zm_grpc_security_t sec = security_of(&app);
+    char err[512];
+    if (zm_grpc_server_load_security(app.grpc, &sec, err, sizeof err) != 0) {
+      ZM_ERROR("grpc: %s", err);
+      return 1;
+    }
+    ZM_INFO("grpc: %s%s%s",
+            zm_grpc_server_tls_enabled(app.grpc) ? "TLS" : "h2c (plaintext)",
+            cfg->tls_client_ca_file[0] ? ", client certificates verified" : "",
+            cfg->authz_policy_file[0] ? ", authorization policy loaded" : "");
+  }
   int rv = zm_grpc_server_listen(app.grpc);
   if (rv != 0) {
     ZM_ERROR("grpc: cannot listen on %s: %s", cfg->grpc_address,
@@ -454,6 +650,9 @@ int zm_app_run(const zm_config_t *cfg) {
   app.sigterm.data = app.sigint.data = &app;
   uv_signal_start(&app.sigterm, on_signal, SIGTERM);
   uv_signal_start(&app.sigint, on_signal, SIGINT);
+  uv_signal_init(&loop, &app.sighup);
+  app.sighup.data = &app;
+  uv_signal_start(&app.sighup, on_sighup, SIGHUP);
   uv_timer_init(&loop, &app.shutdown_timer);
   app.shutdown_timer.data = &app;
   uv_timer_init(&loop, &app.lag_timer);

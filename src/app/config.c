@@ -245,6 +245,30 @@ const zm_setting_t zm_settings[] = {
     {"SHUTDOWN_GRACE", "20s", "drain time on SIGTERM/SIGINT", 0},
     {"LOG_LEVEL", "info", "debug, info, warn, error", 0},
     {"LOG_FORMAT", "text", "text or json (JSON lines)", 0},
+    {"GRPC_TLS_CERT_FILE", "",
+     "gRPC listener certificate chain PEM (TLS with GRPC_TLS_KEY_FILE)", 0},
+    {"GRPC_TLS_KEY_FILE", "", "gRPC listener private key PEM", 0},
+    {"GRPC_TLS_CLIENT_CA_FILE", "",
+     "CA bundle PEM: verify client certificates (mTLS)", 0},
+    {"GRPC_AUTHZ_POLICY_FILE", "",
+     "per-RPC authorization policy JSON (reloaded on SIGHUP)", 0},
+    {"AUDIT_LOG", "stderr", "audit log: stderr, a file path, or off", 0},
+    {"GRPC_MAX_CONNECTIONS", "65536", "connections at once, 1..1048576", 0},
+    {"GRPC_MAX_BUFFERED_BYTES", "268435456",
+     "request bytes buffered across all connections", 0},
+    {"GRPC_RECV_TIMEOUT", "30s",
+     "a request must arrive within this (0 = never)", 0},
+    {"GRPC_WRITE_STALL_TIMEOUT", "30s",
+     "close a connection whose write is stuck this long (0 = never)", 0},
+    {"GRPC_CALLER_RATE", "10",
+     "costly RPCs per second per caller (0 = off; default off without a "
+     "client CA)",
+     0},
+    {"GRPC_CALLER_BURST", "20", "per-caller token bucket depth", 0},
+    {"GRPC_CALLER_MAX_INFLIGHT", "32",
+     "costly RPCs in flight per caller (0 = off; default off without a "
+     "client CA)",
+     0},
 };
 const size_t zm_settings_count = ZM_ARRAY_SIZE(zm_settings);
 
@@ -332,6 +356,14 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
   cfg->max_streams = 1024;
   cfg->shutdown_grace_ms = 20000;
   strcpy(cfg->log_level, "info");
+  strcpy(cfg->audit_log, "stderr");
+  cfg->max_conns = 65536;
+  cfg->max_buffered = 256u << 20;
+  cfg->recv_timeout_ms = 30000;
+  cfg->write_stall_ms = 30000;
+  cfg->caller_rate = 10;
+  cfg->caller_burst = 20;
+  cfg->caller_inflight = 32;
   add_type(cfg, 1, "gateway", "gateway-hosts");
   add_type(cfg, 2, "orchestrator", "orchestrators");
   /* The contract's ServiceType table (3, the old RUNNER, is reserved; a
@@ -358,6 +390,11 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
   STR(metrics_address, "METRICS_ADDRESS");
   STR(enrollment_jwt_file, "ZITI_ENROLLMENT_JWT_FILE");
   STR(disabled_methods, "GRPC_DISABLED_METHODS");
+  STR(tls_cert_file, "GRPC_TLS_CERT_FILE");
+  STR(tls_key_file, "GRPC_TLS_KEY_FILE");
+  STR(tls_client_ca_file, "GRPC_TLS_CLIENT_CA_FILE");
+  STR(authz_policy_file, "GRPC_AUTHZ_POLICY_FILE");
+  STR(audit_log, "AUDIT_LOG");
 #undef STR
   if ((v = get("DATABASE_URL")) != NULL && *v != '\0') {
     /* never echo the value: it may carry a password */
@@ -389,7 +426,11 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
       (rv = env_duration(get, "SHUTDOWN_GRACE", &cfg->shutdown_grace_ms, 1, err,
                          errlen)) ||
       (rv = env_duration(get, "LEASE_FLUSH_INTERVAL", &cfg->lease_flush_ms, 0,
-                         err, errlen)))
+                         err, errlen)) ||
+      (rv = env_duration(get, "GRPC_RECV_TIMEOUT", &cfg->recv_timeout_ms, 1,
+                         err, errlen)) ||
+      (rv = env_duration(get, "GRPC_WRITE_STALL_TIMEOUT", &cfg->write_stall_ms,
+                         1, err, errlen)))
     return rv;
   if (cfg->lease_flush_ms > 60000)
     return fail(err, errlen, "LEASE_FLUSH_INTERVAL must be at most 1m");
@@ -422,6 +463,38 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
                      errlen)))
     return rv;
   cfg->max_streams = (uint32_t)x;
+  x = cfg->max_conns;
+  if ((rv =
+           env_uint(get, "GRPC_MAX_CONNECTIONS", 1, 1u << 20, &x, err, errlen)))
+    return rv;
+  cfg->max_conns = (unsigned)x;
+  x = cfg->max_buffered;
+  if ((rv = env_uint(get, "GRPC_MAX_BUFFERED_BYTES", 1u << 16, 1ull << 40, &x,
+                     err, errlen)))
+    return rv;
+  cfg->max_buffered = (size_t)x;
+  x = cfg->caller_rate;
+  if ((rv = env_uint(get, "GRPC_CALLER_RATE", 0, 1000000, &x, err, errlen)))
+    return rv;
+  cfg->caller_rate = (unsigned)x;
+  x = cfg->caller_burst;
+  if ((rv = env_uint(get, "GRPC_CALLER_BURST", 1, 1000000, &x, err, errlen)))
+    return rv;
+  cfg->caller_burst = (unsigned)x;
+  x = cfg->caller_inflight;
+  if ((rv = env_uint(get, "GRPC_CALLER_MAX_INFLIGHT", 0, 1000000, &x, err,
+                     errlen)))
+    return rv;
+  cfg->caller_inflight = (unsigned)x;
+  /* Without client certificates the caller key is the peer address, and in
+   * a mesh that terminates TLS every caller shares the sidecar's address:
+   * per-caller limits are then off unless set explicitly. */
+  if (cfg->tls_client_ca_file[0] == '\0') {
+    if ((v = get("GRPC_CALLER_RATE")) == NULL || *v == '\0')
+      cfg->caller_rate = 0;
+    if ((v = get("GRPC_CALLER_MAX_INFLIGHT")) == NULL || *v == '\0')
+      cfg->caller_inflight = 0;
+  }
   if ((v = get("ENROLLMENT_KEY_ALG")) != NULL && *v != '\0' &&
       zm_key_alg_parse(v, &cfg->key_alg) != 0)
     return fail(err, errlen,

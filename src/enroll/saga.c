@@ -12,6 +12,7 @@
  * the saga finishes it exactly once (REPLY, or the error after COMPENSATE).
  */
 #include "zm/app.h"
+#include "zm/audit.h"
 #include "zm/b64.h"
 #include "zm/crypto.h"
 #include "zm/enroll.h"
@@ -401,6 +402,12 @@ static void replace_next(enroll_t *e) {
   if (e->next_old < e->n_old) {
     const char *old = e->old_ids[e->next_old++];
     ZM_INFO("enroll %s: deleting the previous identity %s", e->name, old);
+    if (e->kind == ZM_ENROLL_KIND_AGENT)
+      zm_audit("agent_identity_replaced", "agent", e->identity_id, "old_id",
+               old, NULL);
+    else
+      zm_audit("identity_replaced", "identity_id", e->identity_id,
+               "external_id", e->ext_id, "old_id", old, NULL);
     zm_life_retire_managed(e->app->life, old, on_old_retired, e);
     return;
   }
@@ -842,6 +849,8 @@ static void enroll_on_reply(enroll_t *e) {
  */
 
 static void compensate_finish(enroll_t *e, int ok) {
+  zm_audit("compensated", "name", e->name, "id", e->id, "result",
+           ok ? "resolved" : "left to recovery", NULL);
   if (ok)
     e->app->stats.enroll_compensated++;
   else

@@ -21,7 +21,13 @@
  *   per connection; above ZM_CONN_OUT_SOFT_MAX we stop reading.
  */
 #include "zm/grpc.h"
+#include "zm/audit.h"
+#include "zm/authz.h"
 #include "zm/log.h"
+
+#include "h2mem.h"
+#include "limiter.h"
+#include "tls_server.h"
 
 #include <nghttp2/nghttp2.h>
 #include <stdio.h>
@@ -51,6 +57,12 @@
 #define ZM_CONN_KEEP_BUF 0u
 /* Calls kept for reuse instead of free()/malloc() per call. */
 #define ZM_CALL_FREELIST_MAX 1024u
+/* Output a connection may gather while its peer does not read: beyond it
+ * nghttp2 is not asked for more (its own queues are bounded too), and a
+ * write pending longer than cfg.write_stall_ms closes the connection. */
+#define ZM_CONN_OUT_HARD_MAX (4u * 1024 * 1024)
+/* Refusals of connections over the cap are logged at most this often. */
+#define ZM_REFUSE_LOG_MS 10000u
 
 typedef struct zm_conn zm_conn_t;
 
@@ -82,6 +94,8 @@ struct zm_call {
   unsigned compressed_ok : 1; /* grpc-encoding identity or absent */
   unsigned bad_timeout : 1;
   unsigned failed_early : 1; /* an error was already submitted */
+  unsigned resp_heap : 1;    /* resp was malloc'd (not in the arena) */
+  unsigned rst_after : 1;    /* RST_STREAM(NO_ERROR) once the answer is out */
   unsigned streaming : 1;    /* a streaming method */
   unsigned headers_sent : 1; /* streaming: response headers submitted */
   unsigned fin_pending : 1;  /* streaming: trailers follow the queue */
@@ -93,10 +107,15 @@ struct zm_call {
   uint8_t *sq;       /* streaming: framed messages to send (malloc'd) */
   size_t sq_len, sq_off, sq_cap;
   zm_grpc_status_t fin_status;
-  char *fin_msg;     /* percent-encoded, malloc'd */
-  uint64_t deadline; /* uv_now() ms, 0 = none */
-  size_t heap_idx;   /* position in srv->heap, SIZE_MAX if not there */
-  uint8_t *rbuf;     /* request bytes (malloc'd), rlen used */
+  char *fin_msg;          /* percent-encoded, malloc'd */
+  uint64_t deadline;      /* uv_now() ms, 0 = none */
+  uint64_t recv_deadline; /* uv_now() ms the request must be in by, 0 = none */
+  uint64_t heap_key;      /* the time the heap orders by */
+  size_t heap_idx;        /* position in srv->heap, SIZE_MAX if not there */
+  const char *caller;     /* arena copy at dispatch ("" = no identity) */
+  const char *peer;       /* arena copy at dispatch */
+  zm_lim_entry_t *lim;    /* admitted by the per-caller limiter, or NULL */
+  uint8_t *rbuf;          /* request bytes (malloc'd), rlen used */
   size_t rlen, rcap;
   uint8_t *resp; /* framed response (arena) */
   size_t resp_len, resp_off;
@@ -126,8 +145,12 @@ struct zm_conn {
   unsigned goaway_sent : 1;
   unsigned n_calls;
   size_t recv_buffered;
-  uint64_t last_active; /* uv_now() ms */
-  char *out;            /* gathered output */
+  uint64_t last_active;   /* uv_now() ms */
+  uint64_t write_started; /* uv_now() ms of the write in flight */
+  int32_t max_req_sid;    /* highest client stream id that sent HEADERS */
+  zm_tls_srv_t *tls;      /* NULL = h2c */
+  char peer[64];          /* "ip:port" */
+  char *out;              /* gathered output */
   size_t out_len, out_cap;
   char *wr; /* output in flight */
   size_t wr_len, wr_cap;
@@ -157,6 +180,10 @@ struct zm_grpc_server {
   size_t freelist_len;
   nghttp2_session_callbacks *cbs;
   nghttp2_option *opt;
+  zm_tls_srv_ctx_t *tls_ctx; /* NULL = h2c; new connections take a ref */
+  zm_authz_t *authz;         /* NULL = no policy */
+  zm_limiter_t *limiter;     /* ZM_GRPC_M_COSTLY admission */
+  uint64_t refused_logged_at, refused_unlogged;
   int draining;
   void (*drain_done)(void *data);
   void *drain_data;
@@ -184,29 +211,24 @@ static void call_free(zm_call_t *call);
 static void call_cancel(zm_call_t *call);
 static void drain_check(zm_grpc_server_t *srv);
 static void on_deadline(uv_timer_t *t);
+static int call_authorized(zm_call_t *call, const char *scope);
+static int call_admitted(zm_call_t *call);
+static const char *const *conn_names(const zm_conn_t *c, size_t *n);
 static void call_record(zm_call_t *call, zm_grpc_status_t st);
 static void stream_fin(zm_call_t *call, zm_grpc_status_t st, const char *msg);
 
 /* ===================== arena ============================================ */
 
+static void *call_alloc_soft(zm_call_t *c, size_t n);
+
+/* Handlers' allocations (responses they build) abort on exhaustion, like
+ * the rest of our code; decoding uses call_alloc_soft(). */
 void *zm_call_alloc(zm_call_t *c, size_t n) {
-  n = (n + 15u) & ~(size_t)15u;
-  if (c->arena_used + n <= sizeof c->arena) {
-    void *p = c->arena + c->arena_used;
-    c->arena_used += n;
-    return p;
+  void *p = call_alloc_soft(c, n);
+  if (p == NULL) {
+    fprintf(stderr, "fatal: out of memory in a call arena (%zu bytes)\n", n);
+    abort();
   }
-  arena_block_t *b = c->arena_extra;
-  if (b == NULL || b->used + n > b->cap) {
-    size_t cap = n > ZM_CALL_ARENA_BLOCK ? n : ZM_CALL_ARENA_BLOCK;
-    arena_block_t *nb = zm_xmalloc(sizeof *nb + cap);
-    nb->cap = cap;
-    nb->used = 0;
-    nb->next = b;
-    c->arena_extra = b = nb;
-  }
-  void *p = b->data + b->used;
-  b->used += n;
   return p;
 }
 
@@ -217,138 +239,47 @@ char *zm_call_strdup(zm_call_t *c, const char *s) {
   return p;
 }
 
-static void *pb_alloc(void *data, size_t n) { return zm_call_alloc(data, n); }
+/* Arena allocation that fails instead of aborting: what protobuf-c asks
+ * for while decoding is driven by the client's input. */
+static void *call_alloc_soft(zm_call_t *c, size_t n) {
+  if (n > SIZE_MAX - 16)
+    return NULL;
+  n = (n + 15u) & ~(size_t)15u;
+  if (c->arena_used + n <= sizeof c->arena) {
+    void *p = c->arena + c->arena_used;
+    c->arena_used += n;
+    return p;
+  }
+  arena_block_t *b = c->arena_extra;
+  if (b == NULL || b->used + n > b->cap) {
+    size_t cap = n > ZM_CALL_ARENA_BLOCK ? n : ZM_CALL_ARENA_BLOCK;
+    arena_block_t *nb = malloc(sizeof *nb + cap);
+    if (nb == NULL)
+      return NULL;
+    nb->cap = cap;
+    nb->used = 0;
+    nb->next = b;
+    c->arena_extra = b = nb;
+  }
+  void *p = b->data + b->used;
+  b->used += n;
+  return p;
+}
+
+static const char *call_strdup_soft(zm_call_t *c, const char *s) {
+  size_t n = strlen(s);
+  char *p = call_alloc_soft(c, n + 1);
+  if (p == NULL)
+    return "";
+  memcpy(p, s, n + 1);
+  return p;
+}
+
+static void *pb_alloc(void *data, size_t n) { return call_alloc_soft(data, n); }
 static void pb_free(void *data, void *p) {
   (void)data;
   (void)p;
 }
-
-/* ===================== nghttp2 allocator ================================= */
-
-/*
- * nghttp2 allocates about 25 KB per session up front (a 16 KB outbound frame
- * buffer, a 4 KB stream map, ...), of which an idle connection touches a
- * page or two. On the heap, neighbouring allocations make all those pages
- * resident; mapped on their own, untouched pages cost nothing. This is what
- * keeps 10,000 idle connections small. Blocks of H2_MMAP_MIN bytes or more
- * are mmap'd, with their sizes in a side table (a header would touch a page);
- * smaller ones stay on the heap. Loop thread only, like every nghttp2 call.
- */
-#define H2_MMAP_MIN 4096u
-
-typedef struct {
-  void *p;
-  size_t n;
-} h2_big_t;
-
-static h2_big_t *h2_big;  /* open addressing, linear probing */
-static size_t h2_big_cap; /* power of two, 0 = not allocated */
-static size_t h2_big_len;
-
-static size_t h2_slot(const void *p, size_t cap) {
-  return (size_t)(((uintptr_t)p >> 12) * 0x9E3779B97F4A7C15ull) & (cap - 1);
-}
-
-static void h2_big_put(void *p, size_t n) {
-  if ((h2_big_len + 1) * 2 > h2_big_cap) {
-    size_t ncap = h2_big_cap ? h2_big_cap * 2 : 1024;
-    h2_big_t *nt = zm_xcalloc(ncap, sizeof *nt);
-    for (size_t i = 0; i < h2_big_cap; i++) {
-      if (h2_big[i].p == NULL)
-        continue;
-      size_t j = h2_slot(h2_big[i].p, ncap);
-      while (nt[j].p != NULL)
-        j = (j + 1) & (ncap - 1);
-      nt[j] = h2_big[i];
-    }
-    free(h2_big);
-    h2_big = nt;
-    h2_big_cap = ncap;
-  }
-  size_t j = h2_slot(p, h2_big_cap);
-  while (h2_big[j].p != NULL)
-    j = (j + 1) & (h2_big_cap - 1);
-  h2_big[j].p = p;
-  h2_big[j].n = n;
-  h2_big_len++;
-}
-
-/* Removes p; returns its size, or 0 when p is a heap block. */
-static size_t h2_big_take(void *p) {
-  if (h2_big_cap == 0)
-    return 0;
-  size_t mask = h2_big_cap - 1, j = h2_slot(p, h2_big_cap);
-  while (h2_big[j].p != NULL && h2_big[j].p != p)
-    j = (j + 1) & mask;
-  if (h2_big[j].p == NULL)
-    return 0;
-  size_t n = h2_big[j].n;
-  h2_big[j].p = NULL;
-  h2_big_len--;
-  /* backward-shift deletion keeps probe chains intact */
-  for (size_t k = (j + 1) & mask; h2_big[k].p != NULL; k = (k + 1) & mask) {
-    size_t home = h2_slot(h2_big[k].p, h2_big_cap);
-    if (((k - home) & mask) >= ((k - j) & mask)) {
-      h2_big[j] = h2_big[k];
-      h2_big[k].p = NULL;
-      j = k;
-    }
-  }
-  return n;
-}
-
-static void *h2_mmap(size_t n) {
-  void *p =
-      mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED)
-    return NULL;
-  h2_big_put(p, n);
-  return p;
-}
-
-static void *h2_malloc(size_t n, void *ud) {
-  (void)ud;
-  return n >= H2_MMAP_MIN ? h2_mmap(n) : malloc(n);
-}
-
-static void h2_free(void *p, void *ud) {
-  (void)ud;
-  if (p == NULL)
-    return;
-  size_t n = h2_big_take(p);
-  if (n != 0)
-    munmap(p, n);
-  else
-    free(p);
-}
-
-static void *h2_calloc(size_t nmemb, size_t size, void *ud) {
-  (void)ud;
-  if (size != 0 && nmemb > SIZE_MAX / size)
-    return NULL;
-  size_t n = nmemb * size;
-  return n >= H2_MMAP_MIN ? h2_mmap(n) /* zero already */ : calloc(nmemb, size);
-}
-
-static void *h2_realloc(void *p, size_t n, void *ud) {
-  if (p == NULL)
-    return h2_malloc(n, ud);
-  size_t old = h2_big_take(p);
-  if (old == 0 && n < H2_MMAP_MIN)
-    return realloc(p, n);
-  if (old != 0)
-    h2_big_put(p, old); /* put back until the copy is done */
-  else
-    old = malloc_usable_size(p);
-  void *np = h2_malloc(n, ud);
-  if (np == NULL)
-    return NULL;
-  memcpy(np, p, old < n ? old : n);
-  h2_free(p, ud);
-  return np;
-}
-
-static nghttp2_mem H2_MEM = {NULL, h2_malloc, h2_free, h2_calloc, h2_realloc};
 
 /* ===================== deadline heap ===================================== */
 
@@ -363,7 +294,7 @@ static void heap_swap(zm_call_t **h, size_t a, size_t b) {
 static void heap_up(zm_call_t **h, size_t i) {
   while (i > 0) {
     size_t p = (i - 1) / 2;
-    if (h[p]->deadline <= h[i]->deadline)
+    if (h[p]->heap_key <= h[i]->heap_key)
       break;
     heap_swap(h, p, i);
     i = p;
@@ -373,9 +304,9 @@ static void heap_up(zm_call_t **h, size_t i) {
 static void heap_down(zm_call_t **h, size_t len, size_t i) {
   for (;;) {
     size_t l = 2 * i + 1, r = l + 1, m = i;
-    if (l < len && h[l]->deadline < h[m]->deadline)
+    if (l < len && h[l]->heap_key < h[m]->heap_key)
       m = l;
-    if (r < len && h[r]->deadline < h[m]->deadline)
+    if (r < len && h[r]->heap_key < h[m]->heap_key)
       m = r;
     if (m == i)
       return;
@@ -389,7 +320,7 @@ static void deadline_arm(zm_grpc_server_t *srv) {
     uv_timer_stop(&srv->deadline_timer);
     return;
   }
-  uint64_t now = uv_now(srv->loop), d = srv->heap[0]->deadline;
+  uint64_t now = uv_now(srv->loop), d = srv->heap[0]->heap_key;
   uv_timer_start(&srv->deadline_timer, on_deadline, d > now ? d - now : 0, 0);
 }
 
@@ -407,14 +338,37 @@ static void heap_remove(zm_grpc_server_t *srv, zm_call_t *call) {
   }
 }
 
-static void heap_insert(zm_grpc_server_t *srv, zm_call_t *call) {
+/* Returns 0, or -1 when the heap cannot grow. */
+static int heap_insert(zm_grpc_server_t *srv, zm_call_t *call) {
   if (srv->heap_len == srv->heap_cap) {
-    srv->heap_cap = srv->heap_cap ? srv->heap_cap * 2 : 64;
-    srv->heap = zm_xrealloc(srv->heap, srv->heap_cap * sizeof *srv->heap);
+    size_t cap = srv->heap_cap ? srv->heap_cap * 2 : 64;
+    zm_call_t **h = realloc(srv->heap, cap * sizeof *srv->heap);
+    if (h == NULL)
+      return -1;
+    srv->heap = h;
+    srv->heap_cap = cap;
   }
   call->heap_idx = srv->heap_len;
   srv->heap[srv->heap_len++] = call;
   heap_up(srv->heap, call->heap_idx);
+  return 0;
+}
+
+/* (Re)files the call under the earliest of its deadlines that applies in
+ * its state: the receive deadline only while the request is arriving. */
+static void heap_update(zm_grpc_server_t *srv, zm_call_t *call) {
+  heap_remove(srv, call);
+  uint64_t k = call->deadline;
+  if ((call->state == CALL_HEADERS || call->state == CALL_RECEIVING) &&
+      call->recv_deadline != 0 && (k == 0 || call->recv_deadline < k))
+    k = call->recv_deadline;
+  if (k == 0)
+    return;
+  call->heap_key = k;
+  /* a full heap leaves the call without a deadline of ours: the client's
+   * own deadline still applies on its side */
+  if (heap_insert(srv, call) == 0 && srv->heap[0] == call)
+    deadline_arm(srv);
 }
 
 /* ===================== responses ======================================== */
@@ -446,10 +400,26 @@ static ssize_t on_data_read(nghttp2_session *s, int32_t sid, uint8_t *buf,
         NGHTTP2_NV_FLAG_NO_COPY_NAME | NGHTTP2_NV_FLAG_NO_COPY_VALUE           \
   }
 
+/* The request bytes are no longer needed (decoded, or the call is
+ * answered): give them back to the budgets now, not at stream close. */
+static void call_drop_request(zm_call_t *call) {
+  if (call->rbuf == NULL)
+    return;
+  if (call->conn != NULL) {
+    call->conn->recv_buffered -= call->rlen;
+    call->srv->stats.buffered -= call->rlen;
+  }
+  zm_wipe(call->rbuf, call->rlen);
+  free(call->rbuf);
+  call->rbuf = NULL;
+  call->rlen = call->rcap = 0;
+}
+
 /* Submits a Trailers-Only error response. */
 static void submit_status(zm_call_t *call, zm_grpc_status_t st,
                           const char *msg) {
   zm_conn_t *c = call->conn;
+  call_drop_request(call);
   char code[8], enc[ZM_GRPC_MSG_MAX];
   int codelen = snprintf(code, sizeof code, "%d", (int)st);
   size_t enclen = zm_grpc_pct_encode(msg ? msg : "", msg ? strlen(msg) : 0, enc,
@@ -485,12 +455,48 @@ static void call_end(zm_call_t *call, zm_grpc_status_t st, const char *msg) {
     submit_status(call, st, msg);
 }
 
-static void submit_http_error(zm_call_t *call, const char *status) {
+static ssize_t on_text_read(nghttp2_session *s, int32_t sid, uint8_t *buf,
+                            size_t len, uint32_t *flags,
+                            nghttp2_data_source *src, void *ud) {
+  (void)s;
+  (void)sid;
+  (void)ud;
+  zm_call_t *call = src->ptr;
+  size_t n = call->resp_len - call->resp_off;
+  if (n > len)
+    n = len;
+  memcpy(buf, call->resp + call->resp_off, n);
+  call->resp_off += n;
+  if (call->resp_off == call->resp_len)
+    *flags |= NGHTTP2_DATA_FLAG_EOF;
+  return (ssize_t)n;
+}
+
+/* A request that is not gRPC (a plain GET, another content type): an HTTP
+ * status and a short text body, which is what an HTTP client expects (and
+ * keeps the stream open for its flow-control frames until the body is
+ * read). */
+static void submit_http_error(zm_call_t *call, const char *status,
+                              const char *body) {
   zm_conn_t *c = call->conn;
-  nghttp2_nv hdrs[1] = {{(uint8_t *)":status", (uint8_t *)status, 7,
-                         strlen(status), NGHTTP2_NV_FLAG_NO_COPY_NAME}};
+  size_t bl = strlen(body);
+  uint8_t *copy = malloc(bl);
   call->state = CALL_FINISHED;
-  nghttp2_submit_response(c->h2, call->stream_id, hdrs, 1, NULL);
+  nghttp2_nv hdrs[2] = {{(uint8_t *)":status", (uint8_t *)status, 7,
+                         strlen(status), NGHTTP2_NV_FLAG_NO_COPY_NAME},
+                        NV("content-type", "text/plain; charset=utf-8")};
+  if (copy == NULL) {
+    nghttp2_submit_response(c->h2, call->stream_id, hdrs, 1, NULL);
+  } else {
+    memcpy(copy, body, bl);
+    call->resp = copy;
+    call->resp_heap = 1;
+    call->resp_len = bl;
+    call->resp_off = 0;
+    nghttp2_data_provider dp = {.source.ptr = call,
+                                .read_callback = on_text_read};
+    nghttp2_submit_response(c->h2, call->stream_id, hdrs, 2, &dp);
+  }
   conn_mark_dirty(c);
 }
 
@@ -519,6 +525,10 @@ static void call_record(zm_call_t *call, zm_grpc_status_t st) {
 static void call_handler_done(zm_call_t *call) {
   zm_grpc_server_t *srv = call->srv;
   call->handler_holds = 0;
+  if (call->lim != NULL) {
+    zm_limiter_release(srv->limiter, call->lim);
+    call->lim = NULL;
+  }
   heap_remove(srv, call);
   if (srv->stats.calls_active > 0)
     srv->stats.calls_active--;
@@ -538,6 +548,9 @@ void zm_call_reply(zm_call_t *call, const ProtobufCMessage *resp) {
     zm_call_finish(call, ZM_GRPC_OK, NULL);
     return;
   }
+  if (call->method->on_finish != NULL)
+    call->method->on_finish(call, call->req, ZM_GRPC_OK, resp,
+                            call->method->ctx);
   if (call->conn != NULL && call->state == CALL_HANDLER) {
     call_record(call, ZM_GRPC_OK);
     size_t n = protobuf_c_message_get_packed_size(resp);
@@ -571,6 +584,8 @@ void zm_call_fail(zm_call_t *call, zm_grpc_status_t status, const char *msg) {
 
 void zm_call_finish(zm_call_t *call, zm_grpc_status_t status, const char *msg) {
   ZM_ASSERT(call->handler_holds);
+  if (call->method->on_finish != NULL)
+    call->method->on_finish(call, call->req, status, NULL, call->method->ctx);
   if (call->conn != NULL && call->state == CALL_HANDLER)
     call_end(call, status, msg);
   call_handler_done(call);
@@ -695,6 +710,10 @@ zm_grpc_server_t *zm_call_server(const zm_call_t *c) { return c->srv; }
 const char *zm_call_path(const zm_call_t *c) {
   return c->method ? c->method->path : "?";
 }
+const char *zm_call_caller(const zm_call_t *c) {
+  return c->caller ? c->caller : "";
+}
+const char *zm_call_peer(const zm_call_t *c) { return c->peer ? c->peer : ""; }
 
 /* The client can no longer get an answer: tell the handler, once. */
 static void call_cancel(zm_call_t *call) {
@@ -718,7 +737,9 @@ static zm_call_t *call_new(zm_conn_t *c, int32_t sid) {
     srv->freelist = call->next;
     srv->freelist_len--;
   } else {
-    call = zm_xmalloc(sizeof *call);
+    call = malloc(sizeof *call);
+    if (call == NULL)
+      return NULL;
   }
   memset(call, 0, offsetof(zm_call_t, arena));
   call->srv = srv;
@@ -732,6 +753,13 @@ static zm_call_t *call_new(zm_conn_t *c, int32_t sid) {
     c->calls->prev = call;
   c->calls = call;
   c->n_calls++;
+  /* The whole request (headers included: a header block left open with
+   * CONTINUATION never coming is the slowloris of HTTP/2) must arrive
+   * within recv_timeout_ms. */
+  if (srv->cfg.recv_timeout_ms != 0) {
+    call->recv_deadline = uv_now(srv->loop) + srv->cfg.recv_timeout_ms;
+    heap_update(srv, call);
+  }
   return call;
 }
 
@@ -748,6 +776,7 @@ static void call_unlink(zm_call_t *call) {
   call->prev = call->next = NULL;
   c->n_calls--;
   c->recv_buffered -= call->rlen;
+  call->srv->stats.buffered -= call->rlen;
   call->conn = NULL;
 }
 
@@ -757,8 +786,13 @@ static void call_free(zm_call_t *call) {
    * enrollment JWT): the packed copy in the arena is wiped, not just freed. */
   if (call->resp != NULL)
     zm_wipe(call->resp, call->resp_len);
+  if (call->resp_heap)
+    free(call->resp);
+  if (call->lim != NULL)
+    zm_limiter_release(srv->limiter, call->lim);
   call_unlink(call);
   heap_remove(srv, call);
+  zm_wipe(call->rbuf, call->rlen);
   free(call->rbuf);
   free(call->sq);
   free(call->fin_msg);
@@ -830,7 +864,21 @@ static void call_dispatch(zm_call_t *call) {
     submit_status(call, ZM_GRPC_INTERNAL, "cannot parse request message");
     return;
   }
+  call_drop_request(call);
+  if (call->method->scope_fn != NULL) {
+    const char *scope = call->method->scope_fn(req, call->method->ctx);
+    if (scope != NULL && !call_authorized(call, scope))
+      return;
+  }
+  if (!call_admitted(call))
+    return;
+  size_t nn;
+  const char *const *names = conn_names(call->conn, &nn);
+  call->caller = call_strdup_soft(call, nn > 0 ? names[0] : "");
+  call->peer = call_strdup_soft(call, call->conn->peer);
   call->state = CALL_HANDLER;
+  call->req = req;
+  heap_update(srv, call);
   call->handler_holds = 1;
   call->req = req;
   srv->stats.calls_active++;
@@ -848,6 +896,7 @@ static void stream_open(zm_call_t *call) {
   zm_grpc_server_t *srv = call->srv;
   call->streaming = 1;
   call->state = CALL_HANDLER;
+  heap_update(srv, call); /* a stream's requests arrive when they do */
   call->handler_holds = 1;
   srv->stats.calls_active++;
   call_mstats(call)->inflight++;
@@ -913,6 +962,7 @@ static void stream_deliver(zm_call_t *call) {
     memmove(call->rbuf, call->rbuf + off, call->rlen - off);
     call->rlen -= off;
     call->conn->recv_buffered -= off;
+    call->srv->stats.buffered -= off;
   }
 }
 
@@ -935,6 +985,10 @@ static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *f,
   if (f->hd.type != NGHTTP2_HEADERS || f->headers.cat != NGHTTP2_HCAT_REQUEST)
     return 0;
   zm_call_t *call = call_new(c, f->hd.stream_id);
+  if (call == NULL) {
+    c->srv->stats.nomem++;
+    return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE; /* RST_STREAM */
+  }
   c->srv->stats.calls_started++;
   call->id = ++c->srv->call_seq;
   call->start_ns = uv_hrtime();
@@ -988,16 +1042,105 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *f,
   return 0;
 }
 
+/* ===================== authorization ==================================== */
+
+static const char *const *conn_names(const zm_conn_t *c, size_t *n) {
+  if (c == NULL || c->tls == NULL) {
+    *n = 0;
+    return NULL;
+  }
+  *n = c->tls->n_names;
+  return (const char *const *)c->tls->names;
+}
+
+/*
+ * The policy's verdict on this call (scope NULL: the method-level check at
+ * HEADERS, before any request byte is buffered). Answers the call and
+ * returns 0 when it is refused: UNAUTHENTICATED without a verified client
+ * certificate, PERMISSION_DENIED with one.
+ */
+static int call_authorized(zm_call_t *call, const char *scope) {
+  zm_grpc_server_t *srv = call->srv;
+  zm_conn_t *c = call->conn;
+  if (call->method->flags & ZM_GRPC_M_PUBLIC)
+    return 1;
+  size_t n;
+  const char *const *names = conn_names(c, &n);
+  zm_authz_decision_t d = ZM_AUTHZ_ALLOW;
+  if (srv->authz != NULL)
+    d = zm_authz_check(srv->authz, names, n, call->method->path, scope);
+  else if (c != NULL && c->tls != NULL &&
+           zm_tls_srv_ctx_client_auth(c->tls->ctx))
+    d = n > 0 ? ZM_AUTHZ_ALLOW : ZM_AUTHZ_UNAUTHENTICATED;
+  if (d == ZM_AUTHZ_ALLOW)
+    return 1;
+  srv->stats.authz_denied++;
+  int unauth = d == ZM_AUTHZ_UNAUTHENTICATED;
+  zm_audit("authz_denied", "caller", n > 0 ? names[0] : "", "peer",
+           c ? c->peer : "", "method", call->method->path, "service_type",
+           scope, "status", unauth ? "UNAUTHENTICATED" : "PERMISSION_DENIED",
+           NULL);
+  ZM_DEBUG("grpc: %s from %s refused (%s)", call->method->path,
+           n > 0 ? names[0] : (c ? c->peer : "?"),
+           unauth ? "no client certificate" : "policy");
+  if (unauth)
+    submit_status(call, ZM_GRPC_UNAUTHENTICATED,
+                  "a verified client certificate is required");
+  else
+    submit_status(call, ZM_GRPC_PERMISSION_DENIED,
+                  scope ? "caller may not request this service type"
+                        : "caller may not call this method");
+  return 0;
+}
+
+/* Per-caller admission of costly calls. Answers RESOURCE_EXHAUSTED and
+ * returns 0 when refused. */
+static int call_admitted(zm_call_t *call) {
+  zm_grpc_server_t *srv = call->srv;
+  if (!(call->method->flags & ZM_GRPC_M_COSTLY) || srv->limiter == NULL)
+    return 1;
+  char key[ZM_TLS_MAX_NAME + 8];
+  size_t n;
+  const char *const *names = conn_names(call->conn, &n);
+  if (n > 0) {
+    snprintf(key, sizeof key, "%s", names[0]);
+  } else {
+    /* the peer's address without its port */
+    snprintf(key, sizeof key, "ip:%s", call->conn->peer);
+    char *colon = strrchr(key, ':');
+    if (colon != NULL && colon > key + 3)
+      *colon = '\0';
+  }
+  zm_lim_result_t r =
+      zm_limiter_acquire(srv->limiter, key, uv_now(srv->loop), &call->lim);
+  if (r == ZM_LIM_OK)
+    return 1;
+  srv->stats.rate_limited++;
+  static const char *const why[] = {[ZM_LIM_RATE] = "rate limit",
+                                    [ZM_LIM_INFLIGHT] = "in-flight limit",
+                                    [ZM_LIM_TABLE] = "caller table full"};
+  zm_audit("rate_limited", "caller", key, "method", call->method->path, "limit",
+           why[r], NULL);
+  char msg[96];
+  snprintf(msg, sizeof msg, "too many requests from this caller (%s)", why[r]);
+  submit_status(call, ZM_GRPC_RESOURCE_EXHAUSTED, msg);
+  return 0;
+}
+
 /* Headers complete: validate, arm the deadline, or answer at once. */
 static void call_headers_done(zm_call_t *call) {
   if (call->state != CALL_HEADERS)
     return;
   if (call->bad_method) {
-    submit_http_error(call, "405");
+    submit_http_error(call, "405",
+                      "405 method not allowed: this is a gRPC endpoint "
+                      "(POST, content-type application/grpc)\n");
     return;
   }
   if (call->bad_ctype) {
-    submit_http_error(call, "415");
+    submit_http_error(call, "415",
+                      "415 unsupported media type: this is a gRPC endpoint "
+                      "(content-type application/grpc)\n");
     return;
   }
   if (call->bad_timeout) {
@@ -1013,14 +1156,54 @@ static void call_headers_done(zm_call_t *call) {
                   "grpc-encoding not supported; use identity");
     return;
   }
+  if (!call_authorized(call, NULL))
+    return;
   call->state = CALL_RECEIVING;
-  if (call->deadline != 0) {
-    heap_insert(call->srv, call);
-    if (call->srv->heap[0] == call)
-      deadline_arm(call->srv);
-  }
+  heap_update(call->srv, call);
   if (call->method->stream != NULL)
     stream_open(call);
+}
+
+/*
+ * RFC 9113 5.1.1: a client's new stream id must exceed every id it used
+ * before; HEADERS on a lower id that is not an open stream is a connection
+ * error (PROTOCOL_ERROR). nghttp2 silently ignores such frames (it cannot
+ * tell an old closed stream from a never-opened one), so we check: a lower
+ * odd id that nghttp2 does not know any more (closed or skipped) ends the
+ * connection. Trailers on an open stream are HEADERS on a known id.
+ */
+static int on_begin_frame(nghttp2_session *s, const nghttp2_frame_hd *hd,
+                          void *ud) {
+  zm_conn_t *c = ud;
+  if (hd->type != NGHTTP2_HEADERS || hd->stream_id <= 0 ||
+      (hd->stream_id & 1) == 0)
+    return 0;
+  if (hd->stream_id > c->max_req_sid) {
+    c->max_req_sid = hd->stream_id;
+    return 0;
+  }
+  if (nghttp2_session_find_stream(s, hd->stream_id) == NULL) {
+    c->srv->stats.protocol_errors++;
+    return NGHTTP2_ERR_CALLBACK_FAILURE; /* -> GOAWAY PROTOCOL_ERROR */
+  }
+  return 0;
+}
+
+/* An early answer to a request that is still arriving (receive deadline,
+ * budget eviction) is followed by RST_STREAM(NO_ERROR) once it is on the
+ * wire (RFC 9113 8.1: stop sending), so the stream's state goes too.
+ * Submitted earlier, the RST would make nghttp2 drop the answer. */
+static int on_frame_send(nghttp2_session *s, const nghttp2_frame *f, void *ud) {
+  (void)ud;
+  if (f->hd.type != NGHTTP2_HEADERS || !(f->hd.flags & NGHTTP2_FLAG_END_STREAM))
+    return 0;
+  zm_call_t *call = nghttp2_session_get_stream_user_data(s, f->hd.stream_id);
+  if (call != NULL && call->rst_after) {
+    call->rst_after = 0;
+    nghttp2_submit_rst_stream(s, NGHTTP2_FLAG_NONE, f->hd.stream_id,
+                              NGHTTP2_NO_ERROR);
+  }
+  return 0;
 }
 
 static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud) {
@@ -1043,6 +1226,41 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud) {
   return 0;
 }
 
+/*
+ * The process-wide request budget is full. Whoever holds the most pays:
+ * the largest unfinished request of the connection holding the most bytes
+ * is answered RESOURCE_EXHAUSTED (and its bytes freed), until len fits.
+ * Well-behaved clients send small, complete requests, so a client that
+ * parks large unfinished messages cannot starve them. Returns 1 when len
+ * now fits, 0 when the caller's own request is the one to refuse. Walks
+ * connections and streams only when the budget is exhausted.
+ */
+static int budget_make_room(zm_grpc_server_t *srv, zm_call_t *self,
+                            size_t len) {
+  while (srv->stats.buffered + len > srv->cfg.max_buffered) {
+    zm_conn_t *worst = NULL;
+    for (zm_conn_t *c = srv->conns; c != NULL; c = c->next)
+      if (worst == NULL || c->recv_buffered > worst->recv_buffered)
+        worst = c;
+    if (worst == NULL || worst->recv_buffered == 0)
+      return 0;
+    zm_call_t *victim = NULL;
+    for (zm_call_t *k = worst->calls; k != NULL; k = k->next)
+      if (k->state == CALL_RECEIVING &&
+          (victim == NULL || k->rlen > victim->rlen))
+        victim = k;
+    if (victim == NULL || victim->rlen == 0)
+      return 0;
+    if (victim == self || victim->rlen <= self->rlen + len)
+      return 0; /* ours is the largest: refuse it instead */
+    srv->stats.budget_refusals++;
+    victim->rst_after = 1;
+    submit_status(victim, ZM_GRPC_RESOURCE_EXHAUSTED,
+                  "server busy: request buffer budget exhausted");
+  }
+  return 1;
+}
+
 static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid,
                          const uint8_t *data, size_t len, void *ud) {
   (void)flags;
@@ -1052,6 +1270,15 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid,
       !(call->state == CALL_RECEIVING ||
         (call->streaming && call->state == CALL_HANDLER && !call->cancelled)))
     return 0;
+  zm_grpc_server_t *srv = c->srv;
+  if (srv->stats.buffered + len > srv->cfg.max_buffered &&
+      !budget_make_room(srv, call, len)) {
+    /* the process-wide budget: no client set can hold more than this */
+    srv->stats.budget_refusals++;
+    submit_status(call, ZM_GRPC_RESOURCE_EXHAUSTED,
+                  "server busy: request buffer budget exhausted");
+    return 0;
+  }
   size_t max = c->srv->cfg.max_recv_msg + 5;
   /* A streaming call's buffer holds only an incomplete tail (whose declared
    * length the deframer checks), so only the connection budget applies. */
@@ -1084,12 +1311,26 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid,
     size_t cap = call->rcap ? call->rcap : 64;
     while (cap < call->rlen + len)
       cap *= 2;
-    call->rbuf = zm_xrealloc(call->rbuf, cap);
+    /* new buffer + copy + wipe, never realloc(): no stray copy of the
+     * request behind; failure answers the call instead of aborting */
+    uint8_t *nb = malloc(cap);
+    if (nb == NULL) {
+      srv->stats.nomem++;
+      submit_status(call, ZM_GRPC_RESOURCE_EXHAUSTED,
+                    "server out of memory for the request");
+      return 0;
+    }
+    if (call->rlen > 0)
+      memcpy(nb, call->rbuf, call->rlen);
+    zm_wipe(call->rbuf, call->rlen);
+    free(call->rbuf);
+    call->rbuf = nb;
     call->rcap = cap;
   }
   memcpy(call->rbuf + call->rlen, data, len);
   call->rlen += len;
   c->recv_buffered += len;
+  srv->stats.buffered += len;
   if (call->streaming)
     stream_deliver(call);
   return 0;
@@ -1109,17 +1350,42 @@ static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t err,
 
 /* ===================== connections ====================================== */
 
-static void buf_append(char **b, size_t *len, size_t *cap, const void *p,
-                       size_t n) {
+/* Appends to an output buffer. Growth is new buffer + copy + wipe of the
+ * old one, never realloc(): output holds response bytes (private keys of
+ * enrolled identities, enrollment JWTs) and realloc() would leave a copy in
+ * freed heap. Returns 0, or -1 when out of memory. */
+static int buf_append(char **b, size_t *len, size_t *cap, const void *p,
+                      size_t n) {
   if (*len + n > *cap) {
     size_t nc = *cap ? *cap : 4096;
     while (nc < *len + n)
       nc *= 2;
-    *b = zm_xrealloc(*b, nc);
+    char *nb = malloc(nc);
+    if (nb == NULL)
+      return -1;
+    if (*len > 0)
+      memcpy(nb, *b, *len);
+    zm_wipe(*b, *len);
+    free(*b);
+    *b = nb;
     *cap = nc;
   }
   memcpy(*b + *len, p, n);
   *len += n;
+  return 0;
+}
+
+/* wolfSSL's ciphertext sink for TLS connections. */
+static int on_tls_out(void *ud, const void *p, size_t n) {
+  zm_conn_t *c = ud;
+  return buf_append(&c->out, &c->out_len, &c->out_cap, p, n);
+}
+
+/* Decrypted bytes go to nghttp2. */
+static int on_tls_plain(void *ud, const uint8_t *p, size_t n) {
+  zm_conn_t *c = ud;
+  ssize_t rv = nghttp2_session_mem_recv(c->h2, p, n);
+  return rv < 0 ? (int)rv : 0;
 }
 
 static void conn_mark_dirty(zm_conn_t *c) {
@@ -1147,8 +1413,36 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
   }
   c->last_active = uv_now(c->srv->loop);
   c->in_recv = 1;
-  ssize_t rv = nghttp2_session_mem_recv(c->h2, (const uint8_t *)buf->base,
-                                        (size_t)nread);
+  ssize_t rv;
+  if (c->tls != NULL) {
+    const char *why = NULL;
+    int was_up = c->tls->established;
+    int trv = zm_tls_srv_feed(c->tls, buf->base, (size_t)nread, on_tls_plain, c,
+                              &why);
+    if (trv == ZM_E_TLS || trv == ZM_E_CANCELLED) {
+      c->in_recv = 0;
+      if (trv == ZM_E_TLS) {
+        c->srv->stats.tls_failures++;
+        zm_audit("tls_handshake_failed", "peer", c->peer, "reason", why, NULL);
+        ZM_DEBUG("grpc: TLS with %s: %s", c->peer, why);
+      }
+      /* the alert wolfSSL produced goes out before the close; nothing
+       * more is read */
+      c->close_after_flush = 1;
+      if (c->reading) {
+        uv_read_stop((uv_stream_t *)&c->tcp);
+        c->reading = 0;
+      }
+      conn_mark_dirty(c);
+      return;
+    }
+    if (!was_up && c->tls->established && c->tls->n_names > 0)
+      ZM_DEBUG("grpc: %s authenticated as %s", c->peer, c->tls->names[0]);
+    rv = trv;
+  } else {
+    rv = nghttp2_session_mem_recv(c->h2, (const uint8_t *)buf->base,
+                                  (size_t)nread);
+  }
   c->in_recv = 0;
   if (rv < 0) {
     c->srv->stats.protocol_errors++;
@@ -1166,6 +1460,7 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
 static void on_write(uv_write_t *req, int status) {
   zm_conn_t *c = req->data;
   c->writing = 0;
+  c->write_started = 0;
   /* The bytes written may hold response secrets; the buffer is reused. */
   zm_wipe(c->wr, c->wr_len);
   c->wr_len = 0;
@@ -1185,20 +1480,60 @@ static void on_write(uv_write_t *req, int status) {
   conn_flush(c);
 }
 
+/* Plaintext of one TLS record being gathered (loop thread only; wiped after
+ * every flush). */
+static uint8_t tls_plain[16384];
+
 /* Pulls nghttp2's output, writes it, applies backpressure, closes when done. */
 static void conn_flush(zm_conn_t *c) {
   if (c->state != CONN_OPEN)
     return;
-  while (c->out_len < ZM_CONN_OUT_SOFT_MAX) {
+  /* TLS: frames are gathered into full records (one wolfSSL_write per
+   * 16 KiB, not per frame: a unary response is three frames) */
+  size_t plen = 0;
+  int rv = 0;
+  while (c->out_len < ZM_CONN_OUT_SOFT_MAX &&
+         (c->tls == NULL || c->tls->established)) {
     const uint8_t *p;
     ssize_t n = nghttp2_session_mem_send(c->h2, &p);
     if (n < 0) {
-      conn_close(c);
-      return;
+      rv = (int)n; /* nghttp2's error: the session is broken */
+      break;
     }
     if (n == 0)
       break;
-    buf_append(&c->out, &c->out_len, &c->out_cap, p, (size_t)n);
+    if (c->tls == NULL) {
+      rv = buf_append(&c->out, &c->out_len, &c->out_cap, p, (size_t)n);
+    } else {
+      for (size_t off = 0; off < (size_t)n && rv == 0;) {
+        size_t k = sizeof tls_plain - plen;
+        if (k > (size_t)n - off)
+          k = (size_t)n - off;
+        memcpy(tls_plain + plen, p + off, k);
+        plen += k;
+        off += k;
+        if (plen == sizeof tls_plain) {
+          rv = zm_tls_srv_write(c->tls, tls_plain, plen);
+          plen = 0;
+        }
+      }
+    }
+    /* nghttp2 keeps its last frame in its frame buffer until the next
+     * one overwrites it: a response with a private key would sit there for
+     * as long as the connection idles. The bytes are ours now; clear them.
+     * (The buffer stays nghttp2's; it is not reread after mem_send.) */
+    zm_wipe((void *)p, (size_t)n);
+    if (rv != 0)
+      break;
+  }
+  if (plen > 0 && rv == 0)
+    rv = zm_tls_srv_write(c->tls, tls_plain, plen);
+  zm_wipe(tls_plain, sizeof tls_plain);
+  if (rv != 0) {
+    if (rv == -1) /* buf_append */
+      c->srv->stats.nomem++;
+    conn_close(c);
+    return;
   }
   if (!c->writing && c->out_len > 0) {
     /* swap gathered output into the in-flight buffer */
@@ -1212,15 +1547,19 @@ static void conn_flush(zm_conn_t *c) {
     c->out_len = 0;
     uv_buf_t b = uv_buf_init(c->wr, (unsigned)c->wr_len);
     c->wreq.data = c;
-    int rv = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_write);
-    if (rv < 0) {
+    int wrv = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_write);
+    if (wrv < 0) {
       conn_close(c);
       return;
     }
     c->writing = 1;
+    c->write_started = uv_now(c->srv->loop);
   }
-  int congested =
-      c->out_len >= ZM_CONN_OUT_SOFT_MAX || nghttp2_session_want_write(c->h2);
+  /* nghttp2 output waiting for a TLS handshake is not congestion: reading
+   * must go on for the handshake to finish */
+  int h2_ready = c->tls == NULL || c->tls->established;
+  int congested = c->out_len >= ZM_CONN_OUT_SOFT_MAX ||
+                  (h2_ready && nghttp2_session_want_write(c->h2));
   if (congested && c->writing && c->reading) {
     uv_read_stop((uv_stream_t *)&c->tcp);
     c->reading = 0;
@@ -1228,8 +1567,9 @@ static void conn_flush(zm_conn_t *c) {
     uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
     c->reading = 1;
   }
-  int idle_out =
-      !c->writing && c->out_len == 0 && !nghttp2_session_want_write(c->h2);
+  int idle_out = !c->writing && c->out_len == 0 &&
+                 (!nghttp2_session_want_write(c->h2) ||
+                  (c->tls != NULL && !c->tls->established));
   if (idle_out && (c->close_after_flush || !nghttp2_session_want_read(c->h2) ||
                    (c->srv->draining && c->n_calls == 0)))
     conn_close(c);
@@ -1242,6 +1582,10 @@ static void on_conn_closed(uv_handle_t *h) {
   zm_wipe(c->wr, c->wr_len);
   free(c->out);
   free(c->wr);
+  if (c->tls != NULL) {
+    zm_tls_srv_dispose(c->tls);
+    free(c->tls);
+  }
   free(c);
   srv->stats.conns_open--;
   srv->open_handles--;
@@ -1279,28 +1623,121 @@ static void conn_close(zm_conn_t *c) {
   uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
 }
 
+static void conn_peer_name(zm_conn_t *c) {
+  struct sockaddr_storage ss;
+  int len = sizeof ss;
+  char ip[INET6_ADDRSTRLEN] = "?";
+  int port = 0;
+  if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &len) == 0) {
+    if (ss.ss_family == AF_INET6) {
+      uv_ip6_name((struct sockaddr_in6 *)&ss, ip, sizeof ip);
+      port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+    } else {
+      uv_ip4_name((struct sockaddr_in *)&ss, ip, sizeof ip);
+      port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    }
+  }
+  snprintf(c->peer, sizeof c->peer, "%s:%d", ip, port);
+}
+
+static void on_refused_closed(uv_handle_t *h) {
+  zm_conn_t *c = h->data;
+  zm_grpc_server_t *srv = c->srv;
+  free(c);
+  srv->stats.conns_open--;
+  srv->open_handles--;
+  drain_check(srv);
+}
+
+/*
+ * Over the connection cap: a clear refusal, then close. An h2c client gets
+ * our SETTINGS and a GOAWAY(ENHANCE_YOUR_CALM, "connection limit") it can
+ * report; a TLS client cannot be told anything before a handshake we will
+ * not spend CPU on, so it is closed. Logged at most every
+ * ZM_REFUSE_LOG_MS with the count in between.
+ */
+static void conn_refuse(zm_conn_t *c) {
+  zm_grpc_server_t *srv = c->srv;
+  srv->stats.conns_refused++;
+  uint64_t now = uv_now(srv->loop);
+  if (srv->refused_logged_at == 0 ||
+      now - srv->refused_logged_at >= ZM_REFUSE_LOG_MS) {
+    ZM_WARN("grpc: connection limit (%u) reached: refused %s and %llu more "
+            "since the last report",
+            srv->cfg.max_conns, c->peer,
+            (unsigned long long)srv->refused_unlogged);
+    zm_audit("connection_refused", "peer", c->peer, "reason",
+             "connection limit", NULL);
+    srv->refused_logged_at = now;
+    srv->refused_unlogged = 0;
+  } else {
+    srv->refused_unlogged++;
+  }
+  if (srv->tls_ctx == NULL) {
+    static const char goaway[] =
+        /* SETTINGS, empty */
+        "\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+        /* GOAWAY, 8 + 16 bytes: last stream 0, ENHANCE_YOUR_CALM */
+        "\x00\x00\x18\x07\x00\x00\x00\x00\x00"
+        "\x00\x00\x00\x00\x00\x00\x00\x0b"
+        "connection limit";
+    uv_buf_t b = uv_buf_init((char *)goaway, sizeof goaway - 1);
+    uv_try_write((uv_stream_t *)&c->tcp, &b, 1); /* best effort */
+  }
+  c->state = CONN_CLOSING;
+  uv_close((uv_handle_t *)&c->tcp, on_refused_closed);
+}
+
 static void on_connection(uv_stream_t *ls, int status) {
   zm_grpc_server_t *srv = ls->data;
   if (status < 0) {
     ZM_WARN("grpc: accept: %s", uv_strerror(status));
     return;
   }
-  zm_conn_t *c = zm_xcalloc(1, sizeof *c);
+  zm_conn_t *c = calloc(1, sizeof *c);
+  if (c == NULL) {
+    /* accept and drop, or the pending connection would wake us forever */
+    srv->stats.nomem++;
+    uv_tcp_t *t = malloc(sizeof *t);
+    if (t != NULL) {
+      uv_tcp_init(srv->loop, t);
+      uv_accept(ls, (uv_stream_t *)t);
+      uv_close((uv_handle_t *)t, (uv_close_cb)free);
+    }
+    return;
+  }
   c->srv = srv;
   uv_tcp_init(srv->loop, &c->tcp);
   c->tcp.data = c;
   srv->open_handles++;
   srv->stats.conns_open++;
-  if (uv_accept(ls, (uv_stream_t *)&c->tcp) != 0 || srv->draining ||
-      srv->stats.conns_open > srv->cfg.max_conns) {
+  if (uv_accept(ls, (uv_stream_t *)&c->tcp) != 0 || srv->draining) {
     c->state = CONN_CLOSING;
     uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
     return;
   }
+  conn_peer_name(c);
+  if (srv->stats.conns_open > srv->cfg.max_conns) {
+    conn_refuse(c);
+    return;
+  }
   srv->stats.conns_accepted++;
   uv_tcp_nodelay(&c->tcp, 1);
-  if (nghttp2_session_server_new3(&c->h2, srv->cbs, c, srv->opt, &H2_MEM) !=
+  if (srv->tls_ctx != NULL) {
+    c->tls = malloc(sizeof *c->tls);
+    if (c->tls == NULL ||
+        zm_tls_srv_init(c->tls, srv->tls_ctx, on_tls_out, c) != 0) {
+      free(c->tls);
+      c->tls = NULL;
+      srv->stats.nomem++;
+      c->state = CONN_CLOSING;
+      uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
+      return;
+    }
+  }
+  if (nghttp2_session_server_new3(&c->h2, srv->cbs, c, srv->opt, &zm__h2_mem) !=
       0) {
+    srv->stats.nomem++;
     c->state = CONN_CLOSING;
     uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
     return;
@@ -1334,12 +1771,41 @@ static void on_flush(uv_prepare_t *p) {
   }
 }
 
+/* The request did not arrive within recv_timeout_ms. A stream stuck inside
+ * its header block cannot be answered: the connection goes (GOAWAY). One
+ * stuck in its body gets a status, then RST_STREAM(NO_ERROR) (RFC 9113
+ * 8.1: the response is complete, stop sending) so its state goes too. */
+static void call_recv_timeout(zm_call_t *call) {
+  zm_conn_t *c = call->conn;
+  zm_grpc_server_t *srv = call->srv;
+  srv->stats.recv_timeouts++;
+  if (c == NULL)
+    return;
+  zm_audit("recv_timeout", "peer", c->peer, "method",
+           call->method ? call->method->path : "", NULL);
+  if (call->state == CALL_HEADERS) {
+    nghttp2_session_terminate_session(c->h2, NGHTTP2_NO_ERROR);
+    c->close_after_flush = 1;
+    conn_mark_dirty(c);
+    return;
+  }
+  call->rst_after = 1;
+  submit_status(call, ZM_GRPC_DEADLINE_EXCEEDED,
+                "request not received in time (GRPC_RECV_TIMEOUT)");
+}
+
 static void on_deadline(uv_timer_t *t) {
   zm_grpc_server_t *srv = t->data;
   uint64_t now = uv_now(srv->loop);
-  while (srv->heap_len > 0 && srv->heap[0]->deadline <= now) {
+  while (srv->heap_len > 0 && srv->heap[0]->heap_key <= now) {
     zm_call_t *call = srv->heap[0];
     heap_remove(srv, call);
+    if ((call->state == CALL_HEADERS || call->state == CALL_RECEIVING) &&
+        call->recv_deadline != 0 && call->recv_deadline <= now &&
+        (call->deadline == 0 || call->recv_deadline < call->deadline)) {
+      call_recv_timeout(call);
+      continue;
+    }
     srv->stats.deadline_exceeded++;
     if (call->state == CALL_RECEIVING || call->state == CALL_HANDLER) {
       int held = call->state == CALL_HANDLER;
@@ -1354,9 +1820,19 @@ static void on_deadline(uv_timer_t *t) {
 static void on_tick(uv_timer_t *t) {
   zm_grpc_server_t *srv = t->data;
   uint64_t now = uv_now(srv->loop);
+  if (srv->limiter != NULL)
+    zm_limiter_sweep(srv->limiter, now);
   for (zm_conn_t *c = srv->conns, *n; c != NULL; c = n) {
     n = c->next;
     if (!c->got_frame && now - c->last_active >= ZM_HANDSHAKE_TIMEOUT_MS) {
+      conn_close(c);
+    } else if (c->writing && srv->cfg.write_stall_ms > 0 &&
+               now - c->write_started >= srv->cfg.write_stall_ms) {
+      /* the peer stopped reading: its output and streams go */
+      srv->stats.write_stalls++;
+      zm_audit("write_stall", "peer", c->peer, NULL);
+      ZM_INFO("grpc: %s did not read for %llu ms: closed", c->peer,
+              (unsigned long long)(now - c->write_started));
       conn_close(c);
     } else if (srv->cfg.idle_timeout_ms > 0 && c->n_calls == 0 &&
                !c->goaway_sent &&
@@ -1422,6 +1898,13 @@ int zm_grpc_server_new(zm_grpc_server_t **out, uv_loop_t *loop,
     srv->cfg.max_streams = 1024;
   if (srv->cfg.max_conns == 0)
     srv->cfg.max_conns = 65536;
+  if (srv->cfg.max_buffered == 0)
+    srv->cfg.max_buffered = 256u << 20;
+  if (srv->cfg.caller_rate > 0 || srv->cfg.caller_inflight > 0) {
+    srv->limiter = zm_limiter_new(srv->cfg.caller_rate, srv->cfg.caller_burst,
+                                  srv->cfg.caller_inflight);
+    ZM_ASSERT(srv->limiter != NULL);
+  }
   srv->address = zm_xstrdup(cfg->address ? cfg->address : ":50051");
   srv->cfg.address = srv->address;
   srv->methods = zm_xcalloc(n_methods, sizeof *methods);
@@ -1436,6 +1919,9 @@ int zm_grpc_server_new(zm_grpc_server_t **out, uv_loop_t *loop,
     abort();
   nghttp2_session_callbacks_set_on_begin_headers_callback(srv->cbs,
                                                           on_begin_headers);
+  nghttp2_session_callbacks_set_on_begin_frame_callback(srv->cbs,
+                                                        on_begin_frame);
+  nghttp2_session_callbacks_set_on_frame_send_callback(srv->cbs, on_frame_send);
   nghttp2_session_callbacks_set_on_header_callback(srv->cbs, on_header);
   nghttp2_session_callbacks_set_on_frame_recv_callback(srv->cbs, on_frame_recv);
   nghttp2_session_callbacks_set_on_data_chunk_recv_callback(srv->cbs,
@@ -1551,6 +2037,9 @@ void zm_grpc_server_free(zm_grpc_server_t *srv) {
   }
   nghttp2_session_callbacks_del(srv->cbs);
   nghttp2_option_del(srv->opt);
+  zm_tls_srv_ctx_unref(srv->tls_ctx);
+  zm_authz_free(srv->authz);
+  zm_limiter_free(srv->limiter);
   free(srv->heap);
   free(srv->mstats);
   free(srv->methods);
@@ -1579,4 +2068,35 @@ zm_grpc_server_method_stats(const zm_grpc_server_t *srv, size_t i) {
 
 int zm_grpc_server_draining(const zm_grpc_server_t *srv) {
   return srv->draining != 0;
+}
+
+int zm_grpc_server_set_tls(zm_grpc_server_t *srv, const char *cert_file,
+                           const char *key_file, const char *client_ca,
+                           char *err, size_t errlen) {
+  zm_tls_srv_ctx_t *ctx;
+  int rv =
+      zm_tls_srv_ctx_new(&ctx, cert_file, key_file, client_ca, err, errlen);
+  if (rv != 0)
+    return rv;
+  /* connections hold their own references */
+  zm_tls_srv_ctx_unref(srv->tls_ctx);
+  srv->tls_ctx = ctx;
+  return 0;
+}
+
+int zm_grpc_server_tls_enabled(const zm_grpc_server_t *srv) {
+  return srv->tls_ctx != NULL;
+}
+
+void zm_grpc_server_set_authz(zm_grpc_server_t *srv, zm_authz_t *authz) {
+  zm_authz_free(srv->authz);
+  srv->authz = authz;
+}
+
+size_t zm_grpc_server_methods(const zm_grpc_server_t *srv, const char **paths,
+                              size_t max) {
+  size_t n = 0;
+  for (size_t i = 0; i < srv->n_methods && n < max; i++)
+    paths[n++] = srv->methods[i].path;
+  return n;
 }

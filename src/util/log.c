@@ -1,6 +1,8 @@
 /* log.c - timestamped log lines (text or JSON) to stderr, one write(2) per
- * line. */
+ * line, from a writer thread once zm_log_start_async() ran (see zm/logq.h),
+ * so the loop thread never waits on a full pipe. */
 #include "zm/log.h"
+#include "zm/logq.h"
 #include "zm/zm.h"
 
 #include <stdarg.h>
@@ -17,6 +19,27 @@ static zm_log_level_t threshold = ZM_LOG_INFO;
 static int json_mode;
 static const zm_log_ctx_t *cur_ctx;
 static const char *const NAMES[] = {"DEBUG", "INFO", "WARN", "ERROR"};
+/* Ring of the asynchronous writer: bounded; lines beyond it are counted and
+ * dropped rather than waited for. */
+#define ZM_LOG_RING (1u << 20)
+static zm_logq_t *async_q;
+
+int zm_log_start_async(void) {
+  if (async_q != NULL)
+    return 0;
+  async_q = zm_logq_new(STDERR_FILENO, ZM_LOG_RING, 0, 0);
+  return async_q != NULL ? 0 : ZM_E_NOMEM;
+}
+
+void zm_log_stop_async(void) {
+  zm_logq_t *q = async_q;
+  async_q = NULL;
+  zm_logq_free(q);
+}
+
+uint64_t zm_log_dropped(void) {
+  return async_q != NULL ? zm_logq_dropped(async_q) : 0;
+}
 static const char *const JNAMES[] = {"debug", "info", "warn", "error"};
 /* Leading words that name a module (the "component" field). */
 static const char *const COMPONENTS[] = {
@@ -172,6 +195,10 @@ vlog(zm_log_level_t level, const char *const *kv, size_t n, const char *fmt,
   vsnprintf(msg, sizeof msg, fmt, ap);
   size_t len = zm_log_format(line, sizeof line, json_mode, zm_wall_ms(), level,
                              kv, n, msg);
+  if (async_q != NULL) {
+    zm_logq_push(async_q, line, len);
+    return;
+  }
   ssize_t w = write(STDERR_FILENO, line, len);
   (void)w;
 }

@@ -2,8 +2,12 @@
 #include "zm/secret.h"
 #include "zm/zm.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 void zm_secret_set(zm_secret_t *s, const char *p, size_t n) {
   zm_secret_dispose(s);
@@ -27,4 +31,41 @@ void zm_secret_dispose(zm_secret_t *s) {
   }
   s->base = NULL;
   s->len = 0;
+}
+
+int zm_secret_read_file(zm_secret_t *s, const char *path, size_t max) {
+  zm_secret_dispose(s);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    return ZM_E_NOT_FOUND;
+  struct stat st;
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    close(fd);
+    return ZM_E_NOT_FOUND;
+  }
+  if ((uint64_t)st.st_size > max) {
+    close(fd);
+    return ZM_E_MSG_TOO_LARGE;
+  }
+  size_t cap = (size_t)st.st_size;
+  char *b = zm_xmalloc(cap + 1);
+  size_t n = 0;
+  while (n < cap) {
+    ssize_t r = read(fd, b + n, cap - n);
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r <= 0)
+      break;
+    n += (size_t)r;
+  }
+  close(fd);
+  if (n != cap) {
+    zm_wipe(b, cap + 1);
+    free(b);
+    return ZM_E_NOT_FOUND;
+  }
+  b[n] = '\0';
+  s->base = b;
+  s->len = n;
+  return 0;
 }

@@ -77,7 +77,7 @@ struct zm__ziti_conn {
   uv_tcp_t tcp;
   uv_timer_t timer;
   uv_connect_t creq;
-  uv_getaddrinfo_t gai;
+  zm__resolve_req_t gai; /* on the resolver's threads, not libuv's pool */
   uv_write_t wreq;
   char *wbuf; /* in flight, owned */
   int resolving;
@@ -262,7 +262,7 @@ static void conn_close(zm__ziti_conn_t *c) {
   ZM_ASSERT(c->x == NULL);
   conn_set_state(c, CONN_CLOSING);
   if (c->resolving)
-    uv_cancel((uv_req_t *)&c->gai);
+    zm__resolve_cancel(c->z->resolver, &c->gai);
   c->pending += 2;
   uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
   uv_close((uv_handle_t *)&c->timer, on_conn_handle_closed);
@@ -540,19 +540,20 @@ static void on_connected(uv_connect_t *req, int status) {
   conn_handshake(c);
 }
 
-static void on_resolved(uv_getaddrinfo_t *req, int status,
+static void on_resolved(zm__resolve_req_t *req, int status,
                         struct addrinfo *res) {
   zm__ziti_conn_t *c = container_of(req, zm__ziti_conn_t, gai);
   c->resolving = 0;
   if (c->state == CONN_CLOSING || status != 0 || res == NULL) {
     if (c->state != CONN_CLOSING)
       conn_fail_connect(c, ZM_E_UNAVAILABLE, err_resolve);
-    uv_freeaddrinfo(res);
+    if (res != NULL)
+      freeaddrinfo(res);
     conn_release(c);
     return;
   }
   int rc = uv_tcp_connect(&c->creq, &c->tcp, res->ai_addr, on_connected);
-  uv_freeaddrinfo(res);
+  freeaddrinfo(res);
   if (rc != 0)
     conn_fail_connect(c, ZM_E_UNAVAILABLE, err_connect);
   conn_release(c);
@@ -577,13 +578,10 @@ static void conn_open(zm_ziti_t *z) {
   }
   char port[8];
   snprintf(port, sizeof(port), "%d", z->port);
-  struct addrinfo hints;
-  memset(&hints, 0, sizeof(hints));
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
   c->resolving = 1;
   c->pending++;
-  int rc = uv_getaddrinfo(z->loop, &c->gai, on_resolved, z->host, port, &hints);
+  c->gai.family = AF_UNSPEC;
+  int rc = zm__resolve(z->resolver, &c->gai, z->host, port, on_resolved);
   if (rc != 0) {
     c->resolving = 0;
     c->pending--;
@@ -726,6 +724,12 @@ static void on_z_handle_closed(uv_handle_t *h) {
     z_free(z);
 }
 
+static void on_resolver_closed(void *data) {
+  zm_ziti_t *z = data;
+  if (--z->z_handles == 0)
+    z_free(z);
+}
+
 void zm__ziti_maybe_finish(zm_ziti_t *z) {
   if (z->closing != 1)
     return;
@@ -733,7 +737,9 @@ void zm__ziti_maybe_finish(zm_ziti_t *z) {
       !zm__ziti_list_empty(&z->deferred) || z->auth_inflight)
     return;
   z->closing = 2; /* only the client's own handles remain */
-  z->z_handles = 3;
+  z->z_handles = 4;
+  zm__resolver_close(z->resolver, on_resolver_closed, z);
+  z->resolver = NULL;
   z->idle.data = z->queue_timer.data = z->cacerts_timer.data = z;
   uv_close((uv_handle_t *)&z->idle, on_z_handle_closed);
   uv_close((uv_handle_t *)&z->queue_timer, on_z_handle_closed);
@@ -820,6 +826,10 @@ int zm_ziti_new(zm_ziti_t **out, uv_loop_t *loop, const zm_ziti_config_t *cfg) {
                                  &z->tls_ctx, z->cfg.ca_file, z->cfg.cert_file,
                                  z->cfg.key_file, &why)) != 0) {
     ZM_ERROR("ziti: %s", why);
+    goto fail;
+  }
+  if ((rc = zm__resolver_new(&z->resolver, z->loop)) != 0) {
+    ZM_ERROR("ziti: cannot start the resolver threads: %s", uv_strerror(rc));
     goto fail;
   }
   zm__ziti_pool_init(z);

@@ -5,6 +5,7 @@
  */
 #include "tls.h"
 
+#include "zm/secret.h"
 #include "zm/zm.h"
 
 #include <arpa/inet.h>
@@ -44,6 +45,19 @@ static int on_send(WOLFSSL *ssl, char *buf, int sz, void *ctx) {
   return sz;
 }
 
+/* The key through a buffer we wipe: wolfSSL's *_file() loaders free their
+ * copy of the PEM unwiped. */
+static int load_key(WOLFSSL_CTX *ctx, const char *path) {
+  zm_secret_t pem = {0};
+  if (zm_secret_read_file(&pem, path, 1u << 20) != 0)
+    return -1;
+  int rc =
+      wolfSSL_CTX_use_PrivateKey_buffer(ctx, (const unsigned char *)pem.base,
+                                        (long)pem.len, WOLFSSL_FILETYPE_PEM);
+  zm_secret_dispose(&pem);
+  return rc == WOLFSSL_SUCCESS ? 0 : -1;
+}
+
 /* ---- context
  * ------------------------------------------------------------------ */
 
@@ -73,9 +87,7 @@ int zm__ziti_tls_ctx_new(WOLFSSL_CTX **out, const char *ca_file,
     *why = "cannot load the client certificate file";
     goto fail_ctx;
   }
-  if (key_file != NULL &&
-      wolfSSL_CTX_use_PrivateKey_file(ctx, key_file, WOLFSSL_FILETYPE_PEM) !=
-          WOLFSSL_SUCCESS) {
+  if (key_file != NULL && load_key(ctx, key_file) != 0) {
     *why = "cannot load the client private key file";
     goto fail_ctx;
   }

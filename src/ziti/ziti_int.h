@@ -8,6 +8,7 @@
 #define ZM_ZITI_INT_H
 
 #include "http1.h"
+#include "resolve.h"
 #include "tls.h"
 #include "zm/ziti.h"
 
@@ -93,6 +94,7 @@ struct zm_ziti {
   char *host_header;    /* "host:port" as sent in Host */
   int port;
   WOLFSSL_CTX *tls_ctx;
+  zm__resolver_t *resolver; /* controller host lookups (resolve.h) */
 
   /* pool (client.c) */
   zm__ziti_link_t conns; /* every connection, closing ones included */

@@ -163,9 +163,65 @@ static void test_env_overrides_and_errors(void **state) {
   assert_int_equal(load(&cfg, sync, err, sizeof err), ZM_E_INVAL);
 }
 
+static void test_security_settings(void **state) {
+  (void)state;
+  zm_config_t cfg;
+  char err[256];
+  const char *none[] = {NULL};
+  assert_int_equal(load(&cfg, none, err, sizeof err), 0);
+  assert_string_equal(cfg.audit_log, "stderr");
+  assert_string_equal(cfg.tls_cert_file, "");
+  assert_int_equal(cfg.max_conns, 65536);
+  assert_int_equal(cfg.max_buffered, 256u << 20);
+  assert_int_equal(cfg.recv_timeout_ms, 30000);
+  assert_int_equal(cfg.write_stall_ms, 30000);
+  /* no client CA: callers are addresses (maybe a sidecar): limits off */
+  assert_int_equal(cfg.caller_rate, 0);
+  assert_int_equal(cfg.caller_inflight, 0);
+  const char *mtls[] = {"GRPC_TLS_CERT_FILE",
+                        "/c.pem",
+                        "GRPC_TLS_KEY_FILE",
+                        "/k.pem",
+                        "GRPC_TLS_CLIENT_CA_FILE",
+                        "/ca.pem",
+                        "GRPC_AUTHZ_POLICY_FILE",
+                        "/p.json",
+                        "AUDIT_LOG",
+                        "/var/log/zm-audit.jsonl",
+                        "GRPC_RECV_TIMEOUT",
+                        "10s",
+                        "GRPC_WRITE_STALL_TIMEOUT",
+                        "0",
+                        "GRPC_MAX_CONNECTIONS",
+                        "1000",
+                        "GRPC_MAX_BUFFERED_BYTES",
+                        "67108864",
+                        NULL};
+  assert_int_equal(load(&cfg, mtls, err, sizeof err), 0);
+  assert_string_equal(cfg.tls_client_ca_file, "/ca.pem");
+  assert_string_equal(cfg.authz_policy_file, "/p.json");
+  assert_string_equal(cfg.audit_log, "/var/log/zm-audit.jsonl");
+  assert_int_equal(cfg.recv_timeout_ms, 10000);
+  assert_int_equal(cfg.write_stall_ms, 0);
+  assert_int_equal(cfg.max_conns, 1000);
+  assert_int_equal(cfg.max_buffered, 64u << 20);
+  assert_int_equal(cfg.caller_rate, 10);
+  assert_int_equal(cfg.caller_burst, 20);
+  assert_int_equal(cfg.caller_inflight, 32);
+  const char *explicit_[] = {"GRPC_CALLER_RATE", "5",
+                             "GRPC_CALLER_MAX_INFLIGHT", "2", NULL};
+  assert_int_equal(load(&cfg, explicit_, err, sizeof err), 0);
+  assert_int_equal(cfg.caller_rate, 5);
+  assert_int_equal(cfg.caller_inflight, 2);
+  const char *bad[] = {"GRPC_MAX_CONNECTIONS", "0", NULL};
+  assert_int_equal(load(&cfg, bad, err, sizeof err), ZM_E_INVAL);
+  assert_non_null(strstr(err, "GRPC_MAX_CONNECTIONS"));
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_defaults),
+      cmocka_unit_test(test_security_settings),
       cmocka_unit_test(test_durations),
       cmocka_unit_test(test_env_overrides_and_errors),
   };

@@ -14,10 +14,10 @@
 static void test_symbols(void **state) {
   (void)state;
   zm_grpc_method_t m[] = {
-      {"/" SVC "/ResolveIdentity", NULL, NULL, NULL, NULL},
-      {"/" SVC "/ExtendIdentityLease", NULL, NULL, NULL, NULL},
-      {"/grpc.health.v1.Health/Check", NULL, NULL, NULL, NULL},
-      {"/not.in.the.Set/X", NULL, NULL, NULL, NULL},
+      {"/" SVC "/ResolveIdentity", NULL, NULL, NULL, NULL, 0, NULL, NULL},
+      {"/" SVC "/ExtendIdentityLease", NULL, NULL, NULL, NULL, 0, NULL, NULL},
+      {"/grpc.health.v1.Health/Check", NULL, NULL, NULL, NULL, 0, NULL, NULL},
+      {"/not.in.the.Set/X", NULL, NULL, NULL, NULL, 0, NULL, NULL},
   };
   zm_reflect_t *r =
       zm_reflect_new(zm_descriptor_set, zm_descriptor_set_len, m, 4);

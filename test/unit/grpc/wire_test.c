@@ -1,3 +1,4 @@
+/* zm-unit-libs: zm_grpc zm_util */
 /* Unit tests of the pure gRPC wire helpers: deframing (split at every
  * offset), grpc-timeout parsing, grpc-message percent-encoding, routing. */
 #include <setjmp.h>
@@ -113,9 +114,10 @@ static void handler(zm_call_t *c, const ProtobufCMessage *m, void *ctx) {
 static void test_route(void **state) {
   (void)state;
   zm_grpc_method_t methods[] = {
-      {"/a.B/C", NULL, handler, NULL, NULL},
-      {"/a.B/CD", NULL, handler, NULL, NULL},
-      {"/grpc.health.v1.Health/Check", NULL, handler, NULL, NULL},
+      {"/a.B/C", NULL, handler, NULL, NULL, 0, NULL, NULL},
+      {"/a.B/CD", NULL, handler, NULL, NULL, 0, NULL, NULL},
+      {"/grpc.health.v1.Health/Check", NULL, handler, NULL, NULL, 0, NULL,
+       NULL},
   };
   size_t lens[] = {6, 7, 28};
   const uint8_t *p = (const uint8_t *)"/a.B/CD";

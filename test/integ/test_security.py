@@ -1,0 +1,274 @@
+"""mTLS and per-RPC authorization on the gRPC listener: allowed / denied /
+missing certificate / wrong CA per method and per service type, health
+without a certificate, reload of certificates, CA and policy under traffic
+(a bad file keeps the old one), and the audit records of those decisions.
+
+Runs against build/test/zm-testsrv (src/grpc with stand-in handlers)."""
+
+import os
+import shutil
+import ssl
+import socket
+import threading
+import time
+
+import grpc
+import pytest
+
+import sectest as st
+from sectest import pb, SVC
+
+GW = "URI:spiffe://agyn/sa/gateway"
+ORCH_DNS = "DNS:orch.agyn.svc"
+
+RULES = [
+    {"principals": ["uri:spiffe://agyn/sa/gateway"],
+     "methods": ["ResolveIdentity", "ExtendIdentityLease", "RequestServiceIdentity"],
+     "service_types": ["gateway"]},
+    {"principals": ["dns:orch.agyn.svc"], "methods": ["*"],
+     "service_types": ["orchestrator", "runner"]},
+    {"principals": ["cn:ops"], "methods": [SVC + "DeleteIdentity"]},
+]
+
+
+@pytest.fixture(scope="module")
+def pki():
+    d = os.path.realpath(__import__("tempfile").mkdtemp(prefix="zm-pki-"))
+    ca = st.Pki(d, "ca")
+    other = st.Pki(d, "other-ca")
+    p = {
+        "dir": d, "ca": ca.ca, "other_ca": other.ca, "pki": ca, "other": other,
+        "server": ca.server_cert(),
+        "gw": ca.issue("gw", "gateway-7f9c", [GW]),
+        "orch": ca.issue("orch", "orchestrator", [ORCH_DNS]),
+        "ops": ca.issue("ops", "ops"),
+        "stranger": ca.issue("stranger", "stranger", ["URI:spiffe://evil/sa/gateway"]),
+        "foreign": other.issue("foreign", "gateway", [GW]),
+    }
+    yield p
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def start(pki, tmp, rules=RULES, ca=True, extra=None):
+    policy = os.path.join(tmp, "policy.json")
+    env = {"GRPC_TLS_CERT_FILE": os.path.join(tmp, "server.pem"),
+           "GRPC_TLS_KEY_FILE": os.path.join(tmp, "server.key")}
+    shutil.copy(pki["server"][0], env["GRPC_TLS_CERT_FILE"])
+    shutil.copy(pki["server"][1], env["GRPC_TLS_KEY_FILE"])
+    if ca:
+        env["GRPC_TLS_CLIENT_CA_FILE"] = os.path.join(tmp, "client-ca.pem")
+        shutil.copy(pki["ca"], env["GRPC_TLS_CLIENT_CA_FILE"])
+    if rules is not None:
+        st.write_policy(policy, rules)
+        env["GRPC_AUTHZ_POLICY_FILE"] = policy
+    env.update(extra or {})
+    return st.TestServer(env, tmp=tmp).start()
+
+
+@pytest.fixture
+def tmp():
+    d = __import__("tempfile").mkdtemp(prefix="zm-sec-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def client(srv, pki, who):
+    if who is None:
+        return st.channel(srv, ca=pki["ca"])
+    cert, key = pki[who]
+    return st.channel(srv, ca=pki["ca"], cert=cert, key=key)
+
+
+def rsi(s, t):
+    return st.code_of(s.RequestServiceIdentity, pb.RequestServiceIdentityRequest(service_type=t))
+
+
+def calls(s):
+    return {
+        "Resolve": st.code_of(s.ResolveIdentity, pb.ResolveIdentityRequest(ziti_identity_id="known")),
+        "Extend": st.code_of(s.ExtendIdentityLease, pb.ExtendIdentityLeaseRequest(ziti_identity_id="x")),
+        "Create": st.code_of(s.CreateAgentIdentity, pb.CreateAgentIdentityRequest(agent_id="a")),
+        "Delete": st.code_of(s.DeleteIdentity, pb.DeleteIdentityRequest(ziti_identity_id="x")),
+        "List": st.code_of(s.ListManagedIdentities, pb.ListManagedIdentitiesRequest()),
+        "RSI-gateway": rsi(s, pb.SERVICE_TYPE_GATEWAY),
+        "RSI-orchestrator": rsi(s, pb.SERVICE_TYPE_ORCHESTRATOR),
+        "RSI-runner": rsi(s, pb.SERVICE_TYPE_RUNNER),
+    }
+
+
+def health(ch):
+    return st.HealthStub(ch).Check(st.health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def test_policy_per_method_and_service_type(pki, tmp):
+    srv = start(pki, tmp)
+    try:
+        assert srv.tls
+        D, U, OK = "PERMISSION_DENIED", "UNAUTHENTICATED", "OK"
+        expect = {
+            "gw": {"Resolve": OK, "Extend": OK, "Create": D, "Delete": D, "List": D,
+                   "RSI-gateway": OK, "RSI-orchestrator": D, "RSI-runner": D},
+            "orch": {"Resolve": OK, "Extend": OK, "Create": OK, "Delete": OK, "List": OK,
+                     "RSI-gateway": D, "RSI-orchestrator": OK, "RSI-runner": OK},
+            "ops": {"Resolve": D, "Extend": D, "Create": D, "Delete": OK, "List": D,
+                    "RSI-gateway": D, "RSI-orchestrator": D, "RSI-runner": D},
+            "stranger": {k: D for k in ["Resolve", "Extend", "Create", "Delete", "List",
+                                        "RSI-gateway", "RSI-orchestrator", "RSI-runner"]},
+            None: {k: U for k in ["Resolve", "Extend", "Create", "Delete", "List",
+                                  "RSI-gateway", "RSI-orchestrator", "RSI-runner"]},
+        }
+        for who, want in expect.items():
+            with client(srv, pki, who) as ch:
+                got = calls(st.stub(ch))
+                assert got == want, who
+                # health stays reachable for probes, with or without a cert
+                assert health(ch) == st.health_pb2.HealthCheckResponse.SERVING
+        audit = srv.audit()
+        denied = [a for a in audit if a["event"] == "authz_denied"]
+        assert any(a["caller"] == "uri:spiffe://agyn/sa/gateway" and a.get("service_type") == "orchestrator"
+                   and a["status"] == "PERMISSION_DENIED" for a in denied)
+        assert any(a["caller"] == "" and a["status"] == "UNAUTHENTICATED" for a in denied)
+        issued = [a for a in audit if a["event"] == "service_identity_issued"]
+        assert {(a["caller"], a["service_type"]) for a in issued} == {
+            ("uri:spiffe://agyn/sa/gateway", "gateway"), ("dns:orch.agyn.svc", "orchestrator"),
+            ("dns:orch.agyn.svc", "runner")}
+        assert all("PRIVATE" not in str(a) for a in audit)
+    finally:
+        srv.stop()
+
+
+def test_wrong_ca_and_plaintext_are_refused(pki, tmp):
+    srv = start(pki, tmp)
+    try:
+        with client(srv, pki, "foreign") as ch:  # same SAN, other CA
+            assert st.code_of(st.stub(ch).ResolveIdentity,
+                              pb.ResolveIdentityRequest(ziti_identity_id="known")) == "UNAVAILABLE"
+        # a client that does not trust our server certificate
+        creds = grpc.ssl_channel_credentials(root_certificates=st.read(pki["other_ca"]))
+        with grpc.secure_channel(srv.addr, creds) as ch:
+            assert st.code_of(st.HealthStub(ch).Check, st.health_pb2.HealthCheckRequest()) == "UNAVAILABLE"
+        # h2c against the TLS port
+        with grpc.insecure_channel(srv.addr) as ch:
+            assert st.code_of(st.HealthStub(ch).Check, st.health_pb2.HealthCheckRequest()) == "UNAVAILABLE"
+        # ALPN without h2 is refused
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            s = st.raw_socket(srv, ca=pki["ca"], alpn=("http/1.1",))
+            s.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            if not s.recv(100):
+                raise ConnectionError("closed")
+        time.sleep(0.3)
+        assert any(a["event"] == "tls_handshake_failed" for a in srv.audit())
+        with client(srv, pki, "gw") as ch:  # the server is fine
+            assert health(ch) == st.health_pb2.HealthCheckResponse.SERVING
+    finally:
+        srv.stop()
+
+
+def test_client_ca_without_policy_requires_a_certificate(pki, tmp):
+    srv = start(pki, tmp, rules=None)
+    try:
+        with client(srv, pki, "stranger") as ch:
+            assert calls(st.stub(ch))["Create"] == "OK"
+        with client(srv, pki, None) as ch:
+            assert calls(st.stub(ch))["Resolve"] == "UNAUTHENTICATED"
+            assert health(ch) == st.health_pb2.HealthCheckResponse.SERVING
+    finally:
+        srv.stop()
+
+
+def test_tls_without_client_ca(pki, tmp):
+    srv = start(pki, tmp, rules=None, ca=False)
+    try:
+        with client(srv, pki, None) as ch:
+            assert calls(st.stub(ch))["Create"] == "OK"
+    finally:
+        srv.stop()
+
+
+def test_bad_settings_refuse_to_start(pki, tmp):
+    bad = os.path.join(tmp, "bad.json")
+    with open(bad, "w") as f:
+        f.write('{"rules": [{"principals": ["uri:x"], "methods": ["ResolveIdenity"]}]}')
+    srv = st.TestServer({"GRPC_AUTHZ_POLICY_FILE": bad}, tmp=tmp)
+    with pytest.raises(RuntimeError):
+        srv.start()
+    assert "unknown method \"ResolveIdenity\"" in srv.logtext()
+    srv = st.TestServer({"GRPC_TLS_CERT_FILE": pki["server"][0],
+                         "GRPC_TLS_KEY_FILE": pki["gw"][1]}, tmp=tmp)
+    with pytest.raises(RuntimeError):
+        srv.start()
+    assert "does not match" in srv.logtext()
+
+
+def peer_cert_cn(srv, pki):
+    s = st.raw_socket(srv, ca=pki["ca"])
+    try:
+        return dict(x[0] for x in s.getpeercert()["subject"])["commonName"]
+    finally:
+        s.close()
+
+
+def test_reload_under_traffic(pki, tmp):
+    srv = start(pki, tmp)
+    stop = threading.Event()
+    errors = []
+    done = [0]
+
+    def traffic():
+        with client(srv, pki, "gw") as ch:
+            s = st.stub(ch)
+            while not stop.is_set():
+                try:
+                    s.ResolveIdentity(pb.ResolveIdentityRequest(ziti_identity_id="known"), timeout=5)
+                    done[0] += 1
+                except grpc.RpcError as e:
+                    errors.append(e.code().name)
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        with client(srv, pki, "gw") as ch:
+            s = st.stub(ch)
+            assert calls(s)["Create"] == "PERMISSION_DENIED"
+            # policy: the gateway may now create agents
+            st.write_policy(os.path.join(tmp, "policy.json"),
+                            RULES + [{"principals": ["uri:spiffe://agyn/sa/gateway"],
+                                      "methods": ["CreateAgentIdentity"]}])
+            srv.hup()
+            assert calls(s)["Create"] == "OK"  # same connection, new policy
+            # a bad policy keeps the old one and says why
+            with open(os.path.join(tmp, "policy.json"), "w") as f:
+                f.write("{\"rules\": [")
+            srv.hup()
+            assert calls(s)["Create"] == "OK"
+            assert "keeping the previous settings" in srv.logtext()
+            assert any(a["event"] == "reload_failed" for a in srv.audit())
+            # new server certificate: new connections get it, old keep going
+            assert peer_cert_cn(srv, pki) == "zm-server"
+            st.write_policy(os.path.join(tmp, "policy.json"), RULES)
+            crt, key = pki["pki"].issue("server2", "zm-server-2", ["DNS:localhost", "IP:127.0.0.1"], server=True)
+            shutil.copy(crt, os.path.join(tmp, "server.pem"))
+            shutil.copy(key, os.path.join(tmp, "server.key"))
+            srv.hup()
+            assert peer_cert_cn(srv, pki) == "zm-server-2"
+            assert calls(s)["Resolve"] == "OK"
+            # a half-written key (mismatch) keeps the old pair
+            shutil.copy(pki["gw"][1], os.path.join(tmp, "server.key"))
+            srv.hup()
+            assert peer_cert_cn(srv, pki) == "zm-server-2"
+            # client CA rotation: the other CA's clients get in, ours no more
+            shutil.copy(pki["other_ca"], os.path.join(tmp, "client-ca.pem"))
+            shutil.copy(key, os.path.join(tmp, "server.key"))
+            srv.hup()
+            with client(srv, pki, "foreign") as ch2:
+                assert calls(st.stub(ch2))["Resolve"] == "OK"
+            with client(srv, pki, "gw") as ch3:
+                assert st.code_of(st.stub(ch3).ResolveIdentity,
+                                  pb.ResolveIdentityRequest(ziti_identity_id="known")) == "UNAVAILABLE"
+            assert calls(s)["Resolve"] == "OK"  # the old connection lives on
+    finally:
+        stop.set()
+        t.join()
+        srv.stop()
+    assert errors == []
+    assert done[0] > 10
