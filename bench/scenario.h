@@ -41,8 +41,8 @@ typedef struct {
   int32_t page_size;      /* LIST */
   int service_type;       /* RSI: proto ServiceType number */
   uint64_t seq;           /* CREATE, CSVC: agent_id / service name; CREATE:
-                             "b3c0PPPP-TTTT-4000-8000-CCCCCCCCCCCC"           from bits 63..48
-                             (P), 47..32 (T), 31..0 (C) */
+                             "b3c0PPPP-TTTT-4000-8000-CCCCCCCCCCCC"           from
+                             bits 63..48           (P), 47..32 (T), 31..0 (C) */
 } zmb_req_t;
 
 /* Results of verifying one answer. */
