@@ -163,15 +163,22 @@ static void audit_delete(zm_call_t *c, const ProtobufCMessage *req,
            "peer", zm_call_peer(c), "status", status_name(st), NULL);
 }
 
-/* The other identity RPCs of the current contract: every create response
- * and every delete request starts with the identity id (field 1). */
-typedef struct {
-  ProtobufCMessage base;
-  char *first;
-} first_string_t;
+/* A string field of a message by name, through its descriptor (NULL when
+ * the message has no such string field). */
+static const char *str_field(const ProtobufCMessage *m, const char *name) {
+  if (m == NULL)
+    return NULL;
+  const ProtobufCFieldDescriptor *f =
+      protobuf_c_message_descriptor_get_field_by_name(m->descriptor, name);
+  if (f == NULL || f->type != PROTOBUF_C_TYPE_STRING ||
+      f->label == PROTOBUF_C_LABEL_REPEATED)
+    return NULL;
+  return *(const char *const *)(const void *)((const char *)m + f->offset);
+}
 
 static const char *first_str(const ProtobufCMessage *m) {
-  return m ? ((const first_string_t *)(const void *)m)->first : NULL;
+  const char *v = str_field(m, "ziti_identity_id");
+  return v ? v : str_field(m, "identity_id");
 }
 
 static void audit_create_identity(zm_call_t *c, const ProtobufCMessage *req,
@@ -208,19 +215,29 @@ static void audit_patch_roles(zm_call_t *c, const ProtobufCMessage *req,
            zm_call_peer(c), "status", status_name(st), NULL);
 }
 
-/* Services, configs and policies: the request's first field (a name or an
- * id) and, for creates, the new id. */
+/* Services, configs and policies: the request's object id or name and,
+ * for creates, the new id. */
 static void audit_object(zm_call_t *c, const ProtobufCMessage *req,
                          zm_grpc_status_t st, const ProtobufCMessage *resp,
                          void *ctx) {
   (void)ctx;
   const char *rname = req ? req->descriptor->short_name : "";
   int create = strncmp(rname, "Create", 6) == 0;
+  const char *key = str_field(req, "ziti_service_id");
+  if (key == NULL)
+    key = str_field(req, "ziti_service_policy_id");
+  if (key == NULL)
+    key = str_field(req, "name");
+  const char *id = NULL;
+  if (create) {
+    id = str_field(resp, "ziti_service_id");
+    if (id == NULL)
+      id = str_field(resp, "ziti_service_policy_id");
+  }
   zm_audit(st == ZM_GRPC_OK ? "controller_object_changed"
                             : "controller_object_change_failed",
-           "request", rname, "key", first_str(req), "id",
-           create ? first_str(resp) : NULL, "caller", zm_call_caller(c), "peer",
-           zm_call_peer(c), "status", status_name(st), NULL);
+           "request", rname, "key", key, "id", id, "caller", zm_call_caller(c),
+           "peer", zm_call_peer(c), "status", status_name(st), NULL);
 }
 
 static zm_grpc_security_t security_of(zm_app_t *app) {
