@@ -8,8 +8,9 @@
 #      the server core) vs go-pg (the Go + pgx anchor with its own PostgreSQL,
 #      pinned the same way, seeded as the anchors' run.sh seeds it);
 #   c. two replicas on one PostgreSQL vs one: two zm-bench processes (16x32
-#      each), one per replica, total req/s; the one-replica control is the same
-#      two zm-bench processes against one replica;
+#      each), one per replica, total req/s, over the steady-state window; the
+#      one-replica control is the same two zm-bench processes against one
+#      replica (the second one idle);
 #   a'/b'. ExtendIdentityLease 32x32 on zm and zm-pg over a STEADY_DURATION
 #      window (default 15 s: the flush granule, so the window holds one store
 #      write of every key, as under continuous load; the DURATION windows
@@ -34,7 +35,7 @@
 #        tree this script is in, marked when src/ has uncommitted changes)
 #      RESULTS_MD (default bench/RESULTS.md: the section between the
 #        "lifecycle-bench" markers is replaced, or appended)
-# Whole run: about 7 minutes with the defaults.
+# Whole run: about 9 minutes with the defaults.
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=bench/lib.sh
@@ -317,14 +318,26 @@ for round in $(seq "$ROUNDS"); do
   # one write of every key, as continuous load does, not a cold start
   rotate_case a extend-steady 32 32 "$round" zm
   rotate_case b extend-steady 32 32 "$round" zm-pg
-  # c: one replica vs two, the same two zm-bench processes (16x32 each)
-  one_case c zm-pg-1rep extend 32 32 "$round" zm-pg zm-pg
-  sleep 1.5
+  # c: one replica vs two, the same two zm-bench processes (16x32 each), over
+  # the steady-state window (one flush granule: each replica writes each key
+  # it refreshed once, as under continuous load; a short window would compare
+  # flush timing, not replicas); order alternated per round. The second
+  # replica starts fresh each round (it loads the durable leases) and idles
+  # during the one-replica case.
   if start_replica_b; then
-    one_case c zm-pg-2rep extend 32 32 "$round" zm-pg zm-pg-b
-    sleep 1.5
+    if ((round % 2)); then rorder=(1 2); else rorder=(2 1); fi
+    for r in "${rorder[@]}"; do
+      if ((r == 1)); then
+        one_case c zm-pg-1rep extend-steady 32 32 "$round" zm-pg zm-pg
+      else
+        one_case c zm-pg-2rep extend-steady 32 32 "$round" zm-pg zm-pg-b
+      fi
+      sleep 1.5
+    done
     stop_srv zm-pg-b
     cp "$OUT/zm-pg-b.server.log" "$OUT/zm-pg-b.server.r$round.log"
+  else
+    one_case c zm-pg-1rep extend-steady 32 32 "$round" zm-pg zm-pg
   fi
   rotate_case d resolve 32 32 "$round" "${MEM[@]}" zm-pg
   rotate_case d resolve 1 1 "$round" "${MEM[@]}"

@@ -10,6 +10,7 @@
  * the saga finishes it exactly once (REPLY, or the error after COMPENSATE).
  */
 #include "zm/app.h"
+#include "zm/audit.h"
 #include "zm/crypto.h"
 #include "zm/enroll.h"
 #include "zm/lifecycle.h"
@@ -285,6 +286,8 @@ static void replace_next(enroll_t *e) {
     const char *old = e->old_ids[e->next_old++];
     ZM_INFO("enroll %s: deleting the agent's previous identity %s", e->name,
             old);
+    zm_audit("agent_identity_replaced", "agent", e->agent_id, "old_id", old,
+             NULL);
     zm_life_retire_managed(e->app->life, old, on_old_retired, e);
     return;
   }
@@ -573,6 +576,8 @@ static void enroll_on_reply(enroll_t *e) {
  */
 
 static void compensate_finish(enroll_t *e, int ok) {
+  zm_audit("compensated", "name", e->name, "id", e->id, "result",
+           ok ? "resolved" : "left to recovery", NULL);
   if (ok)
     e->app->stats.enroll_compensated++;
   else

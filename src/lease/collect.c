@@ -9,9 +9,11 @@
  */
 #include "zm/collect.h"
 
+#include "zm/audit.h"
 #include "zm/log.h"
 #include "zm/zm.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 
 #define CLAIM_MAX 64u
@@ -23,10 +25,11 @@ struct zm_collect {
   zm_sweep_config_t cfg;
   zm_collect_stats_t stats;
   uv_timer_t timer;
-  int active;   /* a sweep is running */
-  int claiming; /* a claim is in flight */
-  int at_end;   /* the last claim came back short */
-  int64_t cut;  /* the sweep's cut */
+  int active;                             /* a sweep is running */
+  int claiming;                           /* a claim is in flight */
+  int at_end;                             /* the last claim came back short */
+  int64_t cut;                            /* the sweep's cut */
+  uint64_t sweep_collected, sweep_failed; /* this sweep, for its summary */
   unsigned inflight;
   int stopping, timer_closed;
   void (*stop_done)(void *);
@@ -38,6 +41,12 @@ static void pump(zm_collect_t *c);
 static void maybe_done(zm_collect_t *c) {
   if (c->inflight != 0 || c->claiming)
     return;
+  if (c->active && (c->sweep_collected != 0 || c->sweep_failed != 0))
+    ZM_INFO("collect: sweep: %llu expired leases deleted, %llu deletes "
+            "deferred (retried by recovery)",
+            (unsigned long long)c->sweep_collected,
+            (unsigned long long)c->sweep_failed);
+  c->sweep_collected = c->sweep_failed = 0;
   c->active = 0;
   if (c->stopping && c->timer_closed && c->stop_done != NULL) {
     void (*done)(void *) = c->stop_done;
@@ -49,10 +58,13 @@ static void maybe_done(zm_collect_t *c) {
 static void on_deleted(int err, void *data) {
   zm_collect_t *c = data;
   c->inflight--;
-  if (err == 0)
+  if (err == 0) {
     c->stats.collected++;
-  else
+    c->sweep_collected++;
+  } else {
     c->stats.failed++; /* the tombstone stays: recovery retries */
+    c->sweep_failed++;
+  }
   pump(c);
 }
 
@@ -69,8 +81,12 @@ static void on_claimed(int err, const zm_tomb_row_t *rows, size_t n,
   for (size_t i = 0; i < n; i++) {
     const zm_tomb_row_t *t = &rows[i];
     zm_life_forget_service(c->life, t->ziti_identity_id);
-    ZM_INFO("collect: lease of %s (service type %d) expired: deleting",
-            t->ziti_identity_id, t->type);
+    ZM_DEBUG("collect: lease of %s (service type %d) expired: deleting",
+             t->ziti_identity_id, t->type);
+    char type[16];
+    snprintf(type, sizeof type, "%d", t->type);
+    zm_audit("lease_expired", "id", t->ziti_identity_id, "service_type", type,
+             NULL);
     c->inflight++;
     zm_life_delete(c->life, t->ziti_identity_id, 0, on_deleted, c);
   }

@@ -11,6 +11,7 @@
  */
 #include "zm/lifecycle.h"
 
+#include "zm/audit.h"
 #include "zm/log.h"
 #include "zm/zm.h"
 
@@ -714,8 +715,10 @@ static void on_ctrl_deleted(const zm_ziti_result_t *r, void *data) {
   zm_life_t *l = u->l;
   if (r->err == 0) {
     /* 2xx, or 404: gone either way */
-    ZM_INFO("lifecycle: deleted %s on the controller%s", u->id,
-            r->gone ? " (already gone)" : "");
+    ZM_DEBUG("lifecycle: deleted %s on the controller%s", u->id,
+             r->gone ? " (already gone)" : "");
+    zm_audit("identity_deleted", "id", u->id, "controller",
+             r->gone ? "already gone (404)" : "deleted", NULL);
     u->t = ZM_LIFE_T_BURY;
     zm_store_op_t op = {.kind = ZM_STORE_DEL_TOMB, .id = u->id};
     zm_store_submit(l->store, &op, 1, on_buried, u);
@@ -727,6 +730,8 @@ static void on_ctrl_deleted(const zm_ziti_result_t *r, void *data) {
           u->id, zm_strerror(r->err), (unsigned long long)delay);
   u->t = ZM_LIFE_T_DEFER;
   u->err = r->err;
+  zm_audit("identity_delete_deferred", "id", u->id, "error",
+           zm_strerror(r->err), NULL);
   zm_store_op_t op = {.kind = ZM_STORE_DEFER_TOMB,
                       .id = u->id,
                       .ms = zm_life_now(l) + (int64_t)delay};
@@ -764,6 +769,9 @@ static void on_tombstoned(int err, void *data) {
     return;
   }
   trace(u->t, u->id);
+  zm_audit(u->t == ZM_LIFE_T_CONDEMN ? "identity_condemned"
+                                     : "identity_retired",
+           "id", u->id, "was", u->kind == 2 ? "managed" : "pending", NULL);
   if (u->kind == 2) {
     if (zm_index_del_managed(u->l->index, u->id, strlen(u->id)))
       u->l->epoch++;

@@ -13,6 +13,7 @@
  */
 #include "zm/collect.h"
 
+#include "zm/audit.h"
 #include "zm/log.h"
 #include "zm/zm.h"
 
@@ -20,8 +21,6 @@
 #include <string.h>
 
 #define CLAIM_MAX 32u
-/* A claimed pending row is not looked at by others for this long. */
-#define PENDING_CLAIM_MS (2 * 60 * 1000)
 
 typedef enum { R_IDLE, R_PENDING, R_TOMBS } phase_t;
 
@@ -80,6 +79,7 @@ static void on_abandoned(int err, void *data) {
   } else {
     ZM_INFO("recover: %s was never created on the controller: dropped",
             p->name);
+    zm_audit("recovery_abandoned", "name", p->name, NULL);
   }
   pend_free(p);
 }
@@ -101,6 +101,8 @@ static void on_found(const zm_ziti_result_t *res, void *data) {
   }
   ZM_INFO("recover: %s exists on the controller (%zu): deleting", p->name,
           res->n_ids);
+  for (size_t i = 0; i < res->n_ids; i++)
+    zm_audit("recovery_condemned", "name", p->name, "id", res->ids[i], NULL);
   p->left = (unsigned)res->n_ids;
   /* names are unique on the controller; more than one is handled anyway:
    * the last condemnation also drops the pending row */
@@ -149,6 +151,7 @@ static void on_tombs_claimed(int err, const zm_tomb_row_t *rows, size_t n,
   }
   for (size_t i = 0; i < n; i++) {
     r->stats.tombs_retried++;
+    zm_audit("recovery_delete_retried", "id", rows[i].ziti_identity_id, NULL);
     r->inflight++;
     zm_life_delete(r->life, rows[i].ziti_identity_id, rows[i].attempts,
                    on_tomb_deleted, r);
@@ -181,8 +184,13 @@ static void pump(zm_recover_t *r) {
     int64_t now = zm_life_now(r->life);
     r->claiming = 1;
     if (r->phase == R_PENDING)
-      zm_store_claim_pending(r->store, now, now + PENDING_CLAIM_MS, CLAIM_MAX,
-                             on_pending_claimed, r);
+      /* the claim covers the lookup and the condemnation that follows it
+       * (then the tombstone's own claim takes over); a process that dies
+       * holding it delays the row by no more than this */
+      zm_store_claim_pending(r->store, now,
+                             now + 2 * (int64_t)r->cfg.ziti_timeout_ms +
+                                 (int64_t)zm_life_margin_ms(r->life),
+                             CLAIM_MAX, on_pending_claimed, r);
     else
       zm_store_claim_tombs(r->store, now,
                            now + (int64_t)r->cfg.ziti_timeout_ms +

@@ -210,7 +210,8 @@ def test_probes_and_drain(sim):
 
 
 @zmtest.pg_only
-def test_readyz_store_down(pg_cluster):
+def test_readyz_store_down():
+    pg_cluster = zmtest.pg_cluster()  # the session's cluster, restarted below
     s = metrics_server()
     try:
         s.start()
