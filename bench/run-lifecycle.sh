@@ -90,7 +90,11 @@ else
 fi
 fact load "load average at the start $(cut -d' ' -f1-3 /proc/loadavg) (a shared machine: other sessions' processes are not controlled; steal and core busy show it)"
 fact postgres "$("$(zmb_pg_bin)/postgres" --version 2>/dev/null)"
-fact cmd "$(printf '%q ' "DURATION=$DUR" "WARMUP=$WARM" "ROUNDS=$ROUNDS" "SERVER_CPU=$SERVER_CPU" "CLIENT_CPU=$CLIENT_CPU")bench/run-lifecycle.sh"
+cmd_env=("DURATION=$DUR" "WARMUP=$WARM" "ROUNDS=$ROUNDS" "STEADY_DURATION=$STEADY_DUR" "SERVER_CPU=$SERVER_CPU" "CLIENT_CPU=$CLIENT_CPU")
+for v in SKIP_BUILD BUILD ANCHORS BASELINE_BIN BASELINE_REV SOURCE_REV; do
+  [[ -n ${!v:-} ]] && cmd_env+=("$v=${!v}")
+done
+fact cmd "$(printf '%q ' "${cmd_env[@]}")bench/run-lifecycle.sh"
 fact pinning "servers and PostgreSQL on CPU $SERVER_CPU (taskset), zm-bench on CPU $CLIENT_CPU"
 fact shape "-D $DUR --warmup $WARM per case (extend-steady: -D $STEADY_DUR), $ROUNDS interleaved rounds, --keys $KEYS (uniformly random keys), --timeout-ms 10000"
 
