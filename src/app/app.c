@@ -583,6 +583,7 @@ void zm_test_crash_point(const char *state) {
   }
   if (target != NULL && strcmp(target, state) == 0) {
     ZM_WARN("test hook: crashing at %s", state);
+    zm_log_stop_async(); /* the line above must reach the log first */
     _exit(137);
   }
 #else
