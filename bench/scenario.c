@@ -45,6 +45,7 @@ static const struct {
                     SVC "RequestServiceIdentity"},
     [ZMB_OP_CREATE] = {"create-agent", "create", SVC "CreateAgentIdentity"},
     [ZMB_OP_HEALTH] = {"health", "health", "/grpc.health.v1.Health/Check"},
+    [ZMB_OP_CSVC] = {"create-service", "csvc", SVC "CreateService"},
 };
 
 static const char *const CODES[ZMB_GRPC_CODES] = {
@@ -109,6 +110,19 @@ size_t zmb_req_encode(const zmb_req_t *r, uint8_t *buf, size_t cap) {
       AGYNIO__API__ZITI_MANAGEMENT__V1__CREATE_AGENT_IDENTITY_REQUEST__INIT;
   Grpc__Health__V1__HealthCheckRequest hc =
       GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
+  Agynio__Api__ZitiManagement__V1__CreateServiceRequest csv =
+      AGYNIO__API__ZITI_MANAGEMENT__V1__CREATE_SERVICE_REQUEST__INIT;
+  Agynio__Api__ZitiManagement__V1__HostV1Config host =
+      AGYNIO__API__ZITI_MANAGEMENT__V1__HOST_V1_CONFIG__INIT;
+  Agynio__Api__ZitiManagement__V1__InterceptV1Config icpt =
+      AGYNIO__API__ZITI_MANAGEMENT__V1__INTERCEPT_V1_CONFIG__INIT;
+  Agynio__Api__ZitiManagement__V1__PortRange pr =
+      AGYNIO__API__ZITI_MANAGEMENT__V1__PORT_RANGE__INIT;
+  Agynio__Api__ZitiManagement__V1__PortRange *prs[1] = {&pr};
+  char *roles[1] = {(char *)"bench-services"};
+  char *tcp[1] = {(char *)"tcp"};
+  char addr[96];
+  char *addrs[1] = {addr};
 
   switch (r->op) {
   case ZMB_OP_RESOLVE:
@@ -124,7 +138,7 @@ size_t zmb_req_encode(const zmb_req_t *r, uint8_t *buf, size_t cap) {
     break;
   case ZMB_OP_LIST:
     lst.identity_type =
-        AGYNIO__API__ZITI_MANAGEMENT__V1__IDENTITY_TYPE__IDENTITY_TYPE_UNSPECIFIED;
+        AGYNIO__API__IDENTITY__V1__IDENTITY_TYPE__IDENTITY_TYPE_UNSPECIFIED;
     lst.page_size = r->page_size;
     lst.page_token = (char *)(r->page_token ? r->page_token : "");
     m = &lst.base;
@@ -147,6 +161,34 @@ size_t zmb_req_encode(const zmb_req_t *r, uint8_t *buf, size_t cap) {
   case ZMB_OP_HEALTH:
     hc.service = (char *)"";
     m = &hc.base;
+    break;
+  case ZMB_OP_CSVC:
+    /* a unique name per request: service + two configs, three creates */
+    snprintf(agent, sizeof(agent), "bench-%04x-%04x-%llx",
+             (unsigned)((r->seq >> 48) & 0xffff),
+             (unsigned)((r->seq >> 32) & 0xffff),
+             (unsigned long long)(r->seq & 0xffffffffull));
+    snprintf(addr, sizeof(addr), "%s.ziti", agent);
+    csv.name = agent;
+    csv.n_role_attributes = 1;
+    csv.role_attributes = roles;
+    host.protocol = (char *)"tcp";
+    host.address = (char *)"127.0.0.1";
+    host.port = 8080;
+    pr.low = pr.high = 443;
+    icpt.n_protocols = 1;
+    icpt.protocols = tcp;
+    icpt.n_addresses = 1;
+    icpt.addresses = addrs;
+    icpt.n_port_ranges = 1;
+    icpt.port_ranges = prs;
+    csv._host_v1_config_case =
+        AGYNIO__API__ZITI_MANAGEMENT__V1__CREATE_SERVICE_REQUEST___HOST_V1_CONFIG_HOST_V1_CONFIG;
+    csv.host_v1_config = &host;
+    csv._intercept_v1_config_case =
+        AGYNIO__API__ZITI_MANAGEMENT__V1__CREATE_SERVICE_REQUEST___INTERCEPT_V1_CONFIG_INTERCEPT_V1_CONFIG;
+    csv.intercept_v1_config = &icpt;
+    m = &csv.base;
     break;
   default:
     return 0;
@@ -454,9 +496,8 @@ zmb_verdict_t zmb_resp_verify(const zmb_req_t *r, int grpc_status,
       v = fail(ZMB_V_BAD_CONTENT, why, whylen,
                "resolve zid-%06lld: identity_id '%.64s', want '%s'",
                (long long)r->key, m->identity_id, want_id);
-    else if (
-        m->identity_type !=
-        AGYNIO__API__ZITI_MANAGEMENT__V1__IDENTITY_TYPE__IDENTITY_TYPE_AGENT)
+    else if (m->identity_type !=
+             AGYNIO__API__IDENTITY__V1__IDENTITY_TYPE__IDENTITY_TYPE_AGENT)
       v = fail(ZMB_V_BAD_CONTENT, why, whylen,
                "resolve zid-%06lld: identity_type %d, want AGENT",
                (long long)r->key, (int)m->identity_type);
@@ -563,6 +604,19 @@ zmb_verdict_t zmb_resp_verify(const zmb_req_t *r, int grpc_status,
         p[i] = 0;
     }
     agynio__api__ziti_management__v1__create_agent_identity_response__free_unpacked(
+        m, NULL);
+    return v;
+  }
+  case ZMB_OP_CSVC: {
+    Agynio__Api__ZitiManagement__V1__CreateServiceResponse *m =
+        agynio__api__ziti_management__v1__create_service_response__unpack(
+            NULL, mlen, msg);
+    if (!m)
+      return fail(ZMB_V_BAD_CONTENT, why, whylen, "csvc: undecodable reply");
+    if (!m->ziti_service_id[0] || strncmp(m->ziti_service_name, "bench-", 6))
+      v = fail(ZMB_V_BAD_CONTENT, why, whylen,
+               "csvc: empty id or a name that is not ours");
+    agynio__api__ziti_management__v1__create_service_response__free_unpacked(
         m, NULL);
     return v;
   }

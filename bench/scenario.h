@@ -22,6 +22,7 @@ typedef enum {
   ZMB_OP_RSI, /* RequestServiceIdentity */
   ZMB_OP_CREATE,
   ZMB_OP_HEALTH,
+  ZMB_OP_CSVC, /* CreateService with host.v1 + intercept.v1 (3 creates) */
   ZMB_OP__COUNT
 } zmb_op_t;
 
@@ -39,8 +40,9 @@ typedef struct {
   const char *after_id;   /* LIST: last id of the previous page, or NULL */
   int32_t page_size;      /* LIST */
   int service_type;       /* RSI: proto ServiceType number */
-  uint64_t seq; /* CREATE: agent_id "b3c0PPPP-TTTT-4000-8000-CCCCCCCCCCCC"
-                   from bits 63..48 (P), 47..32 (T), 31..0 (C) */
+  uint64_t seq;           /* CREATE, CSVC: agent_id / service name; CREATE:
+                             "b3c0PPPP-TTTT-4000-8000-CCCCCCCCCCCC"           from
+                             bits 63..48           (P), 47..32 (T), 31..0 (C) */
 } zmb_req_t;
 
 /* Results of verifying one answer. */

@@ -71,7 +71,7 @@ static size_t resolve_answer(const char *id, int type) {
   Agynio__Api__ZitiManagement__V1__ResolveIdentityResponse m =
       AGYNIO__API__ZITI_MANAGEMENT__V1__RESOLVE_IDENTITY_RESPONSE__INIT;
   m.identity_id = (char *)id;
-  m.identity_type = (Agynio__Api__ZitiManagement__V1__IdentityType)type;
+  m.identity_type = (Agynio__Api__Identity__V1__IdentityType)type;
   return frame(&m.base);
 }
 

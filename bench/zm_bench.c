@@ -338,6 +338,7 @@ static void fill_req(bench_t *b, conn_t *c, stream_t *s, zmb_op_t op) {
     r->service_type = b->service_type;
     break;
   case ZMB_OP_CREATE:
+  case ZMB_OP_CSVC:
     r->seq = ((uint64_t)(getpid() & 0xffff) << 48) |
              ((uint64_t)(b->start_s & 0xffff) << 32) |
              (++b->create_seq & 0xffffffffull);
@@ -1256,7 +1257,8 @@ static void usage(void) {
       "                         or a busy loop (exact send times, one core)\n"
       "      --scenario NAME    resolve | extend | list | "
       "request-service-identity |\n"
-      "                         create-agent | health | mixed (default "
+      "                         create-agent | create-service | health | mixed "
+      "(default "
       "resolve)\n"
       "      --mix SPEC         weights for mixed, e.g. "
       "resolve:80,extend:19,rsi:1\n"
@@ -1267,7 +1269,7 @@ static void usage(void) {
       "(default 0)\n"
       "      --page-size N      list page size (default 50)\n"
       "      --service-type T   RequestServiceIdentity service_type (default "
-      "3)\n"
+      "6)\n"
       "      --timeout-ms MS    grpc-timeout per call (client gives up at MS+1 "
       "s)\n"
       "      --json FILE        machine-readable results ('-' = stdout)\n"
@@ -1376,7 +1378,7 @@ static void parse_args(bench_t *b, int argc, char **argv) {
   b->scenario = "resolve";
   b->keys = 100000;
   b->page_size = 50;
-  b->service_type = 3;
+  b->service_type = 6; /* RUNNERS (3, the old RUNNER, is reserved) */
   b->seed = 1;
   b->verbose_errors = 5;
   b->duration = -1;

@@ -91,11 +91,45 @@ void zm_rpc_resolve_identity(zm_call_t *c, const ProtobufCMessage *req,
                              void *ctx);
 void zm_rpc_extend_lease(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
 void zm_rpc_list_managed(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
+/* the current contract's other RPCs (src/rpc/identities.c, services.c,
+ * lists.c; RequestServiceIdentity in src/enroll/saga.c) */
 void zm_rpc_create_agent(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
+void zm_rpc_create_sandbox(zm_call_t *c, const ProtobufCMessage *req,
+                           void *ctx);
+void zm_rpc_create_app(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
+void zm_rpc_create_runner(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
+void zm_rpc_create_device(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
+void zm_rpc_create_tunnel(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
 void zm_rpc_delete_identity(zm_call_t *c, const ProtobufCMessage *req,
                             void *ctx);
+void zm_rpc_delete_app(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
+void zm_rpc_delete_runner(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
+void zm_rpc_delete_device(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
+void zm_rpc_delete_tunnel(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
+void zm_rpc_patch_identity_roles(zm_call_t *c, const ProtobufCMessage *req,
+                                 void *ctx);
+void zm_rpc_identity_liveness(zm_call_t *c, const ProtobufCMessage *req,
+                              void *ctx);
 void zm_rpc_request_service_identity(zm_call_t *c, const ProtobufCMessage *req,
                                      void *ctx);
+void zm_rpc_create_service(zm_call_t *c, const ProtobufCMessage *req,
+                           void *ctx);
+void zm_rpc_get_service(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
+void zm_rpc_list_services(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
+void zm_rpc_update_service(zm_call_t *c, const ProtobufCMessage *req,
+                           void *ctx);
+void zm_rpc_delete_service_rpc(zm_call_t *c, const ProtobufCMessage *req,
+                               void *ctx);
+void zm_rpc_create_policy(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
+void zm_rpc_get_policy(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
+void zm_rpc_list_policies(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
+void zm_rpc_delete_policy(zm_call_t *c, const ProtobufCMessage *req, void *ctx);
+void zm_rpc_list_services_by_tag(zm_call_t *c, const ProtobufCMessage *req,
+                                 void *ctx);
+void zm_rpc_list_identities_by_tag(zm_call_t *c, const ProtobufCMessage *req,
+                                   void *ctx);
+void zm_rpc_list_policies_by_tag(zm_call_t *c, const ProtobufCMessage *req,
+                                 void *ctx);
 
 /* ResolveIdentity found no mapping for the requested id: with
  * ZITI_IDENTITY_NAME_RESOLVE, an id of the form agent-<uuid>[-...] resolves
@@ -106,10 +140,22 @@ void zm_rpc_resolve_not_found(zm_call_t *call);
  * -1 when name has another form. Pure. */
 int zm_rpc_agent_name_uuid(const char *name, char out[37]);
 
-/* CreateAgentIdentity's saga (src/enroll/saga.c), for a validated agent id
- * (canonical lower-case UUID). */
-void zm_enroll_start_agent(zm_app_t *app, zm_call_t *call,
-                           const char agent_id[37]);
+/* An identity creation on the saga engine (src/enroll/saga.c), for
+ * validated arguments (everything is copied). */
+typedef struct {
+  int kind;                /* zm_enroll_kind_t (include/zm/enroll.h) */
+  const char *name_prefix; /* "<prefix>-<short id>"; DEVICE: the name */
+  const char *const *roles;
+  size_t n_roles;
+  const char *external_id; /* NULL = none */
+  const char *tags_json;   /* JSON object, NULL = none */
+  const char *lock;  /* one creation at a time per lock key, any replica */
+  int identity_type; /* stored / tombstone type */
+  /* the mapping (agent, sandbox, app, runner); NULL = not recorded */
+  const char *identity_id, *workload_id, *agent_col, *environment_id;
+} zm_enroll_spec_t;
+void zm_enroll_start(zm_app_t *app, zm_call_t *call,
+                     const zm_enroll_spec_t *spec);
 
 /* Validates a client-supplied id: non-empty, <= ZM_MAX_ID_LEN bytes, valid
  * UTF-8, no NUL/control characters. Returns NULL if valid, else the reason. */

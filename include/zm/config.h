@@ -81,7 +81,8 @@ typedef struct {
  * Fills cfg from getenv_fn (NULL = getenv). On error returns ZM_E_INVAL and
  * writes a one-line reason naming the variable into err.
  * SERVICE_TYPES extends/overrides the built-in table (gateway=1,
- * orchestrator=2, runner=3): "4:llm-proxy:llm-proxies,5:tracing:tracing+otel"
+ * orchestrator=2, llm-proxy=4, tracing=5, runners=6, egress-gateway=7,
+ * terminal-proxy=8; 3 is reserved): "3:runner:runners,9:x:y+z"
  * (number:name:role[+role...], comma-separated).
  */
 int zm_config_load(zm_config_t *cfg, const char *(*getenv_fn)(const char *),

@@ -20,7 +20,14 @@ typedef struct {
   size_t identity_id_len;
   int identity_type;
   int64_t created_at_ms;
+  /* owned by the index; NULL when not recorded */
+  const char *workload_id, *agent_id, *environment_id;
 } zm_index_managed_t;
+
+/* The optional columns ResolveIdentity returns (any may be NULL). */
+typedef struct {
+  const char *workload_id, *agent_id, *environment_id;
+} zm_index_extra_t;
 
 /* Service-identity lease states (GC). */
 enum { ZM_LEASE_LIVE = 0, ZM_LEASE_DELETING = 1 };
@@ -43,6 +50,11 @@ void zm_index_free(zm_index_t *ix);
 void zm_index_put_managed(zm_index_t *ix, const char *zid, size_t zid_len,
                           const char *identity_id, size_t identity_id_len,
                           int identity_type, int64_t created_at_ms);
+/* The same, with the optional columns (extra may be NULL). */
+void zm_index_put_managed_ext(zm_index_t *ix, const char *zid, size_t zid_len,
+                              const char *identity_id, size_t identity_id_len,
+                              int identity_type, int64_t created_at_ms,
+                              const zm_index_extra_t *extra);
 /* NULL if absent. The pointer is valid until the entry is removed/replaced. */
 const zm_index_managed_t *zm_index_lookup_managed(const zm_index_t *ix,
                                                   const char *zid, size_t len);

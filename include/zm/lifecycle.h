@@ -52,13 +52,17 @@ typedef enum {
 
 /* The transitions, each one durable store unit. */
 typedef enum {
-  ZM_LIFE_T_INTENT,  /* NONE -> PENDING */
-  ZM_LIFE_T_COMMIT,  /* PENDING -> LIVE */
-  ZM_LIFE_T_ABANDON, /* PENDING -> GONE (nothing was created) */
-  ZM_LIFE_T_CONDEMN, /* PENDING -> DELETING (created; must be deleted) */
-  ZM_LIFE_T_RETIRE,  /* LIVE -> DELETING (collected, deleted, replaced) */
-  ZM_LIFE_T_BURY,    /* DELETING -> GONE (2xx or 404 from the controller) */
-  ZM_LIFE_T_DEFER,   /* DELETING -> DELETING (ambiguous; retry later) */
+  ZM_LIFE_T_INTENT,   /* NONE -> PENDING */
+  ZM_LIFE_T_COMMIT,   /* PENDING -> LIVE */
+  ZM_LIFE_T_ABANDON,  /* PENDING -> GONE (nothing was created) */
+  ZM_LIFE_T_CONDEMN,  /* PENDING -> DELETING (created; must be deleted) */
+  ZM_LIFE_T_RETIRE,   /* LIVE -> DELETING (collected, deleted, replaced) */
+  ZM_LIFE_T_BURY,     /* DELETING -> GONE (2xx or 404 from the controller) */
+  ZM_LIFE_T_DEFER,    /* DELETING -> DELETING (ambiguous; retry later) */
+  ZM_LIFE_T_ARM,      /* PENDING -> PENDING (name proved absent: may create) */
+  ZM_LIFE_T_HANDOVER, /* PENDING -> GONE (created; recorded by its caller:
+                         devices, tunnels, services, configs, policies) */
+  ZM_LIFE_T_TOMB,     /* NONE -> DELETING (a delete the caller asked for) */
   ZM_LIFE_T__COUNT
 } zm_life_transition_t;
 
@@ -149,6 +153,27 @@ void zm_life_condemn(zm_life_t *l, const char *name, const char *id, int type,
  * (the mapping is gone already; the tombstone is retried). */
 void zm_life_retire_managed(zm_life_t *l, const char *id, zm_life_cb cb,
                             void *data);
+/* ARM: the pending row becomes row (same name, its armed kind) in one
+ * unit. cb: 0 or the store error. */
+void zm_life_arm(zm_life_t *l, const zm_pending_row_t *row, zm_life_cb cb,
+                 void *data);
+/* HANDOVER: drops the pending row of a creation that succeeded and that its
+ * caller records (no row of ours). */
+void zm_life_handover(zm_life_t *l, const char *name, zm_life_cb cb,
+                      void *data);
+/* CONDEMN of a controller object (tomb_kind ZM_TOMB_Z*, or ZM_TOMB_ORPHAN
+ * for an identity), then its DELETE; name as for zm_life_condemn. */
+void zm_life_condemn_kind(zm_life_t *l, const char *name, const char *id,
+                          int tomb_kind, int type, zm_life_cb cb, void *data);
+/* TOMB: n tombstones (ids[i] of kinds[i]) in one unit, claimed by this
+ * process; cb(0) once durable, then the caller sends the DELETEs with
+ * zm_life_delete_kind (a crash leaves them to recovery). */
+void zm_life_tomb(zm_life_t *l, size_t n, const char *const *ids,
+                  const int *kinds, zm_life_cb cb, void *data);
+/* The controller DELETE of a tombstone of kind tomb_kind, then BURY or
+ * DEFER. cb may be NULL. */
+void zm_life_delete_kind(zm_life_t *l, const char *id, int tomb_kind,
+                         int attempts, zm_life_cb cb, void *data);
 /* The controller DELETE of a tombstone this process holds, then BURY or
  * DEFER. cb may be NULL. */
 void zm_life_delete(zm_life_t *l, const char *id, int attempts, zm_life_cb cb,

@@ -75,8 +75,30 @@ typedef struct {
   int64_t created_at_ms;
 } zm_service_row_t;
 
-/* PENDING: a creation in progress on the controller (the saga's INTENT). */
-enum { ZM_PENDING_SERVICE = 1, ZM_PENDING_AGENT = 2 };
+/* PENDING: a creation in progress on the controller (the saga's INTENT).
+ * Identity kinds are resolved by recovery through a lookup of the
+ * identity's (unique, generated) name. The *_CHECK kinds are intents whose
+ * create is not sent yet: the name is the caller's, so it is first proved
+ * absent, then the row is ARMed (replaced by its armed kind in one unit);
+ * recovery drops an unarmed row without a lookup (nothing was sent) and
+ * deletes what an armed row's name finds (nothing else can carry it: a
+ * second intent for the same name is refused while this row exists).
+ * Object kinds are named "service:<name>" / "policy:<name>" /
+ * "config:<service id>:<config name>". */
+enum {
+  ZM_PENDING_SERVICE = 1,  /* service identity (RequestServiceIdentity) */
+  ZM_PENDING_AGENT = 2,    /* managed identity: agent, sandbox, app, runner */
+  ZM_PENDING_HANDOVER = 3, /* identity kept by its caller: tunnel */
+  ZM_PENDING_DEVICE_CHECK = 4, /* device (caller's name), not armed yet */
+  ZM_PENDING_DEVICE = 5,       /* device, armed */
+  ZM_PENDING_ZSERVICE_CHECK = 6,
+  ZM_PENDING_ZSERVICE = 7, /* a service + its "<name>-host-v1" /
+                              "<name>-intercept-v1" configs */
+  ZM_PENDING_ZPOLICY_CHECK = 8,
+  ZM_PENDING_ZPOLICY = 9,
+  ZM_PENDING_ZCONFIG_CHECK = 10,
+  ZM_PENDING_ZCONFIG = 11 /* a config UpdateService attaches */
+};
 typedef struct {
   const char *name;             /* controller identity name, unique */
   int kind;                     /* ZM_PENDING_* */
@@ -93,7 +115,11 @@ typedef struct {
 enum {
   ZM_TOMB_SERVICE = 1, /* was a service identity (lease collected) */
   ZM_TOMB_MANAGED = 2, /* was a managed identity (DeleteIdentity, replaced) */
-  ZM_TOMB_ORPHAN = 3   /* found on the controller without a record */
+  ZM_TOMB_ORPHAN = 3,  /* found on the controller without a record */
+  /* controller objects (DELETE /services|configs|service-policies/{id}) */
+  ZM_TOMB_ZSERVICE = 4,
+  ZM_TOMB_ZCONFIG = 5,
+  ZM_TOMB_ZPOLICY = 6
 };
 typedef struct {
   const char *ziti_identity_id;
@@ -204,6 +230,12 @@ void zm_store_list_managed(zm_store_t *st, int type, const char *after_id,
 /* The mapping of one id: n = 1 with the row, or n = 0. */
 void zm_store_get_managed(zm_store_t *st, const char *id,
                           zm_store_managed_list_cb cb, void *data);
+/* The mappings of one platform identity (identity_id, a canonical UUID),
+ * ordered by ziti_identity_id, at most limit (app and runner re-enrolment,
+ * DeleteAppIdentity / DeleteRunnerIdentity). */
+void zm_store_find_managed(zm_store_t *st, const char *identity_id,
+                           size_t limit, zm_store_managed_list_cb cb,
+                           void *data);
 /* The newest mapping whose identity_id is this (a UUID): n = 1 or 0
  * (indexed in both backends: ResolveIdentity's name fallback). */
 void zm_store_find_managed_by_identity(zm_store_t *st, const char *identity_id,

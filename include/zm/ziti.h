@@ -62,6 +62,13 @@ typedef struct {
   const char *const *ids;   /* find: matching identity ids */
   const char *const *names; /* find: their names, same order */
   size_t n_ids;
+  /* call / list: the parsed response (a json_t *, valid during the callback
+   * only), or NULL */
+  const void *json;
+  /* list: meta.pagination, validated */
+  long long total, page_offset, page_limit;
+  /* get_enrollment_jwt: enrollment.ott.expiresAt as sent, or NULL */
+  const char *expires_at;
 } zm_ziti_result_t;
 
 typedef void (*zm_ziti_cb)(const zm_ziti_result_t *res, void *data);
@@ -81,6 +88,13 @@ void zm_ziti_create_identity(zm_ziti_t *z, const char *name,
                              const char *const *roles, size_t n_roles,
                              const char *external_id, uint64_t deadline,
                              zm_ziti_cb cb, void *data);
+/* The same with tags: tags_json is a JSON object of strings (sent only when
+ * non-empty), or NULL. */
+void zm_ziti_create_identity_tags(zm_ziti_t *z, const char *name,
+                                  const char *const *roles, size_t n_roles,
+                                  const char *external_id,
+                                  const char *tags_json, uint64_t deadline,
+                                  zm_ziti_cb cb, void *data);
 /* GET /edge/management/v1/identities/{id}; result: jwt (enrollment.ott.jwt).
  * Unknown id -> ZM_E_NOT_FOUND. */
 void zm_ziti_get_enrollment_jwt(zm_ziti_t *z, const char *id, uint64_t deadline,
@@ -98,6 +112,31 @@ void zm_ziti_find_identities(zm_ziti_t *z, const char *field, const char *value,
  * Not retried on 401 (no auth). */
 void zm_ziti_enroll_ott(zm_ziti_t *z, const char *token, const char *csr_pem,
                         uint64_t deadline, zm_ziti_cb cb, void *data);
+
+/* ---- generic Edge Management calls (services, configs, service policies,
+ * identity PATCH/GET) ---------------------------------------------------- */
+
+/* The controller caps limit at 500 and offset at 100000; so do we. */
+#define ZM_ZITI_LIST_MAX 500u
+#define ZM_ZITI_OFFSET_MAX 100000ul
+
+/* METHOD /edge/management/v1<path>; body: JSON text or NULL. A 404 is
+ * ZM_E_NOT_FOUND, except for DELETE: success with gone = 1. Result: json
+ * (the response root, an object) and, for POST, id (data.id, required). */
+void zm_ziti_call(zm_ziti_t *z, const char *method, const char *path,
+                  const char *body, uint64_t deadline, zm_ziti_cb cb,
+                  void *data);
+/* One page: GET <path>?filter=<ZitiQL, percent-encoded here>&limit&offset.
+ * filter NULL/"" = none; 1 <= limit <= ZM_ZITI_LIST_MAX. Result: json (data
+ * is an array) and total/page_offset/page_limit (all required). */
+void zm_ziti_list(zm_ziti_t *z, const char *path, const char *filter,
+                  unsigned limit, unsigned long offset, uint64_t deadline,
+                  zm_ziti_cb cb, void *data);
+/* "/<collection>/<percent-encoded id><suffix>" (malloc'd). */
+char *zm_ziti_path(const char *collection, const char *id, const char *suffix);
+/* A ZitiQL string literal for value (malloc'd), or NULL if value holds a
+ * control character ZitiQL cannot express. */
+char *zm_ziti_quote(const char *value);
 
 /* The cached CA bundle (PEM of every cert from /.well-known/est/cacerts), or
  * NULL if it has not been fetched yet. Owned by z; valid until the next loop

@@ -25,10 +25,11 @@
 
 static void on_load_managed(const zm_managed_row_t *r, void *data) {
   zm_app_t *app = data;
-  zm_index_put_managed(app->index, r->ziti_identity_id,
-                       strlen(r->ziti_identity_id), r->identity_id,
-                       strlen(r->identity_id), r->identity_type,
-                       r->created_at_ms);
+  zm_index_extra_t x = {r->workload_id, r->agent_id, r->environment_id};
+  zm_index_put_managed_ext(app->index, r->ziti_identity_id,
+                           strlen(r->ziti_identity_id), r->identity_id,
+                           strlen(r->identity_id), r->identity_type,
+                           r->created_at_ms, &x);
 }
 
 static void on_load_service(const zm_service_row_t *r, void *data) {
@@ -160,6 +161,66 @@ static void audit_delete(zm_call_t *c, const ProtobufCMessage *req,
   zm_audit(st == ZM_GRPC_OK ? "identity_deleted" : "identity_delete_failed",
            "id", q ? q->ziti_identity_id : NULL, "caller", zm_call_caller(c),
            "peer", zm_call_peer(c), "status", status_name(st), NULL);
+}
+
+/* The other identity RPCs of the current contract: every create response
+ * and every delete request starts with the identity id (field 1). */
+typedef struct {
+  ProtobufCMessage base;
+  char *first;
+} first_string_t;
+
+static const char *first_str(const ProtobufCMessage *m) {
+  return m ? ((const first_string_t *)(const void *)m)->first : NULL;
+}
+
+static void audit_create_identity(zm_call_t *c, const ProtobufCMessage *req,
+                                  zm_grpc_status_t st,
+                                  const ProtobufCMessage *resp, void *ctx) {
+  (void)ctx;
+  zm_audit(st == ZM_GRPC_OK ? "identity_created" : "identity_create_failed",
+           "id", first_str(resp), "request",
+           req ? req->descriptor->short_name : NULL, "caller",
+           zm_call_caller(c), "peer", zm_call_peer(c), "status",
+           status_name(st), NULL);
+}
+
+static void audit_delete_any(zm_call_t *c, const ProtobufCMessage *req,
+                             zm_grpc_status_t st, const ProtobufCMessage *resp,
+                             void *ctx) {
+  (void)ctx;
+  (void)resp;
+  zm_audit(st == ZM_GRPC_OK ? "identity_deleted" : "identity_delete_failed",
+           "id", first_str(req), "request",
+           req ? req->descriptor->short_name : NULL, "caller",
+           zm_call_caller(c), "peer", zm_call_peer(c), "status",
+           status_name(st), NULL);
+}
+
+static void audit_patch_roles(zm_call_t *c, const ProtobufCMessage *req,
+                              zm_grpc_status_t st, const ProtobufCMessage *resp,
+                              void *ctx) {
+  (void)ctx;
+  (void)resp;
+  zm_audit(st == ZM_GRPC_OK ? "identity_roles_patched"
+                            : "identity_roles_patch_failed",
+           "id", first_str(req), "caller", zm_call_caller(c), "peer",
+           zm_call_peer(c), "status", status_name(st), NULL);
+}
+
+/* Services, configs and policies: the request's first field (a name or an
+ * id) and, for creates, the new id. */
+static void audit_object(zm_call_t *c, const ProtobufCMessage *req,
+                         zm_grpc_status_t st, const ProtobufCMessage *resp,
+                         void *ctx) {
+  (void)ctx;
+  const char *rname = req ? req->descriptor->short_name : "";
+  int create = strncmp(rname, "Create", 6) == 0;
+  zm_audit(st == ZM_GRPC_OK ? "controller_object_changed"
+                            : "controller_object_change_failed",
+           "request", rname, "key", first_str(req), "id",
+           create ? first_str(resp) : NULL, "caller", zm_call_caller(c), "peer",
+           zm_call_peer(c), "status", status_name(st), NULL);
 }
 
 static zm_grpc_security_t security_of(zm_app_t *app) {
@@ -432,13 +493,87 @@ int zm_app_run(const zm_config_t *cfg) {
        &agynio__api__ziti_management__v1__create_agent_identity_request__descriptor,
        zm_rpc_create_agent, &app, NULL, ZM_GRPC_M_COSTLY, NULL,
        audit_create_agent},
+      {SVC "CreateSandboxIdentity",
+       &agynio__api__ziti_management__v1__create_sandbox_identity_request__descriptor,
+       zm_rpc_create_sandbox, &app, NULL, ZM_GRPC_M_COSTLY, NULL,
+       audit_create_identity},
+      {SVC "CreateAppIdentity",
+       &agynio__api__ziti_management__v1__create_app_identity_request__descriptor,
+       zm_rpc_create_app, &app, NULL, ZM_GRPC_M_COSTLY, NULL,
+       audit_create_identity},
+      {SVC "CreateRunnerIdentity",
+       &agynio__api__ziti_management__v1__create_runner_identity_request__descriptor,
+       zm_rpc_create_runner, &app, NULL, ZM_GRPC_M_COSTLY, NULL,
+       audit_create_identity},
+      {SVC "CreateDeviceIdentity",
+       &agynio__api__ziti_management__v1__create_device_identity_request__descriptor,
+       zm_rpc_create_device, &app, NULL, ZM_GRPC_M_COSTLY, NULL,
+       audit_create_identity},
+      {SVC "CreateTunnelIdentity",
+       &agynio__api__ziti_management__v1__create_tunnel_identity_request__descriptor,
+       zm_rpc_create_tunnel, &app, NULL, ZM_GRPC_M_COSTLY, NULL,
+       audit_create_identity},
       {SVC "DeleteIdentity",
        &agynio__api__ziti_management__v1__delete_identity_request__descriptor,
        zm_rpc_delete_identity, &app, NULL, 0, NULL, audit_delete},
+      {SVC "DeleteAppIdentity",
+       &agynio__api__ziti_management__v1__delete_app_identity_request__descriptor,
+       zm_rpc_delete_app, &app, NULL, 0, NULL, audit_delete_any},
+      {SVC "DeleteRunnerIdentity",
+       &agynio__api__ziti_management__v1__delete_runner_identity_request__descriptor,
+       zm_rpc_delete_runner, &app, NULL, 0, NULL, audit_delete_any},
+      {SVC "DeleteDeviceIdentity",
+       &agynio__api__ziti_management__v1__delete_device_identity_request__descriptor,
+       zm_rpc_delete_device, &app, NULL, 0, NULL, audit_delete_any},
+      {SVC "DeleteTunnelIdentity",
+       &agynio__api__ziti_management__v1__delete_tunnel_identity_request__descriptor,
+       zm_rpc_delete_tunnel, &app, NULL, 0, NULL, audit_delete_any},
+      {SVC "PatchIdentityRoleAttributes",
+       &agynio__api__ziti_management__v1__patch_identity_role_attributes_request__descriptor,
+       zm_rpc_patch_identity_roles, &app, NULL, 0, NULL, audit_patch_roles},
+      {SVC "GetIdentityLiveness",
+       &agynio__api__ziti_management__v1__get_identity_liveness_request__descriptor,
+       zm_rpc_identity_liveness, &app, NULL, 0, NULL, NULL},
       {SVC "RequestServiceIdentity",
        &agynio__api__ziti_management__v1__request_service_identity_request__descriptor,
        zm_rpc_request_service_identity, &app, NULL, ZM_GRPC_M_COSTLY, rsi_scope,
        audit_rsi},
+      {SVC "CreateService",
+       &agynio__api__ziti_management__v1__create_service_request__descriptor,
+       zm_rpc_create_service, &app, NULL, ZM_GRPC_M_COSTLY, NULL, audit_object},
+      {SVC "GetService",
+       &agynio__api__ziti_management__v1__get_service_request__descriptor,
+       zm_rpc_get_service, &app, NULL, 0, NULL, NULL},
+      {SVC "ListServices",
+       &agynio__api__ziti_management__v1__list_services_request__descriptor,
+       zm_rpc_list_services, &app, NULL, 0, NULL, NULL},
+      {SVC "UpdateService",
+       &agynio__api__ziti_management__v1__update_service_request__descriptor,
+       zm_rpc_update_service, &app, NULL, ZM_GRPC_M_COSTLY, NULL, audit_object},
+      {SVC "DeleteService",
+       &agynio__api__ziti_management__v1__delete_service_request__descriptor,
+       zm_rpc_delete_service_rpc, &app, NULL, 0, NULL, audit_object},
+      {SVC "CreateServicePolicy",
+       &agynio__api__ziti_management__v1__create_service_policy_request__descriptor,
+       zm_rpc_create_policy, &app, NULL, ZM_GRPC_M_COSTLY, NULL, audit_object},
+      {SVC "GetServicePolicy",
+       &agynio__api__ziti_management__v1__get_service_policy_request__descriptor,
+       zm_rpc_get_policy, &app, NULL, 0, NULL, NULL},
+      {SVC "ListServicePolicies",
+       &agynio__api__ziti_management__v1__list_service_policies_request__descriptor,
+       zm_rpc_list_policies, &app, NULL, 0, NULL, NULL},
+      {SVC "DeleteServicePolicy",
+       &agynio__api__ziti_management__v1__delete_service_policy_request__descriptor,
+       zm_rpc_delete_policy, &app, NULL, 0, NULL, audit_object},
+      {SVC "ListServicesByTag",
+       &agynio__api__ziti_management__v1__list_services_by_tag_request__descriptor,
+       zm_rpc_list_services_by_tag, &app, NULL, 0, NULL, NULL},
+      {SVC "ListIdentitiesByTag",
+       &agynio__api__ziti_management__v1__list_identities_by_tag_request__descriptor,
+       zm_rpc_list_identities_by_tag, &app, NULL, 0, NULL, NULL},
+      {SVC "ListServicePoliciesByTag",
+       &agynio__api__ziti_management__v1__list_service_policies_by_tag_request__descriptor,
+       zm_rpc_list_policies_by_tag, &app, NULL, 0, NULL, NULL},
       /* health is always reachable (probes carry no client certificate) */
       {"/grpc.health.v1.Health/Check",
        &grpc__health__v1__health_check_request__descriptor, zm_health_check,

@@ -371,7 +371,13 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
   cfg->caller_inflight = 32;
   add_type(cfg, 1, "gateway", "gateway-hosts");
   add_type(cfg, 2, "orchestrator", "orchestrators");
-  add_type(cfg, 3, "runner", "runners");
+  /* The contract's ServiceType table (3, the old RUNNER, is reserved; a
+   * deployment that still sends it maps it with SERVICE_TYPES). */
+  add_type(cfg, 4, "llm-proxy", "llm-proxy-hosts");
+  add_type(cfg, 5, "tracing", "tracing-hosts");
+  add_type(cfg, 6, "runners", "runners-service-hosts");
+  add_type(cfg, 7, "egress-gateway", "egress-gateway-hosts");
+  add_type(cfg, 8, "terminal-proxy", "terminal-proxy-hosts");
 
   int rv;
   const char *v;

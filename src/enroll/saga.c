@@ -1,7 +1,9 @@
 /*
- * saga.c - RequestServiceIdentity and CreateAgentIdentity as explicit state
- * machines on one engine (see include/zm/enroll.h for the states and the
- * guarantees).
+ * saga.c - every identity creation as an explicit state machine on one
+ * engine: RequestServiceIdentity, CreateAgentIdentity, CreateSandboxIdentity,
+ * CreateAppIdentity, CreateRunnerIdentity, CreateDeviceIdentity and
+ * CreateTunnelIdentity (see include/zm/enroll.h for the kinds, their states
+ * and the guarantees).
  *
  * Ownership: the saga object is malloc'd per request and owns every buffer
  * it holds; secrets (JWT, one-time token inside the claims, private key,
@@ -11,6 +13,7 @@
  */
 #include "zm/app.h"
 #include "zm/audit.h"
+#include "zm/b64.h"
 #include "zm/crypto.h"
 #include "zm/enroll.h"
 #include "zm/lifecycle.h"
@@ -18,6 +21,7 @@
 
 #include "agynio/api/ziti_management/v1/ziti_management.pb-c.h"
 
+#include <jansson.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,7 +32,8 @@
 #define COMPENSATE_TIMEOUT_MS 30000u
 #define SHORT_ID_LEN 10
 #define AGENT_SHORT_ID_LEN 8
-#define AGENT_IDENTITY_TYPE 1 /* IDENTITY_TYPE_AGENT */
+/* Found-by-externalId / recorded identities replaced at most. */
+#define MAX_REPLACED 1000u
 
 typedef struct enroll {
   zm_app_t *app;
@@ -36,14 +41,24 @@ typedef struct enroll {
   zm_enroll_kind_t kind;
   zm_enroll_state_t state;
   const zm_service_type_t *type; /* service sagas */
-  char agent_id[37];             /* agent sagas: canonical lower-case UUID */
-  char **old_ids;                /* REPLACE: the agent's previous identities */
+  int id_type;                   /* identity type (stored / tombstones) */
+  char *lock;      /* pending row's lock key (agent_id column), or NULL */
+  char *ext_id;    /* externalId, or NULL */
+  char *tags_json; /* tags (JSON object), or NULL */
+  char **roles;    /* role attributes (owned) */
+  size_t n_roles;
+  char *identity_id; /* mapping columns (managed kinds) */
+  char *workload_id, *agent_col, *environment_id;
+  char **old_ids; /* REPLACE: the previous identities */
   size_t n_old, next_old;
-  char name[96];
-  char *id;       /* controller identity id (owned) */
-  char *zt_api;   /* iss + /edge/client/v1 (owned) */
-  char *csr_pem;  /* owned */
-  char *cert_pem; /* owned */
+  char name[ZM_MAX_ID_LEN + 64];  /* controller identity name */
+  char pname[ZM_MAX_ID_LEN + 72]; /* pending row name */
+  zm_pending_row_t prow;          /* DEVICE: the intent, armed later */
+  char *jwt_expires;              /* TUNNEL: enrollment.ott.expiresAt */
+  char *id;                       /* controller identity id (owned) */
+  char *zt_api;                   /* iss + /edge/client/v1 (owned) */
+  char *csr_pem;                  /* owned */
+  char *cert_pem;                 /* owned */
   zm_secret_t jwt;
   zm_jwt_claims_t claims; /* jti is a secret */
   zm_secret_t key_pem;
@@ -82,38 +97,78 @@ const char *zm_enroll_state_name(zm_enroll_state_t s) {
 }
 
 #define B(s) (1u << ZM_ENROLL_##s)
+#define ENROLL_CHAIN                                                           \
+  [ZM_ENROLL_FETCH_JWT] = B(VERIFY_JWT) | B(COMPENSATE),                       \
+  [ZM_ENROLL_VERIFY_JWT] = B(KEYGEN_CSR) | B(COMPENSATE),                      \
+  [ZM_ENROLL_KEYGEN_CSR] = B(SIGN) | B(COMPENSATE),                            \
+  [ZM_ENROLL_SIGN] = B(ASSEMBLE) | B(COMPENSATE),                              \
+  [ZM_ENROLL_ASSEMBLE] = B(COMMIT) | B(COMPENSATE),                            \
+  [ZM_ENROLL_COMMIT] = B(REPLY) | B(COMPENSATE), [ZM_ENROLL_REPLY] = B(DONE),  \
+  [ZM_ENROLL_COMPENSATE] = B(DONE)
+#define JWT_ONLY_CHAIN                                                         \
+  [ZM_ENROLL_FETCH_JWT] = B(COMMIT) | B(COMPENSATE),                           \
+  [ZM_ENROLL_COMMIT] = B(REPLY) | B(COMPENSATE), [ZM_ENROLL_REPLY] = B(DONE),  \
+  [ZM_ENROLL_COMPENSATE] = B(DONE)
 /* Allowed successors of each state, per kind. */
-static const unsigned EDGES[2][ZM_ENROLL__COUNT] = {
+static const unsigned EDGES[ZM_ENROLL_KIND__COUNT][ZM_ENROLL__COUNT] = {
     [ZM_ENROLL_KIND_SERVICE] =
         {
             [ZM_ENROLL_INTENT] = B(CREATE) | B(COMPENSATE) | B(DONE),
             [ZM_ENROLL_CREATE] = B(FETCH_JWT) | B(COMPENSATE),
-            [ZM_ENROLL_FETCH_JWT] = B(VERIFY_JWT) | B(COMPENSATE),
-            [ZM_ENROLL_VERIFY_JWT] = B(KEYGEN_CSR) | B(COMPENSATE),
-            [ZM_ENROLL_KEYGEN_CSR] = B(SIGN) | B(COMPENSATE),
-            [ZM_ENROLL_SIGN] = B(ASSEMBLE) | B(COMPENSATE),
-            [ZM_ENROLL_ASSEMBLE] = B(COMMIT) | B(COMPENSATE),
-            [ZM_ENROLL_COMMIT] = B(REPLY) | B(COMPENSATE),
-            [ZM_ENROLL_REPLY] = B(DONE),
-            [ZM_ENROLL_COMPENSATE] = B(DONE),
+            ENROLL_CHAIN,
         },
     [ZM_ENROLL_KIND_AGENT] =
         {
             [ZM_ENROLL_INTENT] = B(REPLACE) | B(COMPENSATE) | B(DONE),
             [ZM_ENROLL_REPLACE] = B(CREATE) | B(COMPENSATE),
             [ZM_ENROLL_CREATE] = B(FETCH_JWT) | B(COMPENSATE),
-            [ZM_ENROLL_FETCH_JWT] = B(COMMIT) | B(COMPENSATE),
-            [ZM_ENROLL_COMMIT] = B(REPLY) | B(COMPENSATE),
-            [ZM_ENROLL_REPLY] = B(DONE),
-            [ZM_ENROLL_COMPENSATE] = B(DONE),
+            JWT_ONLY_CHAIN,
+        },
+    [ZM_ENROLL_KIND_SANDBOX] =
+        {
+            [ZM_ENROLL_INTENT] = B(REPLACE) | B(COMPENSATE) | B(DONE),
+            [ZM_ENROLL_REPLACE] = B(CREATE) | B(COMPENSATE),
+            [ZM_ENROLL_CREATE] = B(FETCH_JWT) | B(COMPENSATE),
+            JWT_ONLY_CHAIN,
+        },
+    [ZM_ENROLL_KIND_APP] =
+        {
+            [ZM_ENROLL_INTENT] = B(REPLACE) | B(COMPENSATE) | B(DONE),
+            [ZM_ENROLL_REPLACE] = B(CREATE) | B(COMPENSATE),
+            [ZM_ENROLL_CREATE] = B(FETCH_JWT) | B(COMPENSATE),
+            ENROLL_CHAIN,
+        },
+    [ZM_ENROLL_KIND_RUNNER] =
+        {
+            [ZM_ENROLL_INTENT] = B(REPLACE) | B(COMPENSATE) | B(DONE),
+            [ZM_ENROLL_REPLACE] = B(CREATE) | B(COMPENSATE),
+            [ZM_ENROLL_CREATE] = B(FETCH_JWT) | B(COMPENSATE),
+            ENROLL_CHAIN,
+        },
+    [ZM_ENROLL_KIND_DEVICE] =
+        {
+            [ZM_ENROLL_INTENT] = B(CHECK) | B(COMPENSATE) | B(DONE),
+            [ZM_ENROLL_CHECK] = B(ARM) | B(COMPENSATE),
+            [ZM_ENROLL_ARM] = B(CREATE) | B(COMPENSATE),
+            [ZM_ENROLL_CREATE] = B(FETCH_JWT) | B(COMPENSATE),
+            JWT_ONLY_CHAIN,
+        },
+    [ZM_ENROLL_KIND_TUNNEL] =
+        {
+            [ZM_ENROLL_INTENT] = B(CREATE) | B(COMPENSATE) | B(DONE),
+            [ZM_ENROLL_CREATE] = B(FETCH_JWT) | B(COMPENSATE),
+            JWT_ONLY_CHAIN,
         },
 };
+#undef ENROLL_CHAIN
+#undef JWT_ONLY_CHAIN
 #undef B
 
 int zm_enroll_edge_ok(zm_enroll_kind_t kind, zm_enroll_state_t a,
                       zm_enroll_state_t b) {
-  return (unsigned)kind < 2 && (unsigned)a < ZM_ENROLL__COUNT &&
-         (unsigned)b < ZM_ENROLL__COUNT && (EDGES[kind][a] & (1u << b)) != 0;
+  return (unsigned)kind < ZM_ENROLL_KIND__COUNT &&
+         (unsigned)a < ZM_ENROLL__COUNT && (unsigned)b < ZM_ENROLL__COUNT &&
+         (EDGES[kind][a] & (1u << b)) != 0;
 }
 
 int zm_enroll_short_id(char *out, size_t n) {
@@ -141,6 +196,17 @@ static void saga_free(enroll_t *e) {
   for (size_t i = 0; i < e->n_old; i++)
     free(e->old_ids[i]);
   free(e->old_ids);
+  for (size_t i = 0; i < e->n_roles; i++)
+    free(e->roles[i]);
+  free(e->roles);
+  free(e->lock);
+  free(e->ext_id);
+  free(e->tags_json);
+  free(e->identity_id);
+  free(e->workload_id);
+  free(e->agent_col);
+  free(e->environment_id);
+  free(e->jwt_expires);
   zm_secret_dispose(&e->jwt);
   zm_jwt_claims_dispose(&e->claims);
   zm_secret_dispose(&e->key_pem);
@@ -172,7 +238,7 @@ static void enroll_fail(enroll_t *e, zm_grpc_status_t st, const char *fmt,
 static void fail_from_ziti(enroll_t *e, const char *what,
                            const zm_ziti_result_t *r) {
   zm_grpc_status_t st =
-      e->kind == ZM_ENROLL_KIND_AGENT && r->err == ZM_E_EXISTS
+      e->lock != NULL && r->err == ZM_E_EXISTS
           ? ZM_GRPC_ABORTED /* externalId in use: a concurrent creation */
           : zm_rpc_status_from_ziti(r, e->deadline, uv_now(e->app->loop));
   enroll_fail(e, st, "controller %s: %s%s%s%s", what, zm_strerror(r->err),
@@ -205,10 +271,10 @@ static void on_call_cancelled(zm_call_t *c, void *data) {
 
 static void on_intent_done(int err, void *data) {
   enroll_t *e = data;
-  if (err == ZM_E_EXISTS && e->kind == ZM_ENROLL_KIND_AGENT) {
+  if (err == ZM_E_EXISTS) {
     enroll_fail(e, ZM_GRPC_ABORTED,
-                "another CreateAgentIdentity for this agent is in progress; "
-                "retry");
+                "another creation for this %s is in progress; retry",
+                e->kind == ZM_ENROLL_KIND_DEVICE ? "name" : "identity");
     return;
   }
   if (err != 0) {
@@ -225,23 +291,73 @@ static void on_intent_done(int err, void *data) {
     enroll_set_state(e, ZM_ENROLL_COMPENSATE);
     return;
   }
-  enroll_set_state(e, e->kind == ZM_ENROLL_KIND_AGENT ? ZM_ENROLL_REPLACE
-                                                      : ZM_ENROLL_CREATE);
+  switch (e->kind) {
+  case ZM_ENROLL_KIND_SERVICE:
+  case ZM_ENROLL_KIND_TUNNEL:
+    enroll_set_state(e, ZM_ENROLL_CREATE);
+    return;
+  case ZM_ENROLL_KIND_DEVICE:
+    enroll_set_state(e, ZM_ENROLL_CHECK);
+    return;
+  default:
+    enroll_set_state(e, ZM_ENROLL_REPLACE);
+    return;
+  }
 }
 
-static int identity_type(const enroll_t *e) {
-  return e->kind == ZM_ENROLL_KIND_AGENT ? AGENT_IDENTITY_TYPE
-                                         : e->type->number;
-}
+static int identity_type(const enroll_t *e) { return e->id_type; }
 
 static void enroll_on_intent(enroll_t *e) {
-  zm_pending_row_t row = {
-      .name = e->name,
-      .kind = e->kind == ZM_ENROLL_KIND_AGENT ? ZM_PENDING_AGENT
-                                              : ZM_PENDING_SERVICE,
-      .type = identity_type(e),
-      .agent_id = e->kind == ZM_ENROLL_KIND_AGENT ? e->agent_id : NULL};
-  zm_life_intent(e->app->life, &row, e->deadline, on_intent_done, e);
+  int kind = e->kind == ZM_ENROLL_KIND_SERVICE  ? ZM_PENDING_SERVICE
+             : e->kind == ZM_ENROLL_KIND_DEVICE ? ZM_PENDING_DEVICE_CHECK
+             : e->kind == ZM_ENROLL_KIND_TUNNEL ? ZM_PENDING_HANDOVER
+                                                : ZM_PENDING_AGENT;
+  e->prow = (zm_pending_row_t){.name = e->pname,
+                               .kind = kind,
+                               .type = identity_type(e),
+                               .agent_id = e->lock};
+  zm_life_intent(e->app->life, &e->prow, e->deadline, on_intent_done, e);
+}
+
+/* ---- CHECK, ARM (devices: the caller chooses the name) -------------------
+ */
+
+static void on_armed(int err, void *data) {
+  enroll_t *e = data;
+  if (err != 0) {
+    enroll_fail(e, ZM_GRPC_UNAVAILABLE, "store: cannot arm the intent: %s",
+                zm_strerror(err));
+    return;
+  }
+  if (!enroll_should_stop(e))
+    enroll_set_state(e, ZM_ENROLL_CREATE);
+}
+
+static void enroll_on_arm(enroll_t *e) {
+  e->prow.kind = ZM_PENDING_DEVICE;
+  zm_life_arm(e->app->life, &e->prow, on_armed, e);
+}
+
+static void on_checked(const zm_ziti_result_t *r, void *data) {
+  enroll_t *e = data;
+  if (r->err != 0) {
+    fail_from_ziti(e, "look up the name", r);
+    return;
+  }
+  if (r->n_ids != 0) {
+    /* as the Go service's create would: the controller refuses the name */
+    enroll_fail(e, ZM_GRPC_INTERNAL,
+                "create device identity: an identity named %s exists already",
+                e->name);
+    return;
+  }
+  if (!enroll_should_stop(e))
+    enroll_set_state(e, ZM_ENROLL_ARM);
+}
+
+static void enroll_on_check(enroll_t *e) {
+  zm_ziti_find_identities(e->app->ziti, "name", e->name, e->deadline,
+                          on_checked, e);
 }
 
 /* ---- REPLACE (agents): one live identity per agent ------------------------
@@ -266,9 +382,8 @@ static void on_old_retired(int err, void *data) {
   enroll_t *e = data;
   const char *old = e->old_ids[e->next_old - 1];
   if (err == ZM_E_NOT_FOUND) {
-    /* no mapping: an orphan that carries this agent's externalId */
-    zm_life_condemn(e->app->life, NULL, old, AGENT_IDENTITY_TYPE, on_old_gone,
-                    e);
+    /* no mapping: an orphan that carries this externalId */
+    zm_life_condemn(e->app->life, NULL, old, identity_type(e), on_old_gone, e);
     return;
   }
   if (err == ZM_E_STORE) {
@@ -284,14 +399,40 @@ static void replace_next(enroll_t *e) {
     return;
   if (e->next_old < e->n_old) {
     const char *old = e->old_ids[e->next_old++];
-    ZM_INFO("enroll %s: deleting the agent's previous identity %s", e->name,
-            old);
-    zm_audit("agent_identity_replaced", "agent", e->agent_id, "old_id", old,
-             NULL);
+    ZM_INFO("enroll %s: deleting the previous identity %s", e->name, old);
+    if (e->kind == ZM_ENROLL_KIND_AGENT)
+      zm_audit("agent_identity_replaced", "agent", e->identity_id, "old_id",
+               old, NULL);
+    else
+      zm_audit("identity_replaced", "identity_id", e->identity_id,
+               "external_id", e->ext_id, "old_id", old, NULL);
     zm_life_retire_managed(e->app->life, old, on_old_retired, e);
     return;
   }
   enroll_set_state(e, ZM_ENROLL_CREATE);
+}
+
+static void add_old(enroll_t *e, const char *id) {
+  for (size_t i = 0; i < e->n_old; i++)
+    if (strcmp(e->old_ids[i], id) == 0)
+      return;
+  e->old_ids = zm_xrealloc(e->old_ids, (e->n_old + 1) * sizeof *e->old_ids);
+  e->old_ids[e->n_old++] = zm_xstrdup(id);
+}
+
+/* App and runner re-enrolment (as the Go service): the platform identity's
+ * recorded mappings go too, even when the controller lost them. */
+static void on_old_rows(int err, const zm_managed_row_t *rows, size_t n,
+                        void *data) {
+  enroll_t *e = data;
+  if (err != 0) {
+    enroll_fail(e, ZM_GRPC_UNAVAILABLE,
+                "store: cannot read previous mappings: %s", zm_strerror(err));
+    return;
+  }
+  for (size_t i = 0; i < n; i++)
+    add_old(e, rows[i].ziti_identity_id);
+  replace_next(e);
 }
 
 static void on_old_found(const zm_ziti_result_t *r, void *data) {
@@ -300,15 +441,24 @@ static void on_old_found(const zm_ziti_result_t *r, void *data) {
     fail_from_ziti(e, "find previous identities", r);
     return;
   }
-  e->n_old = r->n_ids;
-  e->old_ids = zm_xcalloc(r->n_ids + 1, sizeof *e->old_ids);
+  if (r->n_ids > MAX_REPLACED) {
+    enroll_fail(e, ZM_GRPC_INTERNAL,
+                "%zu identities carry externalId %s; refusing to replace them",
+                r->n_ids, e->ext_id);
+    return;
+  }
   for (size_t i = 0; i < r->n_ids; i++)
-    e->old_ids[i] = zm_xstrdup(r->ids[i]);
+    add_old(e, r->ids[i]);
+  if (e->kind == ZM_ENROLL_KIND_APP || e->kind == ZM_ENROLL_KIND_RUNNER) {
+    zm_store_find_managed(e->app->store, e->identity_id, MAX_REPLACED,
+                          on_old_rows, e);
+    return;
+  }
   replace_next(e);
 }
 
 static void enroll_on_replace(enroll_t *e) {
-  zm_ziti_find_identities(e->app->ziti, "externalId", e->agent_id, e->deadline,
+  zm_ziti_find_identities(e->app->ziti, "externalId", e->ext_id, e->deadline,
                           on_old_found, e);
 }
 
@@ -346,21 +496,17 @@ static void on_created(const zm_ziti_result_t *r, void *data) {
 }
 
 static void enroll_on_create(enroll_t *e) {
-  const char *roles[ZM_MAX_ROLES];
-  size_t n_roles = 0;
-  char agent_role[64];
-  if (e->kind == ZM_ENROLL_KIND_AGENT) {
-    snprintf(agent_role, sizeof agent_role, "agent-%s", e->agent_id);
-    roles[n_roles++] = "agents";
-    roles[n_roles++] = agent_role;
-  } else {
-    for (; n_roles < e->type->n_roles; n_roles++)
-      roles[n_roles] = e->type->roles[n_roles];
-  }
   e->created_maybe = 1;
-  zm_ziti_create_identity(e->app->ziti, e->name, roles, n_roles,
-                          e->kind == ZM_ENROLL_KIND_AGENT ? e->agent_id : NULL,
-                          e->deadline, on_created, e);
+  zm_ziti_create_identity_tags(
+      e->app->ziti, e->name, (const char *const *)e->roles, e->n_roles,
+      e->ext_id, e->tags_json, e->deadline, on_created, e);
+}
+
+/* An agent, sandbox, device or tunnel enrolls itself with the JWT; a
+ * service, app or runner identity is enrolled here. */
+static int enrolls_here(const enroll_t *e) {
+  return e->kind == ZM_ENROLL_KIND_SERVICE || e->kind == ZM_ENROLL_KIND_APP ||
+         e->kind == ZM_ENROLL_KIND_RUNNER;
 }
 
 static void on_jwt(const zm_ziti_result_t *r, void *data) {
@@ -376,11 +522,12 @@ static void on_jwt(const zm_ziti_result_t *r, void *data) {
     return;
   }
   zm_secret_set(&e->jwt, r->jwt->base, r->jwt->len);
-  /* An agent enrolls itself with the JWT; a service identity is enrolled
-   * here, after the JWT proved to come from the controller. */
+  if (r->expires_at != NULL)
+    e->jwt_expires = zm_xstrdup(r->expires_at);
+  /* enrolled here only after the JWT proved to come from the controller */
   if (!enroll_should_stop(e))
-    enroll_set_state(e, e->kind == ZM_ENROLL_KIND_AGENT ? ZM_ENROLL_COMMIT
-                                                        : ZM_ENROLL_VERIFY_JWT);
+    enroll_set_state(e,
+                     enrolls_here(e) ? ZM_ENROLL_VERIFY_JWT : ZM_ENROLL_COMMIT);
 }
 
 static void enroll_on_fetch_jwt(enroll_t *e) {
@@ -531,43 +678,154 @@ static void on_committed(int err, void *data) {
 static void enroll_on_commit(enroll_t *e) {
   /* The index learns the lease or mapping once it is durable, never
    * before. */
-  if (e->kind == ZM_ENROLL_KIND_AGENT) {
-    zm_managed_row_t row = {.ziti_identity_id = e->id,
-                            .identity_id = e->agent_id,
-                            .identity_type = AGENT_IDENTITY_TYPE,
-                            .agent_id = e->agent_id};
-    zm_life_commit_managed(e->app->life, e->name, &row, on_committed, e);
+  if (e->kind == ZM_ENROLL_KIND_SERVICE) {
+    zm_life_commit_service(e->app->life, e->pname, e->id, e->type->number,
+                           on_committed, e);
     return;
   }
-  zm_life_commit_service(e->app->life, e->name, e->id, e->type->number,
-                         on_committed, e);
+  if (e->kind == ZM_ENROLL_KIND_DEVICE || e->kind == ZM_ENROLL_KIND_TUNNEL) {
+    /* no record of ours: the caller keeps the id (as the Go service) */
+    zm_life_handover(e->app->life, e->pname, on_committed, e);
+    return;
+  }
+  zm_managed_row_t row = {.ziti_identity_id = e->id,
+                          .identity_id = e->identity_id,
+                          .identity_type = e->id_type,
+                          .workload_id = e->workload_id,
+                          .agent_id = e->agent_col,
+                          .environment_id = e->environment_id};
+  zm_life_commit_managed(e->app->life, e->pname, &row, on_committed, e);
+}
+
+static void wipe_jti(json_t *j) {
+  json_t *jti = json_object_get(j, "jti");
+  if (json_is_string(jti))
+    zm_wipe((char *)json_string_value(jti), json_string_length(jti));
+}
+
+/* ISO 8601 (RFC 3339) UTC -> seconds since the epoch; -1 if unparsable. */
+static int64_t parse_rfc3339(const char *s) {
+  int y, mo, d, h, mi, sec;
+  if (s == NULL ||
+      sscanf(s, "%4d-%2d-%2dT%2d:%2d:%2d", &y, &mo, &d, &h, &mi, &sec) != 6)
+    return -1;
+  /* days from civil (Howard Hinnant) */
+  y -= mo <= 2;
+  int64_t era = (y >= 0 ? y : y - 399) / 400;
+  int64_t yoe = y - era * 400;
+  int64_t doy = (153 * (mo + (mo > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+  int64_t doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+  int64_t days = era * 146097 + doe - 719468;
+  int64_t t = days * 86400 + h * 3600 + mi * 60 + sec;
+  const char *z = s + 19;
+  while (*z == '.' || (*z >= '0' && *z <= '9'))
+    z++;
+  if (*z == '+' || *z == '-') {
+    int oh = 0, om = 0;
+    if (sscanf(z + 1, "%2d:%2d", &oh, &om) == 2)
+      t += (*z == '+' ? -1 : 1) * (oh * 3600 + om * 60);
+  }
+  return t;
+}
+
+/* The exp claim of a JWT (unverified: only a hint for the caller), or 0.
+ * Bounded: the payload is decoded into a fixed buffer. */
+static int64_t jwt_exp(const char *jwt, size_t len) {
+  const char *dot1 = memchr(jwt, '.', len);
+  if (dot1 == NULL)
+    return 0;
+  const char *p = dot1 + 1;
+  const char *dot2 = memchr(p, '.', len - (size_t)(p - jwt));
+  if (dot2 == NULL)
+    return 0;
+  char buf[4096];
+  long n = zm_b64url_decode(p, (size_t)(dot2 - p), buf, sizeof buf);
+  if (n <= 0)
+    return 0;
+  json_t *j = json_loadb(buf, (size_t)n, 0, NULL);
+  zm_wipe(buf, sizeof buf);
+  json_t *exp = json_object_get(j, "exp");
+  int64_t v = json_is_integer(exp) ? (int64_t)json_integer_value(exp) : 0;
+  /* the payload holds the one-time token */
+  wipe_jti(j);
+  json_decref(j);
+  return v;
 }
 
 static void enroll_on_reply(enroll_t *e) {
-  if (e->kind == ZM_ENROLL_KIND_AGENT) {
-    Agynio__Api__ZitiManagement__V1__CreateAgentIdentityResponse ar =
-        AGYNIO__API__ZITI_MANAGEMENT__V1__CREATE_AGENT_IDENTITY_RESPONSE__INIT;
-    ar.ziti_identity_id = e->id;
-    ar.enrollment_jwt = e->jwt.base;
-    zm_call_reply(e->call, &ar.base);
-    zm_secret_dispose(&e->jwt);
-    e->app->stats.enroll_ok++;
-    ZM_INFO("enroll %s: agent %s has identity %s", e->name, e->agent_id, e->id);
-    enroll_set_state(e, ZM_ENROLL_DONE);
-    return;
-  }
+  ProtobufCMessage *msg = NULL;
+  Agynio__Api__ZitiManagement__V1__CreateAgentIdentityResponse ar =
+      AGYNIO__API__ZITI_MANAGEMENT__V1__CREATE_AGENT_IDENTITY_RESPONSE__INIT;
+  Agynio__Api__ZitiManagement__V1__CreateSandboxIdentityResponse sr =
+      AGYNIO__API__ZITI_MANAGEMENT__V1__CREATE_SANDBOX_IDENTITY_RESPONSE__INIT;
+  Agynio__Api__ZitiManagement__V1__CreateDeviceIdentityResponse dr =
+      AGYNIO__API__ZITI_MANAGEMENT__V1__CREATE_DEVICE_IDENTITY_RESPONSE__INIT;
+  Agynio__Api__ZitiManagement__V1__CreateTunnelIdentityResponse tr =
+      AGYNIO__API__ZITI_MANAGEMENT__V1__CREATE_TUNNEL_IDENTITY_RESPONSE__INIT;
+  Google__Protobuf__Timestamp ts = GOOGLE__PROTOBUF__TIMESTAMP__INIT;
+  Agynio__Api__ZitiManagement__V1__CreateAppIdentityResponse pr =
+      AGYNIO__API__ZITI_MANAGEMENT__V1__CREATE_APP_IDENTITY_RESPONSE__INIT;
+  Agynio__Api__ZitiManagement__V1__CreateRunnerIdentityResponse rr =
+      AGYNIO__API__ZITI_MANAGEMENT__V1__CREATE_RUNNER_IDENTITY_RESPONSE__INIT;
   Agynio__Api__ZitiManagement__V1__RequestServiceIdentityResponse resp =
       AGYNIO__API__ZITI_MANAGEMENT__V1__REQUEST_SERVICE_IDENTITY_RESPONSE__INIT;
-  resp.ziti_identity_id = e->id;
-  resp.identity_json.data = (uint8_t *)e->json.base;
-  resp.identity_json.len = e->json.len;
-  zm_call_reply(e->call, &resp.base);
+  switch (e->kind) {
+  case ZM_ENROLL_KIND_AGENT:
+    ar.ziti_identity_id = e->id;
+    ar.enrollment_jwt = e->jwt.base;
+    msg = &ar.base;
+    break;
+  case ZM_ENROLL_KIND_SANDBOX:
+    sr.ziti_identity_id = e->id;
+    sr.enrollment_jwt = e->jwt.base;
+    msg = &sr.base;
+    break;
+  case ZM_ENROLL_KIND_DEVICE:
+    dr.ziti_identity_id = e->id;
+    dr.enrollment_jwt = e->jwt.base;
+    msg = &dr.base;
+    break;
+  case ZM_ENROLL_KIND_TUNNEL: {
+    tr.ziti_identity_id = e->id;
+    tr.enrollment_jwt = e->jwt.base;
+    int64_t exp = parse_rfc3339(e->jwt_expires);
+    if (exp <= 0) {
+      /* no expiresAt: the JWT's exp claim (as the Go service) */
+      exp = jwt_exp(e->jwt.base, e->jwt.len);
+    }
+    if (exp > 0) {
+      ts.seconds = exp;
+      tr.enrollment_jwt_expires_at = &ts;
+    }
+    msg = &tr.base;
+    break;
+  }
+  case ZM_ENROLL_KIND_APP:
+    pr.ziti_identity_id = e->id;
+    pr.identity_json.data = (uint8_t *)e->json.base;
+    pr.identity_json.len = e->json.len;
+    msg = &pr.base;
+    break;
+  case ZM_ENROLL_KIND_RUNNER:
+    rr.ziti_identity_id = e->id;
+    rr.identity_json.data = (uint8_t *)e->json.base;
+    rr.identity_json.len = e->json.len;
+    msg = &rr.base;
+    break;
+  default:
+    resp.ziti_identity_id = e->id;
+    resp.identity_json.data = (uint8_t *)e->json.base;
+    resp.identity_json.len = e->json.len;
+    msg = &resp.base;
+    break;
+  }
+  zm_call_reply(e->call, msg);
   /* the packed copy lives in the call arena until the response is sent;
-   * our copy goes now */
+   * our copies go now */
+  zm_secret_dispose(&e->jwt);
   zm_secret_dispose(&e->json);
   e->app->stats.enroll_ok++;
-  ZM_INFO("enroll %s: enrolled %s (%s) in %llu ms", e->name, e->id,
-          e->type->name,
+  ZM_INFO("enroll %s: created %s in %llu ms", e->name, e->id,
           (unsigned long long)(uv_now(e->app->loop) - e->started));
   enroll_set_state(e, ZM_ENROLL_DONE);
 }
@@ -597,7 +855,7 @@ static void on_abandoned(int err, void *data) {
 
 /* Nothing was created: PENDING -> GONE. */
 static void abandon(enroll_t *e) {
-  zm_life_abandon(e->app->life, e->name, on_abandoned, e);
+  zm_life_abandon(e->app->life, e->pname, on_abandoned, e);
 }
 
 static void on_condemned(int err, void *data) {
@@ -616,7 +874,7 @@ static void on_condemned(int err, void *data) {
 
 /* Created: PENDING -> DELETING (durable), then the controller DELETE. */
 static void condemn(enroll_t *e) {
-  zm_life_condemn(e->app->life, e->name, e->id, identity_type(e), on_condemned,
+  zm_life_condemn(e->app->life, e->pname, e->id, identity_type(e), on_condemned,
                   e);
 }
 
@@ -649,6 +907,7 @@ static void on_compensate_found(const zm_ziti_result_t *r, void *data) {
 
 static void enroll_on_compensate(enroll_t *e) {
   if (!e->created_maybe) {
+    /* nothing was sent (an unarmed device intent included) */
     abandon(e);
   } else if (e->id != NULL) {
     condemn(e);
@@ -667,6 +926,8 @@ static void enroll_on_done(enroll_t *e) { (void)e; /* freed by set_state */ }
 static void (*const STEP[ZM_ENROLL__COUNT])(enroll_t *) = {
     [ZM_ENROLL_INTENT] = enroll_on_intent,
     [ZM_ENROLL_REPLACE] = enroll_on_replace,
+    [ZM_ENROLL_CHECK] = enroll_on_check,
+    [ZM_ENROLL_ARM] = enroll_on_arm,
     [ZM_ENROLL_CREATE] = enroll_on_create,
     [ZM_ENROLL_FETCH_JWT] = enroll_on_fetch_jwt,
     [ZM_ENROLL_VERIFY_JWT] = enroll_on_verify_jwt,
@@ -731,6 +992,15 @@ static void start(zm_app_t *app, zm_call_t *call, enroll_t *e) {
   enroll_on_intent(e);
 }
 
+static void set_roles(enroll_t *e, const char *const *roles, size_t n) {
+  e->roles = zm_xcalloc(n + 1, sizeof *e->roles);
+  for (size_t i = 0; i < n; i++)
+    e->roles[i] = zm_xstrdup(roles[i]);
+  e->n_roles = n;
+}
+
+static char *dup_opt(const char *s) { return s ? zm_xstrdup(s) : NULL; }
+
 void zm_rpc_request_service_identity(zm_call_t *call,
                                      const ProtobufCMessage *msg, void *ctx) {
   zm_app_t *app = ctx;
@@ -756,12 +1026,18 @@ void zm_rpc_request_service_identity(zm_call_t *call,
   enroll_t *e = zm_xcalloc(1, sizeof *e);
   e->kind = ZM_ENROLL_KIND_SERVICE;
   e->type = type;
+  e->id_type = type->number;
+  const char *roles[ZM_MAX_ROLES];
+  for (size_t i = 0; i < type->n_roles; i++)
+    roles[i] = type->roles[i];
+  set_roles(e, roles, type->n_roles);
   snprintf(e->name, sizeof e->name, "svc-%s-%s", type->name, short_id);
+  snprintf(e->pname, sizeof e->pname, "%s", e->name);
   start(app, call, e);
 }
 
-void zm_enroll_start_agent(zm_app_t *app, zm_call_t *call,
-                           const char agent_id[37]) {
+void zm_enroll_start(zm_app_t *app, zm_call_t *call,
+                     const zm_enroll_spec_t *spec) {
   if (admit(app, call) != 0)
     return;
   char short_id[AGENT_SHORT_ID_LEN + 1];
@@ -770,8 +1046,23 @@ void zm_enroll_start_agent(zm_app_t *app, zm_call_t *call,
     return;
   }
   enroll_t *e = zm_xcalloc(1, sizeof *e);
-  e->kind = ZM_ENROLL_KIND_AGENT;
-  memcpy(e->agent_id, agent_id, 37);
-  snprintf(e->name, sizeof e->name, "agent-%s-%s", agent_id, short_id);
+  e->kind = spec->kind;
+  e->id_type = spec->identity_type;
+  set_roles(e, spec->roles, spec->n_roles);
+  e->lock = dup_opt(spec->lock);
+  e->ext_id = dup_opt(spec->external_id);
+  e->tags_json = dup_opt(spec->tags_json);
+  e->identity_id = dup_opt(spec->identity_id);
+  e->workload_id = dup_opt(spec->workload_id);
+  e->agent_col = dup_opt(spec->agent_col);
+  e->environment_id = dup_opt(spec->environment_id);
+  if (spec->kind == ZM_ENROLL_KIND_DEVICE) {
+    /* the caller's name exactly (as the Go service) */
+    snprintf(e->name, sizeof e->name, "%s", spec->name_prefix);
+    snprintf(e->pname, sizeof e->pname, "device:%s", e->name);
+  } else {
+    snprintf(e->name, sizeof e->name, "%s-%s", spec->name_prefix, short_id);
+    snprintf(e->pname, sizeof e->pname, "%s", e->name);
+  }
   start(app, call, e);
 }

@@ -60,6 +60,9 @@ static const struct {
     [ZM_LIFE_T_RETIRE] = {ZM_LIFE_LIVE, ZM_LIFE_DELETING},
     [ZM_LIFE_T_BURY] = {ZM_LIFE_DELETING, ZM_LIFE_GONE},
     [ZM_LIFE_T_DEFER] = {ZM_LIFE_DELETING, ZM_LIFE_DELETING},
+    [ZM_LIFE_T_ARM] = {ZM_LIFE_PENDING, ZM_LIFE_PENDING},
+    [ZM_LIFE_T_HANDOVER] = {ZM_LIFE_PENDING, ZM_LIFE_GONE},
+    [ZM_LIFE_T_TOMB] = {ZM_LIFE_NONE, ZM_LIFE_DELETING},
 };
 
 int zm_life_edge(zm_life_state_t a, zm_life_transition_t t,
@@ -472,15 +475,19 @@ static void on_fetched(int err, const zm_managed_row_t *rows, size_t n,
     zm_index_managed_t tmp = {.identity_id = r->identity_id,
                               .identity_id_len = strlen(r->identity_id),
                               .identity_type = r->identity_type,
-                              .created_at_ms = r->created_at_ms};
+                              .created_at_ms = r->created_at_ms,
+                              .workload_id = r->workload_id,
+                              .agent_id = r->agent_id,
+                              .environment_id = r->environment_id};
     const zm_index_managed_t *m = &tmp;
     /* Cache only if no eviction ran while the read was in flight: it may
      * have been about this very row. */
     if (f->epoch == l->epoch) {
-      zm_index_put_managed(l->index, r->ziti_identity_id,
-                           strlen(r->ziti_identity_id), r->identity_id,
-                           tmp.identity_id_len, r->identity_type,
-                           r->created_at_ms);
+      zm_index_extra_t x = {r->workload_id, r->agent_id, r->environment_id};
+      zm_index_put_managed_ext(l->index, r->ziti_identity_id,
+                               strlen(r->ziti_identity_id), r->identity_id,
+                               tmp.identity_id_len, r->identity_type,
+                               r->created_at_ms, &x);
       m = zm_index_lookup_managed(l->index, r->ziti_identity_id,
                                   strlen(r->ziti_identity_id));
     }
@@ -579,6 +586,8 @@ typedef struct {
   int64_t lease;
   char *id;
   char *identity_id;
+  char *workload_id, *agent_id, *environment_id; /* commit_managed */
+  int tomb_kind; /* what the DELETE is sent for (ZM_TOMB_*) */
 } unit_t;
 
 static unit_t *unit_new(zm_life_t *l, zm_life_transition_t t, zm_life_cb cb,
@@ -598,6 +607,9 @@ static void unit_done(unit_t *u, int err) {
     u->cb(err, u->data);
   free(u->id);
   free(u->identity_id);
+  free(u->workload_id);
+  free(u->agent_id);
+  free(u->environment_id);
   free(u);
   life_dec(l);
 }
@@ -609,9 +621,12 @@ static void on_unit(int err, void *data) {
     if (u->kind == 1)
       zm_index_put_service(u->l->index, u->id, strlen(u->id), u->type, u->lease,
                            zm_life_now(u->l));
-    else if (u->kind == 2)
-      zm_index_put_managed(u->l->index, u->id, strlen(u->id), u->identity_id,
-                           strlen(u->identity_id), u->type, zm_life_now(u->l));
+    else if (u->kind == 2) {
+      zm_index_extra_t x = {u->workload_id, u->agent_id, u->environment_id};
+      zm_index_put_managed_ext(u->l->index, u->id, strlen(u->id),
+                               u->identity_id, strlen(u->identity_id), u->type,
+                               zm_life_now(u->l), &x);
+    }
   }
   unit_done(u, err);
 }
@@ -660,6 +675,10 @@ void zm_life_commit_managed(zm_life_t *l, const char *name,
   u->type = row->identity_type;
   u->id = zm_xstrdup(row->ziti_identity_id);
   u->identity_id = zm_xstrdup(row->identity_id);
+  u->workload_id = row->workload_id ? zm_xstrdup(row->workload_id) : NULL;
+  u->agent_id = row->agent_id ? zm_xstrdup(row->agent_id) : NULL;
+  u->environment_id =
+      row->environment_id ? zm_xstrdup(row->environment_id) : NULL;
   /* TAKE: if recovery resolved the creation meanwhile (a commit later than
    * every bound), the unit fails instead of recording a doomed identity */
   zm_store_op_t ops[2] = {
@@ -745,9 +764,27 @@ static void send_delete(unit_t *u) {
     on_ctrl_deleted(&r, u);
     return;
   }
-  zm_ziti_delete_identity(l->ziti, u->id,
-                          uv_now(l->loop) + l->cfg.ziti_timeout_ms,
-                          on_ctrl_deleted, u);
+  uint64_t deadline = uv_now(l->loop) + l->cfg.ziti_timeout_ms;
+  const char *coll = u->tomb_kind == ZM_TOMB_ZSERVICE  ? "services"
+                     : u->tomb_kind == ZM_TOMB_ZCONFIG ? "configs"
+                     : u->tomb_kind == ZM_TOMB_ZPOLICY ? "service-policies"
+                                                       : NULL;
+  if (coll == NULL) {
+    zm_ziti_delete_identity(l->ziti, u->id, deadline, on_ctrl_deleted, u);
+    return;
+  }
+  char *path = zm_ziti_path(coll, u->id, NULL);
+  zm_ziti_call(l->ziti, "DELETE", path, NULL, deadline, on_ctrl_deleted, u);
+  free(path);
+}
+
+void zm_life_delete_kind(zm_life_t *l, const char *id, int tomb_kind,
+                         int attempts, zm_life_cb cb, void *data) {
+  unit_t *u = unit_new(l, ZM_LIFE_T_BURY, cb, data);
+  u->id = zm_xstrdup(id);
+  u->attempts = attempts;
+  u->tomb_kind = tomb_kind;
+  send_delete(u);
 }
 
 void zm_life_delete(zm_life_t *l, const char *id, int attempts, zm_life_cb cb,
@@ -783,13 +820,19 @@ static void on_tombstoned(int err, void *data) {
 
 void zm_life_condemn(zm_life_t *l, const char *name, const char *id, int type,
                      zm_life_cb cb, void *data) {
+  zm_life_condemn_kind(l, name, id, ZM_TOMB_ORPHAN, type, cb, data);
+}
+
+void zm_life_condemn_kind(zm_life_t *l, const char *name, const char *id,
+                          int tomb_kind, int type, zm_life_cb cb, void *data) {
   unit_t *u = unit_new(l, ZM_LIFE_T_CONDEMN, cb, data);
   u->id = zm_xstrdup(id);
+  u->tomb_kind = tomb_kind;
   int64_t now = zm_life_now(l);
   zm_store_op_t ops[2] = {
       {.kind = ZM_STORE_PUT_TOMB,
        .tomb = {.ziti_identity_id = id,
-                .kind = ZM_TOMB_ORPHAN,
+                .kind = tomb_kind,
                 .type = type,
                 .next_try_ms = now,
                 .created_at_ms = now},
@@ -813,6 +856,43 @@ void zm_life_retire_managed(zm_life_t *l, const char *id, zm_life_cb cb,
                                .created_at_ms = now},
                       .ms = claim_until(l)};
   zm_store_submit(l->store, &op, 1, on_tombstoned, u);
+}
+
+void zm_life_arm(zm_life_t *l, const zm_pending_row_t *row, zm_life_cb cb,
+                 void *data) {
+  unit_t *u = unit_new(l, ZM_LIFE_T_ARM, cb, data);
+  /* TAKE: if recovery dropped the unarmed row meanwhile, nothing is armed
+   * (and no create may be sent) */
+  zm_store_op_t ops[2] = {
+      {.kind = ZM_STORE_TAKE_PENDING, .name = row->name},
+      {.kind = ZM_STORE_PUT_PENDING, .pending = *row},
+  };
+  zm_store_submit(l->store, ops, 2, on_unit, u);
+}
+
+void zm_life_handover(zm_life_t *l, const char *name, zm_life_cb cb,
+                      void *data) {
+  unit_t *u = unit_new(l, ZM_LIFE_T_HANDOVER, cb, data);
+  /* TAKE: recovery resolved (deleted) it meanwhile -> the unit fails */
+  zm_store_op_t op = {.kind = ZM_STORE_TAKE_PENDING, .name = name};
+  zm_store_submit(l->store, &op, 1, on_unit, u);
+}
+
+void zm_life_tomb(zm_life_t *l, size_t n, const char *const *ids,
+                  const int *kinds, zm_life_cb cb, void *data) {
+  unit_t *u = unit_new(l, ZM_LIFE_T_TOMB, cb, data);
+  int64_t now = zm_life_now(l);
+  zm_store_op_t *ops = zm_xcalloc(n + 1, sizeof *ops);
+  for (size_t i = 0; i < n; i++) {
+    ops[i].kind = ZM_STORE_PUT_TOMB;
+    ops[i].tomb = (zm_tomb_row_t){.ziti_identity_id = ids[i],
+                                  .kind = kinds[i],
+                                  .next_try_ms = now,
+                                  .created_at_ms = now};
+    ops[i].ms = claim_until(l);
+  }
+  zm_store_submit(l->store, ops, n, on_unit, u);
+  free(ops);
 }
 
 void zm_life_forget_service(zm_life_t *l, const char *id) {

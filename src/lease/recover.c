@@ -17,6 +17,8 @@
 #include "zm/log.h"
 #include "zm/zm.h"
 
+#include <jansson.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -40,12 +42,24 @@ struct zm_recover {
   void *stop_data;
 };
 
+/* An armed object intent looks up (collection, exact name) pairs: a
+ * service and the two configs named after it, a policy, or a config. */
+#define MAX_LOOKUPS 3
+
 typedef struct {
   zm_recover_t *r;
   char *name;
-  int type;
+  int kind, type;
   unsigned left; /* condemnations in flight */
   int failed;
+  /* object kinds */
+  char *lookup_name[MAX_LOOKUPS];
+  int lookup_kind[MAX_LOOKUPS]; /* ZM_TOMB_Z* */
+  size_t n_lookups, next_lookup;
+  char **found; /* ids found so far */
+  int *found_kind;
+  size_t n_found;
+  char *config_service; /* ZCONFIG: the service it was to be attached to */
 } pend_t;
 
 static void pump(zm_recover_t *r);
@@ -57,6 +71,13 @@ static void pend_free(pend_t *p) {
   else
     r->stats.pending_resolved++;
   free(p->name);
+  for (size_t i = 0; i < p->n_lookups; i++)
+    free(p->lookup_name[i]);
+  for (size_t i = 0; i < p->n_found; i++)
+    free(p->found[i]);
+  free(p->found);
+  free(p->found_kind);
+  free(p->config_service);
   free(p);
   r->inflight--;
   pump(r);
@@ -111,6 +132,186 @@ static void on_found(const zm_ziti_result_t *res, void *data) {
                     p->type, on_condemned, p);
 }
 
+/* ---- controller objects (services, configs, policies) -------------------
+ */
+
+static void object_next(pend_t *p);
+
+static void on_object_condemned(int err, void *data) {
+  pend_t *p = data;
+  if (err != 0 && err != ZM_E_TIMEOUT && err != ZM_E_UNAVAILABLE)
+    ZM_DEBUG("recover: %s: delete deferred: %s", p->name, zm_strerror(err));
+  if (--p->left == 0)
+    pend_free(p);
+}
+
+/* Everything the lookups found is condemned (tombstone, then DELETE); the
+ * last condemnation drops the pending row. Nothing found: abandoned. */
+static void object_condemn_all(pend_t *p) {
+  zm_recover_t *r = p->r;
+  if (p->n_found == 0) {
+    ZM_INFO("recover: %s was never created on the controller: dropped",
+            p->name);
+    zm_life_abandon(r->life, p->name, on_abandoned, p);
+    return;
+  }
+  ZM_INFO("recover: %s exists on the controller (%zu objects): deleting",
+          p->name, p->n_found);
+  p->left = (unsigned)p->n_found;
+  for (size_t i = 0; i < p->n_found; i++)
+    zm_life_condemn_kind(r->life, i + 1 == p->n_found ? p->name : NULL,
+                         p->found[i], p->found_kind[i], 0, on_object_condemned,
+                         p);
+}
+
+static void on_config_attached(const zm_ziti_result_t *res, void *data) {
+  pend_t *p = data;
+  if (res->err != 0 && res->err != ZM_E_NOT_FOUND) {
+    ZM_WARN("recover: %s: cannot read the service's configs: %s; retried "
+            "when its claim runs out",
+            p->name, zm_strerror(res->err));
+    p->failed = 1;
+    pend_free(p);
+    return;
+  }
+  json_t *data_arr = json_object_get((json_t *)res->json, "data");
+  size_t i;
+  json_t *it;
+  json_array_foreach(data_arr, i, it) {
+    const char *id = json_string_value(json_object_get(it, "id"));
+    if (id != NULL && p->n_found == 1 && strcmp(id, p->found[0]) == 0) {
+      /* the service PATCH landed: the config is the service's now */
+      ZM_INFO("recover: %s is attached to its service: kept", p->name);
+      zm_life_abandon(p->r->life, p->name, on_abandoned, p);
+      return;
+    }
+  }
+  object_condemn_all(p);
+}
+
+static void on_object_found(const zm_ziti_result_t *res, void *data) {
+  pend_t *p = data;
+  if (res->err != 0) {
+    ZM_WARN("recover: lookup of %s failed: %s; retried when its claim runs "
+            "out",
+            p->name, zm_strerror(res->err));
+    p->failed = 1;
+    pend_free(p);
+    return;
+  }
+  json_t *arr = json_object_get((json_t *)res->json, "data");
+  size_t i;
+  json_t *it;
+  json_array_foreach(arr, i, it) {
+    const char *id = json_string_value(json_object_get(it, "id"));
+    const char *nm = json_string_value(json_object_get(it, "name"));
+    if (id == NULL || nm == NULL ||
+        strcmp(nm, p->lookup_name[p->next_lookup - 1]) != 0)
+      continue;
+    p->found = zm_xrealloc(p->found, (p->n_found + 1) * sizeof *p->found);
+    p->found_kind =
+        zm_xrealloc(p->found_kind, (p->n_found + 1) * sizeof *p->found_kind);
+    p->found[p->n_found] = zm_xstrdup(id);
+    p->found_kind[p->n_found] = p->lookup_kind[p->next_lookup - 1];
+    p->n_found++;
+  }
+  object_next(p);
+}
+
+static void object_next(pend_t *p) {
+  zm_recover_t *r = p->r;
+  if (p->next_lookup < p->n_lookups) {
+    size_t k = p->next_lookup++;
+    const char *coll = p->lookup_kind[k] == ZM_TOMB_ZSERVICE ? "/services"
+                       : p->lookup_kind[k] == ZM_TOMB_ZCONFIG
+                           ? "/configs"
+                           : "/service-policies";
+    char *q = zm_ziti_quote(p->lookup_name[k]);
+    char *filter = NULL;
+    if (q != NULL) {
+      size_t len = strlen(q) + sizeof "name = ";
+      filter = zm_xmalloc(len);
+      snprintf(filter, len, "name = %s", q);
+    }
+    free(q);
+    zm_ziti_list(r->ziti, coll, filter, 10, 0,
+                 uv_now(r->loop) + r->cfg.ziti_timeout_ms, on_object_found, p);
+    free(filter);
+    return;
+  }
+  if (p->kind == ZM_PENDING_ZCONFIG && p->n_found == 1 &&
+      p->config_service != NULL) {
+    char *path = zm_ziti_path("services", p->config_service, "/configs");
+    zm_ziti_list(r->ziti, path, NULL, ZM_ZITI_LIST_MAX, 0,
+                 uv_now(r->loop) + r->cfg.ziti_timeout_ms, on_config_attached,
+                 p);
+    free(path);
+    return;
+  }
+  object_condemn_all(p);
+}
+
+static void add_lookup(pend_t *p, int tomb_kind, const char *name,
+                       const char *suffix) {
+  size_t n = strlen(name) + (suffix ? strlen(suffix) : 0) + 1;
+  char *s = zm_xmalloc(n);
+  snprintf(s, n, "%s%s", name, suffix ? suffix : "");
+  p->lookup_name[p->n_lookups] = s;
+  p->lookup_kind[p->n_lookups++] = tomb_kind;
+}
+
+/* What a pending row of each kind needs: unarmed rows never sent a create;
+ * identities are looked up by their generated name; objects by the names
+ * their intent covers. */
+static void resolve_pending(pend_t *p) {
+  zm_recover_t *r = p->r;
+  const char *colon = strchr(p->name, ':');
+  switch (p->kind) {
+  case ZM_PENDING_DEVICE_CHECK:
+  case ZM_PENDING_ZSERVICE_CHECK:
+  case ZM_PENDING_ZPOLICY_CHECK:
+  case ZM_PENDING_ZCONFIG_CHECK:
+    ZM_INFO("recover: %s was never armed (no create sent): dropped", p->name);
+    zm_life_abandon(r->life, p->name, on_abandoned, p);
+    return;
+  case ZM_PENDING_ZSERVICE:
+    if (colon == NULL)
+      break;
+    add_lookup(p, ZM_TOMB_ZSERVICE, colon + 1, NULL);
+    add_lookup(p, ZM_TOMB_ZCONFIG, colon + 1, "-host-v1");
+    add_lookup(p, ZM_TOMB_ZCONFIG, colon + 1, "-intercept-v1");
+    object_next(p);
+    return;
+  case ZM_PENDING_ZPOLICY:
+    if (colon == NULL)
+      break;
+    add_lookup(p, ZM_TOMB_ZPOLICY, colon + 1, NULL);
+    object_next(p);
+    return;
+  case ZM_PENDING_ZCONFIG: {
+    const char *c2 = colon ? strchr(colon + 1, ':') : NULL;
+    if (c2 == NULL)
+      break;
+    p->config_service = zm_xstrndup(colon + 1, (size_t)(c2 - colon - 1));
+    add_lookup(p, ZM_TOMB_ZCONFIG, c2 + 1, NULL);
+    object_next(p);
+    return;
+  }
+  default: {
+    /* an identity, named "device:<name>" when the name is the caller's */
+    const char *name =
+        p->kind == ZM_PENDING_DEVICE && colon ? colon + 1 : p->name;
+    zm_ziti_find_identities(r->ziti, "name", name,
+                            uv_now(r->loop) + r->cfg.ziti_timeout_ms, on_found,
+                            p);
+    return;
+  }
+  }
+  ZM_WARN("recover: pending row %s (kind %d) is malformed: dropped", p->name,
+          p->kind);
+  zm_life_abandon(r->life, p->name, on_abandoned, p);
+}
+
 static void on_pending_claimed(int err, const zm_pending_row_t *rows, size_t n,
                                void *data) {
   zm_recover_t *r = data;
@@ -124,10 +325,9 @@ static void on_pending_claimed(int err, const zm_pending_row_t *rows, size_t n,
     p->r = r;
     p->name = zm_xstrdup(rows[i].name);
     p->type = rows[i].type;
+    p->kind = rows[i].kind;
     r->inflight++;
-    zm_ziti_find_identities(r->ziti, "name", p->name,
-                            uv_now(r->loop) + r->cfg.ziti_timeout_ms, on_found,
-                            p);
+    resolve_pending(p);
   }
   if (n < CLAIM_MAX)
     r->at_end = 1;
@@ -153,8 +353,8 @@ static void on_tombs_claimed(int err, const zm_tomb_row_t *rows, size_t n,
     r->stats.tombs_retried++;
     zm_audit("recovery_delete_retried", "id", rows[i].ziti_identity_id, NULL);
     r->inflight++;
-    zm_life_delete(r->life, rows[i].ziti_identity_id, rows[i].attempts,
-                   on_tomb_deleted, r);
+    zm_life_delete_kind(r->life, rows[i].ziti_identity_id, rows[i].kind,
+                        rows[i].attempts, on_tomb_deleted, r);
   }
   if (n < CLAIM_MAX)
     r->at_end = 1;

@@ -27,6 +27,22 @@ static void reply_resolved(zm_call_t *call, const zm_index_managed_t *m) {
       AGYNIO__API__ZITI_MANAGEMENT__V1__RESOLVE_IDENTITY_RESPONSE__INIT;
   resp.identity_id = (char *)m->identity_id;
   resp.identity_type = m->identity_type;
+  /* optional fields: present only where recorded (old callers skip them) */
+  if (m->workload_id != NULL) {
+    resp._workload_id_case =
+        AGYNIO__API__ZITI_MANAGEMENT__V1__RESOLVE_IDENTITY_RESPONSE___WORKLOAD_ID_WORKLOAD_ID;
+    resp.workload_id = (char *)m->workload_id;
+  }
+  if (m->agent_id != NULL) {
+    resp._agent_id_case =
+        AGYNIO__API__ZITI_MANAGEMENT__V1__RESOLVE_IDENTITY_RESPONSE___AGENT_ID_AGENT_ID;
+    resp.agent_id = (char *)m->agent_id;
+  }
+  if (m->environment_id != NULL) {
+    resp._environment_id_case =
+        AGYNIO__API__ZITI_MANAGEMENT__V1__RESOLVE_IDENTITY_RESPONSE___ENVIRONMENT_ID_ENVIRONMENT_ID;
+    resp.environment_id = (char *)m->environment_id;
+  }
   zm_call_reply(call, &resp.base);
 }
 
@@ -171,6 +187,9 @@ static void on_listed(int err, const zm_managed_row_t *rows, size_t n,
     items[i].ziti_identity_id = (char *)rows[i].ziti_identity_id;
     items[i].identity_id = (char *)rows[i].identity_id;
     items[i].identity_type = rows[i].identity_type;
+    items[i].ziti_service_id =
+        (char *)(rows[i].ziti_service_id != NULL ? rows[i].ziti_service_id
+                                                 : "");
     int64_t ms = rows[i].created_at_ms;
     int64_t sec = ms >= 0 ? ms / 1000 : -((-ms + 999) / 1000);
     ts[i].seconds = sec;
@@ -198,7 +217,9 @@ void zm_rpc_list_managed(zm_call_t *call, const ProtobufCMessage *msg,
   const Agynio__Api__ZitiManagement__V1__ListManagedIdentitiesRequest *req =
       (const void *)msg;
   int type = req->identity_type;
-  if (type < 0 || type > 3) {
+  /* The contract's IdentityType: 3 (the old CHANNEL) is reserved but a
+   * row of it may exist, so it stays a valid filter. */
+  if (type < 0 || type > 8) {
     zm_call_fail(call, ZM_GRPC_INVALID_ARGUMENT, "unknown identity_type");
     return;
   }

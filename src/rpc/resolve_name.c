@@ -48,6 +48,21 @@ static void on_found(int err, const zm_managed_row_t *rows, size_t n,
       AGYNIO__API__ZITI_MANAGEMENT__V1__RESOLVE_IDENTITY_RESPONSE__INIT;
   resp.identity_id = (char *)rows[0].identity_id;
   resp.identity_type = rows[0].identity_type;
+  if (rows[0].workload_id != NULL) {
+    resp._workload_id_case =
+        AGYNIO__API__ZITI_MANAGEMENT__V1__RESOLVE_IDENTITY_RESPONSE___WORKLOAD_ID_WORKLOAD_ID;
+    resp.workload_id = (char *)rows[0].workload_id;
+  }
+  if (rows[0].agent_id != NULL) {
+    resp._agent_id_case =
+        AGYNIO__API__ZITI_MANAGEMENT__V1__RESOLVE_IDENTITY_RESPONSE___AGENT_ID_AGENT_ID;
+    resp.agent_id = (char *)rows[0].agent_id;
+  }
+  if (rows[0].environment_id != NULL) {
+    resp._environment_id_case =
+        AGYNIO__API__ZITI_MANAGEMENT__V1__RESOLVE_IDENTITY_RESPONSE___ENVIRONMENT_ID_ENVIRONMENT_ID;
+    resp.environment_id = (char *)rows[0].environment_id;
+  }
   zm_call_reply(call, &resp.base);
 }
 

@@ -27,7 +27,7 @@
 typedef struct {
   zm_index_managed_t pub;
   uint32_t keylen;
-  char key[]; /* key, NUL, identity_id, NUL */
+  char key[]; /* key, NUL, identity_id, NUL, then each recorded extra, NUL */
 } mnode_t;
 
 typedef struct {
@@ -209,8 +209,33 @@ void zm_index_clear_managed(zm_index_t *ix) {
 void zm_index_put_managed(zm_index_t *ix, const char *zid, size_t zid_len,
                           const char *identity_id, size_t identity_id_len,
                           int identity_type, int64_t created_at_ms) {
+  zm_index_put_managed_ext(ix, zid, zid_len, identity_id, identity_id_len,
+                           identity_type, created_at_ms, NULL);
+}
+
+/* Copies s (if any) to *at and returns the copy, advancing *at. */
+static const char *put_extra(char **at, const char *s) {
+  if (s == NULL)
+    return NULL;
+  size_t n = strlen(s) + 1;
+  char *d = *at;
+  memcpy(d, s, n);
+  *at += n;
+  return d;
+}
+
+void zm_index_put_managed_ext(zm_index_t *ix, const char *zid, size_t zid_len,
+                              const char *identity_id, size_t identity_id_len,
+                              int identity_type, int64_t created_at_ms,
+                              const zm_index_extra_t *extra) {
   ZM_ASSERT(zid_len < UINT32_MAX && (identity_id != NULL || !identity_id_len));
-  mnode_t *n = zm_xmalloc(sizeof *n + zid_len + 1 + identity_id_len + 1);
+  zm_index_extra_t x = {0};
+  if (extra != NULL)
+    x = *extra;
+  size_t more = (x.workload_id ? strlen(x.workload_id) + 1 : 0) +
+                (x.agent_id ? strlen(x.agent_id) + 1 : 0) +
+                (x.environment_id ? strlen(x.environment_id) + 1 : 0);
+  mnode_t *n = zm_xmalloc(sizeof *n + zid_len + 1 + identity_id_len + 1 + more);
   n->keylen = (uint32_t)zid_len;
   if (zid_len)
     memcpy(n->key, zid, zid_len);
@@ -223,6 +248,10 @@ void zm_index_put_managed(zm_index_t *ix, const char *zid, size_t zid_len,
   n->pub.identity_id_len = identity_id_len;
   n->pub.identity_type = identity_type;
   n->pub.created_at_ms = created_at_ms;
+  char *at = id + identity_id_len + 1;
+  n->pub.workload_id = put_extra(&at, x.workload_id);
+  n->pub.agent_id = put_extra(&at, x.agent_id);
+  n->pub.environment_id = put_extra(&at, x.environment_id);
 
   table_t *t = &ix->managed;
   uint32_t tag = tag_of(zid, zid_len);

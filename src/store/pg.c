@@ -193,6 +193,10 @@
   X(GET_MANAGED, 1,                                                            \
     "SELECT " MANAGED_COLS " FROM managed_identities"                          \
     " WHERE ziti_identity_id = $1::text")                                      \
+  X(FIND_MANAGED, 2,                                                           \
+    "SELECT " MANAGED_COLS " FROM managed_identities"                          \
+    " WHERE identity_id = $1::uuid ORDER BY ziti_identity_id"                  \
+    " LIMIT $2::bigint")                                                       \
   X(GET_MANAGED_BY_IDENTITY, 1,                                                \
     "SELECT " MANAGED_COLS " FROM managed_identities"                          \
     " WHERE identity_id = $1::uuid ORDER BY created_at DESC LIMIT 1")          \
@@ -280,6 +284,7 @@ enum {
   /* reads: not mutating */
   ITEM_LIST_MANAGED,
   ITEM_GET_MANAGED,
+  ITEM_FIND_MANAGED,
   ITEM_CHANGES,
 };
 #define ITEM_MUTATING(k) ((k) <= ITEM_HEARTBEAT)
@@ -538,7 +543,8 @@ static void deliver_item(pg_store_t *st, item_t *it, const PGresult *r) {
       it->cb.unit(err, it->data);
     break;
   case ITEM_LIST_MANAGED:
-  case ITEM_GET_MANAGED: {
+  case ITEM_GET_MANAGED:
+  case ITEM_FIND_MANAGED: {
     zm_managed_row_t *rows = n ? zm_xcalloc((size_t)n, sizeof *rows) : NULL;
     for (int i = 0; i < n; i++) {
       rows[i].ziti_identity_id = col_str(r, i, 0);
@@ -1288,6 +1294,12 @@ static int send_one(conn_t *c, job_t *j) {
     rc = send_stmt(c, it->type ? S_GET_MANAGED_BY_IDENTITY : S_GET_MANAGED, p);
     break;
   }
+  case ITEM_FIND_MANAGED: {
+    i64_str(limit_arg(it->limit), a);
+    const char *p[2] = {it->key, a};
+    rc = send_stmt(c, S_FIND_MANAGED, p);
+    break;
+  }
   case ITEM_CLAIM_EXPIRED: {
     i64_str(it->t1, a);
     i64_str(it->t2, b);
@@ -1926,6 +1938,16 @@ static void pg_get_managed(zm_store_t *base, const char *id,
   push(st, it);
 }
 
+static void pg_find_managed(zm_store_t *base, const char *identity_id,
+                            size_t limit, zm_store_managed_list_cb cb,
+                            void *data) {
+  pg_store_t *st = PG(base);
+  ZM_ASSERT(cb != NULL && identity_id != NULL);
+  item_t *it = new_item(st, ITEM_FIND_MANAGED, identity_id, limit, data);
+  it->cb.managed = cb;
+  push(st, it);
+}
+
 static void pg_find_managed_by_identity(zm_store_t *base,
                                         const char *identity_id,
                                         zm_store_managed_list_cb cb,
@@ -2018,6 +2040,7 @@ const zm__store_vt zm__pg_vt = {
     .submit = pg_submit,
     .list_managed = pg_list_managed,
     .get_managed = pg_get_managed,
+    .find_managed = pg_find_managed,
     .find_managed_by_identity = pg_find_managed_by_identity,
     .claim_expired = pg_claim_expired,
     .claim_tombs = pg_claim_tombs,

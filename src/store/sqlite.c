@@ -115,6 +115,8 @@
                   " ORDER BY ziti_identity_id LIMIT ?3")                       \
   X(GET_MANAGED, "SELECT " MANAGED_COLS " FROM managed_identities"             \
                  " WHERE ziti_identity_id=?1")                                 \
+  X(FIND_MANAGED, "SELECT " MANAGED_COLS " FROM managed_identities"            \
+                  " WHERE identity_id=?1 ORDER BY ziti_identity_id LIMIT ?2")  \
   X(GET_MANAGED_BY_IDENTITY,                                                   \
     "SELECT " MANAGED_COLS " FROM managed_identities WHERE identity_id=?1"     \
     " ORDER BY created_at DESC LIMIT 1")                                       \
@@ -166,6 +168,7 @@ enum {
   ITEM_UNIT,
   ITEM_LIST_MANAGED,
   ITEM_GET_MANAGED,
+  ITEM_FIND_MANAGED,
   ITEM_CLAIM_EXPIRED,
   ITEM_CLAIM_TOMBS,
   ITEM_CLAIM_PENDING,
@@ -576,7 +579,8 @@ static void fill_row(int kind, void *row, sqlite3_stmt *s, arena_t *a,
                      size_t *offs) {
   switch (kind) {
   case ITEM_LIST_MANAGED:
-  case ITEM_GET_MANAGED: {
+  case ITEM_GET_MANAGED:
+  case ITEM_FIND_MANAGED: {
     zm_managed_row_t *r = row;
     offs[0] = arena_col(a, s, 0);
     offs[1] = arena_col(a, s, 1);
@@ -621,7 +625,8 @@ static void fill_row(int kind, void *row, sqlite3_stmt *s, arena_t *a,
 static void fix_row(int kind, void *row, const arena_t *a, const size_t *offs) {
   switch (kind) {
   case ITEM_LIST_MANAGED:
-  case ITEM_GET_MANAGED: {
+  case ITEM_GET_MANAGED:
+  case ITEM_FIND_MANAGED: {
     zm_managed_row_t *r = row;
     r->ziti_identity_id = arena_str(a, offs[0]);
     r->identity_id = arena_str(a, offs[1]);
@@ -649,6 +654,7 @@ static size_t row_size(int kind) {
   switch (kind) {
   case ITEM_LIST_MANAGED:
   case ITEM_GET_MANAGED:
+  case ITEM_FIND_MANAGED:
     return sizeof(zm_managed_row_t);
   case ITEM_CLAIM_EXPIRED:
   case ITEM_CLAIM_TOMBS:
@@ -775,6 +781,11 @@ static int run_read(sq_store_t *st, item_t *it) {
   case ITEM_GET_MANAGED:
     s = st->stmt[it->type ? S_GET_MANAGED_BY_IDENTITY : S_GET_MANAGED];
     sqlite3_bind_text(s, 1, it->key, -1, SQLITE_STATIC);
+    return collect(st, it, s);
+  case ITEM_FIND_MANAGED:
+    s = st->stmt[S_FIND_MANAGED];
+    sqlite3_bind_text(s, 1, it->key, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(s, 2, limit_arg(it->limit));
     return collect(st, it, s);
   case ITEM_CLAIM_EXPIRED:
   case ITEM_CLAIM_TOMBS:
@@ -918,6 +929,7 @@ static void deliver(sq_store_t *st) {
       break;
     case ITEM_LIST_MANAGED:
     case ITEM_GET_MANAGED:
+    case ITEM_FIND_MANAGED:
       it->cb.managed(it->err, it->rows, it->nrows, it->data);
       break;
     case ITEM_CLAIM_EXPIRED:
@@ -1323,6 +1335,15 @@ static void sq_get_managed(zm_store_t *base, const char *id,
   enqueue((sq_store_t *)base, it);
 }
 
+static void sq_find_managed(zm_store_t *base, const char *identity_id,
+                            size_t limit, zm_store_managed_list_cb cb,
+                            void *data) {
+  ZM_ASSERT(base != NULL && cb != NULL);
+  item_t *it = new_read(ITEM_FIND_MANAGED, identity_id, limit, data);
+  it->cb.managed = cb;
+  enqueue((sq_store_t *)base, it);
+}
+
 static void sq_find_managed_by_identity(zm_store_t *base,
                                         const char *identity_id,
                                         zm_store_managed_list_cb cb,
@@ -1518,6 +1539,7 @@ const zm__store_vt zm__sqlite_vt = {
     .submit = sq_submit,
     .list_managed = sq_list_managed,
     .get_managed = sq_get_managed,
+    .find_managed = sq_find_managed,
     .find_managed_by_identity = sq_find_managed_by_identity,
     .claim_expired = sq_claim_expired,
     .claim_tombs = sq_claim_tombs,

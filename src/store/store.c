@@ -45,6 +45,12 @@ void zm_store_get_managed(zm_store_t *st, const char *id,
   st->vt->get_managed(st, id, cb, data);
 }
 
+void zm_store_find_managed(zm_store_t *st, const char *identity_id,
+                           size_t limit, zm_store_managed_list_cb cb,
+                           void *data) {
+  st->vt->find_managed(st, identity_id, limit, cb, data);
+}
+
 void zm_store_find_managed_by_identity(zm_store_t *st, const char *identity_id,
                                        zm_store_managed_list_cb cb,
                                        void *data) {

@@ -32,6 +32,8 @@ typedef struct zm__store_vt {
                        size_t limit, zm_store_managed_list_cb cb, void *data);
   void (*get_managed)(zm_store_t *st, const char *id,
                       zm_store_managed_list_cb cb, void *data);
+  void (*find_managed)(zm_store_t *st, const char *identity_id, size_t limit,
+                       zm_store_managed_list_cb cb, void *data);
   void (*find_managed_by_identity)(zm_store_t *st, const char *identity_id,
                                    zm_store_managed_list_cb cb, void *data);
   void (*claim_expired)(zm_store_t *st, int64_t cut_ms, int64_t now_ms,

@@ -40,13 +40,16 @@ typedef enum {
   OP_DELETE,
   OP_FIND,
   OP_ENROLL,
-  OP_CACERTS
+  OP_CACERTS,
+  OP_CALL,
+  OP_LIST
 } op_kind_t;
 
 static const char *const OP_NAME[] = {
     [OP_CREATE] = "create identity", [OP_GET_JWT] = "get identity",
     [OP_DELETE] = "delete identity", [OP_FIND] = "find identities",
     [OP_ENROLL] = "enroll",          [OP_CACERTS] = "fetch CA bundle",
+    [OP_CALL] = "controller call",   [OP_LIST] = "controller list",
 };
 
 typedef enum {
@@ -67,6 +70,7 @@ struct zm__ziti_op {
   zm__ziti_link_t link;      /* z->ops */
   zm__ziti_link_t wait_link; /* z->auth_waiters */
   const char *method;
+  char what[96]; /* call / list: the path without the query, for messages */
   zm_secret_t target; /* may carry the enrollment token */
   char *body;         /* owned; may be a CSR */
   size_t body_len;
@@ -86,6 +90,10 @@ struct zm__ziti_op {
   int err, http_status, gone;
   char *code, *message, *id, *cert_pem;
   zm_secret_t jwt;
+  /* call / list */
+  json_t *json;
+  long long total, page_offset, page_limit;
+  char *expires_at; /* get_enrollment_jwt: enrollment.ott.expiresAt */
 };
 
 static void op_send(zm__ziti_op_t *op);
@@ -268,6 +276,16 @@ static void on_op_closed(uv_handle_t *h) {
   free(op->message);
   free(op->id);
   free(op->cert_pem);
+  free(op->expires_at);
+  if (op->json != NULL) {
+    /* an identity's pending enrollment: its JWT and token are secrets */
+    json_t *ott = json_object_get(
+        json_object_get(json_object_get(op->json, "data"), "enrollment"),
+        "ott");
+    wipe_json_string(json_object_get(ott, "jwt"));
+    wipe_json_string(json_object_get(ott, "token"));
+  }
+  json_decref(op->json);
   free(op);
   zm__ziti_maybe_finish(z);
 }
@@ -288,6 +306,11 @@ static void on_op_deliver(zm__ziti_defer_t *d) {
   res.ids = (const char *const *)op->ids;
   res.names = (const char *const *)op->names;
   res.n_ids = op->n;
+  res.json = op->json;
+  res.expires_at = op->expires_at;
+  res.total = op->total;
+  res.page_offset = op->page_offset;
+  res.page_limit = op->page_limit;
   if (op->err)
     z->stats.failures++;
   if (op->cb) {
@@ -568,7 +591,9 @@ static void on_op_xchg(zm__ziti_xchg_t *x, int err, const char *why) {
     op_on_success(op);
     return;
   }
-  if (st == 404 && op->kind == OP_DELETE) {
+  if (st == 404 &&
+      (op->kind == OP_DELETE ||
+       (op->kind == OP_CALL && strcmp(op->method, "DELETE") == 0))) {
     op->gone = 1;
     op_finish(op, 0, NULL);
     return;
@@ -644,6 +669,9 @@ static void on_get_ok(zm__ziti_op_t *op) {
   } else {
     if (json_is_string(jwt) && json_string_length(jwt) > 0)
       zm_secret_set(&op->jwt, json_string_value(jwt), json_string_length(jwt));
+    const char *exp = json_string_value(json_object_get(ott, "expiresAt"));
+    if (exp != NULL && strlen(exp) < 64)
+      op->expires_at = zm_xstrdup(exp);
     op_finish(op, 0, NULL);
   }
   wipe_json_string(jwt);
@@ -762,8 +790,73 @@ static void on_cacerts_ok(zm__ziti_op_t *op) {
   op_finish(op, 0, NULL);
 }
 
+/* A generic call: the body, if any, must be a JSON object; POST answers
+ * carry data.id. */
+static void on_call_ok(zm__ziti_op_t *op) {
+  const zm_http1_resp_t *r = &op->x.resp;
+  if (r->body_len == 0) {
+    op_finish(op, 0, NULL);
+    return;
+  }
+  json_error_t je;
+  json_t *root = json_loadb(r->body, r->body_len, 0, &je);
+  if (!json_is_object(root)) {
+    json_decref(root);
+    op_finish(op, ZM_E_JSON, "%s %s: response is not a JSON object", op->method,
+              op->what);
+    return;
+  }
+  op->json = root;
+  if (strcmp(op->method, "POST") == 0) {
+    const char *id =
+        json_string_value(json_object_get(json_object_get(root, "data"), "id"));
+    if (id == NULL || id[0] == '\0') {
+      op_finish(op, ZM_E_JSON, "POST %s: response has no data.id", op->what);
+      return;
+    }
+    op->id = zm_xstrdup(id);
+  }
+  op_finish(op, 0, NULL);
+}
+
+/* A list page: data must be an array and meta.pagination complete. */
+static void on_list_ok(zm__ziti_op_t *op) {
+  json_t *root = load_body(op);
+  if (!root)
+    return;
+  json_t *pg = json_object_get(json_object_get(root, "meta"), "pagination");
+  json_t *jl = json_object_get(pg, "limit"),
+         *jo = json_object_get(pg, "offset"),
+         *jt = json_object_get(pg, "totalCount");
+  if (!json_is_array(json_object_get(root, "data"))) {
+    json_decref(root);
+    op_finish(op, ZM_E_JSON, "list %s: data is not an array", op->what);
+    return;
+  }
+  if (!json_is_integer(jl) || !json_is_integer(jo) || !json_is_integer(jt) ||
+      json_integer_value(jt) < 0 || json_integer_value(jo) < 0 ||
+      json_integer_value(jl) < -1) {
+    json_decref(root);
+    op_finish(op, ZM_E_JSON,
+              "list %s: meta.pagination lacks limit/offset/totalCount",
+              op->what);
+    return;
+  }
+  op->total = json_integer_value(jt);
+  op->page_offset = json_integer_value(jo);
+  op->page_limit = json_integer_value(jl);
+  op->json = root;
+  op_finish(op, 0, NULL);
+}
+
 static void op_on_success(zm__ziti_op_t *op) {
   switch (op->kind) {
+  case OP_CALL:
+    on_call_ok(op);
+    return;
+  case OP_LIST:
+    on_list_ok(op);
+    return;
   case OP_CREATE:
     on_create_ok(op);
     return;
@@ -796,8 +889,27 @@ void zm_ziti_create_identity(zm_ziti_t *z, const char *name,
                              const char *const *roles, size_t n_roles,
                              const char *external_id, uint64_t deadline,
                              zm_ziti_cb cb, void *data) {
+  zm_ziti_create_identity_tags(z, name, roles, n_roles, external_id, NULL,
+                               deadline, cb, data);
+}
+
+void zm_ziti_create_identity_tags(zm_ziti_t *z, const char *name,
+                                  const char *const *roles, size_t n_roles,
+                                  const char *external_id,
+                                  const char *tags_json, uint64_t deadline,
+                                  zm_ziti_cb cb, void *data) {
   zm__ziti_op_t *op = op_new(z, OP_CREATE, deadline, cb, data);
+  json_t *tags = NULL;
+  if (tags_json != NULL) {
+    tags = json_loads(tags_json, 0, NULL);
+    if (!json_is_object(tags)) {
+      json_decref(tags);
+      fail_inval(op, "tags are not a JSON object");
+      return;
+    }
+  }
   if (name == NULL || name[0] == '\0') {
+    json_decref(tags);
     fail_inval(op, "empty name");
     return;
   }
@@ -806,6 +918,7 @@ void zm_ziti_create_identity(zm_ziti_t *z, const char *name,
     if (roles[i] == NULL ||
         json_array_append_new(jr, json_string(roles[i])) != 0) {
       json_decref(jr);
+      json_decref(tags);
       fail_inval(op, "role attribute is not valid UTF-8");
       return;
     }
@@ -814,6 +927,7 @@ void zm_ziti_create_identity(zm_ziti_t *z, const char *name,
   json_t *nm = json_string(name);
   json_t *ext = external_id ? json_string(external_id) : NULL;
   if (nm == NULL || (external_id && ext == NULL)) {
+    json_decref(tags);
     json_decref(nm);
     json_decref(ext);
     json_decref(jr);
@@ -828,6 +942,10 @@ void zm_ziti_create_identity(zm_ziti_t *z, const char *name,
   if (ext)
     json_object_set_new(body, "externalId", ext);
   json_object_set_new(body, "enrollment", json_pack("{s:b}", "ott", 1));
+  if (tags != NULL && json_object_size(tags) > 0)
+    json_object_set_new(body, "tags", tags);
+  else
+    json_decref(tags);
   op->body = json_dumps(body, JSON_COMPACT);
   json_decref(body);
   ZM_ASSERT(op->body != NULL);
@@ -928,6 +1046,70 @@ void zm_ziti_fetch_ca_bundle(zm_ziti_t *z, uint64_t deadline, zm_ziti_cb cb,
 }
 
 const char *zm_ziti_ca_bundle(const zm_ziti_t *z) { return z->ca_bundle; }
+
+/* ---- generic calls (services, configs, policies, identity PATCH)
+ * ----------------------------------- */
+
+static void copy_what(zm__ziti_op_t *op, const char *path) {
+  size_t n = strcspn(path, "?");
+  if (n >= sizeof op->what)
+    n = sizeof op->what - 1;
+  memcpy(op->what, path, n);
+  op->what[n] = '\0';
+}
+
+void zm_ziti_call(zm_ziti_t *z, const char *method, const char *path,
+                  const char *body, uint64_t deadline, zm_ziti_cb cb,
+                  void *data) {
+  zm__ziti_op_t *op = op_new(z, OP_CALL, deadline, cb, data);
+  copy_what(op, path ? path : "");
+  if (path == NULL || path[0] != '/' || method == NULL) {
+    fail_inval(op, "bad path");
+    return;
+  }
+  set_target(op, xasprintf(MGMT "%s", path));
+  op->method = method;
+  if (body != NULL) {
+    op->body_len = strlen(body);
+    op->body = zm_xstrndup(body, op->body_len);
+    op->content_type = "application/json";
+  }
+  op->needs_auth = 1;
+  op_begin(op);
+}
+
+char *zm_ziti_path(const char *collection, const char *id, const char *suffix) {
+  char *eid = pct_encode(id);
+  char *p = xasprintf("/%s/%s%s", collection, eid, suffix ? suffix : "");
+  free(eid);
+  return p;
+}
+
+char *zm_ziti_quote(const char *value) { return zitiql_quote(value); }
+
+void zm_ziti_list(zm_ziti_t *z, const char *path, const char *filter,
+                  unsigned limit, unsigned long offset, uint64_t deadline,
+                  zm_ziti_cb cb, void *data) {
+  zm__ziti_op_t *op = op_new(z, OP_LIST, deadline, cb, data);
+  copy_what(op, path ? path : "");
+  if (path == NULL || path[0] != '/' || limit == 0 ||
+      limit > ZM_ZITI_LIST_MAX || offset > ZM_ZITI_OFFSET_MAX) {
+    fail_inval(op, "bad list request");
+    return;
+  }
+  if (filter != NULL && filter[0] != '\0') {
+    char *f = pct_encode(filter);
+    set_target(op, xasprintf(MGMT "%s?filter=%s&limit=%u&offset=%lu", path, f,
+                             limit, offset));
+    free(f);
+  } else {
+    set_target(op,
+               xasprintf(MGMT "%s?limit=%u&offset=%lu", path, limit, offset));
+  }
+  op->method = "GET";
+  op->needs_auth = 1;
+  op_begin(op);
+}
 
 /* ---- lifecycle
  * ------------------------------------------------------------------------ */

@@ -65,12 +65,11 @@ def gen_stubs(out):
     """Python stubs for the service, as (pb, pb_grpc). If another module of
     this pytest run (conftest/zmtest) already imported them, those are
     reused: the protobuf descriptor pool accepts each .proto file once."""
-    subprocess.run([PYTHON, "-m", "grpc_tools.protoc", "-I", os.path.join(ROOT, "proto"),
-                    "-I", "/usr/include", "--python_out", out, "--grpc_python_out", out,
-                    "agynio/api/ziti_management/v1/ziti_management.proto"], check=True)
-    sys.path.append(out)
-    from agynio.api.ziti_management.v1 import ziti_management_pb2 as pb
-    from agynio.api.ziti_management.v1 import ziti_management_pb2_grpc as pb_grpc
+    # zmtest compiles the contract (with the proto3-optional rewrite that the
+    # bundled protoc 3.5 needs) into the build directory
+    import zmtest
+
+    pb, pb_grpc = zmtest.pb, zmtest.pb_grpc
     return pb, pb_grpc
 
 

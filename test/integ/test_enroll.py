@@ -32,7 +32,9 @@ import zmtest
 from zmtest import pb
 
 SVC_TYPES = {1: ("gateway", ["gateway-hosts"]), 2: ("orchestrator", ["orchestrators"]),
-             3: ("runner", ["runners"])}
+             4: ("llm-proxy", ["llm-proxy-hosts"]), 5: ("tracing", ["tracing-hosts"]),
+             6: ("runners", ["runners-service-hosts"]), 7: ("egress-gateway", ["egress-gateway-hosts"]),
+             8: ("terminal-proxy", ["terminal-proxy-hosts"])}
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 
 # ============================================================================
@@ -257,7 +259,7 @@ def stub(srv):
 # ============================================================================
 
 
-@pytest.mark.parametrize("stype", [1, 2, 3])
+@pytest.mark.parametrize("stype", [1, 2, 4, 5, 6, 7, 8])
 def test_request_service_identity_usable(sim, srv, stub, stype, tmp_path):
     name, roles = SVC_TYPES[stype]
     r = stub.RequestServiceIdentity(pb.RequestServiceIdentityRequest(service_type=stype), timeout=30)
@@ -298,9 +300,11 @@ def test_service_types_extension(sim, tmp_path):
             # the built-in types still work next to the extension
             r1 = st.RequestServiceIdentity(pb.RequestServiceIdentityRequest(service_type=1), timeout=30)
             assert sim.identity(r1.ziti_identity_id)["roleAttributes"] == ["gateway-hosts"]
-            code, _ = rpc_code(st.RequestServiceIdentity, pb.RequestServiceIdentityRequest(service_type=5),
-                               timeout=5)
-            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            # 3 (reserved by the contract) and unknown numbers are refused
+            for t in (3, 9):
+                code, _ = rpc_code(st.RequestServiceIdentity, pb.RequestServiceIdentityRequest(service_type=t),
+                                   timeout=5)
+                assert code == grpc.StatusCode.INVALID_ARGUMENT
         wait_invariant(sim, s.store_path, strict=True)
     finally:
         dispose(s)
@@ -337,7 +341,8 @@ def verify_jwt(token, server_cert_file):
 
 
 def test_create_agent_identity(sim, srv, stub):
-    for bad in ("", "not-a-uuid", "1234", str(uuid.uuid4()) + "x", str(uuid.uuid4()).replace("-", "")):
+    # (the 32-hex, {...} and urn:uuid: forms are UUIDs too, as google/uuid parses them)
+    for bad in ("", "not-a-uuid", "1234", str(uuid.uuid4()) + "x", str(uuid.uuid4()).replace("-", "")[:31]):
         code, _ = rpc_code(stub.CreateAgentIdentity, pb.CreateAgentIdentityRequest(agent_id=bad), timeout=5)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, bad
     agent = str(uuid.uuid4())
@@ -371,8 +376,9 @@ def test_create_agent_identity(sim, srv, stub):
 def test_delete_identity(sim, srv, stub):
     code, _ = rpc_code(stub.DeleteIdentity, pb.DeleteIdentityRequest(ziti_identity_id=""), timeout=5)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+    # idempotent (the contract, as the Go service's newest version): no mapping is OK
     code, _ = rpc_code(stub.DeleteIdentity, pb.DeleteIdentityRequest(ziti_identity_id="nope"), timeout=5)
-    assert code == grpc.StatusCode.NOT_FOUND
+    assert code == grpc.StatusCode.OK
     a = stub.CreateAgentIdentity(pb.CreateAgentIdentityRequest(agent_id=str(uuid.uuid4())), timeout=30)
     b = stub.CreateAgentIdentity(pb.CreateAgentIdentityRequest(agent_id=str(uuid.uuid4())), timeout=30)
     stub.DeleteIdentity(pb.DeleteIdentityRequest(ziti_identity_id=a.ziti_identity_id), timeout=10)
@@ -383,7 +389,7 @@ def test_delete_identity(sim, srv, stub):
     assert code == grpc.StatusCode.NOT_FOUND
     code, _ = rpc_code(stub.DeleteIdentity, pb.DeleteIdentityRequest(ziti_identity_id=a.ziti_identity_id),
                        timeout=5)
-    assert code == grpc.StatusCode.NOT_FOUND
+    assert code == grpc.StatusCode.OK
     # already gone on the controller: still OK, mapping removed
     _delete_on_sim(sim, b.ziti_identity_id)
     stub.DeleteIdentity(pb.DeleteIdentityRequest(ziti_identity_id=b.ziti_identity_id), timeout=10)
@@ -708,7 +714,7 @@ def test_200_concurrent_enrollments_all_valid_while_resolving(sim, tmp_path):
         chans = [s.channel() for _ in range(4)]
         stubs = [s.stub(c) for c in chans]
         t0 = time.monotonic()
-        futs = [stubs[i % 4].RequestServiceIdentity.future(pb.RequestServiceIdentityRequest(service_type=1 + i % 3),
+        futs = [stubs[i % 4].RequestServiceIdentity.future(pb.RequestServiceIdentityRequest(service_type=(1, 2, 4)[i % 3]),
                                                            timeout=120) for i in range(n)]
         results = []
         for f in futs:
@@ -723,7 +729,7 @@ def test_200_concurrent_enrollments_all_valid_while_resolving(sim, tmp_path):
         ids = [r.ziti_identity_id for r in results]
         assert len(set(ids)) == n
         for i, r in enumerate(results):
-            tname, roles = SVC_TYPES[1 + i % 3]
+            tname, roles = SVC_TYPES[(1, 2, 4)[i % 3]]
             check_identity(sim, r.ziti_identity_id, r.identity_json, str(tmp_path / ("id%d" % i)), tname, roles,
                            handshake=(i % 20 == 0))
         p50, p99 = _pct(lat, 50) * 1000, _pct(lat, 99) * 1000

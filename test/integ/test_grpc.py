@@ -260,7 +260,7 @@ def test_cancellation_leaves_nothing_behind(sim):
         sim.faults({"latency_ms": 400})
         with s.channel() as ch:
             f = s.stub(ch).RequestServiceIdentity.future(
-                pb.RequestServiceIdentityRequest(service_type=pb.SERVICE_TYPE_RUNNER), timeout=30)
+                pb.RequestServiceIdentityRequest(service_type=pb.SERVICE_TYPE_RUNNERS), timeout=30)
             time.sleep(0.6)
             f.cancel()
             assert f.cancelled()

@@ -126,7 +126,7 @@ def test_outage_longer_than_ttl_keeps_live_leases(sim, servers):
     with s.channel() as ch:
         st = s.stub(ch)
         live = enroll(st, 1)
-        idle = enroll(st, 3)
+        idle = enroll(st, 4)
         assert extend(st, live) == grpc.StatusCode.OK
     assert s.stop() == 0
     t_stop = time.monotonic()
@@ -310,7 +310,7 @@ def test_crash_between_controller_delete_and_removal_reloads_deleting(sim, serve
     table = removal_table(s.store_path)
     with s.channel() as ch:
         st = s.stub(ch)
-        zid = enroll(st, 3)
+        zid = enroll(st, 4)
         add_failing_trigger(s.store_path, table, "DELETE")
         wait_for(lambda: zid not in on_sim(sim), 1.0 + MARGIN_S + 10, "the controller delete")
         time.sleep(0.3)  # the removal was attempted (and failed)

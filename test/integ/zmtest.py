@@ -32,14 +32,29 @@ def zm_bin():
 def _gen_stubs():
     out = os.path.join(_build_dir(), "pystubs")
     marker = os.path.join(out, ".done")
-    protos = ["agynio/api/ziti_management/v1/ziti_management.proto", "grpc/health/v1/health.proto"]
+    protos = ["agynio/api/identity/v1/identity.proto", "agynio/api/ziti_management/v1/ziti_management.proto",
+              "grpc/health/v1/health.proto"]
     newest = max(os.path.getmtime(os.path.join(REPO, "proto", p)) for p in protos)
     if not os.path.exists(marker) or os.path.getmtime(marker) < newest:
         os.makedirs(out, exist_ok=True)
         from grpc_tools import protoc
 
+        # grpc_tools' protoc (3.5) predates proto3 `optional`: compile a copy in
+        # which each such field is the wire-identical one-field oneof (as the C
+        # build does, cmake/proto_optional.cmake); HasField() works the same.
+        import re
+
+        src = os.path.join(out, "proto-src")
         for p in protos:
-            args = ["protoc", "-I", os.path.join(REPO, "proto"), "-I", "/usr/include",
+            os.makedirs(os.path.dirname(os.path.join(src, p)), exist_ok=True)
+            with open(os.path.join(REPO, "proto", p)) as f:
+                text = f.read()
+            text = re.sub(r"\n([ ]*)optional ([A-Za-z0-9_.]+) ([a-z0-9_]+) = ([0-9]+)([^;\n]*);",
+                          r"\n\1oneof _\3 { \2 \3 = \4\5; }", text)
+            with open(os.path.join(src, p), "w") as f:
+                f.write(text)
+        for p in protos:
+            args = ["protoc", "-I", src, "-I", "/usr/include",
                     "--python_out=" + out]
             if "health" not in p:
                 args.append("--grpc_python_out=" + out)
@@ -58,6 +73,12 @@ def _gen_stubs():
 _gen_stubs()
 from agynio.api.ziti_management.v1 import ziti_management_pb2 as pb  # noqa: E402
 from agynio.api.ziti_management.v1 import ziti_management_pb2_grpc as pb_grpc  # noqa: E402
+from agynio.api.identity.v1 import identity_pb2 as idpb  # noqa: E402
+
+# IdentityType moved to agynio.api.identity.v1 (same numbers): tests keep
+# writing pb.IDENTITY_TYPE_*.
+for _k, _v in idpb.IdentityType.items():
+    setattr(pb, _k, _v)
 
 
 

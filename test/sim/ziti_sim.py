@@ -546,7 +546,8 @@ def _tokenize(s):
             i = j
         elif c.isascii() and (c.isalpha() or c == "_"):
             j = i + 1
-            while j < n and s[j].isascii() and (s[j].isalnum() or s[j] in "_."):
+            while j < n and s[j].isascii() and (s[j].isalnum() or s[j] in "_."
+                                                or (s[i:j].startswith("tags.") and s[j] in "-/:")):
                 j += 1
             word = s[i:j]
             if word.lower() in _KEYWORDS:
@@ -562,7 +563,10 @@ def _tokenize(s):
 
 
 class _FilterParser:
-    def __init__(self, text):
+    def __init__(self, text, strings=None, bools=None, sets=None):
+        self.strings = _STRING_FIELDS if strings is None else strings
+        self.bools = _BOOL_FIELDS if bools is None else bools
+        self.sets = _SET_FIELDS if sets is None else sets
         self.toks = _tokenize(text)
         self.i = 0
         self.sort = None
@@ -599,7 +603,7 @@ class _FilterParser:
             self.sort = []
             while True:
                 f = self.take()
-                if f[0] != "ident" or f[1] not in _STRING_FIELDS | _BOOL_FIELDS:
+                if f[0] != "ident" or f[1] not in self.strings | self.bools:
                     raise FilterError("invalid sort field")
                 desc = False
                 if self.kw("desc", False):
@@ -676,15 +680,15 @@ class _FilterParser:
             if self.take()[0] != "(":
                 raise FilterError("expected '('")
             f = self.take()
-            if f[0] != "ident" or f[1] not in _SET_FIELDS:
+            if f[0] != "ident" or f[1] not in self.sets:
                 raise FilterError("invalid set field")
             if self.take()[0] != ")":
                 raise FilterError("expected ')'")
             field = (t[1], f[1])
         elif t[0] == "ident":
-            if t[1] in _SET_FIELDS:
+            if t[1] in self.sets:
                 raise FilterError("set field '%s' requires anyOf/allOf" % t[1])
-            if t[1] not in _STRING_FIELDS and t[1] not in _BOOL_FIELDS:
+            if not t[1].startswith("tags.") and t[1] not in self.strings and t[1] not in self.bools:
                 raise FilterError("unknown field '%s'" % t[1])
             field = ("one", t[1])
         else:
@@ -703,14 +707,14 @@ class _FilterParser:
                 if c[0] != ",":
                     raise FilterError("expected ',' or ']'")
                 vals.append(self.value())
-            self._check_types(field, vals)
+            self._check_types(field, vals, self)
             return ("cmp", field, "in", vals, negate)
         for op in ("contains", "icontains", "startswith", "endswith"):
             if self.kw(op):
                 v = self.value()
                 if not isinstance(v, str):
                     raise FilterError("%s requires a string" % op)
-                if field[0] == "one" and field[1] not in _STRING_FIELDS:
+                if field[0] == "one" and field[1] not in self.strings and not field[1].startswith("tags."):
                     raise FilterError("%s requires a string field" % op)
                 return ("cmp", field, op, v, negate)
         if negate:
@@ -719,20 +723,23 @@ class _FilterParser:
         if o[0] != "op":
             raise FilterError("expected an operator at %d" % o[3])
         v = self.value()
-        self._check_types(field, [v])
+        self._check_types(field, [v], self)
         if v is None and o[1] not in ("=", "!="):
             raise FilterError("null only with = and !=")
         return ("cmp", field, o[1], v, False)
 
     @staticmethod
-    def _check_types(field, vals):
+    def _check_types(field, vals, p=None):
         name = field[1]
+        strings = p.strings if p else _STRING_FIELDS
+        sets = p.sets if p else _SET_FIELDS
+        bools = p.bools if p else _BOOL_FIELDS
         for v in vals:
             if v is None:
                 continue
-            if (name in _STRING_FIELDS or name in _SET_FIELDS) and not isinstance(v, str):
+            if (name in strings or name in sets or name.startswith("tags.")) and not isinstance(v, str):
                 raise FilterError("field '%s' requires string values" % name)
-            if name in _BOOL_FIELDS and not isinstance(v, bool):
+            if name in bools and not isinstance(v, bool):
                 raise FilterError("field '%s' requires boolean values" % name)
 
 
@@ -771,7 +778,7 @@ def eval_filter(node, ident):
     if field[0] == "one":
         res = _cmp_one(ident.field(field[1]), op, v)
     else:
-        vals = ident.role_attributes or []
+        vals = (ident.set_field(field[1]) if hasattr(ident, "set_field") else ident.role_attributes) or []
         if field[0] == "anyof":
             res = any(_cmp_one(x, op, v) for x in vals)
         else:
@@ -820,6 +827,9 @@ class Identity:
             return self.is_default_admin
         if name == "isSystem":
             return False
+        if name.startswith("tags."):
+            v = (self.tags or {}).get(name[5:])
+            return v if isinstance(v, str) else None
         return None
 
 
@@ -1188,6 +1198,167 @@ def validate_identity_create(d):
 # ----------------------------------------------------------------------------- the simulator
 
 
+# ---- services, configs, service policies (management.yml: serviceCreate,
+# configCreate, servicePolicyCreate, *Patch; list envelopes as identities)
+
+HOST_V1_ID = "NH5p4FpGR"
+INTERCEPT_V1_ID = "g7cIWbcGg"
+CONFIG_TYPES = {HOST_V1_ID: "host.v1", INTERCEPT_V1_ID: "intercept.v1"}
+_OBJ_STRINGS = {"id", "name"}
+_CONFIG_STRINGS = {"id", "name", "configTypeId"}
+_POLICY_STRINGS = {"id", "name", "type", "semantic"}
+
+
+class Entity:
+    def __init__(self, name):
+        self.id = new_id()
+        self.name = name
+        self.tags = {}
+        self.created = self.updated = now_ts()
+
+    def field(self, name):
+        if name == "id":
+            return self.id
+        if name == "name":
+            return self.name
+        if name.startswith("tags."):
+            v = (self.tags or {}).get(name[5:])
+            return v if isinstance(v, str) else None
+        return getattr(self, "_f_" + name, None)
+
+    def set_field(self, name):
+        return getattr(self, {"roleAttributes": "role_attributes", "identityRoles": "identity_roles",
+                              "serviceRoles": "service_roles"}.get(name, "role_attributes"), [])
+
+    def base_json(self, coll):
+        return {"_links": {"self": _link("./%s/%s" % (coll, self.id))}, "id": self.id, "name": self.name,
+                "tags": self.tags, "createdAt": fmt_time(self.created), "updatedAt": fmt_time(self.updated)}
+
+
+class Service(Entity):
+    def __init__(self, name, role_attributes, configs, encryption_required):
+        super().__init__(name)
+        self.role_attributes = list(role_attributes or [])
+        self.configs = list(configs or [])
+        self.encryption_required = encryption_required
+
+    def to_json(self):
+        d = self.base_json("services")
+        d.update({"roleAttributes": self.role_attributes, "configs": self.configs,
+                  "encryptionRequired": self.encryption_required, "terminatorStrategy": "smartrouting",
+                  "maxIdleTimeMillis": 0, "permissions": ["Bind", "Dial"], "config": {}, "postureQueries": []})
+        return d
+
+
+class Config(Entity):
+    def __init__(self, name, type_id, data):
+        super().__init__(name)
+        self.type_id = type_id
+        self.data = data
+        self._f_configTypeId = type_id
+
+    def to_json(self):
+        d = self.base_json("configs")
+        d.update({"configTypeId": self.type_id, "data": self.data,
+                  "configType": _entity_ref("config-types", self.type_id, CONFIG_TYPES[self.type_id])})
+        return d
+
+
+class Policy(Entity):
+    def __init__(self, name, ptype, semantic, identity_roles, service_roles, posture_roles):
+        super().__init__(name)
+        self.type = ptype
+        self.semantic = semantic
+        self.identity_roles = list(identity_roles or [])
+        self.service_roles = list(service_roles or [])
+        self.posture_roles = list(posture_roles or [])
+        self._f_type = ptype
+        self._f_semantic = semantic
+
+    def to_json(self):
+        d = self.base_json("service-policies")
+        d.update({"type": self.type, "semantic": self.semantic, "identityRoles": self.identity_roles,
+                  "serviceRoles": self.service_roles, "postureCheckRoles": self.posture_roles,
+                  "identityRolesDisplay": [], "serviceRolesDisplay": [], "postureCheckRolesDisplay": []})
+        return d
+
+
+def _obj_body(body, what):
+    val = decode_json_body(body, what)
+    if not isinstance(val, _Pairs):
+        raise err_parse_body('parsing %s body from "" failed, because json: cannot unmarshal %s into Go value'
+                             % (what, _json_kind(val)))
+    out = {}
+    for k, v in val:
+        out[k] = v  # Go matches keys case-insensitively; the service sends exact names
+    return out
+
+
+def _want_str(d, key, required=False):
+    v = d.get(key)
+    if v is None:
+        if required:
+            raise err_validate(key, "%s in body is required" % key, "<nil>")
+        return None
+    if not isinstance(v, str):
+        raise err_parse_body("json: cannot unmarshal %s into Go struct field .%s of type string"
+                             % (_json_kind(v), key))
+    return clean_str(v)
+
+
+def _want_strs(d, key):
+    v = d.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise err_parse_body("json: cannot unmarshal %s into Go struct field .%s of type []string"
+                             % (_json_kind(v), key))
+    return [clean_str(x) for x in v]
+
+
+def _want_tags(d):
+    v = d.get("tags")
+    if v is None:
+        return None
+    if not isinstance(v, _Pairs):
+        raise err_parse_body("json: cannot unmarshal %s into Go struct field .tags of type rest_model.Tags"
+                             % _json_kind(v))
+    return _to_plain(v)
+
+
+def _check_config_data(type_id, data):
+    """The config type's JSON schema, the parts the service's bodies exercise."""
+    if not isinstance(data, dict):
+        raise err_validate("data", "data in body must be of type object", str(data))
+    ranges_ok = lambda rs: isinstance(rs, list) and all(
+        isinstance(r, dict) and set(r) == {"low", "high"} and all(isinstance(r[k], int) and 0 <= r[k] <= 65535
+                                                                  for k in r) for r in rs)
+    if type_id == INTERCEPT_V1_ID:
+        for k in ("protocols", "addresses", "portRanges"):
+            if k not in data:
+                raise err_validate("data", "(root): %s is required" % k, "")
+        if not all(p in ("tcp", "udp") for p in data["protocols"]):
+            raise err_validate("data", "protocols.0: must be one of [tcp udp]", "")
+        if not ranges_ok(data["portRanges"]):
+            raise err_validate("data", "portRanges: invalid", "")
+        allowed = {"protocols", "addresses", "portRanges", "dialOptions", "sourceIp"}
+    else:
+        if "protocol" not in data and not data.get("forwardProtocol"):
+            raise err_validate("data", "(root): Must validate one and only one schema (oneOf)", "")
+        if "address" not in data and not data.get("forwardAddress"):
+            raise err_validate("data", "(root): Must validate one and only one schema (oneOf)", "")
+        if "port" not in data and not data.get("forwardPort"):
+            raise err_validate("data", "(root): Must validate one and only one schema (oneOf)", "")
+        if "allowedPortRanges" in data and not ranges_ok(data["allowedPortRanges"]):
+            raise err_validate("data", "allowedPortRanges: invalid", "")
+        allowed = {"protocol", "address", "port", "forwardProtocol", "forwardAddress", "forwardPort",
+                   "allowedProtocols", "allowedAddresses", "allowedPortRanges", "allowedSourceAddresses",
+                   "listenOptions", "portChecks", "httpChecks"}
+    extra = set(data) - allowed
+    if extra:
+        raise err_validate("data", "(root): Additional property %s is not allowed" % sorted(extra)[0], "")
+
+
 class Fault:
     __slots__ = ("method", "path_prefix", "action", "status", "retry_after", "count", "skip", "ms", "apply",
                  "code", "seen", "hits")
@@ -1234,6 +1405,9 @@ class Sim:
         self.loop = None
         self.pki = Pki(args.dir, args.server_key)
         self.identities = {}     # id -> Identity
+        self.services = {}       # id -> Service
+        self.configs = {}        # id -> Config
+        self.policies = {}       # id -> Policy
         self.by_name = {}
         self.by_ext = {}
         self.enrollments = {}    # token -> Enrollment
@@ -1434,7 +1608,27 @@ class Sim:
                     if ident_id and "/" not in ident_id:
                         req.params["id"] = ident_id
                         return base + "/identities/{id}", {"GET": self.h_get_identity,
-                                                           "DELETE": self.h_delete_identity}
+                                                           "DELETE": self.h_delete_identity,
+                                                           "PATCH": self.h_patch_identity}
+                for coll, lst, one in (("services", {"GET": self.h_list_services, "POST": self.h_create_service},
+                                        {"GET": self.h_get_service, "PATCH": self.h_patch_service,
+                                         "DELETE": self.h_delete_service}),
+                                       ("configs", {"GET": self.h_list_configs, "POST": self.h_create_config},
+                                        {"GET": self.h_get_config, "PATCH": self.h_patch_config,
+                                         "DELETE": self.h_delete_config}),
+                                       ("service-policies", {"GET": self.h_list_policies,
+                                                             "POST": self.h_create_policy},
+                                        {"GET": self.h_get_policy, "DELETE": self.h_delete_policy})):
+                    if rest == "/" + coll:
+                        return base + rest, lst
+                    if rest.startswith("/" + coll + "/"):
+                        parts = rest[len(coll) + 2:].split("/")
+                        if len(parts) == 1 and parts[0]:
+                            req.params["id"] = parts[0]
+                            return base + "/%s/{id}" % coll, one
+                        if coll == "services" and len(parts) == 2 and parts[0] and parts[1] == "configs":
+                            req.params["id"] = parts[0]
+                            return base + "/services/{id}/configs", {"GET": self.h_service_configs}
             else:
                 if rest == "/enroll":
                     return base + rest, {"POST": self.h_enroll}
@@ -1627,6 +1821,245 @@ class Sim:
                                "pagination": {"limit": limit, "offset": offset, "totalCount": total}}})
         return Response(200, body, [(b"Content-Type", b"application/json")], chunked=True)
 
+    # -- identity PATCH
+
+    def h_patch_identity(self, req):
+        tok = self.auth_token(req)
+        self.check_json_ct(req)
+        d = _obj_body(req.body, "identity")
+        self.auth_session(tok)
+        ident = self.identities.get(req.params["id"])
+        if ident is None:
+            raise err_not_found()
+        roles = _want_strs(d, "roleAttributes")
+        tags = _want_tags(d)
+        name = _want_str(d, "name")
+        if roles is not None:
+            ident.role_attributes = roles
+        if tags is not None:
+            ident.tags = tags
+        if name is not None:
+            if name in self.by_name and self.by_name[name] != ident.id:
+                raise err_validate("name", "duplicate value '%s' in unique index on identities store" % name, name)
+            del self.by_name[ident.name]
+            ident.name = name
+            self.by_name[name] = ident.id
+        ident.updated = now_ts()
+        return self.ok({})
+
+    # -- services, configs, service policies
+
+    def _list_objects(self, req, objs, strings, sets, filterable):
+        tok = self.auth_token(req)
+        q = parse_query(req.query)
+        limit = self._int_param(q, "limit")
+        offset = self._int_param(q, "offset")
+        self.auth_session(tok)
+        ftext = q.get("filter", [""])[0]
+        node = None
+        if ftext.strip():
+            try:
+                node = _FilterParser(ftext, strings, set(), sets).parse()
+            except FilterError as e:
+                raise err_invalid_filter(str(e))
+        if limit is None or limit == 0 or limit < -1:
+            limit = 10
+        elif limit > 500:
+            limit = 500
+        if offset is None or offset < 0:
+            offset = 0
+        elif offset > 100000:
+            offset = 100000
+        items = sorted((o for o in objs if node is None or eval_filter(node, o)), key=lambda o: o.id)
+        page = items[offset:] if limit == -1 else items[offset:offset + limit]
+        body = jdump({"data": [o.to_json() for o in page],
+                      "meta": {"filterableFields": filterable,
+                               "pagination": {"limit": limit, "offset": offset, "totalCount": len(items)}}})
+        return Response(200, body, [(b"Content-Type", b"application/json")], chunked=True)
+
+    def _unique(self, objs, name, store):
+        if name == "":
+            raise err_unhandled("index on %s.name does not allow null or empty values" % store)
+        if any(o.name == name for o in objs):
+            raise err_validate("name", "duplicate value '%s' in unique index on %s store" % (name, store), name)
+
+    def _created(self, coll, obj):
+        return self.ok({"_links": {"self": _link("./%s/%s" % (coll, obj.id))}, "id": obj.id}, status=201)
+
+    def h_create_service(self, req):
+        tok = self.auth_token(req)
+        self.check_json_ct(req)
+        d = _obj_body(req.body, "service")
+        name = _want_str(d, "name", True)
+        enc = d.get("encryptionRequired")
+        if enc is None:
+            raise err_validate("encryptionRequired", "encryptionRequired in body is required", "<nil>")
+        if not isinstance(enc, bool):
+            raise err_parse_body("json: cannot unmarshal %s into Go struct field ServiceCreate.encryptionRequired "
+                                 "of type bool" % _json_kind(enc))
+        roles = _want_strs(d, "roleAttributes")
+        configs = _want_strs(d, "configs")
+        tags = _want_tags(d)
+        self.auth_session(tok)
+        self._unique(self.services.values(), name, "services")
+        for c in configs or []:
+            if c not in self.configs:
+                raise ApiError(404, "NOT_FOUND", "The resource requested was not found or is no longer available",
+                               field_cause("configs", "no config with id %s" % c, c))
+        svc = Service(name, roles, configs, enc)
+        if tags:
+            svc.tags = tags
+        self.services[svc.id] = svc
+        return self._created("services", svc)
+
+    def h_list_services(self, req):
+        return self._list_objects(req, list(self.services.values()), _OBJ_STRINGS, {"roleAttributes"},
+                                  ["id", "name", "roleAttributes", "tags", "createdAt", "updatedAt"])
+
+    def _get(self, objs, req):
+        self.auth_session(self.auth_token(req))
+        o = objs.get(req.params["id"])
+        if o is None:
+            raise err_not_found()
+        return o
+
+    def h_get_service(self, req):
+        return self.ok(self._get(self.services, req).to_json())
+
+    def h_patch_service(self, req):
+        tok = self.auth_token(req)
+        self.check_json_ct(req)
+        d = _obj_body(req.body, "service")
+        self.auth_session(tok)
+        svc = self.services.get(req.params["id"])
+        if svc is None:
+            raise err_not_found()
+        name = _want_str(d, "name")
+        roles = _want_strs(d, "roleAttributes")
+        configs = _want_strs(d, "configs")
+        tags = _want_tags(d)
+        for c in configs or []:
+            if c not in self.configs:
+                raise ApiError(404, "NOT_FOUND", "The resource requested was not found or is no longer available",
+                               field_cause("configs", "no config with id %s" % c, c))
+        if name is not None:
+            self._unique([o for o in self.services.values() if o is not svc], name, "services")
+            svc.name = name
+        if roles is not None:
+            svc.role_attributes = roles
+        if configs is not None:
+            svc.configs = configs
+        if tags is not None:
+            svc.tags = tags
+        svc.updated = now_ts()
+        self.counters["service_patches"] = self.counters.get("service_patches", 0) + 1
+        return self.ok({})
+
+    def h_delete_service(self, req):
+        svc = self._get(self.services, req)
+        del self.services[svc.id]
+        return self.ok({})
+
+    def h_service_configs(self, req):
+        svc = self.services.get(req.params["id"])
+        objs = [self.configs[c] for c in (svc.configs if svc else []) if c in self.configs]
+        return self._list_objects(req, objs, _CONFIG_STRINGS, set(), ["id", "name", "configTypeId"])
+
+    def h_create_config(self, req):
+        tok = self.auth_token(req)
+        self.check_json_ct(req)
+        d = _obj_body(req.body, "config")
+        name = _want_str(d, "name", True)
+        type_id = _want_str(d, "configTypeId", True)
+        if "data" not in d or d["data"] is None:
+            raise err_validate("data", "data in body is required", "<nil>")
+        data = _to_plain(d["data"])
+        tags = _want_tags(d)
+        self.auth_session(tok)
+        if type_id not in CONFIG_TYPES:
+            raise ApiError(404, "NOT_FOUND", "The resource requested was not found or is no longer available",
+                           field_cause("configTypeId", "no config type with id %s" % type_id, type_id))
+        _check_config_data(type_id, data)
+        self._unique(self.configs.values(), name, "configs")
+        cfg = Config(name, type_id, data)
+        if tags:
+            cfg.tags = tags
+        self.configs[cfg.id] = cfg
+        return self._created("configs", cfg)
+
+    def h_list_configs(self, req):
+        return self._list_objects(req, list(self.configs.values()), _CONFIG_STRINGS, set(),
+                                  ["id", "name", "configTypeId", "tags"])
+
+    def h_get_config(self, req):
+        return self.ok(self._get(self.configs, req).to_json())
+
+    def h_patch_config(self, req):
+        tok = self.auth_token(req)
+        self.check_json_ct(req)
+        d = _obj_body(req.body, "config")
+        self.auth_session(tok)
+        cfg = self.configs.get(req.params["id"])
+        if cfg is None:
+            raise err_not_found()
+        name = _want_str(d, "name")
+        tags = _want_tags(d)
+        data = _to_plain(d["data"]) if d.get("data") is not None else cfg.data
+        _check_config_data(cfg.type_id, data)  # re-validated even when absent
+        if name is not None:
+            self._unique([o for o in self.configs.values() if o is not cfg], name, "configs")
+            cfg.name = name
+        cfg.data = data
+        if tags is not None:
+            cfg.tags = tags
+        cfg.updated = now_ts()
+        return self.ok({})
+
+    def h_delete_config(self, req):
+        cfg = self._get(self.configs, req)
+        users = [s.id for s in self.services.values() if cfg.id in s.configs]
+        if users:
+            raise ApiError(409, "CAN_NOT_DELETE_REFERENCED_ENTITY",
+                           "The entity requested for delete can not be deleted because it is referenced by "
+                           "other entities", {"code": "UNHANDLED", "message": "referenced by services %s" % users})
+        del self.configs[cfg.id]
+        return self.ok({})
+
+    def h_create_policy(self, req):
+        tok = self.auth_token(req)
+        self.check_json_ct(req)
+        d = _obj_body(req.body, "servicePolicy")
+        name = _want_str(d, "name", True)
+        ptype = _want_str(d, "type", True)
+        semantic = _want_str(d, "semantic", True)
+        if ptype not in ("Dial", "Bind"):
+            raise err_validate("type", "type in body should be one of [Dial Bind]", ptype)
+        if semantic not in ("AllOf", "AnyOf"):
+            raise err_validate("semantic", "semantic in body should be one of [AllOf AnyOf]", semantic)
+        idr = _want_strs(d, "identityRoles")
+        svr = _want_strs(d, "serviceRoles")
+        pcr = _want_strs(d, "postureCheckRoles")
+        tags = _want_tags(d)
+        self.auth_session(tok)
+        self._unique(self.policies.values(), name, "servicePolicies")
+        pol = Policy(name, ptype, semantic, idr, svr, pcr)
+        if tags:
+            pol.tags = tags
+        self.policies[pol.id] = pol
+        return self._created("service-policies", pol)
+
+    def h_list_policies(self, req):
+        return self._list_objects(req, list(self.policies.values()), _POLICY_STRINGS,
+                                  {"identityRoles", "serviceRoles"}, ["id", "name", "type", "semantic", "tags"])
+
+    def h_get_policy(self, req):
+        return self.ok(self._get(self.policies, req).to_json())
+
+    def h_delete_policy(self, req):
+        pol = self._get(self.policies, req)
+        del self.policies[pol.id]
+        return self.ok({})
+
     # -- enrollment
 
     def _accepts_json(self, req):
@@ -1729,7 +2162,13 @@ class Sim:
                            "enrolled": i.cert_auth is not None, "createdAt": fmt_time(i.created)})
         now = now_ts()
         live = sum(1 for s in self.sessions.values() if now - s.last <= self.args.session_timeout)
-        return {"identities": idents, "counters": dict(self.counters), "sessions": live,
+        objs = {"services": [o.to_json() for o in sorted(self.services.values(), key=lambda x: x.id)],
+                "configs": [o.to_json() for o in sorted(self.configs.values(), key=lambda x: x.id)],
+                "policies": [o.to_json() for o in sorted(self.policies.values(), key=lambda x: x.id)]}
+        for i in idents:
+            src = self.identities[i["id"]]
+            i["tags"] = src.tags
+        return {"identities": idents, "counters": dict(self.counters), "sessions": live, **objs,
                 "connections": len(self.conns), "requests": self.requests, "faults_applied": self.faults_applied,
                 "late_applied": self.late_applied,
                 "pending_enrollments": len(self.enrollments), "refusing": self.refusing,
@@ -1754,6 +2193,9 @@ class Sim:
         for i in list(self.identities.values()):
             if not i.is_default_admin:
                 self.delete_identity(i)
+        self.services.clear()
+        self.configs.clear()
+        self.policies.clear()
         self.faults = []
         self.latency_ms = 0
         self.counters.clear()

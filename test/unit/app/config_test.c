@@ -42,9 +42,23 @@ static void test_defaults(void **state) {
   assert_string_equal(t->roles[0], "gateway-hosts");
   assert_string_equal(zm_config_service_type(&cfg, 2)->roles[0],
                       "orchestrators");
-  assert_string_equal(zm_config_service_type(&cfg, 3)->roles[0], "runners");
+  /* 3 (the old RUNNER) is reserved by the contract */
+  assert_null(zm_config_service_type(&cfg, 3));
+  assert_string_equal(zm_config_service_type(&cfg, 4)->name, "llm-proxy");
+  assert_string_equal(zm_config_service_type(&cfg, 4)->roles[0],
+                      "llm-proxy-hosts");
+  assert_string_equal(zm_config_service_type(&cfg, 5)->roles[0],
+                      "tracing-hosts");
+  assert_string_equal(zm_config_service_type(&cfg, 6)->name, "runners");
+  assert_string_equal(zm_config_service_type(&cfg, 6)->roles[0],
+                      "runners-service-hosts");
+  assert_string_equal(zm_config_service_type(&cfg, 7)->roles[0],
+                      "egress-gateway-hosts");
+  assert_string_equal(zm_config_service_type(&cfg, 8)->name, "terminal-proxy");
+  assert_string_equal(zm_config_service_type(&cfg, 8)->roles[0],
+                      "terminal-proxy-hosts");
   assert_null(zm_config_service_type(&cfg, 0));
-  assert_null(zm_config_service_type(&cfg, 4));
+  assert_null(zm_config_service_type(&cfg, 9));
 }
 
 static void test_durations(void **state) {

@@ -32,12 +32,16 @@ static void test_symbols(void **state) {
       zm_reflect_file_of(
           r, "agynio.api.ziti_management.v1.ManagedIdentity.created_at"),
       zf);
+  /* IdentityType lives in agynio/api/identity/v1 (the current contract) */
+  const char *idf = "agynio/api/identity/v1/identity.proto";
   assert_string_equal(
-      zm_reflect_file_of(r, "agynio.api.ziti_management.v1.IdentityType"), zf);
+      zm_reflect_file_of(r, "agynio.api.identity.v1.IdentityType"), idf);
   assert_string_equal(
-      zm_reflect_file_of(r,
-                         "agynio.api.ziti_management.v1.IDENTITY_TYPE_AGENT"),
-      zf);
+      zm_reflect_file_of(r, "agynio.api.identity.v1.IDENTITY_TYPE_AGENT"), idf);
+  assert_null(
+      zm_reflect_file_of(r, "agynio.api.ziti_management.v1.IdentityType"));
+  assert_string_equal(
+      zm_reflect_file_of(r, "agynio.api.ziti_management.v1.ServiceType"), zf);
   assert_string_equal(
       zm_reflect_file_of(r, "grpc.health.v1.HealthCheckResponse.SERVING"),
       "grpc/health/v1/health.proto");

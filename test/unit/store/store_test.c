@@ -1357,6 +1357,48 @@ static void test_list_managed(void **state) {
   close_all(st, &loop);
 }
 
+/* Every mapping of one platform identity, ordered by ziti id and bounded
+ * (app/runner replacement and deletes, issue 12); other identities' rows
+ * are not returned. */
+static void test_find_managed(void **state) {
+  (void)state;
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  zm_store_t *st = open_fresh(&loop, "fm", 0);
+  static outcomes_t o;
+  memset(&o, 0, sizeof o);
+  const char *ids[] = {"fm-c", "fm-a", "fm-b", "fm-x"};
+  for (int i = 0; i < 4; i++) {
+    zm_store_op_t op =
+        put_managed(ids[i], i < 3 ? UUID(11) : UUID(12), 5, T0 + i);
+    if (i == 0)
+      op.managed.ziti_service_id = "svc-1";
+    submit(st, &o, i, &op, 1);
+  }
+  static got_t g;
+  memset(&g, 0, sizeof g);
+  zm_store_find_managed(st, UUID(11), 10, on_got_managed, &g);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  assert_int_equal(g.calls, 1);
+  assert_int_equal(g.err, 0);
+  assert_int_equal(g.n, 3);
+  assert_string_equal(g.rows[0].zid, "fm-a");
+  assert_string_equal(g.rows[1].zid, "fm-b");
+  assert_string_equal(g.rows[2].zid, "fm-c");
+  assert_string_equal(g.rows[2].svc, "svc-1");
+  assert_int_equal(g.rows[0].type, 5);
+  memset(&g, 0, sizeof g);
+  zm_store_find_managed(st, UUID(11), 2, on_got_managed, &g);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  assert_int_equal(g.n, 2);
+  memset(&g, 0, sizeof g);
+  zm_store_find_managed(st, UUID(13), 10, on_got_managed, &g);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  assert_int_equal(g.calls, 1);
+  assert_int_equal(g.n, 0);
+  close_all(st, &loop);
+}
+
 /* ==== load ================================================================ */
 
 static void test_load_roundtrip(void **state) {
@@ -1935,6 +1977,7 @@ int main(void) {
       cmocka_unit_test(test_group_from_callbacks),
       cmocka_unit_test(test_failed_group),
       cmocka_unit_test(test_list_managed),
+      cmocka_unit_test(test_find_managed),
       cmocka_unit_test(test_load_roundtrip),
       cmocka_unit_test(test_hand_seeded_times),
       cmocka_unit_test(test_close_drains),
