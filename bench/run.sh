@@ -437,6 +437,7 @@ if [[ ${SKIP_LIFECYCLE:-0} != 1 ]] && ((HAVE_SERVER)); then
   # (run-lifecycle.sh builds a private copy of the anchors if they are not built)
   SKIP_BUILD=1 BUILD=$BUILD ANCHORS=$ANCHORS SERVER_CPU=$SERVER_CPU CLIENT_CPU=$CLIENT_CPU RESULTS_MD=$RESULTS_MD \
     DURATION=$([[ $QUICK == 1 ]] && echo 1 || echo 3) ROUNDS=$([[ $QUICK == 1 ]] && echo 1 || echo 3) \
+    STEADY_DURATION=$([[ $QUICK == 1 ]] && echo 3 || echo 15) \
     "$here/run-lifecycle.sh" >"$OUT/lifecycle.log" 2>&1 || log "run-lifecycle.sh failed (see $OUT/lifecycle.log)"
 fi
 errs=$(for f in "$OUT"/*.json; do json_get "$f" 'j["errors"]["total"]'; done | awk '{s+=$1} END{print s+0}')

@@ -16,6 +16,7 @@
 #include "zm/metrics.h"
 #include "zm/reflect.h"
 #include "zm/store.h"
+#include "zm/workers.h"
 #include "zm/ziti.h"
 
 #include <uv.h>
@@ -39,7 +40,8 @@ typedef struct zm_app {
   zm_health_t health;
   zm_store_t *store;
   zm_index_t *index;
-  zm_ziti_t *ziti; /* NULL when no controller is configured */
+  zm_ziti_t *ziti;       /* NULL when no controller is configured */
+  zm_workers_t *workers; /* key generation, JWT verification (with ziti) */
   zm_life_t *life;
   zm_collect_t *collect;
   zm_recover_t *recover;

@@ -43,6 +43,7 @@ typedef struct {
       enroll_timeout_ms; /* ENROLLMENT_TIMEOUT: bound of one enrollment when
                             the caller sets no deadline, default 60s */
   unsigned enroll_max_inflight; /* ENROLLMENT_MAX_INFLIGHT, default 256 */
+  unsigned crypto_threads;      /* ENROLLMENT_CRYPTO_THREADS, default 2 */
   zm_key_alg_t key_alg;         /* ENROLLMENT_KEY_ALG, default ec-p384 */
   uint64_t ziti_timeout_ms;     /* ZITI_REQUEST_TIMEOUT, default 15s */
   unsigned ziti_pool_size;      /* ZITI_POOL_SIZE, default 16 */

@@ -340,6 +340,8 @@ static void finish_shutdown(zm_app_t *app) {
   log_stats(app);
   if (app->ziti != NULL)
     zm_ziti_close(app->ziti, on_ziti_closed, app);
+  if (app->workers != NULL) /* idle by now: every call has finished */
+    zm_workers_close(app->workers, NULL, NULL);
   /* Commits whatever handlers queued; callbacks run before it returns. */
   zm_store_close(app->store);
   app->store = NULL;
@@ -476,6 +478,14 @@ int zm_app_run(const zm_config_t *cfg) {
     if (zm_ziti_new(&app.ziti, &loop, &zc) != 0) {
       ZM_ERROR("controller: cannot set up the client for %s",
                cfg->controller_url);
+      return 1;
+    }
+    /* Each enrollment has at most one job queued: the queue never refuses
+     * an admitted one. */
+    int wrv = zm_workers_new(&app.workers, &loop, cfg->crypto_threads,
+                             cfg->enroll_max_inflight);
+    if (wrv != 0) {
+      ZM_ERROR("enroll: cannot start the crypto workers: %s", uv_strerror(wrv));
       return 1;
     }
   } else {
@@ -725,7 +735,7 @@ void zm_test_crash_point(const char *state) {
   }
   if (target != NULL && strcmp(target, state) == 0) {
     ZM_WARN("test hook: crashing at %s", state);
-    zm_log_stop_async(); /* the line above reaches the log (tests read it) */
+    zm_log_stop_async(); /* the line above must reach the log first */
     _exit(137);
   }
 #else

@@ -235,6 +235,10 @@ const zm_setting_t zm_settings[] = {
      "key of enrolled identities: ec-p384, ec-p256, rsa-2048, rsa-4096", 0},
     {"ENROLLMENT_TIMEOUT", "60s", "bound of one enrollment", 0},
     {"ENROLLMENT_MAX_INFLIGHT", "256", "enrollments at once, 1..100000", 0},
+    {"ENROLLMENT_CRYPTO_THREADS", "2",
+     "threads for key generation and JWT verification (lowest priority), "
+     "1..64",
+     0},
     {"ZITI_REQUEST_TIMEOUT", "15s", "bound of one controller call", 0},
     {"ZITI_POOL_SIZE", "16", "keep-alive connections to the controller", 0},
     {"GRPC_MAX_RECV_MSG_SIZE", "4194304", "largest request message, bytes", 0},
@@ -348,6 +352,7 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
   cfg->pending_age_ms = 10 * 60 * 1000;
   cfg->enroll_timeout_ms = 60 * 1000;
   cfg->enroll_max_inflight = 256;
+  cfg->crypto_threads = 2;
   cfg->key_alg = ZM_KEY_EC_P384;
   cfg->ziti_timeout_ms = 15000;
   cfg->ziti_pool_size = 16;
@@ -445,6 +450,10 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
                      errlen)))
     return rv;
   cfg->enroll_max_inflight = (unsigned)x;
+  x = cfg->crypto_threads;
+  if ((rv = env_uint(get, "ENROLLMENT_CRYPTO_THREADS", 1, 64, &x, err, errlen)))
+    return rv;
+  cfg->crypto_threads = (unsigned)x;
   x = cfg->database_pool;
   if ((rv = env_uint(get, "DATABASE_POOL_SIZE", 2, 64, &x, err, errlen)))
     return rv;

@@ -6,12 +6,13 @@
  * subject into the issued certificate and insists on exactly one PEM block
  * with nothing after the END line's newline.
  *
- * Runs on libuv worker threads: every call has its own WC_RNG and keys, and
- * every buffer that held private key bytes is wiped before it is freed.
+ * Runs on the crypto workers (workers.c): every call has its own WC_RNG and
+ * keys, and every buffer that held private key bytes is wiped before it is
+ * freed.
  * wolfSSL (FP_ECC + HAVE_THREAD_LS) keeps a per-thread cache of base-point
  * tables, about 1 MB per thread; we keep it (it makes EC key generation ~18x
- * faster) since libuv's workers live as long as the process. A thread that
- * exits should call wc_ecc_fp_free() first.
+ * faster) while the workers live; a worker calls wc_ecc_fp_free() as it
+ * exits.
  */
 #include <wolfssl/options.h>
 

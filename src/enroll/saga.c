@@ -26,8 +26,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 /* Compensation and recovery get their own time budget, not the caller's. */
@@ -72,7 +70,7 @@ typedef struct enroll {
   int create_unanswered; /* CREATE failed without a conclusive answer */
   zm_grpc_status_t fail_status;
   char fail_msg[256];
-  uv_work_t work; /* VERIFY_JWT, then KEYGEN_CSR: one at a time */
+  zm_work_t work; /* VERIFY_JWT, then KEYGEN_CSR: one at a time */
   int work_rv;
   uint8_t *cert_der; /* VERIFY_JWT: controller's leaf certificate (owned) */
   size_t cert_der_len;
@@ -536,30 +534,16 @@ static void enroll_on_fetch_jwt(enroll_t *e) {
   zm_ziti_get_enrollment_jwt(e->app->ziti, e->id, e->deadline, on_jwt, e);
 }
 
-/* The libuv worker threads run at a lower priority (nice +10) than the loop
- * thread: when the service shares a core with them (a pinned container),
- * crypto then fills idle time instead of preempting the loop and delaying
- * every hot-path answer by a scheduler slice. */
-static void lower_thread_priority(void) {
-  static _Thread_local int niced;
-  if (!niced) {
-    niced = 1;
-    if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10) != 0)
-      ZM_DEBUG("enroll: cannot lower the worker thread's priority");
-  }
-}
-
-/* Signature verification is CPU work (ECDSA/RSA): on the thread pool, like
- * key generation. Touches only the fields set up for it. */
-static void verify_work(uv_work_t *w) {
-  lower_thread_priority();
+/* Signature verification is CPU work (ECDSA/RSA): on the crypto workers,
+ * like key generation. Touches only the fields set up for it. */
+static void verify_work(zm_work_t *w) {
   enroll_t *e = container_of(w, enroll_t, work);
   e->work_rv =
       zm_jwt_verify(e->jwt.base, e->jwt.len, e->cert_der, e->cert_der_len,
                     e->id, e->verify_now_s, &e->claims);
 }
 
-static void verify_done(uv_work_t *w, int status) {
+static void verify_done(zm_work_t *w, int status) {
   enroll_t *e = container_of(w, enroll_t, work);
   zm_secret_dispose(&e->jwt); /* the claims hold what we still need */
   free(e->cert_der);
@@ -594,7 +578,8 @@ static void enroll_on_verify_jwt(enroll_t *e) {
   memcpy(e->cert_der, der, der_len);
   e->cert_der_len = der_len;
   e->verify_now_s = zm_wall_ms() / 1000;
-  int rv = uv_queue_work(e->app->loop, &e->work, verify_work, verify_done);
+  int rv =
+      zm_workers_queue(e->app->workers, &e->work, verify_work, verify_done);
   if (rv != 0) {
     free(e->cert_der);
     e->cert_der = NULL;
@@ -603,15 +588,14 @@ static void enroll_on_verify_jwt(enroll_t *e) {
   }
 }
 
-/* Runs on a libuv worker thread: touches only e->key_pem/csr_pem/work_rv. */
-static void keygen_work(uv_work_t *w) {
-  lower_thread_priority();
+/* Runs on a crypto worker thread: touches only e->key_pem/csr_pem/work_rv. */
+static void keygen_work(zm_work_t *w) {
   enroll_t *e = container_of(w, enroll_t, work);
   e->work_rv =
       zm_keycsr_generate(e->app->cfg.key_alg, e->id, &e->key_pem, &e->csr_pem);
 }
 
-static void keygen_done(uv_work_t *w, int status) {
+static void keygen_done(zm_work_t *w, int status) {
   enroll_t *e = container_of(w, enroll_t, work);
   if (status != 0 || e->work_rv != 0) {
     enroll_fail(e, ZM_GRPC_INTERNAL, "key/CSR generation failed: %s",
@@ -623,7 +607,8 @@ static void keygen_done(uv_work_t *w, int status) {
 }
 
 static void enroll_on_keygen_csr(enroll_t *e) {
-  int rv = uv_queue_work(e->app->loop, &e->work, keygen_work, keygen_done);
+  int rv =
+      zm_workers_queue(e->app->workers, &e->work, keygen_work, keygen_done);
   if (rv != 0)
     enroll_fail(e, ZM_GRPC_INTERNAL, "cannot queue key generation: %s",
                 uv_strerror(rv));

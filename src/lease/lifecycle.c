@@ -22,9 +22,13 @@
  * (no process beat for that long). */
 #define BEAT_MS 1000u
 #define OUTAGE_GAP_MS 5000u
-/* This process trusts its view of the store (fast path, collection) only
- * while its last successful beat is younger than this. */
+/* Collection and recovery decide on the store clock and the resume time
+ * only while the last successful beat is younger than this. */
 #define BEAT_STALE_MS 3000u
+/* The store counts as reachable (ExtendIdentityLease is answered at all)
+ * while its latest answer to this process was a success and came less than
+ * this long ago: slow (a big flush ahead of the beat) is not down. */
+#define STORE_SILENCE_MS 10000u
 /* Change poll period (shared store): the bound on how long a mapping
  * deleted or replaced through another replica keeps resolving here. */
 #define CHANGES_MS 500u
@@ -115,12 +119,12 @@ struct zm_life {
 
   /* lease refreshes */
   uv_timer_t flush_timer;
-  idvec_t dirty;        /* ids with a pending refresh, not in flight */
-  uint64_t dirty_since; /* mono ms of the oldest refresh in dirty; 0 */
-  idvec_t flying;       /* ids of the flush in flight */
+  idvec_t dirty;  /* ids with a pending refresh, not in flight */
+  idvec_t flying; /* ids of the flush in flight */
   int64_t *flying_ms;
-  uint64_t flying_since; /* mono ms of the oldest refresh in flight; 0 */
-  int flush_failed;      /* the last flush failed: no fast path */
+  int flush_failed;         /* the last flush failed: its ids go again */
+  uint64_t store_ok_mono;   /* mono ms of the latest successful store answer */
+  uint64_t store_fail_mono; /* ... and of the latest failed one */
 
   /* change poller (shared store) */
   uv_timer_t changes_timer;
@@ -194,11 +198,22 @@ static int beat_fresh(const zm_life_t *l) {
   return l->last_beat_ok != 0 && mono_ms() - l->last_beat_ok < BEAT_STALE_MS;
 }
 
+static void store_answered(zm_life_t *l, int err) {
+  if (err == ZM_E_STORE)
+    l->store_fail_mono = mono_ms();
+  else
+    l->store_ok_mono = mono_ms();
+}
+
+static int store_ok(const zm_life_t *l) {
+  return l->last_beat_ok != 0 && l->store_ok_mono >= l->store_fail_mono &&
+         mono_ms() - l->store_ok_mono < STORE_SILENCE_MS;
+}
+
 uint64_t zm_life_margin_ms(const zm_life_t *l) {
-  /* A refresh answered from memory reaches the store within two flush
-   * periods (or the fast path stops: see flush_window_ok); a lease that
-   * expired during an outage shorter than OUTAGE_GAP (not counted as one)
-   * gets the rest of the margin to be refreshed. */
+  /* A lease that expired during an outage shorter than OUTAGE_GAP (not
+   * counted as one) gets the rest of the margin to be refreshed; refreshes
+   * answered from memory need none of it (see zm_life_extend). */
   return OUTAGE_GAP_MS + 2 * l->cfg.flush_ms + 2 * BEAT_MS;
 }
 
@@ -220,6 +235,7 @@ static void on_beat(int err, int64_t now_ms, int64_t resumed_ms, void *data) {
   zm_life_t *l = data;
   l->beat_inflight = 0;
   uint64_t m = mono_ms();
+  store_answered(l, err);
   if (err != 0) {
     l->stats.beat_failures++;
     if (l->stats.beat_failures % 10 == 1)
@@ -273,24 +289,12 @@ static void queue_refresh(zm_life_t *l, zm_index_service_t *s, const char *id) {
   if (s->queued || s->lease_pending_ms - s->lease_expires_ms < granule_ms(l))
     return;
   s->queued = 1;
-  if (l->dirty_since == 0)
-    l->dirty_since = mono_ms();
   idvec_push(&l->dirty, id);
-}
-
-/* The fast path is allowed while no refresh answered from memory is older
- * than half the collection margin without being durable. */
-static int flush_window_ok(const zm_life_t *l) {
-  if (l->flush_failed || !beat_fresh(l))
-    return 0;
-  uint64_t oldest = l->flying_since;
-  if (l->dirty_since != 0 && (oldest == 0 || l->dirty_since < oldest))
-    oldest = l->dirty_since;
-  return oldest == 0 || mono_ms() - oldest < zm_life_margin_ms(l) / 2;
 }
 
 static void on_flushed(int err, void *data) {
   zm_life_t *l = data;
+  store_answered(l, err);
   if (err != 0) {
     l->stats.flush_failures++;
     l->flush_failed = 1;
@@ -301,7 +305,6 @@ static void on_flushed(int err, void *data) {
     l->stats.flushes++;
     l->stats.flushed_leases += l->flying.n;
   }
-  uint64_t since = l->flying_since;
   for (size_t i = 0; i < l->flying.n; i++) {
     const char *id = l->flying.ids[i];
     zm_index_service_t *s = zm_index_lookup_service(l->index, id, strlen(id));
@@ -323,14 +326,11 @@ static void on_flushed(int err, void *data) {
       continue; /* the store is closing: the refresh is lost (see README) */
     /* failed: the next flush carries it, still counted from its first try */
     s->queued = 1;
-    if (l->dirty_since == 0 || since < l->dirty_since)
-      l->dirty_since = since;
     idvec_push(&l->dirty, id);
   }
   idvec_clear(&l->flying);
   free(l->flying_ms);
   l->flying_ms = NULL;
-  l->flying_since = 0;
   life_dec(l);
 }
 
@@ -340,8 +340,6 @@ static void flush_now(zm_life_t *l) {
   idvec_t v = l->dirty;
   l->dirty = l->flying;
   l->flying = v;
-  l->flying_since = l->dirty_since;
-  l->dirty_since = 0;
   l->flying_ms = zm_xcalloc(l->flying.n + 1, sizeof *l->flying_ms);
   size_t k = 0;
   for (size_t i = 0; i < l->flying.n; i++) {
@@ -360,7 +358,6 @@ static void flush_now(zm_life_t *l) {
   if (k == 0) {
     free(l->flying_ms);
     l->flying_ms = NULL;
-    l->flying_since = 0;
     return;
   }
   zm_store_op_t op = {.kind = ZM_STORE_FLUSH_LEASES,
@@ -387,6 +384,7 @@ typedef struct {
 static void on_extended(int err, void *data) {
   extend_t *x = data;
   zm_life_t *l = x->l;
+  store_answered(l, err);
   zm_index_service_t *s =
       zm_index_lookup_service(l->index, x->id, strlen(x->id));
   if (err == 0) {
@@ -411,18 +409,20 @@ static void on_extended(int err, void *data) {
 }
 
 int zm_life_extend(zm_life_t *l, const char *id, zm_life_cb cb, void *data) {
-  if (l->stopping || !beat_fresh(l))
-    return ZM_E_UNAVAILABLE;
+  if (l->stopping || !store_ok(l))
+    return ZM_E_UNAVAILABLE; /* never NOT_FOUND from a store we cannot ask */
   size_t len = strlen(id);
   zm_index_service_t *s = zm_index_lookup_service(l->index, id, len);
   if (s != NULL && s->state == ZM_LEASE_DELETING)
     return ZM_E_NOT_FOUND;
   int64_t now = zm_life_now(l);
   int64_t lease = now + (int64_t)l->cfg.lease_ttl_ms;
-  /* Fast path: the durable lease is still running, so no process collects
-   * this identity before the refresh is flushed (collection waits the
-   * margin past the durable lease; flushes land within half of it). */
-  if (s != NULL && s->lease_expires_ms > now && flush_window_ok(l)) {
+  /* Fast path: the durable lease runs for at least the margin more, and no
+   * process collects before durable lease + margin: the identity cannot be
+   * collected before this refresh is flushed, however slow the flush, nor
+   * (if this process dies first) before the pod's next refresh finds the
+   * durable lease still running. */
+  if (s != NULL && s->lease_expires_ms > now + (int64_t)zm_life_margin_ms(l)) {
     if (lease > s->lease_pending_ms)
       s->lease_pending_ms = lease;
     queue_refresh(l, s, id);

@@ -34,6 +34,8 @@ static void run_until(fx_t *f, const int *flag, int want) {
   assert_int_equal(*flag, want);
 }
 
+static uint64_t setup_ttl_ms = 20000;
+
 static int setup(void **state) {
   fx_t *f = calloc(1, sizeof *f);
   snprintf(f->dir, sizeof f->dir, "/tmp/zm-life-test-XXXXXX");
@@ -44,7 +46,7 @@ static int setup(void **state) {
   assert_int_equal(zm_store_open(&f->store, &f->loop, &sc), 0);
   f->index = zm_index_new();
   zm_life_config_t lc = {
-      .lease_ttl_ms = 2000, .flush_ms = 20, .ziti_timeout_ms = 1000};
+      .lease_ttl_ms = setup_ttl_ms, .flush_ms = 20, .ziti_timeout_ms = 1000};
   f->life = zm_life_new(&f->loop, f->store, f->index, NULL, &lc);
   zm_life_start(f->life, on_ready, f);
   run_until(f, &f->ready, 1);
@@ -139,19 +141,59 @@ static void test_commit_extend_flush(void **state) {
       scalar(f, "SELECT (julianday(lease_expires_at) - 2440587.5) * 86400000 "
                 "FROM service_identities WHERE ziti_identity_id = 'id-a'");
   assert_true(before > 0);
-  /* a refresh 300 ms later is answered from memory ... */
-  uv_sleep(300);
+  /* a refresh is answered from memory while the durable lease has more
+   * than the margin left (20 s TTL, 7 s margin) ... */
+  assert_int_equal(zm_life_extend(f->life, "id-a", on_res, &r), 0);
+  assert_int_equal(zm_life_stats(f->life)->flushes, 0);
+  /* ... and reaches the store once it raises the durable lease by a
+   * granule (TTL / 10 = 2 s) */
+  uv_sleep(2100);
   uv_update_time(&f->loop);
   assert_int_equal(zm_life_extend(f->life, "id-a", on_res, &r), 0);
-  /* ... and reaches the store with the next flush */
   long long after = before;
-  for (int i = 0; i < 200 && after < before + 250; i++) {
+  for (int i = 0; i < 200 && after < before + 2000; i++) {
     uv_run(&f->loop, UV_RUN_ONCE);
     after = scalar(f, "SELECT (julianday(lease_expires_at) - 2440587.5) * "
                       "86400000 FROM service_identities");
   }
-  assert_true(after >= before + 250);
+  assert_true(after >= before + 2000);
   assert_true(zm_life_stats(f->life)->flushes >= 1);
+  assert_int_equal(zm_life_stats(f->life)->extend_durable, 0);
+}
+
+static int setup_short_ttl(void **state) {
+  setup_ttl_ms = 3000;
+  int rv = setup(state);
+  setup_ttl_ms = 20000;
+  return rv;
+}
+
+/* A durable lease with less than the margin left is extended in the store,
+ * not from memory: the answer waits for the store. */
+static void test_short_lease_extends_durably(void **state) {
+  fx_t *f = *state;
+  res_t r = {0};
+  zm_pending_row_t p = {.name = "svc-s", .kind = ZM_PENDING_SERVICE, .type = 1};
+  zm_life_intent(f->life, &p, uv_now(&f->loop) + 1000, on_res, &r);
+  run_until(f, &r.done, 1);
+  r.done = 0;
+  zm_life_commit_service(f->life, "svc-s", "id-s", 1, on_res, &r);
+  run_until(f, &r.done, 1);
+  long long before =
+      scalar(f, "SELECT (julianday(lease_expires_at) - 2440587.5) * 86400000 "
+                "FROM service_identities WHERE ziti_identity_id = 'id-s'");
+  uv_sleep(200);
+  uv_update_time(&f->loop);
+  r.done = 0;
+  assert_int_equal(zm_life_extend(f->life, "id-s", on_res, &r), 1);
+  run_until(f, &r.done, 1);
+  assert_int_equal(r.err, 0);
+  long long after =
+      scalar(f, "SELECT (julianday(lease_expires_at) - 2440587.5) * 86400000 "
+                "FROM service_identities WHERE ziti_identity_id = 'id-s'");
+  assert_true(after >= before + 150); /* durable before the answer */
+  assert_int_equal(zm_life_stats(f->life)->extend_durable, 1);
+  assert_int_equal(zm_life_stats(f->life)->extend_fast, 0);
 }
 
 static void test_agent_lock(void **state) {
@@ -223,6 +265,8 @@ int main(void) {
       cmocka_unit_test(test_edges),
       cmocka_unit_test_setup_teardown(test_commit_extend_flush, setup,
                                       teardown),
+      cmocka_unit_test_setup_teardown(test_short_lease_extends_durably,
+                                      setup_short_ttl, teardown),
       cmocka_unit_test_setup_teardown(test_agent_lock, setup, teardown),
       cmocka_unit_test_setup_teardown(test_delete_without_answer_stays_deleting,
                                       setup, teardown),
