@@ -24,6 +24,7 @@
 #include <jansson.h>
 #include <nghttp2/nghttp2.h>
 #include <stdarg.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1084,6 +1085,9 @@ static int start_command(client_t *cl) {
 
 #ifndef ZMCTL_NO_MAIN
 int main(int argc, char **argv) {
+  /* A server that closes while a request is being written must give an
+   * exit code (3), not kill the client: write errors are handled. */
+  signal(SIGPIPE, SIG_IGN);
   opts_t o;
   int rc = parse_args(argc, argv, &o);
   if (rc >= 0)
