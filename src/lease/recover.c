@@ -36,6 +36,7 @@ struct zm_recover {
   uv_timer_t timer;
   phase_t phase;
   int claiming, at_end;
+  unsigned want; /* rows asked for by the claim in flight */
   unsigned inflight;
   int stopping, timer_closed;
   void (*stop_done)(void *);
@@ -329,7 +330,7 @@ static void on_pending_claimed(int err, const zm_pending_row_t *rows, size_t n,
     r->inflight++;
     resolve_pending(p);
   }
-  if (n < CLAIM_MAX)
+  if (n < r->want)
     r->at_end = 1;
   pump(r);
 }
@@ -356,7 +357,7 @@ static void on_tombs_claimed(int err, const zm_tomb_row_t *rows, size_t n,
     zm_life_delete_kind(r->life, rows[i].ziti_identity_id, rows[i].kind,
                         rows[i].attempts, on_tomb_deleted, r);
   }
-  if (n < CLAIM_MAX)
+  if (n < r->want)
     r->at_end = 1;
   pump(r);
 }
@@ -383,6 +384,11 @@ static void pump(zm_recover_t *r) {
   if (!r->at_end && r->inflight < r->cfg.concurrency) {
     int64_t now = zm_life_now(r->life);
     r->claiming = 1;
+    /* claim only what may start now: the concurrency bound holds, and
+     * what this process has not started stays unclaimed for others */
+    r->want = r->cfg.concurrency - r->inflight;
+    if (r->want > CLAIM_MAX)
+      r->want = CLAIM_MAX;
     if (r->phase == R_PENDING)
       /* the claim covers the lookup and the condemnation that follows it
        * (then the tombstone's own claim takes over); a process that dies
@@ -390,12 +396,12 @@ static void pump(zm_recover_t *r) {
       zm_store_claim_pending(r->store, now,
                              now + 2 * (int64_t)r->cfg.ziti_timeout_ms +
                                  (int64_t)zm_life_margin_ms(r->life),
-                             CLAIM_MAX, on_pending_claimed, r);
+                             r->want, on_pending_claimed, r);
     else
       zm_store_claim_tombs(r->store, now,
                            now + (int64_t)r->cfg.ziti_timeout_ms +
                                (int64_t)zm_life_margin_ms(r->life),
-                           CLAIM_MAX, on_tombs_claimed, r);
+                           r->want, on_tombs_claimed, r);
     return;
   }
   if (r->inflight != 0)
