@@ -13,6 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 CONTAINER_SH=${CONTAINER_SH:-$(cd .. && pwd)/shared/tools/container.sh}
+# a clone elsewhere than beside shared/ (as .ci/fresh-debian-check.sh does)
+[[ -x $CONTAINER_SH ]] || CONTAINER_SH=/work/shared/tools/container.sh
 TAG=${ZM_IMAGE_TAG:-localhost/ziti-management:ci}
 LOGDIR=${ZM_CI_LOGDIR:-$(mktemp -d /tmp/zm-container-ci.XXXXXX)}
 [[ -x $CONTAINER_SH ]] || { echo "container.sh not found at $CONTAINER_SH" >&2; exit 1; }
