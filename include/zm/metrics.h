@@ -94,8 +94,4 @@ void zm_metrics_srv_free(zm_metrics_srv_t *s);
 void zm_metrics_srv_get_stats(const zm_metrics_srv_t *s,
                               zm_metrics_srv_stats_t *out);
 
-/* Parses "host:port" / ":port" / "[v6]:port" (as GRPC_ADDRESS). 0 or
- * ZM_E_INVAL. */
-int zm_metrics_parse_address(const char *addr, struct sockaddr_storage *ss);
-
 #endif /* ZM_METRICS_H */

@@ -6,6 +6,8 @@
  */
 #include "server_int.h"
 
+#include "zm/addr.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,42 +44,6 @@ static void on_tick(uv_timer_t *t) {
 }
 
 /* ===================== server =========================================== */
-
-static int parse_address(const char *addr, struct sockaddr_storage *ss) {
-  const char *colon = strrchr(addr, ':');
-  if (colon == NULL)
-    return ZM_E_INVAL;
-  char *end;
-  long port = strtol(colon + 1, &end, 10);
-  if (*end != '\0' || colon[1] == '\0' || port < 0 || port > 65535)
-    return ZM_E_INVAL;
-  char host[64];
-  size_t hl = (size_t)(colon - addr);
-  if (hl >= sizeof host)
-    return ZM_E_INVAL;
-  memcpy(host, addr, hl);
-  host[hl] = '\0';
-  if (hl >= 2 && host[0] == '[' && host[hl - 1] == ']') {
-    memmove(host, host + 1, hl - 2);
-    host[hl - 2] = '\0';
-    return uv_ip6_addr(host, (int)port, (struct sockaddr_in6 *)ss) == 0
-               ? 0
-               : ZM_E_INVAL;
-  }
-  if (hl == 0)
-    return uv_ip6_addr("::", (int)port, (struct sockaddr_in6 *)ss) == 0
-               ? 0
-               : ZM_E_INVAL;
-  if (uv_ip4_addr(host, (int)port, (struct sockaddr_in *)ss) == 0)
-    return 0;
-  if (uv_ip6_addr(host, (int)port, (struct sockaddr_in6 *)ss) == 0)
-    return 0;
-  if (strcmp(host, "localhost") == 0)
-    return uv_ip4_addr("127.0.0.1", (int)port, (struct sockaddr_in *)ss) == 0
-               ? 0
-               : ZM_E_INVAL;
-  return ZM_E_INVAL;
-}
 
 int zm_grpc_server_new(zm_grpc_server_t **out, uv_loop_t *loop,
                        const zm_grpc_config_t *cfg,
@@ -131,8 +97,7 @@ int zm_grpc_server_new(zm_grpc_server_t **out, uv_loop_t *loop,
 
 int zm_grpc_server_listen(zm_grpc_server_t *srv) {
   struct sockaddr_storage ss;
-  memset(&ss, 0, sizeof ss);
-  if (parse_address(srv->address, &ss) != 0)
+  if (zm_addr_parse(srv->address, &ss) != 0)
     return ZM_E_INVAL;
   uv_tcp_init(srv->loop, &srv->listener);
   srv->listener.data = srv;

@@ -7,6 +7,7 @@
  * closes a connection from inside an llhttp callback (they set flags, and
  * on_read acts after llhttp_execute returned).
  */
+#include "zm/addr.h"
 #include "zm/metrics.h"
 #include "zm/log.h"
 
@@ -63,46 +64,6 @@ struct mconn {
   size_t pending_len;
   uv_write_t wreq;
 };
-
-/* ===================== address ========================================== */
-
-int zm_metrics_parse_address(const char *addr, struct sockaddr_storage *ss) {
-  memset(ss, 0, sizeof *ss);
-  const char *colon = strrchr(addr, ':');
-  if (colon == NULL)
-    return ZM_E_INVAL;
-  char *end;
-  long port = strtol(colon + 1, &end, 10);
-  if (*end != '\0' || colon[1] == '\0' || port < 0 || port > 65535)
-    return ZM_E_INVAL;
-  char host[64];
-  size_t hl = (size_t)(colon - addr);
-  if (hl >= sizeof host)
-    return ZM_E_INVAL;
-  memcpy(host, addr, hl);
-  host[hl] = '\0';
-  if (hl >= 2 && host[0] == '[' && host[hl - 1] == ']') {
-    memmove(host, host + 1, hl - 2);
-    host[hl - 2] = '\0';
-    return uv_ip6_addr(host, (int)port, (struct sockaddr_in6 *)ss) == 0
-               ? 0
-               : ZM_E_INVAL;
-  }
-  if (hl == 0)
-    return uv_ip6_addr("::", (int)port, (struct sockaddr_in6 *)ss) == 0
-               ? 0
-               : ZM_E_INVAL;
-  if (strcmp(host, "localhost") == 0)
-    return uv_ip4_addr("127.0.0.1", (int)port, (struct sockaddr_in *)ss) == 0
-               ? 0
-               : ZM_E_INVAL;
-  if (uv_ip4_addr(host, (int)port, (struct sockaddr_in *)ss) == 0)
-    return 0;
-  if (strchr(host, ':') != NULL &&
-      uv_ip6_addr(host, (int)port, (struct sockaddr_in6 *)ss) == 0)
-    return 0;
-  return ZM_E_INVAL;
-}
 
 /* ===================== connections ====================================== */
 
@@ -393,7 +354,7 @@ int zm_metrics_srv_new(zm_metrics_srv_t **out, uv_loop_t *loop,
                        const zm_metrics_config_t *cfg) {
   struct sockaddr_storage ss;
   *out = NULL;
-  if (cfg->address == NULL || zm_metrics_parse_address(cfg->address, &ss) != 0)
+  if (cfg->address == NULL || zm_addr_parse(cfg->address, &ss) != 0)
     return ZM_E_INVAL;
   zm_metrics_srv_t *s = zm_xcalloc(1, sizeof *s);
   s->loop = loop;
@@ -420,7 +381,7 @@ int zm_metrics_srv_new(zm_metrics_srv_t **out, uv_loop_t *loop,
 
 int zm_metrics_srv_listen(zm_metrics_srv_t *s) {
   struct sockaddr_storage ss;
-  if (zm_metrics_parse_address(s->address, &ss) != 0)
+  if (zm_addr_parse(s->address, &ss) != 0)
     return ZM_E_INVAL;
   uv_tcp_init(s->loop, &s->listener);
   s->listener.data = s;

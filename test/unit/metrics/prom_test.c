@@ -7,6 +7,7 @@
 #include <cmocka.h>
 #include <string.h>
 
+#include "zm/addr.h"
 #include "zm/metrics.h"
 
 static void test_family_and_samples(void **state) {
@@ -57,13 +58,13 @@ static void test_bound(void **state) {
 static void test_parse_address(void **state) {
   (void)state;
   struct sockaddr_storage ss;
-  assert_int_equal(zm_metrics_parse_address("127.0.0.1:9090", &ss), 0);
-  assert_int_equal(zm_metrics_parse_address(":9090", &ss), 0);
-  assert_int_equal(zm_metrics_parse_address("[::1]:9090", &ss), 0);
-  assert_int_equal(zm_metrics_parse_address("localhost:1", &ss), 0);
-  assert_int_not_equal(zm_metrics_parse_address("9090", &ss), 0);
-  assert_int_not_equal(zm_metrics_parse_address("x:99999", &ss), 0);
-  assert_int_not_equal(zm_metrics_parse_address("host.example:80", &ss), 0);
+  assert_int_equal(zm_addr_parse("127.0.0.1:9090", &ss), 0);
+  assert_int_equal(zm_addr_parse(":9090", &ss), 0);
+  assert_int_equal(zm_addr_parse("[::1]:9090", &ss), 0);
+  assert_int_equal(zm_addr_parse("localhost:1", &ss), 0);
+  assert_int_not_equal(zm_addr_parse("9090", &ss), 0);
+  assert_int_not_equal(zm_addr_parse("x:99999", &ss), 0);
+  assert_int_not_equal(zm_addr_parse("host.example:80", &ss), 0);
 }
 
 int main(void) {
