@@ -2,7 +2,13 @@
 server's memory holds no copy of any private key or JWT it handed out, and
 no core dump can be written. The live process's memory is read through
 /proc/PID/mem (every readable private mapping: heap, anonymous maps,
-stacks) while the client connection is still open."""
+stacks) while the client connection is still open.
+
+The service makes itself non-dumpable, and reading a non-dumpable process's
+memory needs CAP_SYS_PTRACE, which CI containers lack. The server therefore
+runs with the zm-keep-dumpable shim (test/srv/keep_dumpable.c) preloaded: it
+records the PR_SET_DUMPABLE request, which the test asserts, and leaves the
+process readable by its parent, this test."""
 
 import json
 import os
@@ -62,8 +68,11 @@ def pem_lines(pem):
 
 @pytest.mark.skipif(os.environ.get("ZM_SANITIZED", "").lower() in ("1", "true", "on", "yes"),
                     reason="ASan's shadow memory (terabytes mapped) cannot be scanned; the normal build is")
-def test_no_secret_in_memory_after_100_enrollments(sim):
-    srv = zmtest.Server(sim=sim)
+def test_no_secret_in_memory_after_100_enrollments(sim, tmp_path):
+    shim = os.path.join(zmtest._build_dir(), "test", "libzm-keep-dumpable.so")
+    assert os.path.exists(shim), shim
+    prctl_log = tmp_path / "prctl.log"
+    srv = zmtest.Server(sim=sim, env={"LD_PRELOAD": shim, "ZM_TEST_PRCTL_LOG": str(prctl_log)})
     srv.start()
     try:
         ch = srv.channel()
@@ -85,6 +94,8 @@ def test_no_secret_in_memory_after_100_enrollments(sim):
         with open("/proc/%d/limits" % pid) as f:
             core = [l for l in f if l.startswith("Max core file size")][0]
         assert core.split()[4] == "0", core
+        # and the service asked not to be dumpable (the shim recorded it)
+        assert prctl_log.read_text() == "PR_SET_DUMPABLE 0\n"
         with open("/proc/%d/status" % pid) as f:
             status = f.read()
         snap = snapshot(pid)  # the client connection is still open
