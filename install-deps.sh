@@ -13,8 +13,10 @@ BUILD="build-essential cmake pkg-config libuv1-dev libnghttp2-dev libprotobuf-c-
 protobuf-c-compiler libprotobuf-dev libwolfssl-dev node-llhttp libjansson-dev libsqlite3-dev libpq-dev"
 # make (the README's commands), ca-certificates (https apt mirrors, tools that
 # fetch), PostgreSQL server binaries (tests run initdb/pg_ctl from
-# /usr/lib/postgresql/15/bin on their own data directories).
-TEST="make ca-certificates libcmocka-dev nghttp2-client postgresql sqlite3 openssl python3 python3-grpcio \
+# /usr/lib/postgresql/15/bin on their own data directories); nghttp2-client
+# (h2load) and nghttp2-server (nghttpd: the HTTP/2 ceiling bench/run-perf.sh
+# measures) for the benchmarks.
+TEST="make ca-certificates libcmocka-dev nghttp2-client nghttp2-server postgresql sqlite3 openssl python3 python3-grpcio \
 python3-prometheus-client python3-protobuf python3-grpc-tools python3-pytest python3-cryptography python3-psycopg2 python3-h2 \
 clang-format \
 clang libclang-rt-14-dev \

@@ -1,0 +1,265 @@
+#!/usr/bin/python3
+"""bench/results_perf.py OUT RESULTS_MD: the issue-15 section of RESULTS.md
+from one bench/run-perf.sh run (OUT = its raw outputs). Every ratio compares
+figures measured in that one run; a missing input reads n/a, never a guess.
+The section between the perf-bench markers is replaced (or appended)."""
+
+import csv
+import json
+import os
+import re
+import sys
+
+BEGIN = "<!-- perf-bench:begin (bench/run-perf.sh writes this section) -->"
+END = "<!-- perf-bench:end -->"
+ANCHORS = ("cpp-async", "cpp-callback", "go")
+
+out_dir, results_md = sys.argv[1], sys.argv[2]
+
+
+def read_tsv(name):
+    p = os.path.join(out_dir, name)
+    if not os.path.exists(p):
+        return []
+    with open(p) as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def read_text(name):
+    p = os.path.join(out_dir, name)
+    return open(p, errors="replace").read() if os.path.exists(p) else ""
+
+
+facts = {}
+for line in read_text("facts.tsv").splitlines():
+    k, _, v = line.partition("\t")
+    facts[k] = v
+
+
+def median(xs):
+    xs = sorted(xs)
+    if not xs:
+        return None
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def fnum(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def fx(x):
+    return "n/a" if x is None else f"{x:.2f}x"
+
+
+def us(x):
+    if x is None:
+        return "n/a"
+    return f"{x:.0f} us" if x < 1000 else f"{x / 1000:.2f} ms"
+
+
+def verdict(x, ok):
+    if x is None:
+        return "n/a"
+    return "**met**" if ok(x) else "**missed**"
+
+
+# ---- 1. the anchors' run.sh (h2load, one key) ----------------------------------------
+anch = {}
+for r in read_tsv("anchors.tsv"):
+    anch[(r["server"], r["rpc"], r["conns"] + "x" + r["streams"])] = r
+
+
+def a_get(server, rpc, cm, col):
+    r = anch.get((server, rpc, cm))
+    return fnum(r[col]) if r else None
+
+
+def a_best(rpc, cm, col, want_max):
+    vals = [(a_get(a, rpc, cm, col), a) for a in ANCHORS if a_get(a, rpc, cm, col)]
+    if not vals:
+        return None, None
+    return max(vals) if want_max else min(vals)
+
+
+peak = {}
+for r in read_tsv("anchors.tsv"):
+    if fnum(r.get("peak_rss_kb")):
+        peak[r["server"]] = fnum(r["peak_rss_kb"])
+
+# ---- 2/3. random keys and the ceiling (cases.tsv) ---------------------------------------
+cases = read_tsv("cases.tsv")
+
+
+def c_med(step, server, cm, col):
+    vals = [fnum(r[col]) for r in cases
+            if r["step"] == step and r["server"] == server and r["conns"] + "x" + r["streams"] == cm
+            and r["ok"] == "1" and fnum(r[col]) is not None]
+    return median(vals)
+
+
+def c_rounds(step, server, cm):
+    rs = [r for r in cases if r["step"] == step and r["server"] == server and r["conns"] + "x" + r["streams"] == cm]
+    return "/".join(f"{fnum(r['rps']) or 0:.0f}" + ("" if r["ok"] == "1" else "!") for r in rs)
+
+
+# ---- 4. idle connections: bench/idle-conns.sh prints "key=value" result lines --------
+def kv(text):
+    d = {}
+    for m in re.finditer(r"^([a-z_]+)=(\S+)", text, re.M):
+        d[m.group(1)] = m.group(2)
+    return d
+
+
+idle = kv(read_text("idle.txt"))
+enroll = kv(read_text("enroll.txt"))
+
+rows = []
+
+
+def target(what, value, goal, ok, source):
+    rows.append((what, value, goal, ok, source))
+
+
+# resolve 32x32 vs nghttpd
+zm_c = c_med("ceiling", "zm", "32x32", "rps")
+ng_c = c_med("ceiling", "nghttpd", "32x32", "rps")
+x = ratio(zm_c, ng_c)
+target("ResolveIdentity 32x32 / nghttpd (h2load, same command)", fx(x), ">= 0.80x",
+       verdict(x, lambda v: v >= 0.8),
+       f"zm {zm_c or 0:.0f} ({c_rounds('ceiling', 'zm', '32x32')}) / nghttpd {ng_c or 0:.0f} "
+       f"({c_rounds('ceiling', 'nghttpd', '32x32')}) req/s")
+
+# resolve 1x1 mean vs the best anchor (anchors' run.sh)
+zm_l = a_get("zm", "resolve", "1x1", "lat_mean_us")
+b_l, b_n = a_best("resolve", "1x1", "lat_mean_us", False)
+x = ratio(zm_l, b_l)
+target("ResolveIdentity 1x1 mean latency / best anchor's (anchors' run.sh, h2load)", fx(x), "<= 0.50x",
+       verdict(x, lambda v: v <= 0.5), f"zm {us(zm_l)} / {b_n} {us(b_l)}")
+
+# the same with random keys (zm-bench), for information and as a second client
+zr = c_med("random", "zm", "1x1", "mean_us")
+br = [(c_med("random", a, "1x1", "mean_us"), a) for a in ANCHORS if c_med("random", a, "1x1", "mean_us")]
+bl = min(br) if br else (None, None)
+x = ratio(zr, bl[0])
+target("ResolveIdentity 1x1 mean latency / best anchor's, random keys (zm-bench)", fx(x), "<= 0.50x",
+       verdict(x, lambda v: v <= 0.5), f"zm {us(zr)} / {bl[1]} {us(bl[0])}")
+
+# peak RSS with 100,000 identities
+zp = peak.get("zm")
+ap = [(peak[a], a) for a in ANCHORS if a in peak]
+sp = min(ap) if ap else (None, None)
+x = ratio(zp, sp[0])
+target("peak RSS, 100,000 identities, after the anchors' cases / smallest anchor's", fx(x), "<= 0.33x",
+       verdict(x, lambda v: v <= 1 / 3),
+       f"zm {zp / 1024 if zp else 0:.1f} MiB / {sp[1]} {sp[0] / 1024 if sp[0] else 0:.1f} MiB (VmHWM)")
+
+# idle connections
+b = fnum(idle.get("bytes_per_conn"))
+target(f"memory per idle HTTP/2 connection at {idle.get('conns', '?')} connections",
+       "n/a" if b is None else f"{b / 1024:.1f} KiB", "<= 10 KiB",
+       verdict(b, lambda v: v <= 10 * 1024), idle.get("detail", "bench/idle-conns.sh").replace("_", " "))
+
+# enrollment
+cpu = fnum(enroll.get("cpu_us_per_enroll"))
+crypto = fnum(enroll.get("crypto_us"))
+x = ratio(cpu, crypto)
+target("server CPU per RequestServiceIdentity (4x8) / bare key + CSR", fx(x), "<= 2x", verdict(x, lambda v: v <= 2),
+       f"{us(cpu)} / {us(crypto)}")
+p99 = fnum(enroll.get("resolve_p99_us"))
+target("ResolveIdentity p99 at 2,000 req/s open loop during 4x8 enrollments", us(p99), "<= 1 ms",
+       verdict(p99, lambda v: v <= 1000), f"max {us(fnum(enroll.get('resolve_max_us')))}")
+lag = fnum(enroll.get("loop_lag_max_us"))
+target("loop-lag probe worst during the enrollments", us(lag), "<= 1 ms", verdict(lag, lambda v: v <= 1000),
+       "the server's loop-lag probe")
+
+# no throughput regression > 10 % (zm vs zm-prev, same run)
+for rpc, cm in (("resolve", "32x32"), ("resolve_missing", "32x32"), ("extend", "32x32")):
+    a = a_get("zm", rpc, cm, "rps_median")
+    p = a_get("zm-prev", rpc, cm, "rps_median")
+    x = ratio(a, p)
+    target(f"{rpc} {cm} req/s, this build / zm-prev (no regression > 10 %)", fx(x), ">= 0.90x",
+           verdict(x, lambda v: v >= 0.9), f"{a or 0:.0f} / {p or 0:.0f} req/s")
+
+# ---- the section ----------------------------------------------------------------------------
+L = [BEGIN, "## Performance targets (issue 15): one run of bench/run-perf.sh", ""]
+L.append(f"Written by `bench/run-perf.sh`, measured {facts.get('when', '?')}; source {facts.get('source', '?')}; "
+         f"the run took {facts.get('duration_s', '?')} s.")
+L.append("")
+for k in ("machine", "pinning", "load_start", "load_end", "baseline", "anchors", "ceiling", "idle", "enroll"):
+    if k in facts:
+        L.append(f"- {k}: {facts[k]}")
+L.append("")
+L.append("Commands:")
+L.append("")
+L.append("```sh")
+for k in ("cmd_anchors", "cmd_ceiling", "cmd_idle", "cmd_enroll"):
+    if k in facts:
+        L.append(facts[k])
+L.append("```")
+L.append("")
+L.append("| target | measured | goal | verdict | from |")
+L.append("|---|---:|---|---|---|")
+for what, value, goal, ok, src in rows:
+    L.append(f"| {what} | {value} | {goal} | {ok} | {src} |")
+L.append("")
+other = []
+zr32 = a_get("zm", "resolve", "32x32", "rps_median")
+br32, bn32 = a_best("resolve", "32x32", "rps_median", True)
+other.append(f"- ResolveIdentity 32x32 (h2load, one key) / best anchor ({bn32}): {fx(ratio(zr32, br32))}")
+ze = a_get("zm", "extend", "32x32", "rps_median")
+be, ben = a_best("extend", "32x32", "rps_median", True)
+other.append(f"- ExtendIdentityLease 32x32 (h2load, one key) / best anchor ({ben}): {fx(ratio(ze, be))}")
+zel = a_get("zm", "extend", "1x1", "lat_mean_us")
+bel, beln = a_best("extend", "1x1", "lat_mean_us", False)
+other.append(f"- ExtendIdentityLease 1x1 mean latency (h2load) / best anchor's ({beln}): {fx(ratio(zel, bel))}")
+z32 = c_med("random", "zm", "32x32", "rps")
+b32 = [(c_med("random", a, "32x32", "rps"), a) for a in ANCHORS if c_med("random", a, "32x32", "rps")]
+if b32:
+    m = max(b32)
+    other.append(f"- ResolveIdentity 32x32, random keys (zm-bench) / best anchor ({m[1]}): {fx(ratio(z32, m[0]))}")
+L.append("Other same-run ratios:")
+L.append("")
+L.extend(other)
+L.append("")
+if read_text("anchors.md"):
+    L.append("The anchors' run.sh table (zm and zm-prev added through EXTRA_SERVERS):")
+    L.append("")
+    L.extend(l for l in read_text("anchors.md").splitlines() if l.startswith("|"))
+    L.append("")
+if cases:
+    L.append("zm-bench (random keys) and the ceiling runs, every round:")
+    L.append("")
+    L.append("| step | server | rpc | conns x streams | round | req/s | mean | p99 | ok |")
+    L.append("|---|---|---|---|---:|---:|---:|---:|---|")
+    for r in cases:
+        L.append(f"| {r['step']} | {r['server']} | {r['rpc']} | {r['conns']}x{r['streams']} | {r['round']} | "
+                 f"{fnum(r['rps']) or 0:.0f} | {us(fnum(r['mean_us']))} | {us(fnum(r['p99_us']))} | "
+                 f"{'ok' if r['ok'] == '1' else 'FAILED'} |")
+    L.append("")
+for name, title in (("idle.txt", "bench/idle-conns.sh"), ("enroll.txt", "bench/enroll-isolation.sh")):
+    t = read_text(name)
+    if t:
+        L.append(f"{title} printed:")
+        L.append("")
+        L.append("```")
+        L.extend(t.strip().splitlines()[-40:])
+        L.append("```")
+        L.append("")
+L.append(END)
+section = "\n".join(L) + "\n"
+
+md = open(results_md).read() if os.path.exists(results_md) else "# ziti-management: benchmark results\n"
+if BEGIN in md and END in md:
+    md = md[: md.index(BEGIN)] + section + md[md.index(END) + len(END) + 1:]
+else:
+    md = md.rstrip("\n") + "\n\n" + section
+open(results_md, "w").write(md)
+print("\n".join(L[L.index("| target | measured | goal | verdict | from |"):][: len(rows) + 2]))
