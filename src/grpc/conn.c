@@ -442,7 +442,8 @@ void conn_on_connection(uv_stream_t *ls, int status) {
  * An idle connection keeps only what its session must remember (settings,
  * HPACK tables, stream ids): its output buffers go, and the pages nghttp2
  * wrote and left zero (the frame buffer after the wiped frames, the stream
- * map with no stream) go back to the kernel. Called by the housekeeping
+ * map with no stream) and the zero pages of its TLS session go back to the
+ * kernel. Called by the housekeeping
  * tick; does nothing until the connection has been quiet ZM_CONN_TRIM_MS
  * with no call and no output, and then once until it is used again.
  */
@@ -454,6 +455,8 @@ void conn_trim_idle(zm_conn_t *c, uint64_t now) {
   c->trimmed = 1;
   conn_release_bufs(c);
   size_t n = zm_h2_mem_trim(&c->h2mem);
+  if (c->tls != NULL)
+    n += zm_tls_srv_trim(c->tls);
   c->srv->stats.idle_trims++;
   c->srv->stats.trimmed_bytes += n;
 }

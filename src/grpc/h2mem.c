@@ -218,10 +218,17 @@ static int page_is_zero(const unsigned char *p, size_t n) {
   return acc == 0;
 }
 
-/* Gives back the zero pages among [p, p + n) that are resident (mincore:
- * a page never touched is not read, so it is not faulted in). */
-static size_t trim_block(unsigned char *p, size_t n, size_t pg) {
-  size_t pages = (n + pg - 1) / pg, released = 0;
+static size_t page_size(void) {
+  static size_t pg;
+  if (pg == 0)
+    pg = (size_t)sysconf(_SC_PAGESIZE);
+  return pg;
+}
+
+/* Gives back the zero pages among the pages [p, p + n) that are resident
+ * (mincore: a page never touched is not read, so it is not faulted in). */
+static size_t trim_pages(unsigned char *p, size_t n, size_t pg) {
+  size_t pages = n / pg, released = 0;
   unsigned char vec[64];
   for (size_t first = 0; first < pages; first += sizeof vec) {
     size_t k = pages - first < sizeof vec ? pages - first : sizeof vec;
@@ -237,13 +244,22 @@ static size_t trim_block(unsigned char *p, size_t n, size_t pg) {
   return released;
 }
 
+size_t zm_trim_zero_pages(void *p, size_t n) {
+  size_t pg = page_size();
+  uintptr_t a = ((uintptr_t)p + pg - 1) & ~(uintptr_t)(pg - 1);
+  uintptr_t e = ((uintptr_t)p + n) & ~(uintptr_t)(pg - 1);
+  if (p == NULL || e <= a)
+    return 0;
+  return trim_pages((unsigned char *)a, (size_t)(e - a), pg);
+}
+
 size_t zm_h2_mem_trim(zm_h2_mem_t *m) {
-  static size_t pg;
-  if (pg == 0)
-    pg = (size_t)sysconf(_SC_PAGESIZE);
-  size_t released = 0;
-  for (size_t i = 0; i < ZM_H2_MEM_TRACKED; i++)
+  size_t pg = page_size(), released = 0;
+  for (size_t i = 0; i < ZM_H2_MEM_TRACKED; i++) {
+    /* a mapping covers the whole of its last page */
     if (m->mapped[i].p != NULL)
-      released += trim_block(m->mapped[i].p, m->mapped[i].n, pg);
+      released +=
+          trim_pages(m->mapped[i].p, (m->mapped[i].n + pg - 1) / pg * pg, pg);
+  }
   return released;
 }

@@ -47,6 +47,11 @@ void zm_h2_mem_init(zm_h2_mem_t *m);
  * kernel's zero page and is counted again: harmless). */
 size_t zm_h2_mem_trim(zm_h2_mem_t *m);
 
+/* The same for any block [p, p + n) the caller owns whole (a malloc'd one
+ * with its malloc_usable_size): only the pages entirely inside it are
+ * looked at, so its neighbours and the allocator's headers are not. */
+size_t zm_trim_zero_pages(void *p, size_t n);
+
 /* Test hook: when non-zero, the n-th following allocation fails (1 = the
  * next). Counts down on every allocation. */
 extern unsigned long zm__h2_mem_fail_after;

@@ -8,6 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -58,6 +59,36 @@ static void test_trim_gives_back_zero_pages_only(void **state) {
   a->free(q, a->mem_user_data);
   assert_int_equal(m.mapped_bytes, 0);
   assert_int_equal(m.heap_bytes, 0);
+}
+
+/* A malloc'd block: only whole pages inside it are looked at. */
+static void test_trim_zero_pages_of_a_heap_block(void **state) {
+  (void)state;
+  size_t n = 6 * pg() + 100;
+  unsigned char *b = malloc(n);
+  assert_non_null(b);
+  memset(b, 0, n);
+  b[0] = 1;        /* the first (partial or whole) page stays */
+  b[n - 1] = 2;    /* and the last */
+  b[3 * pg()] = 3; /* one in the middle */
+  size_t got = zm_trim_zero_pages(b, n);
+  assert_int_equal(got % pg(), 0);
+  /* at least the whole pages other than those three are zero and go */
+  assert_true(got >= 2 * pg());
+  assert_int_equal(b[0], 1);
+  assert_int_equal(b[n - 1], 2);
+  assert_int_equal(b[3 * pg()], 3);
+  for (size_t i = 1; i < n - 1; i++)
+    if (i != 3 * pg())
+      assert_int_equal(b[i], 0);
+  memset(b + pg() + 1, 7, 10); /* writable again */
+  assert_int_equal(b[pg() + 5], 7);
+  free(b);
+  /* smaller than a page: nothing to look at */
+  unsigned char *s = calloc(1, 100);
+  assert_non_null(s);
+  assert_int_equal(zm_trim_zero_pages(s, 100), 0);
+  free(s);
 }
 
 /* ---- a server session trimmed between two calls ---------------------------
@@ -168,6 +199,7 @@ static void test_session_works_after_trim(void **state) {
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_trim_gives_back_zero_pages_only),
+      cmocka_unit_test(test_trim_zero_pages_of_a_heap_block),
       cmocka_unit_test(test_session_works_after_trim),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
