@@ -16,7 +16,9 @@
 # throwaway self-signed certificate (openssl), zm-tlsbench --tls --hold (one
 # full handshake, the others resume with its ticket; no client certificate).
 # An idle connection is trimmed 1 to 2 s after its last activity
-# (ZM_CONN_TRIM_MS and the 1 s housekeeping tick): WAIT covers that.
+# (ZM_CONN_TRIM_MS and the 1 s housekeeping tick), at most ~5 ms of trimming
+# per tick: after WAIT the script samples RssAnon every second until it
+# stops falling (at most SETTLE_MAX seconds) and reports how long that took.
 # BUILD_DIR holds ziti-management, bench/zm-bench and bench/zm-tlsbench (a
 # Release build is what the numbers in RESULTS.md are measured with).
 set -euo pipefail
@@ -28,7 +30,8 @@ BENCH=${BENCH:-$build/bench/zm-bench}
 TLSBENCH=${TLSBENCH:-$build/bench/zm-tlsbench}
 MODE=${MODE:-h2c}
 N=${N:-10000}
-WAIT=${WAIT:-3}
+WAIT=${WAIT:-2}
+SETTLE_MAX=${SETTLE_MAX:-120}
 
 [[ -x $BIN ]] || { echo "idle-conns: no server at $BIN" >&2; exit 2; }
 case $MODE in
@@ -104,7 +107,7 @@ rss0=$(kb "$srv_pid" VmRSS)
 read -r heap0 other0 < <(heap_anon "$srv_pid")
 
 # hold long enough for the wait and the measurement; zm-bench ends itself
-hold=$((WAIT + 30))
+hold=$((WAIT + SETTLE_MAX + 30))
 if [[ $MODE == tls ]]; then
   "$TLSBENCH" --tls --ca "$work/cert.pem" -c "$N" -m 1 -n 1 -d "$work/health.bin" -p /grpc.health.v1.Health/Check \
     --hold "$hold" 127.0.0.1 "$port" >"$work/bench.out" 2>&1 &
@@ -125,14 +128,23 @@ if [[ -z $ready ]]; then
   exit 1
 fi
 sleep "$WAIT"
+# settled: two samples in a row not lower than the best so far
+settle=0 best=$(kb "$srv_pid" RssAnon) flat=0
+while ((flat < 2 && settle < SETTLE_MAX)); do
+  sleep 1
+  settle=$((settle + 1))
+  cur=$(kb "$srv_pid" RssAnon)
+  if ((cur < best)); then best=$cur flat=0; else flat=$((flat + 1)); fi
+done
 anon1=$(kb "$srv_pid" RssAnon)
 rss1=$(kb "$srv_pid" VmRSS)
 read -r heap1 other1 < <(heap_anon "$srv_pid")
 open=$(find "/proc/$srv_pid/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
 
 awk -v n="$N" -v r="$ready" -v a0="$anon0" -v a1="$anon1" -v v0="$rss0" -v v1="$rss1" -v fds="$open" \
-  -v h0="$heap0" -v h1="$heap1" -v o0="$other0" -v o1="$other1" -v mode="$MODE" 'BEGIN {
+  -v h0="$heap0" -v h1="$heap1" -v o0="$other0" -v o1="$other1" -v mode="$MODE" -v w="$WAIT" -v st="$settle" 'BEGIN {
   printf "%s connections: %d requested, %d ready (health answered), server fds open: %d\n", mode, n, r, fds
+  printf "measured %d s after READY (%d s wait, then RssAnon stopped falling)\n", w + st, w
   printf "RssAnon: %.1f MiB -> %.1f MiB\n", a0 / 1024, a1 / 1024
   printf "VmRSS:   %.1f MiB -> %.1f MiB\n", v0 / 1024, v1 / 1024
   if (r > 0) {

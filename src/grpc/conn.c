@@ -446,12 +446,13 @@ void conn_on_connection(uv_stream_t *ls, int status) {
  * kernel. Called by the housekeeping
  * tick; does nothing until the connection has been quiet ZM_CONN_TRIM_MS
  * with no call and no output, and then once until it is used again.
+ * Returns 1 when it trimmed.
  */
-void conn_trim_idle(zm_conn_t *c, uint64_t now) {
+int conn_trim_idle(zm_conn_t *c, uint64_t now) {
   if (c->trimmed || c->state != CONN_OPEN || c->n_calls != 0 || c->writing ||
       c->out_len != 0 || c->dirty || now - c->last_active < ZM_CONN_TRIM_MS ||
       nghttp2_session_want_write(c->h2))
-    return;
+    return 0;
   c->trimmed = 1;
   conn_release_bufs(c);
   size_t n = zm_h2_mem_trim(&c->h2mem);
@@ -459,6 +460,7 @@ void conn_trim_idle(zm_conn_t *c, uint64_t now) {
     n += zm_tls_srv_trim(c->tls);
   c->srv->stats.idle_trims++;
   c->srv->stats.trimmed_bytes += n;
+  return 1;
 }
 
 /* ===================== loop hooks ======================================= */

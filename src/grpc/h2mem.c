@@ -226,7 +226,8 @@ static size_t page_size(void) {
 }
 
 /* Gives back the zero pages among the pages [p, p + n) that are resident
- * (mincore: a page never touched is not read, so it is not faulted in). */
+ * (mincore: a page never touched is not read, so it is not faulted in),
+ * one madvise per run of them. */
 static size_t trim_pages(unsigned char *p, size_t n, size_t pg) {
   size_t pages = n / pg, released = 0;
   unsigned char vec[64];
@@ -234,11 +235,17 @@ static size_t trim_pages(unsigned char *p, size_t n, size_t pg) {
     size_t k = pages - first < sizeof vec ? pages - first : sizeof vec;
     if (mincore(p + first * pg, k * pg, vec) != 0)
       return released;
-    for (size_t i = 0; i < k; i++) {
+    unsigned char *run = NULL;
+    for (size_t i = 0; i <= k; i++) {
       unsigned char *page = p + (first + i) * pg;
-      if ((vec[i] & 1) && page_is_zero(page, pg) &&
-          madvise(page, pg, MADV_DONTNEED) == 0)
-        released += pg;
+      if (i < k && (vec[i] & 1) && page_is_zero(page, pg)) {
+        if (run == NULL)
+          run = page;
+        continue;
+      }
+      if (run != NULL && madvise(run, (size_t)(page - run), MADV_DONTNEED) == 0)
+        released += (size_t)(page - run);
+      run = NULL;
     }
   }
   return released;

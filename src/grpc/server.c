@@ -15,6 +15,8 @@
 static void on_tick(uv_timer_t *t) {
   zm_grpc_server_t *srv = t->data;
   uint64_t now = uv_now(srv->loop);
+  uint64_t trim_until = uv_hrtime() + ZM_CONN_TRIM_TICK_NS;
+  int trimming = 1;
   if (srv->limiter != NULL)
     zm_limiter_sweep(srv->limiter, now);
   for (zm_conn_t *c = srv->conns, *n; c != NULL; c = n) {
@@ -39,8 +41,8 @@ static void on_tick(uv_timer_t *t) {
       c->goaway_sent = 1;
       c->close_after_flush = 1;
       conn_mark_dirty(c);
-    } else {
-      conn_trim_idle(c, now);
+    } else if (trimming && conn_trim_idle(c, now)) {
+      trimming = uv_hrtime() < trim_until;
     }
   }
 }
