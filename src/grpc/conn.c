@@ -439,14 +439,13 @@ void conn_on_connection(uv_stream_t *ls, int status) {
 }
 
 /*
- * An idle connection keeps only what its session must remember (settings,
- * HPACK tables, stream ids): its output buffers go, and the pages nghttp2
- * wrote and left zero (the frame buffer after the wiped frames, the stream
- * map with no stream) and the zero pages of its TLS session go back to the
- * kernel. Called by the housekeeping
- * tick; does nothing until the connection has been quiet ZM_CONN_TRIM_MS
- * with no call and no output, and then once until it is used again.
- * Returns 1 when it trimmed.
+ * An idle connection keeps only what its sessions must remember (settings,
+ * HPACK tables, stream ids, TLS keys): its output buffers go, and so do the
+ * pages that were written and hold zeros again (nghttp2's frame buffer after
+ * the wiped frames, its stream map with no stream, the unused bulk of the
+ * TLS session). Called by the housekeeping tick; does nothing until the
+ * connection has been quiet ZM_CONN_TRIM_MS with no call and no output, and
+ * then once until it is used again. Returns 1 when it trimmed.
  */
 int conn_trim_idle(zm_conn_t *c, uint64_t now) {
   if (c->trimmed || c->state != CONN_OPEN || c->n_calls != 0 || c->writing ||
