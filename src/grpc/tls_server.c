@@ -401,6 +401,12 @@ int zm_tls_srv_write(zm_tls_srv_t *t, const void *p, size_t n) {
 }
 
 size_t zm_tls_srv_trim(zm_tls_srv_t *t) {
+#if defined(XMALLOC_USER) || defined(XMALLOC_OVERRIDE) ||                      \
+    defined(WOLFSSL_STATIC_MEMORY)
+  /* wolfSSL's own allocator: the objects are not malloc() blocks */
+  (void)t;
+  return 0;
+#else
   wolfSSL_Malloc_cb mf = NULL;
   wolfSSL_Free_cb ff = NULL;
   wolfSSL_Realloc_cb rf = NULL;
@@ -418,4 +424,5 @@ size_t zm_tls_srv_trim(zm_tls_srv_t *t) {
     n += zm_trim_zero_pages(sess, malloc_usable_size(sess));
 #endif
   return n;
+#endif
 }
