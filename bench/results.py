@@ -189,7 +189,7 @@ def main():
         ("rsi_cpu_ratio", "service CPU per RequestServiceIdentity / bare crypto cost (target <= 2)"),
         ("loop_lag", "server's own loop-lag probe (LOOP_LAG_PROBE=1), from its log"),
         ("idle_rss", "server VmRSS with N idle HTTP/2 connections (h2 handshake + one health call each)"),
-        ("idle_rss_per_conn", "(VmRSS with the idle connections - VmRSS before) / N"),
+        ("idle_rss_per_conn", "(VmRSS with the idle connections, once it stops falling - VmRSS before) / N"),
         ("rsi_rss", "(max VmRSS while enrollments are in flight - VmRSS before) / in-flight calls"),
         ("startup", "exec -> port accepting / health SERVING, store with N identities (no controller)"),
         ("startup_rss", "VmRSS right after that start-up"),

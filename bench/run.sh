@@ -280,7 +280,7 @@ if ((HAVE_SERVER)); then
     sleep 1
     base=$(zmb_vm "$ZMB_SRV_PID" VmRSS)
     fifo=$W/idle.out
-    taskset -c "$CLIENT_CPU" "$BENCH" --target "127.0.0.1:$PORT" --idle-conns "$IDLE_N" --hold 3 \
+    taskset -c "$CLIENT_CPU" "$BENCH" --target "127.0.0.1:$PORT" --idle-conns "$IDLE_N" --hold 150 \
       --json "$OUT/idle.json" --timeout-ms 20000 >"$fifo" 2>&1 &
     bpid=$!
     ready=
@@ -291,8 +291,17 @@ if ((HAVE_SERVER)); then
       sleep 0.05
     done
     if [[ -n $ready ]]; then
-      sleep 1
+      # idle connections are trimmed 1-2 s after their last activity, ~5 ms
+      # of that per second: measure once VmRSS stops falling (at most 120 s)
+      sleep 2
+      best=$(zmb_vm "$ZMB_SRV_PID" VmRSS) flat=0
+      for ((i = 0; i < 120 && flat < 2; i++)); do
+        sleep 1
+        r=$(zmb_vm "$ZMB_SRV_PID" VmRSS)
+        if ((r < best)); then best=$r flat=0; else flat=$((flat + 1)); fi
+      done
       rss=$(zmb_vm "$ZMB_SRV_PID" VmRSS)
+      kill "$bpid" 2>/dev/null
       fact idle_rss "$(awk -v r="$rss" -v n="$ready" -v w="$IDLE_N" 'BEGIN{printf "%.1f MiB with %d of %d connections ready", r/1024, n, w}')"
       fact idle_rss_per_conn "$(awk -v r="$rss" -v b="$base" -v n="$ready" 'BEGIN{ if (n > 0) printf "%.1f KiB per connection (base %.1f MiB)", (r-b)/n, b/1024; else print "n/a" }')"
     else

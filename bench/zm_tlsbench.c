@@ -14,8 +14,13 @@
  * The request is a fixed gRPC message (-d FILE: the framed request, as for
  * h2load); an answer counts as OK with :status 200 and grpc-status 0.
  *
+ * --hold S (for RSS measurements: bench/idle-conns.sh): once every
+ * connection has made its one warm-up call, prints "READY n", keeps them
+ * open and idle S seconds and exits without the load.
+ *
  * Usage: zm-tlsbench [-c 32] [-m 32] [-n 400000] -d req.bin -p PATH
- *        [--tls --cert C --key K --ca CA [--no-resume]] HOST PORT
+ *        [--tls [--cert C --key K] --ca CA [--no-resume]] [--hold S]
+ *        HOST PORT
  */
 #include <wolfssl/options.h>
 
@@ -38,8 +43,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#define MAX_CONNS 1024
+#define MAX_CONNS 60000
 #define OUT_CAP (1u << 20)
+/* Connections set up (handshake, then one call each) per batch. */
+#define WARMUP_BATCH 256
 
 typedef struct conn conn_t;
 typedef struct {
@@ -63,7 +70,7 @@ struct conn {
 
 static struct {
   const char *host, *path;
-  int port, conns, streams, tls, resume;
+  int port, conns, streams, tls, resume, hold;
   long total;
   const char *cert, *key, *ca;
   uint8_t *req;
@@ -298,7 +305,7 @@ static void conn_open(conn_t *c) {
 
 /* Runs the loop until `until` calls are done in total. */
 static void run(conn_t *cs, int n, long until, long budget) {
-  struct pollfd pf[MAX_CONNS];
+  static struct pollfd pf[MAX_CONNS];
   while (g.done < until) {
     for (int i = 0; i < n; i++) {
       conn_t *c = &cs[i];
@@ -332,6 +339,7 @@ int main(int argc, char **argv) {
                                      {"key", required_argument, NULL, 'K'},
                                      {"ca", required_argument, NULL, 'A'},
                                      {"no-resume", no_argument, NULL, 'R'},
+                                     {"hold", required_argument, NULL, 'H'},
                                      {NULL, 0, NULL, 0}};
   const char *data = NULL;
   int o;
@@ -367,6 +375,9 @@ int main(int argc, char **argv) {
     case 'R':
       g.resume = 0;
       break;
+    case 'H':
+      g.hold = atoi(optarg);
+      break;
     default:
       return 2;
     }
@@ -374,7 +385,7 @@ int main(int argc, char **argv) {
   if (optind + 2 != argc || data == NULL || g.path == NULL || g.conns < 1 ||
       g.conns > MAX_CONNS || g.streams < 1 || g.total < 1)
     die("usage: zm-tlsbench [-c C] [-m M] [-n N] -d req.bin -p PATH [--tls "
-        "--cert C --key K --ca CA [--no-resume]] HOST PORT");
+        "[--cert C --key K] --ca CA [--no-resume]] [--hold S] HOST PORT");
   g.host = argv[optind];
   g.port = atoi(argv[optind + 1]);
   FILE *f = fopen(data, "rb");
@@ -421,15 +432,28 @@ int main(int argc, char **argv) {
   }
   uint64_t hs_total = 0;
   int resumed = 0;
-  for (int i = 1; i < g.conns; i++) {
+  /* settle the new connections' SETTINGS exchange with one call each, in
+   * batches: the server closes a connection that sends no HTTP/2 frame
+   * within its handshake timeout (10 s), shorter than thousands of
+   * handshakes in a row */
+  for (int i = 1, first = 1; i < g.conns; i++) {
     conn_open(&cs[i]);
     hs_total += cs[i].hs_ns;
     resumed += cs[i].resumed;
+    int k = i - first + 1;
+    if (k == WARMUP_BATCH || i == g.conns - 1) {
+      run(&cs[first], k, g.done + k, g.submitted + k);
+      first = i + 1;
+    }
   }
-  /* settle the new connections' SETTINGS exchange with one call each */
-  run(cs, g.conns, g.done + g.conns - 1, g.submitted + g.conns - 1);
   if (g.failed != 0)
     die("warm-up calls failed");
+  if (g.hold > 0) {
+    printf("READY %d\n", g.conns);
+    fflush(stdout);
+    sleep((unsigned)g.hold);
+    return 0;
+  }
   long base = g.done, ok0 = g.ok;
   g.ok = 0;
   g.lat_us = malloc((size_t)g.total * sizeof *g.lat_us);

@@ -121,6 +121,9 @@ typedef struct {
   uint64_t conns_refused, tls_failures, authz_denied, rate_limited,
       recv_timeouts, write_stalls, budget_refusals, nomem;
   uint64_t buffered; /* request bytes buffered now, all connections */
+  /* idle connections trimmed, and the bytes of zero pages they gave back
+   * to the kernel */
+  uint64_t idle_trims, trimmed_bytes;
 } zm_grpc_stats_t;
 
 /* Per-method counters for metrics (loop thread only). Latency runs from the

@@ -75,6 +75,7 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
     return;
   }
   c->last_active = uv_now(c->srv->loop);
+  c->trimmed = 0;
   c->in_recv = 1;
   ssize_t rv;
   if (c->tls != NULL) {
@@ -120,6 +121,21 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
   conn_mark_dirty(c);
 }
 
+/* Frees the output buffers beyond ZM_CONN_KEEP_BUF; only empty ones (wiped
+ * when they were flushed). */
+static void conn_release_bufs(zm_conn_t *c) {
+  if (!c->writing && c->wr_len == 0 && c->wr_cap > ZM_CONN_KEEP_BUF) {
+    free(c->wr);
+    c->wr = NULL;
+    c->wr_cap = 0;
+  }
+  if (c->out_len == 0 && c->out_cap > ZM_CONN_KEEP_BUF) {
+    free(c->out);
+    c->out = NULL;
+    c->out_cap = 0;
+  }
+}
+
 static void on_write(uv_write_t *req, int status) {
   zm_conn_t *c = req->data;
   c->writing = 0;
@@ -127,12 +143,10 @@ static void on_write(uv_write_t *req, int status) {
   /* The bytes written may hold response secrets; the buffer is reused. */
   zm_wipe(c->wr, c->wr_len);
   c->wr_len = 0;
-  if (c->out_len == 0 && c->wr_cap > ZM_CONN_KEEP_BUF) {
-    /* idle connections keep no output buffers: 10,000 of them must fit in
-     * well under 100 MB */
-    free(c->wr);
-    c->wr = NULL;
-    c->wr_cap = 0;
+  if (c->out_len == 0) {
+    /* idle connections keep no output buffers (both: out may hold the
+     * previous in-flight buffer, swapped in empty) */
+    conn_release_bufs(c);
   }
   if (c->state != CONN_OPEN)
     return;
@@ -165,6 +179,7 @@ static void conn_flush(zm_conn_t *c) {
     }
     if (n == 0)
       break;
+    c->trimmed = 0;
     if (c->tls == NULL) {
       rv = buf_append(&c->out, &c->out_len, &c->out_cap, p, (size_t)n);
     } else {
@@ -398,8 +413,9 @@ void conn_on_connection(uv_stream_t *ls, int status) {
       return;
     }
   }
-  if (nghttp2_session_server_new3(&c->h2, srv->cbs, c, srv->opt, &zm__h2_mem) !=
-      0) {
+  zm_h2_mem_init(&c->h2mem);
+  if (nghttp2_session_server_new3(&c->h2, srv->cbs, c, srv->opt,
+                                  &c->h2mem.mem) != 0) {
     srv->stats.nomem++;
     c->state = CONN_CLOSING;
     uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
@@ -420,6 +436,30 @@ void conn_on_connection(uv_stream_t *ls, int status) {
   uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
   c->reading = 1;
   conn_mark_dirty(c);
+}
+
+/*
+ * An idle connection keeps only what its sessions must remember (settings,
+ * HPACK tables, stream ids, TLS keys): its output buffers go, and so do the
+ * pages that were written and hold zeros again (nghttp2's frame buffer after
+ * the wiped frames, its stream map with no stream, the unused bulk of the
+ * TLS session). Called by the housekeeping tick; does nothing until the
+ * connection has been quiet ZM_CONN_TRIM_MS with no call and no output, and
+ * then once until it is used again. Returns 1 when it trimmed.
+ */
+int conn_trim_idle(zm_conn_t *c, uint64_t now) {
+  if (c->trimmed || c->state != CONN_OPEN || c->n_calls != 0 || c->writing ||
+      c->out_len != 0 || c->dirty || now - c->last_active < ZM_CONN_TRIM_MS ||
+      nghttp2_session_want_write(c->h2))
+    return 0;
+  c->trimmed = 1;
+  conn_release_bufs(c);
+  size_t n = zm_h2_mem_trim(&c->h2mem);
+  if (c->tls != NULL)
+    n += zm_tls_srv_trim(c->tls);
+  c->srv->stats.idle_trims++;
+  c->srv->stats.trimmed_bytes += n;
+  return 1;
 }
 
 /* ===================== loop hooks ======================================= */

@@ -15,6 +15,8 @@
 static void on_tick(uv_timer_t *t) {
   zm_grpc_server_t *srv = t->data;
   uint64_t now = uv_now(srv->loop);
+  uint64_t trim_until = uv_hrtime() + ZM_CONN_TRIM_TICK_NS;
+  int trimming = 1;
   if (srv->limiter != NULL)
     zm_limiter_sweep(srv->limiter, now);
   for (zm_conn_t *c = srv->conns, *n; c != NULL; c = n) {
@@ -39,6 +41,8 @@ static void on_tick(uv_timer_t *t) {
       c->goaway_sent = 1;
       c->close_after_flush = 1;
       conn_mark_dirty(c);
+    } else if (trimming && conn_trim_idle(c, now)) {
+      trimming = uv_hrtime() < trim_until;
     }
   }
 }
@@ -78,6 +82,11 @@ int zm_grpc_server_new(zm_grpc_server_t **out, uv_loop_t *loop,
     abort();
   session_callbacks_init(srv->cbs);
   nghttp2_option_set_max_deflate_dynamic_table_size(srv->opt, 4096);
+  /* A closed stream is forgotten at once: kept (for RFC 7540 priorities,
+   * which gRPC clients do not use) it would hold a stream and a bucket of
+   * the stream map per connection. A HEADERS frame reusing its id is then
+   * an unknown lower id, a connection error either way (session.c). */
+  nghttp2_option_set_no_closed_streams(srv->opt, 1);
   uv_prepare_init(loop, &srv->flush);
   srv->flush.data = srv;
   uv_prepare_start(&srv->flush, conn_on_flush);

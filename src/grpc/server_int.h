@@ -62,6 +62,14 @@
 #define ZM_GRPC_MSG_MAX 1024u
 /* Output buffer capacity an idle connection may keep. */
 #define ZM_CONN_KEEP_BUF 0u
+/* A connection with no call, no output and nothing read for this long is
+ * trimmed (conn_trim_idle): idle connections are what a load balancer keeps
+ * by the thousand, busy ones keep their buffers warm. */
+#define ZM_CONN_TRIM_MS 1000u
+/* Trimming one connection costs some 10 us (30 with TLS: syscalls, zero
+ * checks); a tick stops trimming after this much, so that thousands of
+ * connections going quiet at once cost a few ms per second, not a stall. */
+#define ZM_CONN_TRIM_TICK_NS (5u * 1000 * 1000)
 /* Calls kept for reuse instead of free()/malloc() per call. */
 #define ZM_CALL_FREELIST_MAX 1024u
 /* Output a connection may gather while its peer does not read: beyond it
@@ -150,6 +158,7 @@ struct zm_conn {
   unsigned close_after_flush : 1;
   unsigned got_frame : 1;
   unsigned goaway_sent : 1;
+  unsigned trimmed : 1; /* trimmed since the last read or write */
   unsigned n_calls;
   size_t recv_buffered;
   uint64_t last_active;   /* uv_now() ms */
@@ -162,6 +171,7 @@ struct zm_conn {
   char *wr; /* output in flight */
   size_t wr_len, wr_cap;
   uv_write_t wreq;
+  zm_h2_mem_t h2mem; /* the allocator of h2, which it must outlive */
 };
 
 struct zm_grpc_server {
@@ -241,6 +251,7 @@ void conn_mark_dirty(zm_conn_t *c);
 void conn_close(zm_conn_t *c);
 void conn_on_connection(uv_stream_t *ls, int status);
 void conn_on_flush(uv_prepare_t *p);
+int conn_trim_idle(zm_conn_t *c, uint64_t now);
 
 /* server.c */
 void drain_check(zm_grpc_server_t *srv);

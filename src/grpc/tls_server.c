@@ -4,9 +4,14 @@
  */
 #include "tls_server.h"
 
+#include "h2mem.h"
+
 #include "zm/secret.h"
 #include "zm/zm.h"
 
+#include <wolfssl/wolfcrypt/memory.h>
+
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -393,4 +398,31 @@ int zm_tls_srv_write(zm_tls_srv_t *t, const void *p, size_t n) {
     n -= (size_t)k;
   }
   return 0;
+}
+
+size_t zm_tls_srv_trim(zm_tls_srv_t *t) {
+#if defined(XMALLOC_USER) || defined(XMALLOC_OVERRIDE) ||                      \
+    defined(WOLFSSL_STATIC_MEMORY)
+  /* wolfSSL's own allocator: the objects are not malloc() blocks */
+  (void)t;
+  return 0;
+#else
+  wolfSSL_Malloc_cb mf = NULL;
+  wolfSSL_Free_cb ff = NULL;
+  wolfSSL_Realloc_cb rf = NULL;
+  if (t->ssl == NULL || !t->established ||
+      wolfSSL_GetAllocators(&mf, &ff, &rf) != 0 || mf != NULL)
+    return 0;
+  /* wolfSSL_new malloc()s the object and, inside it, its session */
+  size_t n = zm_trim_zero_pages(t->ssl, malloc_usable_size(t->ssl));
+#ifdef NO_SESSION_CACHE_REF
+  /* then wolfSSL_get_session is the session the object owns (not a cache
+   * entry): some 37 KB, room for a peer chain of 9 certificates, zero
+   * beyond the one a client presented */
+  WOLFSSL_SESSION *sess = wolfSSL_get_session(t->ssl);
+  if (sess != NULL)
+    n += zm_trim_zero_pages(sess, malloc_usable_size(sess));
+#endif
+  return n;
+#endif
 }

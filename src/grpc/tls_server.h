@@ -75,6 +75,13 @@ int zm_tls_srv_feed(zm_tls_srv_t *t, const char *p, size_t n,
 /* Encrypts n bytes into the sink. Returns 0 or ZM_E_TLS. */
 int zm_tls_srv_write(zm_tls_srv_t *t, const void *p, size_t n);
 
+/* For an idle, established session: gives back the resident pages of the
+ * WOLFSSL object and of its WOLFSSL_SESSION that hold only zeros (the
+ * session is some 37 KB, mostly room for a peer certificate chain, zeroed
+ * by wolfSSL_new). Contents do not change. Returns the bytes given back; 0
+ * when wolfSSL does not allocate with malloc() (sizes are then unknown). */
+size_t zm_tls_srv_trim(zm_tls_srv_t *t);
+
 /* Extracts the names of a certificate (pure, for tests and the fuzzer):
  * SAN URIs, SAN DNS names, then the CN. Returns the count; names are
  * malloc'd. */

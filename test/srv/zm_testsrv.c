@@ -219,14 +219,15 @@ static void on_stats(uv_timer_t *t) {
       "stats conns_open=%llu refused=%llu buffered=%llu "
       "recv_timeouts=%llu write_stalls=%llu budget_refusals=%llu "
       "rate_limited=%llu authz_denied=%llu tls_failures=%llu "
-      "protocol_errors=%llu",
+      "protocol_errors=%llu idle_trims=%llu trimmed_bytes=%llu",
       (unsigned long long)st.conns_open, (unsigned long long)st.conns_refused,
       (unsigned long long)st.buffered, (unsigned long long)st.recv_timeouts,
       (unsigned long long)st.write_stalls,
       (unsigned long long)st.budget_refusals,
       (unsigned long long)st.rate_limited, (unsigned long long)st.authz_denied,
       (unsigned long long)st.tls_failures,
-      (unsigned long long)st.protocol_errors);
+      (unsigned long long)st.protocol_errors, (unsigned long long)st.idle_trims,
+      (unsigned long long)st.trimmed_bytes);
   FILE *f = fopen(env("TESTSRV_STATS_FILE", "/dev/null"), "w");
   if (f) {
     fputs(line, f);
