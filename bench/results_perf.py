@@ -110,15 +110,22 @@ def c_rounds(step, server, cm):
     return "/".join(f"{fnum(r['rps']) or 0:.0f}" + ("" if r["ok"] == "1" else "!") for r in rs)
 
 
-# ---- 4. idle connections: bench/idle-conns.sh prints "key=value" result lines --------
+# ---- 4. idle connections: bench/idle-conns.sh's summary lines ---------------------------
+def idle_of(mode):
+    t = read_text(f"idle-{mode}.txt")
+    m = re.search(r"per idle connection: ([0-9.]+) KiB RssAnon", t)
+    n = re.search(r"connections: (\d+) requested, (\d+) ready", t)
+    return (float(m.group(1)) if m else None), (n.group(2) if n else "?")
+
+
+# ---- 5. enrollment: bench/enroll-isolation.sh prints "key=value" result lines --------
 def kv(text):
     d = {}
-    for m in re.finditer(r"^([a-z_]+)=(\S+)", text, re.M):
+    for m in re.finditer(r"^([a-z_0-9]+)=(\S+)", text, re.M):
         d[m.group(1)] = m.group(2)
     return d
 
 
-idle = kv(read_text("idle.txt"))
 enroll = kv(read_text("enroll.txt"))
 
 rows = []
@@ -162,10 +169,13 @@ target("peak RSS, 100,000 identities, after the anchors' cases / smallest anchor
        f"zm {zp / 1024 if zp else 0:.1f} MiB / {sp[1]} {sp[0] / 1024 if sp[0] else 0:.1f} MiB (VmHWM)")
 
 # idle connections
-b = fnum(idle.get("bytes_per_conn"))
-target(f"memory per idle HTTP/2 connection at {idle.get('conns', '?')} connections",
-       "n/a" if b is None else f"{b / 1024:.1f} KiB", "<= 10 KiB",
-       verdict(b, lambda v: v <= 10 * 1024), idle.get("detail", "bench/idle-conns.sh").replace("_", " "))
+for mode in ("h2c", "tls"):
+    kib, n = idle_of(mode)
+    if mode == "h2c":
+        target(f"memory per idle HTTP/2 connection (h2c) at {n} connections", "n/a" if kib is None else f"{kib:.2f} KiB",
+               "<= 10 KiB", verdict(kib, lambda v: v <= 10), "RssAnon growth / connections (bench/idle-conns.sh)")
+    else:
+        other_idle = f"- memory per idle TLS connection at {n} connections: " + ("n/a" if kib is None else f"{kib:.2f} KiB")
 
 # enrollment
 cpu = fnum(enroll.get("cpu_us_per_enroll"))
@@ -193,7 +203,7 @@ L = [BEGIN, "## Performance targets (issue 15): one run of bench/run-perf.sh", "
 L.append(f"Written by `bench/run-perf.sh`, measured {facts.get('when', '?')}; source {facts.get('source', '?')}; "
          f"the run took {facts.get('duration_s', '?')} s.")
 L.append("")
-for k in ("machine", "pinning", "load_start", "load_end", "baseline", "anchors", "ceiling", "idle", "enroll"):
+for k in ("machine", "pinning", "load_start", "load_end", "baseline", "anchors", "ceiling", "enroll"):
     if k in facts:
         L.append(f"- {k}: {facts[k]}")
 L.append("")
@@ -210,7 +220,7 @@ L.append("|---|---:|---|---|---|")
 for what, value, goal, ok, src in rows:
     L.append(f"| {what} | {value} | {goal} | {ok} | {src} |")
 L.append("")
-other = []
+other = [other_idle]
 zr32 = a_get("zm", "resolve", "32x32", "rps_median")
 br32, bn32 = a_best("resolve", "32x32", "rps_median", True)
 other.append(f"- ResolveIdentity 32x32 (h2load, one key) / best anchor ({bn32}): {fx(ratio(zr32, br32))}")
@@ -244,7 +254,8 @@ if cases:
                  f"{fnum(r['rps']) or 0:.0f} | {us(fnum(r['mean_us']))} | {us(fnum(r['p99_us']))} | "
                  f"{'ok' if r['ok'] == '1' else 'FAILED'} |")
     L.append("")
-for name, title in (("idle.txt", "bench/idle-conns.sh"), ("enroll.txt", "bench/enroll-isolation.sh")):
+for name, title in (("idle-h2c.txt", "bench/idle-conns.sh (h2c)"), ("idle-tls.txt", "bench/idle-conns.sh (TLS)"),
+                    ("enroll.txt", "bench/enroll-isolation.sh")):
     t = read_text(name)
     if t:
         L.append(f"{title} printed:")

@@ -73,7 +73,7 @@ trap 'exit 130' INT TERM
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
   log "build (Release) into $BUILD"
   cmake -S "$REPO" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DZM_TESTS=OFF -DZM_BENCH=ON >"$OUT/build.log" 2>&1 &&
-    cmake --build "$BUILD" -j"$(nproc)" --target ziti-management zm-bench zm-cryptocost >>"$OUT/build.log" 2>&1 ||
+    cmake --build "$BUILD" -j"$(nproc)" --target ziti-management zm-bench zm-tlsbench zm-cryptocost >>"$OUT/build.log" 2>&1 ||
     { echo "build failed ($OUT/build.log)"; exit 1; }
 fi
 BIN=$BUILD/ziti-management
@@ -213,14 +213,12 @@ PIDS=()
 
 # ---- 4. idle connections -----------------------------------------------------------------
 if [[ ${SKIP_IDLE:-0} != 1 ]]; then
-  if [[ -x $here/idle-conns.sh ]]; then
-    log "idle connections: $IDLE_N"
-    BIN=$BIN BUILD=$BUILD N=$IDLE_N SERVER_CPU=$SERVER_CPU CLIENT_CPU=$CLIENT_CPU "$here/idle-conns.sh" >"$OUT/idle.txt" 2>&1 ||
-      log "idle-conns.sh failed (see $OUT/idle.txt)"
-    fact cmd_idle "BIN=$BIN N=$IDLE_N bench/idle-conns.sh"
-  else
-    fact idle "n/a (bench/idle-conns.sh missing)"
-  fi
+  log "idle connections: $IDLE_N, h2c then TLS"
+  for mode in h2c tls; do
+    N=$IDLE_N MODE=$mode "$here/idle-conns.sh" "$BUILD" >"$OUT/idle-$mode.txt" 2>&1 ||
+      log "idle-conns.sh ($mode) failed (see $OUT/idle-$mode.txt)"
+  done
+  fact cmd_idle "N=$IDLE_N MODE=h2c|tls bench/idle-conns.sh $BUILD"
 fi
 
 # ---- 5. enrollment cost and isolation ---------------------------------------------------------

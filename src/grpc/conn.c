@@ -213,8 +213,33 @@ static void conn_flush(zm_conn_t *c) {
     conn_close(c);
     return;
   }
+  int more = (c->tls == NULL || c->tls->established) &&
+             nghttp2_session_want_write(c->h2);
+  if (!c->writing && c->out_len > 0 && !more) {
+    /* A response nearly always fits the socket buffer: write it now, with
+     * no write request (no completion pass on the next loop turn, no
+     * EPOLLOUT registration and removal: an epoll_ctl every other call).
+     * Output that does not end here (nghttp2 has more) takes the write
+     * request path: its completion pulls the next part. */
+    uv_buf_t tb = uv_buf_init(c->out, (unsigned)c->out_len);
+    int n = uv_try_write((uv_stream_t *)&c->tcp, &tb, 1);
+    if (n == UV_EAGAIN || n == UV_ENOSYS) {
+      n = 0;
+    } else if (n < 0) {
+      conn_close(c);
+      return;
+    }
+    size_t done = (size_t)n, rest = c->out_len - done;
+    if (done > 0 && rest > 0)
+      memmove(c->out, c->out + done, rest);
+    /* what was written may hold response secrets */
+    zm_wipe(c->out + rest, done);
+    c->out_len = rest;
+    if (rest == 0)
+      conn_release_bufs(c);
+  }
   if (!c->writing && c->out_len > 0) {
-    /* swap gathered output into the in-flight buffer */
+    /* the rest waits for the socket: swap it into the in-flight buffer */
     char *t = c->wr;
     size_t tc = c->wr_cap;
     c->wr = c->out;
