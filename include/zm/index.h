@@ -43,13 +43,12 @@ typedef struct {
 enum { ZM_LEASE_LIVE = 0, ZM_LEASE_DELETING = 1 };
 
 /* The service view of an entry, handed out mutable (callers update the lease
- * and state in place); laid out without padding holes, as the index holds
- * one per service identity. */
+ * and state in place). Only what the lease paths read: the row's created_at
+ * stays in the store, where collection reads it. */
 typedef struct {
   int64_t lease_expires_ms; /* the lease as last known durable (store clock) */
   int64_t lease_pending_ms; /* a refresh answered from memory and not yet
                                flushed to the store; 0 = none */
-  int64_t created_at_ms;
   int32_t service_type;
   uint8_t state;  /* ZM_LEASE_*: DELETING once its tombstone is durable */
   uint8_t queued; /* on the lifecycle's flush list */
@@ -80,8 +79,7 @@ int zm_index_del_managed(zm_index_t *ix, const char *zid, size_t len);
  * updates it in place, and neither growth nor other keys move it. */
 zm_index_service_t *zm_index_put_service(zm_index_t *ix, const char *zid,
                                          size_t len, int service_type,
-                                         int64_t lease_expires_ms,
-                                         int64_t created_at_ms);
+                                         int64_t lease_expires_ms);
 zm_index_service_t *zm_index_lookup_service(const zm_index_t *ix,
                                             const char *zid, size_t len);
 int zm_index_del_service(zm_index_t *ix, const char *zid, size_t len);

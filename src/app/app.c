@@ -37,7 +37,7 @@ static void on_load_service(const zm_service_row_t *r, void *data) {
   zm_app_t *app = data;
   zm_index_put_service(app->index, r->ziti_identity_id,
                        strlen(r->ziti_identity_id), r->service_type,
-                       r->lease_expires_ms, r->created_at_ms);
+                       r->lease_expires_ms);
 }
 
 static void on_load_pending(const zm_pending_row_t *r, void *data) {

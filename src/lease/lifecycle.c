@@ -389,7 +389,7 @@ static void on_extended(int err, void *data) {
       zm_index_lookup_service(l->index, x->id, strlen(x->id));
   if (err == 0) {
     if (s == NULL)
-      s = zm_index_put_service(l->index, x->id, strlen(x->id), 0, x->ms, 0);
+      s = zm_index_put_service(l->index, x->id, strlen(x->id), 0, x->ms);
     if (s->state == ZM_LEASE_LIVE && x->ms > s->lease_expires_ms)
       s->lease_expires_ms = x->ms;
     if (s->lease_pending_ms != 0 &&
@@ -618,8 +618,8 @@ static void on_unit(int err, void *data) {
   if (err == 0) {
     trace(u->t, u->id ? u->id : "pending");
     if (u->kind == 1)
-      zm_index_put_service(u->l->index, u->id, strlen(u->id), u->type, u->lease,
-                           zm_life_now(u->l));
+      zm_index_put_service(u->l->index, u->id, strlen(u->id), u->type,
+                           u->lease);
     else if (u->kind == 2) {
       zm_index_extra_t x = {u->workload_id, u->agent_id, u->environment_id};
       zm_index_put_managed_ext(u->l->index, u->id, strlen(u->id),

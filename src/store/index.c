@@ -3,8 +3,9 @@
  * (include/zm/index.h).
  *
  * Sized for what it holds: at 100k identities the index is most of the
- * process's heap, so one identity costs one 72-byte record plus its share of
- * an 8-byte hash slot, and nothing else in the common case.
+ * process's heap, so one identity costs one 64-byte record (a cache line)
+ * plus its share of an 8-byte hash slot, and nothing else in the common
+ * case.
  *
  * Records. One per key, carrying both views (managed mapping, service lease)
  * with a presence bit each: the platform's service identities have both, and
@@ -35,7 +36,7 @@
 #include <string.h>
 
 #define MIN_CAP 64      /* slots in a fresh table; a power of two */
-#define CHUNK_SHIFT 10u /* records per chunk: 1024 (72 KiB) */
+#define CHUNK_SHIFT 10u /* records per chunk: 1024 (64 KiB) */
 #define CHUNK_RECS (1u << CHUNK_SHIFT)
 #define KEY_INLINE 10u
 #define KEY_IN_EXT 0xffu /* rec.keylen: the key is in the ext block */
@@ -77,8 +78,8 @@ typedef struct {
   char key[KEY_INLINE];
 } rec_t;
 
-/* The per-identity budget: a record that grows past this is a regression. */
-_Static_assert(sizeof(rec_t) == 72, "index record size");
+/* One cache line: a lookup's record costs one miss (chunks are aligned). */
+_Static_assert(sizeof(rec_t) == 64, "index record size");
 
 typedef struct {
   uint32_t tag; /* 0 = empty, else the low 32 bits of the hash (|1 if 0) */
@@ -201,8 +202,10 @@ static uint32_t rec_alloc(zm_index_t *ix) {
         ix->chunks =
             zm_xrealloc(ix->chunks, ix->cap_chunks * sizeof *ix->chunks);
       }
-      /* malloc, not calloc: pages are touched only as records are used */
-      ix->chunks[ix->n_chunks++] = zm_xmalloc(CHUNK_RECS * sizeof(rec_t));
+      /* not zeroed: pages are touched only as records are used */
+      rec_t *c = aligned_alloc(64, CHUNK_RECS * sizeof(rec_t));
+      ZM_ASSERT(c != NULL); /* out of memory */
+      ix->chunks[ix->n_chunks++] = c;
       ix->used = 0;
     }
     r = ((ix->n_chunks - 1) << CHUNK_SHIFT) | ix->used++;
@@ -554,14 +557,12 @@ int zm_index_del_managed(zm_index_t *ix, const char *zid, size_t len) {
 
 zm_index_service_t *zm_index_put_service(zm_index_t *ix, const char *zid,
                                          size_t len, int service_type,
-                                         int64_t lease_expires_ms,
-                                         int64_t created_at_ms) {
+                                         int64_t lease_expires_ms) {
   rec_t *x = rec_for_put(ix, zid, len);
   if (!(x->flags & F_SERVICE))
     ix->n_service++;
   x->flags |= F_SERVICE;
   x->svc = (zm_index_service_t){.lease_expires_ms = lease_expires_ms,
-                                .created_at_ms = created_at_ms,
                                 .service_type = service_type,
                                 .state = ZM_LEASE_LIVE};
   return &x->svc;

@@ -103,7 +103,7 @@ static void test_put_lookup_replace_delete(void **state) {
   assert_int_equal(zm_index_managed_count(ix), 1);
 
   /* Service entries: mutable, replaced in place (same pointer). */
-  zm_index_service_t *s = zm_index_put_service(ix, "zid-1", 5, 3, 5000, 100);
+  zm_index_service_t *s = zm_index_put_service(ix, "zid-1", 5, 3, 5000);
   assert_int_equal(s->state, ZM_LEASE_LIVE);
   s->state = ZM_LEASE_DELETING;
   s->lease_expires_ms = 6000;
@@ -111,11 +111,10 @@ static void test_put_lookup_replace_delete(void **state) {
   assert_ptr_equal(s, s2);
   assert_int_equal(s2->lease_expires_ms, 6000);
   assert_int_equal(s2->state, ZM_LEASE_DELETING);
-  zm_index_service_t *s3 = zm_index_put_service(ix, "zid-1", 5, 4, 9000, 200);
+  zm_index_service_t *s3 = zm_index_put_service(ix, "zid-1", 5, 4, 9000);
   assert_ptr_equal(s, s3);
   assert_int_equal(s3->service_type, 4);
   assert_int_equal(s3->lease_expires_ms, 9000);
-  assert_int_equal(s3->created_at_ms, 200);
   assert_int_equal(s3->state, ZM_LEASE_LIVE);
   assert_int_equal(zm_index_service_count(ix), 1);
   /* The views are separate: a service entry is not a managed one. */
@@ -146,13 +145,13 @@ static void test_growth(void **state) {
   zm_index_managed_t mb;
   char k[32], v[64];
   int kl = keyf(k, sizeof k, 0);
-  zm_index_service_t *first = zm_index_put_service(ix, k, (size_t)kl, 1, 1, 1);
+  zm_index_service_t *first = zm_index_put_service(ix, k, (size_t)kl, 1, 1);
   for (unsigned i = 0; i < N; i++) {
     kl = keyf(k, sizeof k, i);
     int vl = snprintf(v, sizeof v, "a9e1c0de-0000-4000-8000-%012u", i);
     zm_index_put_managed(ix, k, (size_t)kl, v, (size_t)vl, (int)(i % 3) + 1,
                          (int64_t)i * 1000);
-    zm_index_put_service(ix, k, (size_t)kl, 3, (int64_t)i, (int64_t)i);
+    zm_index_put_service(ix, k, (size_t)kl, 3, (int64_t)i);
     assert_int_equal(zm_index_managed_count(ix), i + 1);
   }
   assert_true(ix->mask + 1 >= N * 16 / 13);
@@ -203,7 +202,7 @@ static void test_churn(void **state) {
     } else {
       live += model[i] == 0;
       model[i] = r + 1;
-      zm_index_put_service(ix, k, (size_t)kl, 1, r, r);
+      zm_index_put_service(ix, k, (size_t)kl, 1, r);
     }
     assert_int_equal(zm_index_service_count(ix), live);
     if (r % 20000 == 0 || r == ROUNDS - 1) {
@@ -242,12 +241,12 @@ static void test_prefix_and_binary_keys(void **state) {
   /* Binary keys: embedded NULs and high bytes; trailing NULs matter. */
   const char k1[] = {'a', 0, 'b'}, k2[] = {'a', 0, 'c'}, k3[] = {'a', 0};
   const char k4[] = {'a', 0, 0}, k5[] = {(char)0xff, (char)0x80, 0, 1};
-  zm_index_put_service(ix, k1, sizeof k1, 1, 10, 0);
-  zm_index_put_service(ix, k2, sizeof k2, 2, 20, 0);
-  zm_index_put_service(ix, k3, sizeof k3, 3, 30, 0);
-  zm_index_put_service(ix, k4, sizeof k4, 4, 40, 0);
-  zm_index_put_service(ix, k5, sizeof k5, 5, 50, 0);
-  zm_index_put_service(ix, "a", 1, 6, 60, 0);
+  zm_index_put_service(ix, k1, sizeof k1, 1, 10);
+  zm_index_put_service(ix, k2, sizeof k2, 2, 20);
+  zm_index_put_service(ix, k3, sizeof k3, 3, 30);
+  zm_index_put_service(ix, k4, sizeof k4, 4, 40);
+  zm_index_put_service(ix, k5, sizeof k5, 5, 50);
+  zm_index_put_service(ix, "a", 1, 6, 60);
   assert_int_equal(zm_index_service_count(ix), 6);
   assert_int_equal(zm_index_lookup_service(ix, k1, sizeof k1)->service_type, 1);
   assert_int_equal(zm_index_lookup_service(ix, k2, sizeof k2)->service_type, 2);
@@ -295,7 +294,7 @@ static void test_cluster_delete(void **state) {
   }
   assert_int_equal(n, 40);
   for (int i = 0; i < 40; i++)
-    zm_index_put_service(ix, keys[i], lens[i], i, i, i);
+    zm_index_put_service(ix, keys[i], lens[i], i, i);
   for (int i = 0; i < 40; i += 2)
     assert_int_equal(zm_index_del_service(ix, keys[i], lens[i]), 1);
   for (int i = 0; i < 40; i++) {
@@ -408,7 +407,7 @@ static void test_long_keys(void **state) {
   const char *uuid = "a9e1c0de-0000-4000-8000-000000000007";
   /* every length around the inline limit, and far past it */
   for (size_t n = 0; n < sizeof k; n += n < 32 ? 1 : 37) {
-    zm_index_put_service(ix, k, n, (int)n, (int64_t)n, 0);
+    zm_index_put_service(ix, k, n, (int)n, (int64_t)n);
     zm_index_put_managed(ix, k, n, uuid, 36, (int)n, (int64_t)n);
   }
   check_table(ix);
@@ -426,7 +425,7 @@ static void test_long_keys(void **state) {
   size_t L = 300;
   zm_index_service_t *s = zm_index_lookup_service(ix, k, L);
   assert_null(s); /* 300 is not one of the lengths above */
-  s = zm_index_put_service(ix, k, L, 7, 70, 0);
+  s = zm_index_put_service(ix, k, L, 7, 70);
   zm_index_extra_t x = {"W", uuid, NULL};
   zm_index_put_managed_ext(ix, k, L, "Not-A-UUID", 10, 5, 5, &x);
   assert_non_null(get(ix, k, L, &mb));
@@ -532,7 +531,7 @@ static void test_shared_record(void **state) {
   zm_index_managed_t mb;
   const char *id = "a9e1c0de-0000-4000-8000-000000000001";
   zm_index_put_managed(ix, "k", 1, id, 36, 1, 10);
-  zm_index_service_t *s = zm_index_put_service(ix, "k", 1, 3, 100, 20);
+  zm_index_service_t *s = zm_index_put_service(ix, "k", 1, 3, 100);
   assert_int_equal(ix->count, 1);
   assert_int_equal(zm_index_managed_count(ix), 1);
   assert_int_equal(zm_index_service_count(ix), 1);
@@ -543,7 +542,7 @@ static void test_shared_record(void **state) {
   assert_ptr_equal(s, zm_index_lookup_service(ix, "k", 1));
   assert_int_equal(s->lease_pending_ms, 150);
   assert_int_equal(s->queued, 1);
-  zm_index_put_service(ix, "k", 1, 4, 200, 21);
+  zm_index_put_service(ix, "k", 1, 4, 200);
   assert_string_equal(get(ix, "k", 1, &mb)->identity_id, "other");
   assert_int_equal(mb.created_at_ms, 11);
   assert_int_equal(s->lease_pending_ms, 0);
@@ -558,7 +557,7 @@ static void test_shared_record(void **state) {
   assert_int_equal(ix->count, 0);
   assert_int_equal(zm_index_del_service(ix, "k", 1), 0);
   /* a service-only and a managed-only key */
-  zm_index_put_service(ix, "s", 1, 1, 1, 1);
+  zm_index_put_service(ix, "s", 1, 1, 1);
   zm_index_put_managed(ix, "m", 1, id, 36, 1, 1);
   assert_null(get(ix, "s", 1, &mb));
   assert_null(zm_index_lookup_service(ix, "m", 1));
@@ -587,7 +586,7 @@ static void test_clear_managed(void **state) {
                                i % 2 ? &x : NULL);
     }
     if (i % 3 != 1)
-      ptr[i] = zm_index_put_service(ix, k, (size_t)kl, 1, i, i);
+      ptr[i] = zm_index_put_service(ix, k, (size_t)kl, 1, i);
   }
   zm_index_clear_managed(ix);
   assert_int_equal(zm_index_managed_count(ix), 0);
@@ -657,7 +656,7 @@ static void test_mixed_churn(void **state) {
       model[i].m = 0;
       break;
     case 2:
-      zm_index_put_service(ix, k, (size_t)kl, 1, (int64_t)r, 0);
+      zm_index_put_service(ix, k, (size_t)kl, 1, (int64_t)r);
       model[i].s = (int64_t)r + 1;
       break;
     default:
