@@ -440,12 +440,21 @@ static void set_managed_ids(rec_t *x, const char *id, size_t idlen,
   x->flags |= F_EXT;
 }
 
-/* Forgets the managed view's ids, keeping a long key. */
+/* Forgets the managed view's ids; a long key stays, in a block of its own
+ * size. */
 static void clear_managed_ids(rec_t *x) {
-  if (!(x->flags & F_EXT) || x->keylen == KEY_IN_EXT)
+  if (!(x->flags & F_EXT))
     return;
-  free(x->u.ext);
-  x->flags &= (uint8_t)~F_EXT;
+  ext_t *old = x->u.ext;
+  if (x->keylen == KEY_IN_EXT) {
+    ext_t *e = zm_xcalloc(1, sizeof *e + old->keylen);
+    e->keylen = old->keylen;
+    memcpy(e->data, old->data, old->keylen);
+    x->u.ext = e;
+  } else {
+    x->flags &= (uint8_t)~F_EXT;
+  }
+  free(old);
 }
 
 void zm_index_put_managed(zm_index_t *ix, const char *zid, size_t zid_len,
