@@ -31,8 +31,8 @@ measure() {
 }
 
 cd "$dir"
-STORE_PATH=e.db ZITI_CONTROLLER_URL= "$BIN" --migrate-only >/dev/null
-STORE_PATH=s.db ZITI_CONTROLLER_URL= "$BIN" --migrate-only >/dev/null
+STORE_PATH=e.db ZITI_CONTROLLER_URL= "$BIN" --migrate-only >/dev/null 2>&1
+STORE_PATH=s.db ZITI_CONTROLLER_URL= "$BIN" --migrate-only >/dev/null 2>&1
 zmb_seed s.db "$N" 3600
 read -r rss0 hwm0 anon0 < <(measure e.db)
 read -r rssn hwmn anonn < <(measure s.db)
