@@ -4,7 +4,7 @@
  * Loaded from the store at start-up and kept in step with it by the RPC
  * handlers, so that ResolveIdentity and the NOT_FOUND check of
  * ExtendIdentityLease cost one hash lookup and never touch the store or the
- * controller. Synchronous by design (the name says so: *_lookup).
+ * controller. Synchronous by design (the names say so: *_lookup, *_get).
  * Keys are byte strings (ptr, len); the index copies what it keeps. One
  * entry per key carries both views (managed, service), each present or not.
  */
