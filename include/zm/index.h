@@ -4,8 +4,9 @@
  * Loaded from the store at start-up and kept in step with it by the RPC
  * handlers, so that ResolveIdentity and the NOT_FOUND check of
  * ExtendIdentityLease cost one hash lookup and never touch the store or the
- * controller. Synchronous by design (the name says so: *_lookup).
- * Keys are byte strings (ptr, len); the index copies what it keeps.
+ * controller. Synchronous by design (the names say so: *_lookup, *_get).
+ * Keys are byte strings (ptr, len); the index copies what it keeps. One
+ * entry per key carries both views (managed, service), each present or not.
  */
 #ifndef ZM_INDEX_H
 #define ZM_INDEX_H
@@ -15,13 +16,22 @@
 
 typedef struct zm_index zm_index_t;
 
+/* ZM_INDEX_UUID_LEN: a canonical UUID's text, "xxxxxxxx-xxxx-...". */
+#define ZM_INDEX_UUID_LEN 36
+
+/* A managed identity as zm_index_get_managed hands it out. The index keeps
+ * canonical lowercase UUIDs as 16 bytes and formats them into buf_ on the
+ * way out; any other text is kept as given and pointed to. Every pointer is
+ * valid while this struct lives and the entry is neither replaced nor
+ * removed. */
 typedef struct {
-  const char *identity_id; /* owned by the index, NUL-terminated */
+  const char *identity_id; /* NUL-terminated; identity_id_len bytes */
   size_t identity_id_len;
   int identity_type;
   int64_t created_at_ms;
-  /* owned by the index; NULL when not recorded */
+  /* NULL when not recorded */
   const char *workload_id, *agent_id, *environment_id;
+  char buf_[4][ZM_INDEX_UUID_LEN + 1]; /* private: formatted UUIDs */
 } zm_index_managed_t;
 
 /* The optional columns ResolveIdentity returns (any may be NULL). */
@@ -32,15 +42,16 @@ typedef struct {
 /* Service-identity lease states (GC). */
 enum { ZM_LEASE_LIVE = 0, ZM_LEASE_DELETING = 1 };
 
+/* The service view of an entry, handed out mutable (callers update the lease
+ * and state in place). Only what the lease paths read: the row's created_at
+ * stays in the store, where collection reads it. */
 typedef struct {
-  int service_type;
-  int state;                /* ZM_LEASE_*: DELETING once its tombstone is
-                               durable */
   int64_t lease_expires_ms; /* the lease as last known durable (store clock) */
   int64_t lease_pending_ms; /* a refresh answered from memory and not yet
                                flushed to the store; 0 = none */
-  int queued;               /* on the lifecycle's flush list */
-  int64_t created_at_ms;
+  int32_t service_type;
+  uint8_t state;  /* ZM_LEASE_*: DELETING once its tombstone is durable */
+  uint8_t queued; /* on the lifecycle's flush list */
 } zm_index_service_t;
 
 zm_index_t *zm_index_new(void);
@@ -55,20 +66,20 @@ void zm_index_put_managed_ext(zm_index_t *ix, const char *zid, size_t zid_len,
                               const char *identity_id, size_t identity_id_len,
                               int identity_type, int64_t created_at_ms,
                               const zm_index_extra_t *extra);
-/* NULL if absent. The pointer is valid until the entry is removed/replaced. */
-const zm_index_managed_t *zm_index_lookup_managed(const zm_index_t *ix,
-                                                  const char *zid, size_t len);
+/* 1 and *out filled if present, else 0 (*out untouched). */
+int zm_index_get_managed(const zm_index_t *ix, const char *zid, size_t len,
+                         zm_index_managed_t *out);
 /* Removes every mapping. */
 void zm_index_clear_managed(zm_index_t *ix);
 /* Returns 1 if removed, 0 if absent. */
 int zm_index_del_managed(zm_index_t *ix, const char *zid, size_t len);
 
 /* Inserts or replaces; returns the entry (mutable: callers update lease/state).
- */
+ * The pointer stays valid until the service entry is removed: a replacement
+ * updates it in place, and neither growth nor other keys move it. */
 zm_index_service_t *zm_index_put_service(zm_index_t *ix, const char *zid,
                                          size_t len, int service_type,
-                                         int64_t lease_expires_ms,
-                                         int64_t created_at_ms);
+                                         int64_t lease_expires_ms);
 zm_index_service_t *zm_index_lookup_service(const zm_index_t *ix,
                                             const char *zid, size_t len);
 int zm_index_del_service(zm_index_t *ix, const char *zid, size_t len);

@@ -115,10 +115,12 @@ uint64_t zm_life_margin_ms(const zm_life_t *l);
 typedef void (*zm_life_cb)(int err, void *data);
 int zm_life_extend(zm_life_t *l, const char *id, zm_life_cb cb, void *data);
 
-/* ResolveIdentity. Returns the cached mapping, or NULL. With a shared store
- * a NULL means "ask the store": zm_life_fetch_managed does, caching what it
- * finds; cb gets (0, entry) or (ZM_E_NOT_FOUND / ZM_E_UNAVAILABLE, NULL). */
-const zm_index_managed_t *zm_life_cached_managed(zm_life_t *l, const char *id);
+/* ResolveIdentity. 1 and *out filled from the cache, or 0. With a shared
+ * store a 0 means "ask the store": zm_life_fetch_managed does, caching what
+ * it finds; cb gets (0, entry) or (ZM_E_NOT_FOUND / ZM_E_UNAVAILABLE, NULL).
+ */
+int zm_life_cached_managed(zm_life_t *l, const char *id,
+                           zm_index_managed_t *out);
 int zm_life_read_through(const zm_life_t *l);
 typedef void (*zm_life_managed_cb)(int err, const zm_index_managed_t *m,
                                    void *data);

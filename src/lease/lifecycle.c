@@ -389,7 +389,7 @@ static void on_extended(int err, void *data) {
       zm_index_lookup_service(l->index, x->id, strlen(x->id));
   if (err == 0) {
     if (s == NULL)
-      s = zm_index_put_service(l->index, x->id, strlen(x->id), 0, x->ms, 0);
+      s = zm_index_put_service(l->index, x->id, strlen(x->id), 0, x->ms);
     if (s->state == ZM_LEASE_LIVE && x->ms > s->lease_expires_ms)
       s->lease_expires_ms = x->ms;
     if (s->lease_pending_ms != 0 &&
@@ -449,10 +449,11 @@ int zm_life_extend(zm_life_t *l, const char *id, zm_life_cb cb, void *data) {
 
 /* ===================== mappings: cache + invalidation ==================== */
 
-const zm_index_managed_t *zm_life_cached_managed(zm_life_t *l, const char *id) {
+int zm_life_cached_managed(zm_life_t *l, const char *id,
+                           zm_index_managed_t *out) {
   if (l->shared && mono_ms() - l->changes_ok_mono >= CHANGES_STALE_MS)
-    return NULL; /* cannot vouch for the cache: ask the store */
-  return zm_index_lookup_managed(l->index, id, strlen(id));
+    return 0; /* cannot vouch for the cache: ask the store */
+  return zm_index_get_managed(l->index, id, strlen(id), out);
 }
 
 typedef struct {
@@ -472,26 +473,24 @@ static void on_fetched(int err, const zm_managed_row_t *rows, size_t n,
     f->cb(ZM_E_NOT_FOUND, NULL, f->data);
   } else {
     const zm_managed_row_t *r = &rows[0];
-    zm_index_managed_t tmp = {.identity_id = r->identity_id,
-                              .identity_id_len = strlen(r->identity_id),
-                              .identity_type = r->identity_type,
-                              .created_at_ms = r->created_at_ms,
-                              .workload_id = r->workload_id,
-                              .agent_id = r->agent_id,
-                              .environment_id = r->environment_id};
-    const zm_index_managed_t *m = &tmp;
+    /* the row's strings live until this callback returns: answer from them */
+    zm_index_managed_t m = {.identity_id = r->identity_id,
+                            .identity_id_len = strlen(r->identity_id),
+                            .identity_type = r->identity_type,
+                            .created_at_ms = r->created_at_ms,
+                            .workload_id = r->workload_id,
+                            .agent_id = r->agent_id,
+                            .environment_id = r->environment_id};
     /* Cache only if no eviction ran while the read was in flight: it may
      * have been about this very row. */
     if (f->epoch == l->epoch) {
       zm_index_extra_t x = {r->workload_id, r->agent_id, r->environment_id};
       zm_index_put_managed_ext(l->index, r->ziti_identity_id,
                                strlen(r->ziti_identity_id), r->identity_id,
-                               tmp.identity_id_len, r->identity_type,
+                               m.identity_id_len, r->identity_type,
                                r->created_at_ms, &x);
-      m = zm_index_lookup_managed(l->index, r->ziti_identity_id,
-                                  strlen(r->ziti_identity_id));
     }
-    f->cb(0, m, f->data);
+    f->cb(0, &m, f->data);
   }
   free(f);
   life_dec(l);
@@ -619,8 +618,8 @@ static void on_unit(int err, void *data) {
   if (err == 0) {
     trace(u->t, u->id ? u->id : "pending");
     if (u->kind == 1)
-      zm_index_put_service(u->l->index, u->id, strlen(u->id), u->type, u->lease,
-                           zm_life_now(u->l));
+      zm_index_put_service(u->l->index, u->id, strlen(u->id), u->type,
+                           u->lease);
     else if (u->kind == 2) {
       zm_index_extra_t x = {u->workload_id, u->agent_id, u->environment_id};
       zm_index_put_managed_ext(u->l->index, u->id, strlen(u->id),

@@ -66,10 +66,9 @@ void zm_rpc_resolve_identity(zm_call_t *call, const ProtobufCMessage *msg,
     zm_call_fail(call, ZM_GRPC_INVALID_ARGUMENT, why);
     return;
   }
-  const zm_index_managed_t *m =
-      zm_life_cached_managed(app->life, req->ziti_identity_id);
-  if (m != NULL) {
-    reply_resolved(call, m);
+  zm_index_managed_t m;
+  if (zm_life_cached_managed(app->life, req->ziti_identity_id, &m)) {
+    reply_resolved(call, &m);
     return;
   }
   if (!zm_life_read_through(app->life)) {

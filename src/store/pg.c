@@ -1659,13 +1659,19 @@ static int load_exec(PGconn *c, const char *what, const char *sql) {
   return ok ? 0 : ZM_E_STORE;
 }
 
+/* Rows per FETCH at start-up. One batch is held in memory at a time (a
+ * managed row costs a few hundred bytes in a PGresult): 1000 rows keep that
+ * near 0.3 MiB beside the index, where 10000 made the start-up peak ~3 MiB
+ * higher; a round trip per 1000 rows is noise next to the rows' own cost. */
+#define LOAD_FETCH_ROWS "1000"
+
 /* Runs "FETCH ... FROM cur" until the cursor is exhausted, calling row(r,
  * i) for every row. */
 static int load_cursor(PGconn *c, const char *what, const char *cur,
                        void (*row)(const PGresult *r, int i, void *ctx),
                        void *ctx) {
   char sql[96];
-  snprintf(sql, sizeof sql, "FETCH FORWARD 10000 FROM %s", cur);
+  snprintf(sql, sizeof sql, "FETCH FORWARD " LOAD_FETCH_ROWS " FROM %s", cur);
   for (;;) {
     PGresult *r = PQexec(c, sql);
     if (PQresultStatus(r) != PGRES_TUPLES_OK) {
@@ -1730,7 +1736,7 @@ static void load_pending(const PGresult *r, int i, void *ctx) {
 }
 
 /* Synchronous, on a blocking connection of its own: one REPEATABLE READ
- * snapshot, three cursors fetched 10000 rows at a time. */
+ * snapshot, three cursors fetched LOAD_FETCH_ROWS rows at a time. */
 static int pg_load(zm_store_t *base,
                    void (*on_managed)(const zm_managed_row_t *r, void *data),
                    void (*on_service)(const zm_service_row_t *r, void *data),

@@ -50,11 +50,23 @@
 /* Milliseconds a statement waits for another process's lock (an operator's
  * sqlite3 shell) before the group fails with ZM_E_STORE. */
 #define BUSY_TIMEOUT_MS 5000
-/* Page cache: 4 MiB (a negative cache_size is KiB). Reads are served by the
- * in-memory index, so the cache only needs the inner B-tree pages that
- * random-key writes walk (about 1% of a million-row table); a bigger cache
- * mostly holds leaf pages of the start-up scan and costs RSS. */
-#define CACHE_PRAGMA "PRAGMA cache_size=-4096"
+/* Page cache: 1 MiB (a negative cache_size is KiB), sized on purpose. Reads
+ * are served by the in-memory index, so the cache only has to keep the
+ * inner B-tree pages that random-key writes walk: with 1 KiB pages that is
+ * about 1% of the data, some 0.5 MiB for the four B-trees of 100k
+ * identities. Leaf pages of random keys are misses at any affordable size
+ * (a 4 MiB cache holds ~15% of them at 100k) and come from the OS page
+ * cache with one pread on the store's worker thread, never on the loop; a
+ * bigger cache fills up with them over time and costs RSS (~1.2 KiB per
+ * page with its header) for little. The start-up scan runs with
+ * LOAD_CACHE_PRAGMA instead: it reads every leaf once. */
+#define CACHE_PRAGMA "PRAGMA cache_size=-1024"
+#define LOAD_CACHE_PRAGMA "PRAGMA cache_size=-128"
+/* No memory-mapped I/O: every page of the file a scan or a write touches
+ * would stay mapped and count in the process's RSS, while the index serves
+ * the reads; pread() through the page cache above is cheap enough for
+ * writes. Explicit, since a build of SQLite may default to mmap. */
+#define MMAP_PRAGMA "PRAGMA mmap_size=0"
 /* claimed_until of a row nobody holds. */
 #define UNCLAIMED "'1970-01-01 00:00:00.000'"
 
@@ -1040,7 +1052,7 @@ static int sq_open(zm_store_t **out, uv_loop_t *loop,
       pragma(st, "PRAGMA temp_store=MEMORY") != 0 ||
       pragma(st, WAL_AUTOCHECKPOINT_PRAGMA) != 0 ||
       pragma(st, "PRAGMA journal_size_limit=67108864") != 0 ||
-      pragma(st, CACHE_PRAGMA) != 0)
+      pragma(st, CACHE_PRAGMA) != 0 || pragma(st, MMAP_PRAGMA) != 0)
     goto fail_db;
   if (zm__store_migrate(st->db, st->path) != 0)
     goto fail_db;
@@ -1451,9 +1463,13 @@ static int sq_load(zm_store_t *base,
   badtime_t bad = {0};
   sqlite3_stmt *s;
   int rc = SQLITE_DONE, err = 0;
+  /* The scans read each leaf page once: a small cache for them, so the
+   * start-up peak stays near the index's own size. */
+  if (pragma(st, LOAD_CACHE_PRAGMA) != 0)
+    return ZM_E_STORE;
   /* One read transaction: the three scans see one snapshot. */
   if (exec_stmt(st, S_BEGIN, "begin load") != 0)
-    return ZM_E_STORE;
+    goto restore;
   if (on_managed != NULL) {
     s = st->stmt[S_LOAD_MANAGED];
     while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
@@ -1513,9 +1529,10 @@ static int sq_load(zm_store_t *base,
       goto fail;
   }
   exec_stmt(st, S_COMMIT, "end load");
-  /* The full scans filled the page cache with leaf pages nobody reads
-   * again: give that memory back. */
+  /* The scan's leaf pages are not read again: give that memory back. */
   sqlite3_db_release_memory(st->db);
+  if (pragma(st, CACHE_PRAGMA) != 0)
+    return ZM_E_STORE;
   if (bad.bad > 0)
     ZM_WARN("store %s: %zu unparseable timestamps read as 1970-01-01 "
             "(first in row %s)",
@@ -1524,9 +1541,11 @@ static int sq_load(zm_store_t *base,
 
 fail:
   log_db(st, "load");
-  err = ZM_E_STORE;
   if (!sqlite3_get_autocommit(st->db))
     exec_stmt(st, S_ROLLBACK, "rollback load");
+restore:
+  err = ZM_E_STORE;
+  pragma(st, CACHE_PRAGMA);
   return err;
 }
 

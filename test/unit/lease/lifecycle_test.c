@@ -232,13 +232,15 @@ static void test_delete_without_answer_stays_deleting(void **state) {
   zm_life_commit_managed(f->life, "agent-x", &m, on_res, &r);
   run_until(f, &r.done, 1);
   assert_int_equal(r.err, 0);
-  assert_non_null(zm_life_cached_managed(f->life, "m-1"));
+  zm_index_managed_t cm;
+  assert_int_equal(zm_life_cached_managed(f->life, "m-1", &cm), 1);
+  assert_string_equal(cm.identity_id, "0b9ad0e0-1111-4222-8333-444455556666");
   /* no controller: the DELETE cannot be answered */
   r.done = 0;
   zm_life_retire_managed(f->life, "m-1", on_res, &r);
   run_until(f, &r.done, 1);
   assert_int_not_equal(r.err, 0);
-  assert_null(zm_life_cached_managed(f->life, "m-1"));
+  assert_int_equal(zm_life_cached_managed(f->life, "m-1", &cm), 0);
   assert_int_equal(scalar(f, "SELECT count(*) FROM managed_identities"), 0);
   assert_int_equal(scalar(f, "SELECT attempts FROM deleting_identities WHERE "
                              "ziti_identity_id = 'm-1'"),
