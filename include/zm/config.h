@@ -67,6 +67,7 @@ typedef struct {
   unsigned caller_rate;  /* GRPC_CALLER_RATE per second, default 10 */
   unsigned caller_burst; /* GRPC_CALLER_BURST, default 20 */
   unsigned caller_inflight;      /* GRPC_CALLER_MAX_INFLIGHT, default 32 */
+  unsigned busy_poll_us;         /* LOOP_BUSY_POLL_US, default 0 = off */
   int log_json;                  /* LOG_FORMAT=json (default text) */
   char metrics_address[128];     /* METRICS_ADDRESS; empty = no listener */
   char enrollment_jwt_file[512]; /* ZITI_ENROLLMENT_JWT_FILE */

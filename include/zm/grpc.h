@@ -112,6 +112,13 @@ typedef struct {
   unsigned caller_burst;    /* token bucket depth, default 20 */
   unsigned caller_inflight; /* ZM_GRPC_M_COSTLY calls in flight per caller,
                                default 32; 0 = unlimited */
+  unsigned busy_poll_us;    /* after its output, the loop polls without
+                               sleeping this long while recent requests came
+                               that soon; 0 = off (default) */
+  /* Nonzero while busy polling must not hold the core (e.g. other threads
+   * of the process have work); NULL = never. */
+  int (*busy_poll_veto)(void *ctx);
+  void *busy_poll_ctx;
 } zm_grpc_config_t;
 
 /* Counters (loop thread only). */
@@ -124,6 +131,8 @@ typedef struct {
   /* idle connections trimmed, and the bytes of zero pages they gave back
    * to the kernel */
   uint64_t idle_trims, trimmed_bytes;
+  /* busy polling: windows started, and reads that arrived inside one */
+  uint64_t busy_polls, busy_poll_hits;
 } zm_grpc_stats_t;
 
 /* Per-method counters for metrics (loop thread only). Latency runs from the

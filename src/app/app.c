@@ -641,7 +641,8 @@ int zm_app_run(const zm_config_t *cfg) {
                          .write_stall_ms = cfg->write_stall_ms,
                          .caller_rate = cfg->caller_rate,
                          .caller_burst = cfg->caller_burst,
-                         .caller_inflight = cfg->caller_inflight};
+                         .caller_inflight = cfg->caller_inflight,
+                         .busy_poll_us = cfg->busy_poll_us};
   zm_grpc_server_new(&app.grpc, &loop, &gc, enabled, n_enabled);
   for (size_t i = 0; i < cfg->n_types && i < ZM_ARRAY_SIZE(app.type_names); i++)
     app.type_names[app.n_type_names++] = app.cfg.types[i].name;

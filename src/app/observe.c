@@ -111,6 +111,11 @@ static void render_grpc(zm_prom_t *p, const zm_app_t *app) {
           "HTTP/2 connections accepted", gs.conns_accepted);
   counter(p, "zm_grpc_protocol_errors_total", "HTTP/2 connection errors",
           gs.protocol_errors);
+  counter(p, "zm_loop_busy_polls_total",
+          "busy-polling windows opened (LOOP_BUSY_POLL_US)", gs.busy_polls);
+  counter(p, "zm_loop_busy_poll_hits_total",
+          "socket reads that arrived while the loop busy-polled",
+          gs.busy_poll_hits);
   gauge(p, "zm_health_watchers", "open grpc.health.v1.Health/Watch streams",
         (double)app->health.n_watches);
 }

@@ -76,6 +76,7 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
   }
   c->last_active = uv_now(c->srv->loop);
   c->trimmed = 0;
+  busy_note_read(c->srv);
   c->in_recv = 1;
   ssize_t rv;
   if (c->tls != NULL) {
@@ -491,12 +492,15 @@ int conn_trim_idle(zm_conn_t *c, uint64_t now) {
 
 void conn_on_flush(uv_prepare_t *p) {
   zm_grpc_server_t *srv = p->data;
+  if (srv->dirty == NULL)
+    return;
   while (srv->dirty != NULL) {
     zm_conn_t *c = srv->dirty;
     srv->dirty = c->dirty_next;
     c->dirty = 0;
     conn_flush(c);
   }
+  busy_after_flush(srv);
 }
 
 /* The request did not arrive within recv_timeout_ms. A stream stuck inside

@@ -47,6 +47,77 @@ static void on_tick(uv_timer_t *t) {
   }
 }
 
+/* ===================== busy polling ===================================== */
+
+/* LOOP_BUSY_POLL_US. Between two calls of a client that waits for each
+ * answer, the loop sleeps in epoll_wait and the next request must wake it:
+ * on a VM that wake-up is most of a 1x1 round trip. Polling with a zero
+ * timeout (an active idle handle) for a short window after the loop's last
+ * output catches the next request without it. It adapts: each gap from the
+ * loop's last output to the next input is scored, whether or not the loop
+ * spun: +1 within the window; beyond it the score drops to -2 (or lower
+ * after more long gaps). The window opens only while the score is positive,
+ * i.e. after at least three short gaps in a row, so sparse traffic does not
+ * spin (a call whose exchange takes up to three reads never gets there),
+ * and the loop never spins while the veto says other threads of the process
+ * (crypto workers, which yield the core to the loop) have work. */
+#define SPIN_SCORE_MAX 16
+
+static int spin_vetoed(const zm_grpc_server_t *srv) {
+  return srv->cfg.busy_poll_veto != NULL &&
+         srv->cfg.busy_poll_veto(srv->cfg.busy_poll_ctx);
+}
+
+static void spin_stop(zm_grpc_server_t *srv) {
+  if (srv->spinning) {
+    uv_idle_stop(&srv->spin);
+    srv->spinning = 0;
+  }
+}
+
+static void on_spin(uv_idle_t *h) {
+  zm_grpc_server_t *srv = h->data;
+  if (uv_hrtime() >= srv->spin_until_ns || spin_vetoed(srv))
+    spin_stop(srv);
+}
+
+void busy_note_read(zm_grpc_server_t *srv) {
+  if (srv->cfg.busy_poll_us == 0)
+    return;
+  uint64_t window = (uint64_t)srv->cfg.busy_poll_us * 1000;
+  if (srv->read_since_flush)
+    return; /* the same batch of input */
+  srv->read_since_flush = 1;
+  if (srv->spinning)
+    srv->stats.busy_poll_hits++;
+  int near =
+      srv->work_done_ns != 0 && uv_hrtime() - srv->work_done_ns <= window;
+  if (near) {
+    if (srv->spin_score < SPIN_SCORE_MAX)
+      srv->spin_score++;
+  } else {
+    srv->spin_score = (srv->spin_score > 0 ? 0 : srv->spin_score) - 2;
+    if (srv->spin_score < -SPIN_SCORE_MAX)
+      srv->spin_score = -SPIN_SCORE_MAX;
+  }
+}
+
+void busy_after_flush(zm_grpc_server_t *srv) {
+  if (srv->cfg.busy_poll_us == 0 || srv->draining)
+    return;
+  uint64_t now = uv_hrtime();
+  srv->work_done_ns = now;
+  srv->read_since_flush = 0;
+  if (srv->spin_score <= 0 || spin_vetoed(srv))
+    return;
+  srv->spin_until_ns = now + (uint64_t)srv->cfg.busy_poll_us * 1000;
+  if (!srv->spinning) {
+    uv_idle_start(&srv->spin, on_spin);
+    srv->spinning = 1;
+    srv->stats.busy_polls++;
+  }
+}
+
 /* ===================== server =========================================== */
 
 int zm_grpc_server_new(zm_grpc_server_t **out, uv_loop_t *loop,
@@ -91,6 +162,9 @@ int zm_grpc_server_new(zm_grpc_server_t **out, uv_loop_t *loop,
   srv->flush.data = srv;
   uv_prepare_start(&srv->flush, conn_on_flush);
   uv_unref((uv_handle_t *)&srv->flush);
+  uv_idle_init(loop, &srv->spin);
+  srv->spin.data = srv;
+  uv_unref((uv_handle_t *)&srv->spin);
   uv_timer_init(loop, &srv->tick);
   srv->tick.data = srv;
   uv_timer_start(&srv->tick, on_tick, 1000, 1000);
@@ -99,7 +173,7 @@ int zm_grpc_server_new(zm_grpc_server_t **out, uv_loop_t *loop,
   srv->deadline_timer.data = srv;
   uv_timer_init(loop, &srv->grace_timer);
   srv->grace_timer.data = srv;
-  srv->open_handles = 4;
+  srv->open_handles = 5;
   *out = srv;
   return 0;
 }
@@ -142,6 +216,8 @@ void drain_check(zm_grpc_server_t *srv) {
       srv->draining == 1) {
     srv->draining = 2;
     uv_close((uv_handle_t *)&srv->flush, on_handle_closed);
+    spin_stop(srv);
+    uv_close((uv_handle_t *)&srv->spin, on_handle_closed);
     uv_close((uv_handle_t *)&srv->tick, on_handle_closed);
     uv_close((uv_handle_t *)&srv->deadline_timer, on_handle_closed);
     uv_close((uv_handle_t *)&srv->grace_timer, on_handle_closed);

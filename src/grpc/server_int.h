@@ -183,6 +183,11 @@ struct zm_grpc_server {
   size_t n_methods;
   uv_tcp_t listener;
   uv_prepare_t flush;
+  uv_idle_t spin; /* active while busy polling (server.c) */
+  uint64_t work_done_ns, spin_until_ns; /* uv_hrtime() */
+  int spin_score; /* > 0: most recent gaps were within the window */
+  int spinning;
+  int read_since_flush; /* the gap before this batch of input is scored */
   uv_timer_t tick;
   uv_timer_t deadline_timer;
   uv_timer_t grace_timer;
@@ -227,6 +232,10 @@ void pb_free(void *data, void *p);
 /* deadline.c */
 void heap_remove(zm_grpc_server_t *srv, zm_call_t *call);
 void heap_update(zm_grpc_server_t *srv, zm_call_t *call);
+
+/* server.c: busy polling */
+void busy_note_read(zm_grpc_server_t *srv);
+void busy_after_flush(zm_grpc_server_t *srv);
 
 /* call.c */
 void submit_status(zm_call_t *call, zm_grpc_status_t st, const char *msg);

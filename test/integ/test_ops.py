@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -594,6 +595,66 @@ def test_name_resolve_fallback():
 
 
 # ============================================================================
+# busy polling (LOOP_BUSY_POLL_US)
+# ============================================================================
+
+def busy_counters(mport):
+    s = scrape(mport)
+    return val(s, "zm_loop_busy_polls_total"), val(s, "zm_loop_busy_poll_hits_total")
+
+
+def resolve_missing(stub):
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ResolveIdentity(pb.ResolveIdentityRequest(ziti_identity_id="zid-none"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_busy_poll_spins_for_back_to_back_calls_and_never_for_sparse_ones():
+    srv = metrics_server(env={"LOOP_BUSY_POLL_US": "1000"})
+    srv.start()
+    try:
+        ch = srv.channel()
+        stub = srv.stub(ch)
+        # (the connection's set-up exchange is back to back: it may open a
+        # window once)
+        resolve_missing(stub)
+        time.sleep(0.2)
+        before = busy_counters(srv.mport)
+        # sparse: every gap (100 ms) is far beyond the 1 ms window
+        for _ in range(15):
+            resolve_missing(stub)
+            time.sleep(0.1)
+        assert busy_counters(srv.mport) == before
+        # back to back: 8 callers keep requests arriving within the window
+        with ThreadPoolExecutor(8) as ex:
+            list(ex.map(lambda _: resolve_missing(stub), range(800)))
+        polls, hits = busy_counters(srv.mport)
+        assert polls > 0 and hits > 0, (polls, hits)
+        # and once the calls stop the loop sleeps again: no window opens
+        time.sleep(0.5)
+        polls2, _ = busy_counters(srv.mport)
+        time.sleep(0.5)
+        assert busy_counters(srv.mport)[0] == polls2
+        ch.close()
+    finally:
+        srv.stop()
+
+
+def test_busy_poll_is_off_by_default():
+    srv = metrics_server()
+    srv.start()
+    try:
+        ch = srv.channel()
+        stub = srv.stub(ch)
+        with ThreadPoolExecutor(8) as ex:
+            list(ex.map(lambda _: resolve_missing(stub), range(200)))
+        assert busy_counters(srv.mport) == (0, 0)
+        ch.close()
+    finally:
+        srv.stop()
+
+
+# ============================================================================
 # configuration
 # ============================================================================
 
@@ -609,6 +670,8 @@ def test_name_resolve_fallback():
     ({"SERVICE_IDENTITY_LEASE_TTL": "5 minutes"}, "SERVICE_IDENTITY_LEASE_TTL"),
     ({"SERVICE_IDENTITY_GC_INTERVAL": "0"}, "SERVICE_IDENTITY_GC_INTERVAL"),
     ({"SERVICE_IDENTITY_GC_CONCURRENCY": "0"}, "SERVICE_IDENTITY_GC_CONCURRENCY"),
+    ({"LOOP_BUSY_POLL_US": "1001"}, "LOOP_BUSY_POLL_US"),
+    ({"LOOP_BUSY_POLL_US": "-5"}, "LOOP_BUSY_POLL_US"),
     ({"ENROLLMENT_KEY_ALG": "dsa"}, "ENROLLMENT_KEY_ALG"),
     ({"STORE_SYNC": "sometimes"}, "STORE_SYNC"),
     ({"GRPC_MAX_RECV_MSG_SIZE": "-1"}, "GRPC_MAX_RECV_MSG_SIZE"),
