@@ -98,15 +98,16 @@ for r in read_tsv("anchors.tsv"):
 cases = read_tsv("cases.tsv")
 
 
-def c_med(step, server, cm, col):
+def c_med(step, server, cm, col, rpc="resolve"):
     vals = [fnum(r[col]) for r in cases
             if r["step"] == step and r["server"] == server and r["conns"] + "x" + r["streams"] == cm
-            and r["ok"] == "1" and fnum(r[col]) is not None]
+            and r["rpc"] == rpc and r["ok"] == "1" and fnum(r[col]) is not None]
     return median(vals)
 
 
-def c_rounds(step, server, cm):
-    rs = [r for r in cases if r["step"] == step and r["server"] == server and r["conns"] + "x" + r["streams"] == cm]
+def c_rounds(step, server, cm, rpc="resolve"):
+    rs = [r for r in cases if r["step"] == step and r["server"] == server and r["conns"] + "x" + r["streams"] == cm
+          and r["rpc"] == rpc]
     return "/".join(f"{fnum(r['rps']) or 0:.0f}" + ("" if r["ok"] == "1" else "!") for r in rs)
 
 
@@ -144,20 +145,25 @@ target("ResolveIdentity 32x32 / nghttpd (h2load, same command)", fx(x), ">= 0.80
        f"zm {zm_c or 0:.0f} ({c_rounds('ceiling', 'zm', '32x32')}) / nghttpd {ng_c or 0:.0f} "
        f"({c_rounds('ceiling', 'nghttpd', '32x32')}) req/s")
 
-# resolve 1x1 mean vs the best anchor (anchors' run.sh)
-zm_l = a_get("zm", "resolve", "1x1", "lat_mean_us")
-b_l, b_n = a_best("resolve", "1x1", "lat_mean_us", False)
-x = ratio(zm_l, b_l)
-target("ResolveIdentity 1x1 mean latency / best anchor's (anchors' run.sh, h2load)", fx(x), "<= 0.50x",
-       verdict(x, lambda v: v <= 0.5), f"zm {us(zm_l)} / {b_n} {us(b_l)}")
-
-# the same with random keys (zm-bench), for information and as a second client
-zr = c_med("random", "zm", "1x1", "mean_us")
-br = [(c_med("random", a, "1x1", "mean_us"), a) for a in ANCHORS if c_med("random", a, "1x1", "mean_us")]
-bl = min(br) if br else (None, None)
-x = ratio(zr, bl[0])
-target("ResolveIdentity 1x1 mean latency / best anchor's, random keys (zm-bench)", fx(x), "<= 0.50x",
-       verdict(x, lambda v: v <= 0.5), f"zm {us(zr)} / {bl[1]} {us(bl[0])}")
+# 1x1 mean latency vs the best anchor: zm at its defaults, and zm-bp
+# (LOOP_BUSY_POLL_US); h2load through the anchors' run.sh (one key), and
+# zm-bench (random keys)
+BP = facts.get("busy_poll_us", "?")
+for srv, label in (("zm", "defaults"), ("zm-bp", f"LOOP_BUSY_POLL_US={BP}")):
+    zl = a_get(srv, "resolve", "1x1", "lat_mean_us")
+    bl, bn = a_best("resolve", "1x1", "lat_mean_us", False)
+    x = ratio(zl, bl)
+    target(f"ResolveIdentity 1x1 mean latency / best anchor's (anchors' run.sh, h2load), zm {label}", fx(x),
+           "<= 0.50x", verdict(x, lambda v: v <= 0.5), f"{srv} {us(zl)} / {bn} {us(bl)}")
+for rpc, name in (("resolve", "ResolveIdentity"), ("extend", "ExtendIdentityLease")):
+    for srv, label in (("zm", "defaults"), ("zm-bp", f"LOOP_BUSY_POLL_US={BP}")):
+        zr = c_med("random", srv, "1x1", "mean_us", rpc)
+        br = [(c_med("random", a, "1x1", "mean_us", rpc), a) for a in ANCHORS
+              if c_med("random", a, "1x1", "mean_us", rpc)]
+        bl = min(br) if br else (None, None)
+        x = ratio(zr, bl[0])
+        target(f"{name} 1x1 mean latency / best anchor's, random keys (zm-bench), zm {label}", fx(x), "<= 0.50x",
+               verdict(x, lambda v: v <= 0.5), f"{srv} {us(zr)} / {bl[1]} {us(bl[0])}")
 
 # peak RSS with 100,000 identities
 zp = peak.get("zm")

@@ -29,6 +29,8 @@
 #        anchors; the anchors' run.sh writes its results/ inside that dir, so
 #        a read-only or unbuilt one is copied into the temp dir and built)
 #      BASELINE_BIN / BASELINE_REV (optional earlier build, measured as zm-prev)
+#      BUSY_POLL_US=200 (zm-bp: zm with LOOP_BUSY_POLL_US set to this, beside
+#        zm at its defaults)
 #      SKIP_ANCHORS=1 SKIP_IDLE=1 SKIP_ENROLL=1 (skip a step; its targets read n/a)
 #      RESULTS_MD (default bench/RESULTS.md)
 # Whole run: about 20 minutes with the defaults.
@@ -46,6 +48,7 @@ ROUNDS=${ROUNDS:-3}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 IDLE_N=${IDLE_N:-10000}
+BUSY_POLL_US=${BUSY_POLL_US:-200}
 BUILD=${BUILD:-$REPO/build-bench}
 ANCHORS=${ANCHORS:-$(cd "$REPO/.." && pwd)/shared/anchors/perf}
 [[ -d $ANCHORS ]] || ANCHORS=/work/shared/anchors/perf
@@ -87,6 +90,7 @@ fact source "${SOURCE_REV:-$rev}"
 fact when "$(date -u '+%Y-%m-%d %H:%M UTC')"
 fact machine "nproc $(nproc); $(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo); kernel $(uname -r); $(awk '/MemTotal/{printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
 fact load_start "$(cut -d' ' -f1-3 /proc/loadavg)"
+fact busy_poll_us "$BUSY_POLL_US"
 fact pinning "servers on CPU $SERVER_CPU, clients on CPU $CLIENT_CPU (taskset); -D $DUR --warm-up-time $WARM; $ROUNDS interleaved rounds"
 [[ -n ${BASELINE_BIN:-} ]] && fact baseline "zm-prev = $BASELINE_BIN (${BASELINE_REV:-unknown revision})"
 
@@ -100,7 +104,8 @@ if [[ ${SKIP_ANCHORS:-0} != 1 ]]; then
   fi
   fact anchors "$ANCHORS"
   extra="zm=env ZM_BIN=$BIN ZM_BENCH_TMP=$W $here/anchor-server.sh {PORT}"
-  servers=(cpp-async cpp-callback go zm)
+  extra="$extra;zm-bp=env LOOP_BUSY_POLL_US=$BUSY_POLL_US ZM_BIN=$BIN ZM_BENCH_TMP=$W $here/anchor-server.sh {PORT}"
+  servers=(cpp-async cpp-callback go zm zm-bp)
   if [[ -n ${BASELINE_BIN:-} ]]; then
     extra="$extra;zm-prev=env ZM_BIN=$BASELINE_BIN ZM_BENCH_TMP=$W $here/anchor-server.sh {PORT}"
     servers+=(zm-prev)
@@ -142,17 +147,21 @@ h2load_case() {
 
 CASES=$OUT/cases.tsv
 printf 'step\tserver\trpc\tconns\tstreams\tround\trps\tmean_us\tp99_us\tok\n' >"$CASES"
-ZM_PORT=$(zmb_free_port)
-zm_store=$W/zm-steps.db
-if zmb_schema "$zm_store" "$BIN" && zmb_seed "$zm_store" "$KEYS" 3600 &&
-  start_bg zm "$ZM_PORT" env STORE_PATH="$zm_store" GRPC_ADDRESS="127.0.0.1:$ZM_PORT" ZITI_CONTROLLER_URL= "$BIN"; then
-  :
-else
-  ZM_PORT=
-fi
+# zm at its defaults, and zm-bp: the same with LOOP_BUSY_POLL_US
+declare -A APORT
+for s in zm zm-bp; do
+  p=$(zmb_free_port)
+  st=$W/$s-steps.db
+  bp=0
+  [[ $s == zm-bp ]] && bp=$BUSY_POLL_US
+  if zmb_schema "$st" "$BIN" && zmb_seed "$st" "$KEYS" 3600 &&
+    start_bg "$s" "$p" env STORE_PATH="$st" GRPC_ADDRESS="127.0.0.1:$p" ZITI_CONTROLLER_URL= LOOP_BUSY_POLL_US=$bp "$BIN"; then
+    APORT[$s]=$p
+  fi
+done
+ZM_PORT=${APORT[zm]:-}
 
 # ---- 2. random keys: zm-bench against zm and the in-memory anchors -----------------
-declare -A APORT
 if [[ ${SKIP_ANCHORS:-0} != 1 && -n $ZM_PORT ]]; then
   log "random keys (zm-bench) against zm and the anchors"
   for a in cpp-async:bin/cpp_server cpp-callback:bin/cpp_cb_server go:bin/goserver; do
@@ -160,26 +169,27 @@ if [[ ${SKIP_ANCHORS:-0} != 1 && -n $ZM_PORT ]]; then
     p=$(zmb_free_port)
     if start_bg "$n" "$p" env -C "$ANCHORS" GOMAXPROCS=1 "./${a#*:}" "$p"; then APORT[$n]=$p; fi
   done
-  names=(zm "${!APORT[@]}")
-  APORT[zm]=$ZM_PORT
+  names=("${!APORT[@]}")
   for round in $(seq "$ROUNDS"); do
-    for cm in 32x32 1x1; do
+    for case in resolve:32x32 resolve:1x1 extend:1x1; do
+      rpc=${case%%:*}
+      cm=${case#*:}
       c=${cm%x*}
       m=${cm#*x}
       n=${#names[@]}
       for ((k = 0; k < n; k++)); do
         s=${names[$(((k + round - 1) % n))]}
-        j=$OUT/rand-$s-$cm-$round.json
+        j=$OUT/rand-$s-$rpc-$cm-$round.json
         taskset -c "$CLIENT_CPU" timeout "$TMO" "$BENCH" --target "127.0.0.1:${APORT[$s]}" \
-          --scenario resolve -c "$c" -m "$m" -D "$DUR" --warmup "$WARM" --keys "$KEYS" --seed "$round" \
-          --timeout-ms 10000 --quiet --json "$j" >"$OUT/rand-$s-$cm-$round.txt" 2>&1
+          --scenario "$rpc" -c "$c" -m "$m" -D "$DUR" --warmup "$WARM" --keys "$KEYS" --seed "$round" \
+          --timeout-ms 10000 --quiet --json "$j" >"$OUT/rand-$s-$rpc-$cm-$round.txt" 2>&1
         read -r rps mean p99 errs < <(/usr/bin/python3 -c '
 import json, sys
 j = json.load(open(sys.argv[1]))
 print(j["rps"], j["latency_us"]["mean"], j["latency_us"]["p99"], j["errors"]["total"])' "$j" 2>/dev/null || echo "0 0 0 1")
-        printf 'random\t%s\tresolve\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$s" "$c" "$m" "$round" "$rps" "$mean" "$p99" \
+        printf 'random\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$s" "$rpc" "$c" "$m" "$round" "$rps" "$mean" "$p99" \
           "$([[ $errs == 0 ]] && echo 1 || echo 0)" >>"$CASES"
-        log "  random $s resolve $cm round $round: $rps req/s, mean $mean us"
+        log "  random $s $rpc $cm round $round: $rps req/s, mean $mean us"
       done
     done
   done
