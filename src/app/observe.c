@@ -153,6 +153,10 @@ static void render_ziti(zm_prom_t *p, const zm_app_t *app) {
   gauge(p, "zm_controller_up",
         "1 when the latest controller exchange got an HTTP answer",
         zs.reachable == 1);
+  counter(p, "zm_controller_connects_total",
+          "controller connections opened (TCP + TLS handshake); the rest of "
+          "the requests reused a kept-alive one",
+          zs.connects);
   zm_prom_family(p, "zm_controller_requests_total", "counter",
                  "controller HTTP exchanges by endpoint and HTTP status "
                  "(code=\"error\": no response)");
