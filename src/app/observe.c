@@ -157,6 +157,10 @@ static void render_ziti(zm_prom_t *p, const zm_app_t *app) {
           "controller connections opened (TCP + TLS handshake); the rest of "
           "the requests reused a kept-alive one",
           zs.connects);
+  counter(p, "zm_controller_tls_resumed_total",
+          "controller connections whose TLS handshake resumed an earlier "
+          "session (no certificate chain to verify)",
+          zs.resumed);
   zm_prom_family(p, "zm_controller_requests_total", "counter",
                  "controller HTTP exchanges by endpoint and HTTP status "
                  "(code=\"error\": no response)");
