@@ -132,6 +132,9 @@ conn1=$(metric zm_controller_connects_total)
 lagw=$(sed -n "$((loglines + 1)),${logend}p" "$OUT/server.log" | grep -o 'loop lag: max [0-9]* ms' | awk 'NR>1{print $4}')
 lagsec=$(sort -n <<<"$lagw" | uniq -c | awk 'NF==2{printf "%s%s s at %s ms", (NR>1?", ":""), $1, $2}')
 secmax=$(sort -n <<<"$lagw" | tail -1)
+busyw=$(sed -n "$((loglines + 1)),${logend}p" "$OUT/server.log" | grep -o 'busiest iteration [0-9]* us' | awk 'NR>1{print $3}')
+busymax=$(sort -n <<<"$busyw" | tail -1)
+busyover=$(awk '$1>1000{n++} END{print n+0}' <<<"$busyw")
 
 ok=$(jget "$OUT/rsi.json" 'j["ops"]["request-service-identity"]["status"].get("OK", 0)')
 errs=$(jget "$OUT/rsi.json" 'j["errors"]["total"]')
@@ -159,6 +162,7 @@ ramax=$(jget "$OUT/resolve-alone.json" 'j["latency_us"]["max"]')
 echo "ResolveIdentity @${RATE}/s alone (baseline): p99 ${rap99:-?} us, max ${ramax:-?} us"
 echo "ResolveIdentity @${RATE}/s open loop during enrollments: p50 ${rp50:-?} us, p99 ${rp99:-?} us, max ${rmax:-?} us, ${rerr:-?} errors"
 echo "loop lag during the window (per-second maxima, 1 ms probe): worst ${secmax:-?} ms; ${lagsec:-?}"
+echo "loop iterations (CPU time of one iteration, the loop's own work): worst ${busymax:-n/a} us; seconds with one > 1 ms: ${busyover:-n/a} of $(wc -w <<<"$busyw")"
 echo "loop lag worst since start (zm_loop_lag_worst_seconds): ${lag0:-?} s after warm-up, ${lag:-?} s at the end"
 echo "controller connections opened during the window: $(( ${conn1:-0} - ${conn0:-0} )) (${conn1:-?} since start)"
 if [[ -s $OUT/sched.data ]]; then

@@ -300,6 +300,9 @@ void zm_app_render_metrics(zm_prom_t *p, void *data) {
   gauge(p, "zm_loop_lag_worst_seconds",
         "worst event-loop lateness seen (LOOP_LAG_PROBE only)",
         (double)app->stats.lag_worst_ms / 1e3);
+  gauge(p, "zm_loop_busy_worst_seconds",
+        "most CPU time one event-loop iteration took (LOOP_LAG_PROBE only)",
+        (double)app->stats.busy_worst_us / 1e6);
 }
 
 int zm_app_ready(void *data, char *why, size_t cap) {
