@@ -12,13 +12,18 @@
 # Reports: server CPU per enrollment (utime+stime delta of /proc/PID/stat over
 # the window / OK enrollments), the bare key + CSR cost (zm-cryptocost pinned
 # to SERVER_CPU) and the ratio, ResolveIdentity p50/p99/max during the
-# enrollments, and the loop-lag probe's worst (zm_loop_lag_worst_seconds from
-# the metrics listener) plus the per-second maxima the server logged.
-# Env: SCHED=1 (perf sched record of SERVER_CPU over the window: who ran while
-#      the loop waited > 1 ms for the CPU), PERF=1 (perf record of the server over the window, OUT/perf.data;
-#      PERF_OPTS, default "-g -F 2000"),
-#      DURATION (default 8), RATE (2000), SERVER_CPU (0), CLIENT_CPU (1),
-#      KEYS (10000 preloaded identities), CRYPTO_N (200), OUT (results dir).
+# enrollments, the loop-lag probe (LOOP_LAG_PROBE: per-second maxima of the
+# 1 ms timer's lateness and, where the server reports it, of the CPU one loop
+# iteration took), zm_loop_lag_worst_seconds from the metrics listener, and
+# how many controller connections were opened in the window.
+# Env: DURATION (default 8), RATE (2000), SERVER_CPU (0), CLIENT_CPU (1),
+#      KEYS (10000 preloaded identities), CRYPTO_N (200), OUT (results dir),
+#      CRYPTO (a zm-cryptocost binary; default the build's: pass the same one
+#      to compare builds against one reference),
+#      SCHED=1 (perf sched record of SERVER_CPU over the window: who ran while
+#      the loop waited > 1 ms for the CPU),
+#      PERF=1 (perf record of the server over the window, OUT/perf.data;
+#      PERF_OPTS, default "-g -F 2000").
 # Bounded: every client runs under `timeout`; only PIDs started here are
 # stopped (bench/lib.sh zmb_stop).
 set -uo pipefail
@@ -28,7 +33,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 BUILD=${1:-$ZMB_REPO/build}
 BIN=$BUILD/ziti-management
 BENCH=$BUILD/bench/zm-bench
-CRYPTO=$BUILD/bench/zm-cryptocost
+CRYPTO=${CRYPTO:-$BUILD/bench/zm-cryptocost}
 DUR=${DURATION:-8}
 RATE=${RATE:-2000}
 SERVER_CPU=${SERVER_CPU:-0}
@@ -44,8 +49,12 @@ mkdir -p "$OUT"
 ZMB_SIM_PID=
 ZMB_SRV_PID=
 RPID=
+PPID_=
+SPID_=
 cleanup() {
   [[ -n $RPID ]] && zmb_stop "$RPID"
+  [[ -n $PPID_ ]] && zmb_stop "$PPID_"
+  [[ -n $SPID_ ]] && zmb_stop "$SPID_"
   zmb_stop "$ZMB_SRV_PID"
   zmb_stop "$ZMB_SIM_PID"
   [[ ${KEEP:-0} == 1 ]] || rm -rf "$W/sim" "$W"/*.db*
@@ -66,7 +75,7 @@ thread_ticks() {
 }
 jget() { /usr/bin/python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print($2)" "$1" 2>/dev/null; }
 
-echo "build: $BUILD ($(git -C "$ZMB_REPO" rev-parse --short HEAD 2>/dev/null))"
+echo "build: $BIN; crypto reference: $CRYPTO"
 echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); load average: $(cut -d' ' -f1-3 /proc/loadavg); nproc $(nproc)"
 
 zmb_start_sim "$W/sim" "$CLIENT_CPU" || { echo "simulator did not start" >&2; exit 1; }
@@ -125,6 +134,8 @@ wait "$RPID"
 RPID=
 [[ -n $PPID_ ]] && wait "$PPID_"
 [[ -n $SPID_ ]] && wait "$SPID_"
+PPID_=
+SPID_=
 lag=$(metric zm_loop_lag_worst_seconds)
 conn1=$(metric zm_controller_connects_total)
 # The probe logs once a second the worst lateness of that second; the first
