@@ -30,8 +30,13 @@ typedef struct {
   /* loop lag probe: max lateness of a 1 ms repeating timer since the last
    * report, and the worst ever (ms) */
   uint64_t lag_max_ms, lag_worst_ms;
+  /* ... and the most CPU time one loop iteration took (us): the loop's own
+   * work, apart from the time it waited for the CPU */
+  uint64_t busy_max_us, busy_worst_us;
   uint32_t enroll_gauge[16]; /* sagas currently in each ZM_ENROLL_* state */
 } zm_app_stats_t;
+
+struct enroll;
 
 typedef struct zm_app {
   uv_loop_t *loop;
@@ -51,6 +56,8 @@ typedef struct zm_app {
   const char *type_names[32]; /* service type names (authorization scopes) */
   size_t n_type_names;
   uv_timer_t lag_timer;
+  uv_prepare_t busy_prep; /* LOOP_LAG_PROBE: once per iteration */
+  uint64_t busy_last_ns;  /* thread CPU time at the last iteration */
   uv_timer_t
       shutdown_timer; /* runs the last shutdown steps outside callbacks */
   uint64_t lag_expected;
@@ -62,6 +69,10 @@ typedef struct zm_app {
   zm_metrics_srv_t *metrics; /* NULL without METRICS_ADDRESS */
   zm_reflect_t *reflect;
   unsigned enroll_inflight;
+  /* Enrollment steps ready to run (saga.c), FIFO, run from enroll_idle a
+   * slice at a time. */
+  uv_idle_t enroll_idle;
+  struct enroll *enroll_ready, *enroll_ready_tail;
   zm_app_stats_t stats;
 } zm_app_t;
 

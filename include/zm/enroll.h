@@ -79,6 +79,11 @@ typedef enum {
 int zm_enroll_edge_ok(zm_enroll_kind_t kind, zm_enroll_state_t a,
                       zm_enroll_state_t b);
 
+/* Sets up the queue of ready enrollment steps (app->enroll_idle). */
+void zm_enroll_init(zm_app_t *app);
+/* Runs whatever steps are still queued, then closes the queue's handle. */
+void zm_enroll_close(zm_app_t *app);
+
 /* Random lower-case alphanumeric suffix for identity names (n chars + NUL). */
 int zm_enroll_short_id(char *out, size_t n);
 

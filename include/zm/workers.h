@@ -7,15 +7,18 @@
  *   process may set: SCHED_IDLE, else nice +19, else unchanged (logged).
  * - A bounded FIFO of work not yet started: zm_workers_queue() refuses with
  *   UV_EAGAIN when it is full, UV_ECANCELED once the pool is closing.
- * - Completions run on the loop thread, oldest first, through one
- *   uv_async_t: done(w, 0) after work(w) ran, done(w, UV_ECANCELED) for work
+ * - Completions run on the loop thread, oldest first, woken through an
+ *   eventfd: done(w, 0) after work(w) ran, done(w, UV_ECANCELED) for work
  *   that was still queued when zm_workers_close() was called (the same
  *   statuses uv_queue_work() gives).
+ * - The loop never waits for a worker (no shared mutex, no uv_async_send
+ *   from the threads): an idle-class thread may be off the CPU for as long
+ *   as the loop keeps it busy.
  * - The pool holds a loop reference while any work is queued or running
  *   (like uv_queue_work); idle, it does not keep the loop alive.
  * - zm_workers_close() never blocks the loop: threads finish the job they
  *   run, queued jobs complete as cancelled, and when every thread has left,
- *   its async handle closes and done(data) runs; then the pool is freed.
+ *   its poll handle closes and done(data) runs; then the pool is freed.
  *
  * Everything but the work callbacks runs on the loop thread.
  */
@@ -36,6 +39,7 @@ struct zm_work {
   zm_work_cb work;
   zm_after_work_cb done;
   int status;
+  unsigned slot_; /* the pool's: the thread that runs it */
 };
 
 typedef enum {

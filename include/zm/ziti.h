@@ -155,6 +155,7 @@ const uint8_t *zm_ziti_server_cert(const zm_ziti_t *z, size_t *len);
  * timeout, reset), -1 before any exchange finished. */
 typedef struct {
   uint64_t requests, retries, reauths, failures, connects;
+  uint64_t resumed; /* connections whose TLS handshake resumed a session */
   unsigned open_conns, busy_conns, queued;
   int reachable;
 } zm_ziti_stats_t;

@@ -5,6 +5,7 @@
  */
 #include "zm/app.h"
 #include "zm/audit.h"
+#include "zm/enroll.h"
 #include "zm/log.h"
 
 #include "agynio/api/ziti_management/v1/ziti_management.pb-c.h"
@@ -14,6 +15,7 @@
 #include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -273,6 +275,28 @@ static void on_sighup(uv_signal_t *s, int signum) {
 
 /* ===================== loop-lag probe ==================================== */
 
+static uint64_t thread_cpu_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Runs once per loop iteration, just before the loop blocks for I/O: the
+ * thread's CPU time since the last run is what one iteration cost, however
+ * long it then had to wait for the CPU (which the lateness above counts). */
+static void on_busy_prepare(uv_prepare_t *h) {
+  zm_app_t *app = h->data;
+  uint64_t now = thread_cpu_ns();
+  if (app->busy_last_ns != 0) {
+    uint64_t us = (now - app->busy_last_ns) / 1000u;
+    if (us > app->stats.busy_max_us)
+      app->stats.busy_max_us = us;
+    if (us > app->stats.busy_worst_us)
+      app->stats.busy_worst_us = us;
+  }
+  app->busy_last_ns = now;
+}
+
 static void on_lag(uv_timer_t *t) {
   zm_app_t *app = t->data;
   uv_update_time(app->loop);
@@ -280,11 +304,15 @@ static void on_lag(uv_timer_t *t) {
   if (now / 1000 != app->lag_report_s) {
     /* one line per second with the worst lateness of the 1 ms probe */
     if (app->lag_report_s != 0)
-      ZM_INFO("loop lag: max %llu ms in the last second (worst %llu ms)",
+      ZM_INFO("loop lag: max %llu ms in the last second (worst %llu ms); "
+              "busiest iteration %llu us CPU (worst %llu us)",
               (unsigned long long)app->stats.lag_max_ms,
-              (unsigned long long)app->stats.lag_worst_ms);
+              (unsigned long long)app->stats.lag_worst_ms,
+              (unsigned long long)app->stats.busy_max_us,
+              (unsigned long long)app->stats.busy_worst_us);
     app->lag_report_s = now / 1000;
     app->stats.lag_max_ms = 0;
+    app->stats.busy_max_us = 0;
   }
   if (now > app->lag_expected) {
     uint64_t late = now - app->lag_expected;
@@ -338,6 +366,7 @@ static void log_stats(const zm_app_t *app) {
 }
 
 static void finish_shutdown(zm_app_t *app) {
+  zm_enroll_close(app); /* nothing is queued: every call has finished */
   log_stats(app);
   if (app->ziti != NULL)
     zm_ziti_close(app->ziti, on_ziti_closed, app);
@@ -352,6 +381,7 @@ static void finish_shutdown(zm_app_t *app) {
   uv_close((uv_handle_t *)&app->sigint, on_handle_closed);
   uv_close((uv_handle_t *)&app->sighup, on_handle_closed);
   uv_close((uv_handle_t *)&app->lag_timer, on_handle_closed);
+  uv_close((uv_handle_t *)&app->busy_prep, on_handle_closed);
   uv_close((uv_handle_t *)&app->shutdown_timer, on_handle_closed);
   ZM_INFO("shutdown complete");
 }
@@ -689,13 +719,18 @@ int zm_app_run(const zm_config_t *cfg) {
   uv_signal_start(&app.sighup, on_sighup, SIGHUP);
   uv_timer_init(&loop, &app.shutdown_timer);
   app.shutdown_timer.data = &app;
+  zm_enroll_init(&app);
   uv_timer_init(&loop, &app.lag_timer);
   app.lag_timer.data = &app;
+  uv_prepare_init(&loop, &app.busy_prep);
+  app.busy_prep.data = &app;
   if (getenv("LOOP_LAG_PROBE") != NULL) {
     uv_update_time(&loop); /* the cached time predates the store load */
     app.lag_expected = uv_now(&loop) + ZM_LAG_PERIOD_MS;
     uv_timer_start(&app.lag_timer, on_lag, ZM_LAG_PERIOD_MS, ZM_LAG_PERIOD_MS);
     uv_unref((uv_handle_t *)&app.lag_timer);
+    uv_prepare_start(&app.busy_prep, on_busy_prepare);
+    uv_unref((uv_handle_t *)&app.busy_prep);
   }
 
   zm_life_config_t lifec = {.lease_ttl_ms = cfg->lease_ttl_ms,

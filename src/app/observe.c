@@ -158,6 +158,14 @@ static void render_ziti(zm_prom_t *p, const zm_app_t *app) {
   gauge(p, "zm_controller_up",
         "1 when the latest controller exchange got an HTTP answer",
         zs.reachable == 1);
+  counter(p, "zm_controller_connects_total",
+          "controller connections opened (TCP + TLS handshake); the rest of "
+          "the requests reused a kept-alive one",
+          zs.connects);
+  counter(p, "zm_controller_tls_resumed_total",
+          "controller connections whose TLS handshake resumed an earlier "
+          "session (no certificate chain to verify)",
+          zs.resumed);
   zm_prom_family(p, "zm_controller_requests_total", "counter",
                  "controller HTTP exchanges by endpoint and HTTP status "
                  "(code=\"error\": no response)");
@@ -297,6 +305,9 @@ void zm_app_render_metrics(zm_prom_t *p, void *data) {
   gauge(p, "zm_loop_lag_worst_seconds",
         "worst event-loop lateness seen (LOOP_LAG_PROBE only)",
         (double)app->stats.lag_worst_ms / 1e3);
+  gauge(p, "zm_loop_busy_worst_seconds",
+        "most CPU time one event-loop iteration took (LOOP_LAG_PROBE only)",
+        (double)app->stats.busy_worst_us / 1e6);
 }
 
 int zm_app_ready(void *data, char *why, size_t cap) {

@@ -1111,7 +1111,7 @@ int main(int argc, char **argv) {
       return EXIT_USAGE;
     }
     const char *name = o.server_name ? o.server_name : cl.host;
-    if (zm__ziti_tls_init(&cl.tls, cl.tls_ctx, name) != 0 ||
+    if (zm__ziti_tls_init(&cl.tls, cl.tls_ctx, name, NULL) != 0 ||
         wolfSSL_UseALPN(cl.tls.ssl, (char *)"h2", 2,
                         WOLFSSL_ALPN_FAILED_ON_MISMATCH) != WOLFSSL_SUCCESS) {
       fprintf(stderr, "zmctl: TLS: cannot set up the session for %s\n", name);

@@ -138,6 +138,41 @@ out:
   return rv;
 }
 
+/* The controller signs every enrollment JWT with the key of the same
+ * certificate: each thread keeps the SPKI of the last certificate it parsed
+ * (public data), so that a verification parses the certificate only when it
+ * changed. */
+#define SPKI_CACHE_DER_MAX 8192u
+static _Thread_local struct {
+  size_t der_len; /* 0: empty */
+  uint8_t der[SPKI_CACHE_DER_MAX];
+  uint8_t spki[SPKI_MAX];
+  word32 spki_len, key_oid;
+} spki_cache;
+
+static int cached_spki(const uint8_t *der, size_t len, uint8_t *spki,
+                       word32 *spki_len, word32 *key_oid) {
+  if (spki_cache.der_len != 0 && spki_cache.der_len == len &&
+      *spki_len >= spki_cache.spki_len &&
+      memcmp(spki_cache.der, der, len) == 0) {
+    memcpy(spki, spki_cache.spki, spki_cache.spki_len);
+    *spki_len = spki_cache.spki_len;
+    *key_oid = spki_cache.key_oid;
+    return 0;
+  }
+  int rv = cert_spki(der, len, spki, spki_len, key_oid);
+  spki_cache.der_len = 0;
+  if (rv == 0 && len <= SPKI_CACHE_DER_MAX &&
+      *spki_len <= sizeof spki_cache.spki) {
+    memcpy(spki_cache.der, der, len);
+    memcpy(spki_cache.spki, spki, *spki_len);
+    spki_cache.spki_len = *spki_len;
+    spki_cache.key_oid = *key_oid;
+    spki_cache.der_len = len;
+  }
+  return rv;
+}
+
 static int verify_ecdsa(alg_t alg, const uint8_t *spki, word32 spki_len,
                         const uint8_t *msg, size_t msg_len, const uint8_t *sig,
                         size_t sig_len) {
@@ -233,7 +268,7 @@ static int verify_signature(alg_t alg, const uint8_t *cert_der, size_t cert_len,
   word32 key_oid = 0;
   int rv;
 
-  if ((rv = cert_spki(cert_der, cert_len, spki, &spki_len, &key_oid)) != 0)
+  if ((rv = cached_spki(cert_der, cert_len, spki, &spki_len, &key_oid)) != 0)
     return rv;
   switch (key_oid) {
   case ECDSAk:

@@ -70,7 +70,9 @@ typedef struct enroll {
   int create_unanswered; /* CREATE failed without a conclusive answer */
   zm_grpc_status_t fail_status;
   char fail_msg[256];
-  zm_work_t work; /* VERIFY_JWT, then KEYGEN_CSR: one at a time */
+  struct enroll *ready_next; /* app->enroll_ready */
+  int ready;                 /* on it */
+  zm_work_t work;            /* VERIFY_JWT, then KEYGEN_CSR: one at a time */
   int work_rv;
   uint8_t *cert_der; /* VERIFY_JWT: controller's leaf certificate (owned) */
   size_t cert_der_len;
@@ -940,8 +942,47 @@ static void (*const STEP[ZM_ENROLL__COUNT])(enroll_t *) = {
     [ZM_ENROLL_DONE] = enroll_on_done,
 };
 
+/* A state's step runs from a queue on a later loop turn, not inside the
+ * callback that ended the previous one: a store batch or a burst of
+ * controller answers completes many sagas at once, and running all their
+ * next steps (requests to build, encrypt and send; replies to pack) there
+ * held the loop for milliseconds. The queue runs steps for at most
+ * STEP_SLICE_NS per turn, and I/O (the hot path) is served in between. */
+#define STEP_SLICE_NS 250000u
+
+static void on_steps(uv_idle_t *h) {
+  zm_app_t *app = h->data;
+  uint64_t until = uv_hrtime() + STEP_SLICE_NS;
+  do {
+    enroll_t *e = app->enroll_ready;
+    app->enroll_ready = e->ready_next;
+    if (app->enroll_ready == NULL)
+      app->enroll_ready_tail = NULL;
+    e->ready_next = NULL;
+    e->ready = 0;
+    STEP[e->state](e);
+  } while (app->enroll_ready != NULL && uv_hrtime() < until);
+  if (app->enroll_ready == NULL)
+    uv_idle_stop(h);
+}
+
+void zm_enroll_init(zm_app_t *app) {
+  app->enroll_ready = app->enroll_ready_tail = NULL;
+  uv_idle_init(app->loop, &app->enroll_idle);
+  app->enroll_idle.data = app;
+}
+
+static void on_steps_closed(uv_handle_t *h) { (void)h; }
+
+void zm_enroll_close(zm_app_t *app) {
+  while (app->enroll_ready != NULL)
+    on_steps(&app->enroll_idle);
+  uv_close((uv_handle_t *)&app->enroll_idle, on_steps_closed);
+}
+
 static void enroll_set_state(enroll_t *e, zm_enroll_state_t next) {
   ZM_ASSERT(zm_enroll_edge_ok(e->kind, e->state, next));
+  ZM_ASSERT(!e->ready);
   ZM_DEBUG("enroll %s: %s -> %s", e->name, NAMES[e->state], NAMES[next]);
   e->app->stats.enroll_gauge[e->state]--;
   e->app->stats.enroll_gauge[next]++;
@@ -951,7 +992,14 @@ static void enroll_set_state(enroll_t *e, zm_enroll_state_t next) {
     saga_free(e);
     return;
   }
-  STEP[next](e);
+  zm_app_t *app = e->app;
+  e->ready = 1;
+  if (app->enroll_ready_tail != NULL)
+    app->enroll_ready_tail->ready_next = e;
+  else
+    app->enroll_ready = e;
+  app->enroll_ready_tail = e;
+  uv_idle_start(&app->enroll_idle, on_steps);
 }
 
 /* ===================== entry points ====================================== */

@@ -372,12 +372,26 @@ static void conn_flush(zm__ziti_conn_t *c) {
 /* ---- connections: reading
  * -------------------------------------------------------- */
 
+static void forget_session(zm_ziti_t *z) {
+  if (z->tls_session != NULL)
+    wolfSSL_SESSION_free(z->tls_session);
+  z->tls_session = NULL;
+}
+
 /* The response in flight completed. */
 static void conn_complete(zm__ziti_conn_t *c, int reuse) {
   zm_ziti_t *z = c->z;
   zm__ziti_xchg_t *x = c->x;
   c->x = NULL;
-  c->served++;
+  if (c->served++ == 0) {
+    /* A TLS 1.3 ticket arrives after the handshake, before the first
+     * response: from here on the session can be resumed. */
+    WOLFSSL_SESSION *s = zm__ziti_tls_session(&c->tls);
+    if (s != NULL) {
+      forget_session(z);
+      z->tls_session = s;
+    }
+  }
   if (reuse && !z->closing) {
     conn_set_state(c, CONN_IDLE);
     conn_arm(c, uv_now(z->loop) + z->cfg.idle_timeout_ms);
@@ -472,9 +486,15 @@ static void conn_handshake(zm__ziti_conn_t *c) {
     return;
   }
   if (rc != 0) {
+    /* whatever made it fail, do not offer the same session again */
+    forget_session(z);
     conn_fail_connect(c, ZM_E_TLS, why);
     return;
   }
+  if (zm__ziti_tls_resumed(&c->tls))
+    z->stats.resumed++;
+  /* A resumed session may not carry the certificate: the one from the full
+   * handshake it resumes stays. */
   uint8_t *der = NULL;
   size_t len = 0;
   if (zm__ziti_tls_peer_der(&c->tls, &der, &len) == 0) {
@@ -572,7 +592,7 @@ static void conn_open(zm_ziti_t *z) {
   z->n_open++;
   z->n_connecting++;
   conn_arm(c, uv_now(z->loop) + z->cfg.connect_timeout_ms);
-  if (zm__ziti_tls_init(&c->tls, z->tls_ctx, z->host) != 0) {
+  if (zm__ziti_tls_init(&c->tls, z->tls_ctx, z->host, z->tls_session) != 0) {
     conn_fail_connect(c, ZM_E_TLS, "cannot create a TLS session");
     return;
   }
@@ -699,6 +719,7 @@ void zm__ziti_pool_shutdown(zm_ziti_t *z) {
 static void z_free(zm_ziti_t *z) {
   void (*done)(void *) = z->close_done;
   void *data = z->close_data;
+  forget_session(z);
   zm_secret_dispose(&z->session);
   zm_http1_resp_dispose(&z->auth_x.resp);
   zm_secret_dispose(&z->auth_x.req);

@@ -124,7 +124,8 @@ int zm__ziti_tls_ctx_new_unverified(WOLFSSL_CTX **out, const char **why) {
 /* ---- session
  * ------------------------------------------------------------------ */
 
-int zm__ziti_tls_init(zm_tls_t *t, WOLFSSL_CTX *ctx, const char *host) {
+int zm__ziti_tls_init(zm_tls_t *t, WOLFSSL_CTX *ctx, const char *host,
+                      WOLFSSL_SESSION *resume) {
   memset(t, 0, sizeof(*t));
   size_t hl = strlen(host);
   if (hl == 0 || hl >= sizeof(t->host))
@@ -148,7 +149,19 @@ int zm__ziti_tls_init(zm_tls_t *t, WOLFSSL_CTX *ctx, const char *host) {
       return ZM_E_TLS;
     }
   }
+  /* A session that cannot be set (expired, another version) only means a
+   * full handshake. */
+  if (resume != NULL)
+    (void)wolfSSL_set_session(t->ssl, resume);
   return 0;
+}
+
+int zm__ziti_tls_resumed(zm_tls_t *t) {
+  return t->ssl != NULL && wolfSSL_session_reused(t->ssl) == 1;
+}
+
+WOLFSSL_SESSION *zm__ziti_tls_session(zm_tls_t *t) {
+  return t->ssl != NULL ? wolfSSL_get1_session(t->ssl) : NULL;
 }
 
 void zm__ziti_tls_dispose(zm_tls_t *t) {
@@ -200,7 +213,9 @@ static int check_ip(zm_tls_t *t) {
 int zm__ziti_tls_handshake(zm_tls_t *t, const char **why) {
   int rc = wolfSSL_connect(t->ssl);
   if (rc == WOLFSSL_SUCCESS) {
-    if (t->host_is_ip && check_ip(t) != 0) {
+    /* A resumed session was offered to this host only, and its full
+     * handshake passed this check. */
+    if (t->host_is_ip && !zm__ziti_tls_resumed(t) && check_ip(t) != 0) {
       *why = "the controller certificate has no IP SAN matching the URL host";
       return ZM_E_TLS;
     }

@@ -40,9 +40,17 @@ typedef struct {
   int eof; /* the transport reached EOF */
 } zm_tls_t;
 
-/* Starts a client session for host (SNI + name check). Returns 0 or ZM_E_TLS.
- */
-int zm__ziti_tls_init(zm_tls_t *t, WOLFSSL_CTX *ctx, const char *host);
+/* Starts a client session for host (SNI + name check), offering `resume`
+ * (a session from an earlier connection to the same host, or NULL) for
+ * resumption; the server may decline it, and a full handshake runs. Returns
+ * 0 or ZM_E_TLS. */
+int zm__ziti_tls_init(zm_tls_t *t, WOLFSSL_CTX *ctx, const char *host,
+                      WOLFSSL_SESSION *resume);
+/* After the handshake: 1 if it resumed the offered session. */
+int zm__ziti_tls_resumed(zm_tls_t *t);
+/* A new reference to the connection's session (for the next connection's
+ * resumption; wolfSSL_SESSION_free() it), or NULL. */
+WOLFSSL_SESSION *zm__ziti_tls_session(zm_tls_t *t);
 void zm__ziti_tls_dispose(zm_tls_t *t);
 /* Appends received ciphertext. Returns 0 or ZM_E_MSG_TOO_LARGE. */
 int zm__ziti_tls_feed(zm_tls_t *t, const char *p, size_t n);

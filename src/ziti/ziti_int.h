@@ -94,6 +94,10 @@ struct zm_ziti {
   char *host_header;    /* "host:port" as sent in Host */
   int port;
   WOLFSSL_CTX *tls_ctx;
+  /* The latest TLS session with the controller, offered for resumption by
+   * the next connection: no certificate chain and CertificateVerify checks
+   * on the loop for it. NULL when none (or after a failed handshake). */
+  WOLFSSL_SESSION *tls_session;
   zm__resolver_t *resolver; /* controller host lookups (resolve.h) */
 
   /* pool (client.c) */

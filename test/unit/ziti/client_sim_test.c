@@ -996,6 +996,62 @@ static void test_idle_close_and_queue_bound(void **state) {
   env_close(&e);
 }
 
+/* A connection opened after the idle one closed resumes the TLS session of
+ * the first (no certificate chain to verify on the loop), and the client
+ * still knows the controller's certificate (the JWT check needs it); a
+ * request on it works, and a drop on the resumed connection is handled as
+ * on any other. */
+static void test_tls_resumption(void **state) {
+  (void)state;
+  NEED_SIM();
+  sim_reset();
+  env_t e;
+  env_open(&e, NULL, 1, 100);
+  res_t o;
+  create(&e, "resume-1", NULL, &o);
+  assert_int_equal(o.err, 0);
+  res_free(&o);
+  zm_ziti_stats_t s0, s1;
+  zm_ziti_get_stats(e.z, &s0);
+  assert_int_equal(s0.resumed, 0);
+  size_t cert_len = 0;
+  assert_non_null(zm_ziti_server_cert(e.z, &cert_len));
+  for (int round = 0; round < 2; round++) {
+    uv_timer_t t;
+    int fired = 0;
+    uv_timer_init(&e.loop, &t);
+    t.data = &fired;
+    uv_timer_start(&t, on_wait_timer, 400, 0); /* the idle one closes */
+    run_until(&e.loop, &fired);
+    uv_close((uv_handle_t *)&t, NULL);
+    zm_ziti_get_stats(e.z, &s1);
+    assert_int_equal(s1.open_conns, 0);
+    if (round == 1)
+      sim_faults("{\"rules\":[{\"method\":\"POST\",\"path_prefix\":"
+                 "\"/edge/management/v1/identities\",\"action\":\"drop\","
+                 "\"count\":1}]}");
+    char name[32];
+    snprintf(name, sizeof name, "resume-%d", round + 2);
+    create(&e, name, NULL, &o);
+    if (round == 0)
+      assert_int_equal(o.err, 0);
+    else /* a create is not re-sent blindly: the drop is the answer */
+      assert_int_equal(o.err, ZM_E_UNAVAILABLE);
+    res_free(&o);
+    zm_ziti_get_stats(e.z, &s1);
+    assert_int_equal(s1.connects, s0.connects + (uint64_t)round + 1);
+    assert_int_equal(s1.resumed, (uint64_t)round + 1);
+    size_t len2 = 0;
+    assert_non_null(zm_ziti_server_cert(e.z, &len2));
+    assert_int_equal(len2, cert_len);
+  }
+  sim_faults("{}");
+  create(&e, "resume-4", NULL, &o);
+  assert_int_equal(o.err, 0);
+  res_free(&o);
+  env_close(&e);
+}
+
 int main(void) {
   if (getenv("ZM_TEST_DEBUG"))
     zm_log_set_level(ZM_LOG_DEBUG);
@@ -1015,6 +1071,7 @@ int main(void) {
       cmocka_unit_test(test_ip_san_check),
       cmocka_unit_test(test_dns_host),
       cmocka_unit_test(test_idle_close_and_queue_bound),
+      cmocka_unit_test(test_tls_resumption),
   };
   return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

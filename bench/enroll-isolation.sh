@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# bench/enroll-isolation.sh [BUILD_DIR] - what enrollment costs the server and
+# whether it stalls the loop. The controller simulator (test/sim) and the
+# server (pinned with taskset to SERVER_CPU, its crypto workers included)
+# start on 127.0.0.1; zm-bench then runs, on CLIENT_CPU:
+#   - resolve --rate RATE open loop alone for DURATION seconds (baseline: its
+#     latency and the CPU it costs without enrollments);
+#   - a warm-up of 16 enrollments (CA bundle, controller connections);
+#   - request-service-identity, 4 connections x 8 streams, DURATION seconds;
+#   - alongside it, resolve --rate RATE open loop (ResolveIdentity, the hot
+#     path, answered from memory on the loop) for the same window.
+# Reports: server CPU per enrollment (utime+stime delta of /proc/PID/stat over
+# the window / OK enrollments), the bare key + CSR cost (zm-cryptocost pinned
+# to SERVER_CPU) and the ratio, ResolveIdentity p50/p99/max during the
+# enrollments, the loop-lag probe (LOOP_LAG_PROBE: per-second maxima of the
+# 1 ms timer's lateness and, where the server reports it, of the CPU one loop
+# iteration took), zm_loop_lag_worst_seconds from the metrics listener, and
+# how many controller connections were opened in the window.
+# Env: DURATION (default 8), RATE (2000), SERVER_CPU (0), CLIENT_CPU (1),
+#      KEYS (10000 preloaded identities), CRYPTO_N (200), OUT (results dir),
+#      CRYPTO (a zm-cryptocost binary; default the build's: pass the same one
+#      to compare builds against one reference),
+#      SCHED=1 (perf sched record of SERVER_CPU over the window: who ran while
+#      the loop waited > 1 ms for the CPU),
+#      PERF=1 (perf record of the server over the window, OUT/perf.data;
+#      PERF_OPTS, default "-g -F 2000").
+# Bounded: every client runs under `timeout`; only PIDs started here are
+# stopped (bench/lib.sh zmb_stop).
+set -uo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=bench/lib.sh
+. "$here/lib.sh"
+BUILD=${1:-$ZMB_REPO/build}
+BIN=$BUILD/ziti-management
+BENCH=$BUILD/bench/zm-bench
+CRYPTO=${CRYPTO:-$BUILD/bench/zm-cryptocost}
+DUR=${DURATION:-8}
+RATE=${RATE:-2000}
+SERVER_CPU=${SERVER_CPU:-0}
+CLIENT_CPU=${CLIENT_CPU:-1}
+KEYS=${KEYS:-10000}
+CRYPTO_N=${CRYPTO_N:-200}
+for f in "$BIN" "$BENCH" "$CRYPTO"; do
+  [[ -x $f ]] || { echo "missing $f (build with -DZM_BENCH=ON)" >&2; exit 2; }
+done
+W=$(mktemp -d "${TMPDIR:-/tmp}/zm-enroll-iso.XXXXXX")
+OUT=${OUT:-$W/out}
+mkdir -p "$OUT"
+ZMB_SIM_PID=
+ZMB_SRV_PID=
+RPID=
+PPID_=
+SPID_=
+cleanup() {
+  [[ -n $RPID ]] && zmb_stop "$RPID"
+  [[ -n $PPID_ ]] && zmb_stop "$PPID_"
+  [[ -n $SPID_ ]] && zmb_stop "$SPID_"
+  zmb_stop "$ZMB_SRV_PID"
+  zmb_stop "$ZMB_SIM_PID"
+  [[ ${KEEP:-0} == 1 ]] || rm -rf "$W/sim" "$W"/*.db*
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# thread_ticks PID: "loop N crypto N other N" (utime+stime per thread group:
+# the main thread, the crypto workers named zm-crypto, the rest).
+thread_ticks() {
+  local t l=0 c=0 o=0 v comm
+  for t in /proc/"$1"/task/*; do
+    v=$(awk '{print $14+$15}' "$t/stat" 2>/dev/null) || continue
+    comm=$(cat "$t/comm" 2>/dev/null)
+    if [[ ${t##*/} == "$1" ]]; then l=$((l + v)); elif [[ $comm == zm-crypto ]]; then c=$((c + v)); else o=$((o + v)); fi
+  done
+  echo "$l $c $o"
+}
+jget() { /usr/bin/python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print($2)" "$1" 2>/dev/null; }
+
+echo "build: $BIN; crypto reference: $CRYPTO"
+echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); load average: $(cut -d' ' -f1-3 /proc/loadavg); nproc $(nproc)"
+
+zmb_start_sim "$W/sim" "$CLIENT_CPU" || { echo "simulator did not start" >&2; exit 1; }
+store=$W/zm.db
+zmb_schema "$store" "$BIN" && zmb_seed "$store" "$KEYS" 3600 || { echo "seeding failed" >&2; exit 1; }
+PORT=$(zmb_free_port)
+MPORT=$(zmb_free_port)
+zmb_start_server "$BIN" "$store" "$PORT" "$SERVER_CPU" "$OUT/server.log" \
+  LOOP_LAG_PROBE=1 STORE_SYNC=normal LOG_LEVEL=info METRICS_ADDRESS="127.0.0.1:$MPORT"
+zmb_wait_health "$BENCH" "$PORT" "$ZMB_SRV_PID" 60 || { echo "server did not start" >&2; tail "$OUT/server.log"; exit 1; }
+echo "server pid $ZMB_SRV_PID on 127.0.0.1:$PORT (metrics :$MPORT), simulator pid $ZMB_SIM_PID"
+
+# Baseline: the same ResolveIdentity load alone, for the CPU it costs by
+# itself (subtracted in the "net" figure below).
+read -r bl0 bc0 bo0 <<<"$(thread_ticks "$ZMB_SRV_PID")"
+taskset -c "$CLIENT_CPU" timeout $((DUR + 30)) "$BENCH" --target "127.0.0.1:$PORT" --scenario resolve \
+  --rate "$RATE" -c 4 -m 64 -D "$DUR" --keys "$KEYS" --quiet --allow-errors \
+  --json "$OUT/resolve-alone.json" >"$OUT/resolve-alone.txt" 2>&1
+read -r bl1 bc1 bo1 <<<"$(thread_ticks "$ZMB_SRV_PID")"
+base=$(( (bl1 - bl0) + (bc1 - bc0) + (bo1 - bo0) ))
+
+# Warm-up outside the window: the first enrollment fetches the CA bundle and
+# opens the controller connections.
+taskset -c "$CLIENT_CPU" timeout 60 "$BENCH" --target "127.0.0.1:$PORT" --scenario request-service-identity \
+  -n 16 -c 4 -m 4 --timeout-ms 20000 --quiet --allow-errors >"$OUT/warmup.txt" 2>&1
+metric() { curl -sf "http://127.0.0.1:$MPORT/metrics" | awk -v k="$1" '$1==k{print $2}'; }
+lag0=$(metric zm_loop_lag_worst_seconds)
+conn0=$(metric zm_controller_connects_total)
+
+
+loglines=$(wc -l <"$OUT/server.log")
+SPID_=
+if [[ ${SCHED:-0} == 1 ]] && command -v perf >/dev/null; then
+  perf sched record -C "$SERVER_CPU" -o "$OUT/sched.data" -- sleep "$DUR" >"$OUT/sched.log" 2>&1 &
+  SPID_=$!
+fi
+PPID_=
+if [[ ${PERF:-0} == 1 ]] && command -v perf >/dev/null; then
+  perf record ${PERF_OPTS:--g -F 2000} -o "$OUT/perf.data" -p "$ZMB_SRV_PID" -- sleep "$DUR" >"$OUT/perf.log" 2>&1 &
+  PPID_=$!
+fi
+read -r l0 c0 o0 <<<"$(thread_ticks "$ZMB_SRV_PID")"
+t0=$(zmb_ticks "$ZMB_SRV_PID")
+taskset -c "$CLIENT_CPU" timeout $((DUR + 30)) "$BENCH" --target "127.0.0.1:$PORT" --scenario resolve \
+  --rate "$RATE" -c 4 -m 64 -D "$DUR" --keys "$KEYS" --quiet --allow-errors \
+  --json "$OUT/resolve.json" >"$OUT/resolve.txt" 2>&1 &
+RPID=$!
+taskset -c "$CLIENT_CPU" timeout $((DUR + 30)) "$BENCH" --target "127.0.0.1:$PORT" \
+  --scenario request-service-identity -c 4 -m 8 -D "$DUR" --timeout-ms 20000 --allow-errors \
+  --json "$OUT/rsi.json" >"$OUT/rsi.txt" 2>&1
+t1=$(zmb_ticks "$ZMB_SRV_PID")
+read -r l1 c1 o1 <<<"$(thread_ticks "$ZMB_SRV_PID")"
+sleep 1.1 # the probe's line for the last second of the window
+logend=$(wc -l <"$OUT/server.log")
+wait "$RPID"
+RPID=
+[[ -n $PPID_ ]] && wait "$PPID_"
+[[ -n $SPID_ ]] && wait "$SPID_"
+PPID_=
+SPID_=
+lag=$(metric zm_loop_lag_worst_seconds)
+conn1=$(metric zm_controller_connects_total)
+# The probe logs once a second the worst lateness of that second; the first
+# line after the window opened covers warm-up time, so it is left out.
+lagw=$(sed -n "$((loglines + 1)),${logend}p" "$OUT/server.log" | grep -o 'loop lag: max [0-9]* ms' | awk 'NR>1{print $4}')
+lagsec=$(sort -n <<<"$lagw" | uniq -c | awk 'NF==2{printf "%s%s s at %s ms", (NR>1?", ":""), $1, $2}')
+secmax=$(sort -n <<<"$lagw" | tail -1)
+busyw=$(sed -n "$((loglines + 1)),${logend}p" "$OUT/server.log" | grep -o 'busiest iteration [0-9]* us' | awk 'NR>1{print $3}')
+busymax=$(sort -n <<<"$busyw" | tail -1)
+busyover=$(awk '$1>1000{n++} END{print n+0}' <<<"$busyw")
+
+ok=$(jget "$OUT/rsi.json" 'j["ops"]["request-service-identity"]["status"].get("OK", 0)')
+errs=$(jget "$OUT/rsi.json" 'j["errors"]["total"]')
+hz=$(getconf CLK_TCK)
+per=$(awk -v t="$((t1 - t0))" -v h="$hz" -v n="${ok:-0}" 'BEGIN{if(n>0) printf "%.0f", t/h*1e6/n; else print "n/a"}')
+net=$(awk -v t="$((t1 - t0))" -v b="$base" -v h="$hz" -v n="${ok:-0}" 'BEGIN{if(n>0) printf "%.0f", (t-b)/h*1e6/n; else print "n/a"}')
+cc=$(taskset -c "$SERVER_CPU" timeout 120 "$CRYPTO" "$CRYPTO_N" ec-p384 2>&1)
+cus=$(sed -n 's/.*cpu_us_per_op=\([0-9.]*\).*/\1/p' <<<"$cc")
+ratio=$(awk -v a="$per" -v b="$cus" 'BEGIN{if(a+0>0 && b+0>0) printf "%.2fx", a/b; else print "n/a"}')
+nratio=$(awk -v a="$net" -v b="$cus" 'BEGIN{if(a+0>0 && b+0>0) printf "%.2fx", a/b; else print "n/a"}')
+rp50=$(jget "$OUT/resolve.json" 'j["latency_us"]["p50"]')
+rp99=$(jget "$OUT/resolve.json" 'j["latency_us"]["p99"]')
+rmax=$(jget "$OUT/resolve.json" 'j["latency_us"]["max"]')
+rerr=$(jget "$OUT/resolve.json" 'j["errors"]["total"]')
+
+echo "enrollments: ${ok:-?} OK in ${DUR}s, ${errs:-?} errors (4 conns x 8 streams)"
+echo "server CPU: $((t1 - t0)) ticks ($hz/s) -> ${per} us per enrollment"
+pt() { awk -v t="$1" -v h="$hz" -v n="${ok:-0}" 'BEGIN{if(n>0) printf "%.0f", t/h*1e6/n; else print "n/a"}'; }
+echo "  net of the ResolveIdentity load ($base ticks alone over the same ${DUR}s): ${net} us per enrollment"
+echo "  by thread: loop $(pt $((l1 - l0))) us, crypto workers $(pt $((c1 - c0))) us, other threads (store, log, resolver) $(pt $((o1 - o0))) us per enrollment"
+echo "bare crypto: ${cus:-n/a} us per EC P-384 key + CSR ($cc)"
+echo "ratio: $ratio (net of the resolve load: $nratio)"
+rap99=$(jget "$OUT/resolve-alone.json" 'j["latency_us"]["p99"]')
+ramax=$(jget "$OUT/resolve-alone.json" 'j["latency_us"]["max"]')
+echo "ResolveIdentity @${RATE}/s alone (baseline): p99 ${rap99:-?} us, max ${ramax:-?} us"
+echo "ResolveIdentity @${RATE}/s open loop during enrollments: p50 ${rp50:-?} us, p99 ${rp99:-?} us, max ${rmax:-?} us, ${rerr:-?} errors"
+echo "loop lag during the window (per-second maxima, 1 ms probe): worst ${secmax:-?} ms; ${lagsec:-?}"
+echo "loop iterations (CPU time of one iteration, the loop's own work): worst ${busymax:-n/a} us; seconds with one > 1 ms: ${busyover:-n/a} of $(wc -w <<<"$busyw")"
+echo "loop lag worst since start (zm_loop_lag_worst_seconds): ${lag0:-?} s after warm-up, ${lag:-?} s at the end"
+echo "controller connections opened during the window: $(( ${conn1:-0} - ${conn0:-0} )) (${conn1:-?} since start)"
+if [[ -s $OUT/sched.data ]]; then
+  # Every time the loop thread waited > 1 ms to get the CPU back: who ran.
+  perf sched timehist -i "$OUT/sched.data" 2>/dev/null | awk 'NR>3' >"$OUT/timehist.txt"
+  /usr/bin/python3 - "$OUT/timehist.txt" "$ZMB_SRV_PID" <<'PY'
+import collections, sys
+rows = []
+for l in open(sys.argv[1]):
+    f = l.split()
+    try:
+        rows.append((float(f[0]), f[2], float(f[-2]), float(f[-1])))
+    except (ValueError, IndexError):
+        pass
+loop = "[%s]" % sys.argv[2]
+n = 0
+for t, task, delay, run in rows:
+    if not task.endswith(loop) or delay <= 1.0:
+        continue
+    n += 1
+    end, start = t - run / 1e3, t - run / 1e3 - delay / 1e3
+    who = collections.Counter()
+    for t2, task2, _, run2 in rows:
+        s2 = t2 - run2 / 1e3
+        if task2 != task and t2 > start and s2 < end:
+            who[task2.split("[")[0]] += (min(t2, end) - max(s2, start)) * 1e3
+    print("  loop waited %.2f ms for the CPU at %.3f; meanwhile: %s" % (
+        delay, t, ", ".join("%s %.2f ms" % kv for kv in who.most_common(4))))
+print("  loop scheduling delays > 1 ms in the window: %d" % n)
+PY
+fi
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "raw: $OUT"
