@@ -79,6 +79,14 @@ static int open_store(zm_app_t *app) {
 }
 
 /* 1 if `name` is an element of the comma-separated `list`. */
+/* Busy polling would keep the crypto threads (SCHED_IDLE: they run only
+ * when the loop sleeps) off the core: no polling while they have work. */
+static int crypto_busy(void *ctx) {
+  const zm_app_t *a = ctx;
+  return a->workers != NULL &&
+         zm_workers_queued(a->workers) + zm_workers_running(a->workers) > 0;
+}
+
 static int method_disabled(const char *list, const char *name) {
   size_t n = strlen(name);
   for (const char *p = list; *p != '\0';) {
@@ -672,7 +680,9 @@ int zm_app_run(const zm_config_t *cfg) {
                          .caller_rate = cfg->caller_rate,
                          .caller_burst = cfg->caller_burst,
                          .caller_inflight = cfg->caller_inflight,
-                         .busy_poll_us = cfg->busy_poll_us};
+                         .busy_poll_us = cfg->busy_poll_us,
+                         .busy_poll_veto = crypto_busy,
+                         .busy_poll_ctx = &app};
   zm_grpc_server_new(&app.grpc, &loop, &gc, enabled, n_enabled);
   for (size_t i = 0; i < cfg->n_types && i < ZM_ARRAY_SIZE(app.type_names); i++)
     app.type_names[app.n_type_names++] = app.cfg.types[i].name;

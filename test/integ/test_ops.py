@@ -640,6 +640,40 @@ def test_busy_poll_spins_for_back_to_back_calls_and_never_for_sparse_ones():
         srv.stop()
 
 
+def test_busy_poll_leaves_the_core_to_enrollments(sim):
+    # back-to-back ResolveIdentity calls keep the loop polling; the crypto
+    # threads (lowest priority) get the core because the loop does not poll
+    # while they have work: every enrollment completes meanwhile
+    srv = metrics_server(sim=sim, env={"LOOP_BUSY_POLL_US": "1000"})
+    srv.start()
+    try:
+        ch = srv.channel()
+        stub = srv.stub(ch)
+        stop = threading.Event()
+
+        def load():
+            while not stop.is_set():
+                resolve_missing(stub)
+
+        threads = [threading.Thread(target=load) for _ in range(6)]
+        for t in threads:
+            t.start()
+        try:
+            with ThreadPoolExecutor(4) as ex:
+                rs = list(ex.map(lambda i: stub.RequestServiceIdentity(
+                    pb.RequestServiceIdentityRequest(service_type=(1, 2, 4)[i % 3]), timeout=60), range(12)))
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert all(json.loads(r.identity_json)["id"]["key"].startswith("pem:") for r in rs)
+        polls, hits = busy_counters(srv.mport)
+        assert polls > 0 and hits > 0, (polls, hits)
+        ch.close()
+    finally:
+        srv.stop()
+
+
 def test_busy_poll_is_off_by_default():
     srv = metrics_server()
     srv.start()
