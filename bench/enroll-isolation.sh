@@ -206,4 +206,13 @@ print("  loop scheduling delays > 1 ms in the window: %d" % n)
 PY
 fi
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+# machine-readable summary (bench/results_perf.py reads these lines)
+echo "cpu_us_per_enroll=$per"
+echo "cpu_us_per_enroll_net=$net"
+echo "crypto_us=${cus:-n/a}"
+echo "resolve_alone_p99_us=${rap99:-n/a}"
+echo "resolve_p99_us=${rp99:-n/a}"
+echo "resolve_max_us=${rmax:-n/a}"
+echo "loop_lag_max_us=$(awk -v m="${secmax:-}" 'BEGIN{if (m != "") printf "%.0f", m * 1000; else print "n/a"}')"
+echo "loop_busy_max_us=${busymax:-n/a}"
 echo "raw: $OUT"
