@@ -49,6 +49,7 @@
  * caller lets the loop run after zm_store_close so those callbacks fire.
  */
 #include "pg_internal.h"
+#include "pq_dl.h"
 #include "store_internal.h"
 
 #include "zm/log.h"
@@ -1518,6 +1519,11 @@ static int pg_open(zm_store_t **out, uv_loop_t *loop,
     n = 2;
   if (n > MAX_POOL)
     n = MAX_POOL;
+  char why[512];
+  if (zm_pq_load(why, sizeof why) != 0) {
+    ZM_ERROR("store postgresql: %s", why);
+    return ZM_E_STORE;
+  }
   PGconn *first = connect_blocking(cfg->url);
   if (first == NULL || PQstatus(first) != CONNECTION_OK) {
     char msg[256];

@@ -20,6 +20,7 @@
  * after the other and the second finds the work done.
  */
 #include "pg_internal.h"
+#include "pq_dl.h"
 #include "store_internal.h"
 
 #include "zm/log.h"

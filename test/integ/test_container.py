@@ -360,6 +360,20 @@ def test_health_serving_from_outside(server):
         assert health_check(ch, timeout=5) == SERVING
 
 
+def test_postgresql_client_library_loads_in_image():
+    # The server dlopens libpq when DATABASE_URL is set (it is not in ldd's
+    # list, so the image carries it by name): against a database nobody
+    # listens on, it must get as far as connecting, and say so.
+    url = f"postgresql://zm@127.0.0.1:{free_port()}/zm?connect_timeout=2"
+    env = dict(os.environ, CONTAINER_ENV=f"DATABASE_URL={url}")
+    r = subprocess.run([CONTAINER_SH, "run", IMAGE, BIN, "--migrate-only"], env=env,
+                       capture_output=True, timeout=120)
+    out = (r.stdout + r.stderr).decode(errors="replace")
+    assert r.returncode == 1, out
+    assert "cannot connect" in out, out
+    assert "cannot load" not in out, out
+
+
 def test_health_check_mode_inside_image(server):
     # A HEALTHCHECK runs with the container's environment, as this does.
     def ctr_env(**over):
