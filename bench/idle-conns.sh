@@ -108,6 +108,7 @@ read -r heap0 other0 < <(heap_anon "$srv_pid")
 
 # hold long enough for the wait and the measurement; zm-bench ends itself
 hold=$((WAIT + SETTLE_MAX + 30))
+: >"$work/bench.out" # before the client starts: the READY poll below reads it at once
 if [[ $MODE == tls ]]; then
   "$TLSBENCH" --tls --ca "$work/cert.pem" -c "$N" -m 1 -n 1 -d "$work/health.bin" -p /grpc.health.v1.Health/Check \
     --hold "$hold" 127.0.0.1 "$port" >"$work/bench.out" 2>&1 &

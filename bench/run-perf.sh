@@ -235,9 +235,9 @@ fi
 if [[ ${SKIP_ENROLL:-0} != 1 ]]; then
   if [[ -x $here/enroll-isolation.sh ]]; then
     log "enrollment cost and isolation"
-    BUILD=$BUILD SERVER_CPU=$SERVER_CPU CLIENT_CPU=$CLIENT_CPU "$here/enroll-isolation.sh" >"$OUT/enroll.txt" 2>&1 ||
+    SERVER_CPU=$SERVER_CPU CLIENT_CPU=$CLIENT_CPU "$here/enroll-isolation.sh" "$BUILD" >"$OUT/enroll.txt" 2>&1 ||
       log "enroll-isolation.sh failed (see $OUT/enroll.txt)"
-    fact cmd_enroll "BUILD=$BUILD bench/enroll-isolation.sh"
+    fact cmd_enroll "bench/enroll-isolation.sh $BUILD"
   else
     fact enroll "n/a (bench/enroll-isolation.sh missing)"
   fi
