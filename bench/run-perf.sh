@@ -29,8 +29,8 @@
 #        anchors; the anchors' run.sh writes its results/ inside that dir, so
 #        a read-only or unbuilt one is copied into the temp dir and built)
 #      BASELINE_BIN / BASELINE_REV (optional earlier build, measured as zm-prev)
-#      BUSY_POLL_US=200 (zm-bp: zm with LOOP_BUSY_POLL_US set to this, beside
-#        zm at its defaults)
+#      BUSY_POLL_US=0 (zm-bp: zm with LOOP_BUSY_POLL_US set to this, beside
+#        zm at its defaults, where it is auto: the cost and gain of polling)
 #      SKIP_ANCHORS=1 SKIP_IDLE=1 SKIP_ENROLL=1 (skip a step; its targets read n/a)
 #      RESULTS_MD (default bench/RESULTS.md)
 # Whole run: about 20 minutes with the defaults.
@@ -48,7 +48,7 @@ ROUNDS=${ROUNDS:-3}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 IDLE_N=${IDLE_N:-10000}
-BUSY_POLL_US=${BUSY_POLL_US:-200}
+BUSY_POLL_US=${BUSY_POLL_US:-0}
 BUILD=${BUILD:-$REPO/build-bench}
 ANCHORS=${ANCHORS:-$(cd "$REPO/.." && pwd)/shared/anchors/perf}
 [[ -d $ANCHORS ]] || ANCHORS=/work/shared/anchors/perf
@@ -152,7 +152,7 @@ declare -A APORT
 for s in zm zm-bp; do
   p=$(zmb_free_port)
   st=$W/$s-steps.db
-  bp=0
+  bp= # empty: the default (auto)
   [[ $s == zm-bp ]] && bp=$BUSY_POLL_US
   if zmb_schema "$st" "$BIN" && zmb_seed "$st" "$KEYS" 3600 &&
     start_bg "$s" "$p" env STORE_PATH="$st" GRPC_ADDRESS="127.0.0.1:$p" ZITI_CONTROLLER_URL= LOOP_BUSY_POLL_US=$bp "$BIN"; then

@@ -13,6 +13,10 @@
 
 #define ZM_MAX_SERVICE_TYPES 32
 #define ZM_MAX_ROLES 4
+/* LOOP_BUSY_POLL_US=auto (the default): the app picks ZM_BUSY_POLL_AUTO_US,
+ * or 0 under a CPU quota (zm/cpuquota.h). */
+#define ZM_BUSY_POLL_AUTO UINT32_MAX
+#define ZM_BUSY_POLL_AUTO_US 100u
 
 /* One service type: proto number -> name prefix + role attributes. */
 typedef struct {
@@ -67,7 +71,8 @@ typedef struct {
   unsigned caller_rate;  /* GRPC_CALLER_RATE per second, default 10 */
   unsigned caller_burst; /* GRPC_CALLER_BURST, default 20 */
   unsigned caller_inflight;      /* GRPC_CALLER_MAX_INFLIGHT, default 32 */
-  unsigned busy_poll_us;         /* LOOP_BUSY_POLL_US, default 0 = off */
+  unsigned busy_poll_us; /* LOOP_BUSY_POLL_US; ZM_BUSY_POLL_AUTO (default)
+                            until the app resolves it at start-up */
   int log_json;                  /* LOG_FORMAT=json (default text) */
   char metrics_address[128];     /* METRICS_ADDRESS; empty = no listener */
   char enrollment_jwt_file[512]; /* ZITI_ENROLLMENT_JWT_FILE */

@@ -5,6 +5,7 @@
  */
 #include "zm/app.h"
 #include "zm/audit.h"
+#include "zm/cpuquota.h"
 #include "zm/enroll.h"
 #include "zm/log.h"
 
@@ -79,6 +80,35 @@ static int open_store(zm_app_t *app) {
 }
 
 /* 1 if `name` is an element of the comma-separated `list`. */
+/* LOOP_BUSY_POLL_US=auto: polling pays off only with CPU to spare, and a
+ * CPU quota charges every polled microsecond against the limit (then
+ * throttles the whole process for the rest of the period), so auto polls
+ * only where no quota applies. */
+static unsigned busy_poll_window(unsigned configured) {
+  if (configured != ZM_BUSY_POLL_AUTO) {
+    if (configured == 0)
+      ZM_INFO("busy polling: off (LOOP_BUSY_POLL_US=0)");
+    else
+      ZM_INFO("busy polling: %u us (LOOP_BUSY_POLL_US=%u)", configured,
+              configured);
+    return configured;
+  }
+  double cores = 0;
+  char where[1100];
+  int q = zm_cpu_quota("/proc/self/cgroup", "/sys/fs/cgroup", &cores, where,
+                       sizeof where);
+  if (q == 1) {
+    ZM_INFO("busy polling: off (LOOP_BUSY_POLL_US=auto: CPU quota of %.2f "
+            "cores in %s)",
+            cores, where);
+    return 0;
+  }
+  ZM_INFO("busy polling: %u us (LOOP_BUSY_POLL_US=auto: %s)",
+          ZM_BUSY_POLL_AUTO_US,
+          q == 0 ? "no CPU quota" : "cgroups unreadable, no quota assumed");
+  return ZM_BUSY_POLL_AUTO_US;
+}
+
 /* Busy polling would keep the crypto threads (SCHED_IDLE: they run only
  * when the loop sleeps) off the core: no polling while they have work. */
 static int crypto_busy(void *ctx) {
@@ -669,6 +699,7 @@ int zm_app_run(const zm_config_t *cfg) {
   for (size_t i = 0; i < n_enabled; i++)
     if (enabled[i].stream == &zm_reflect_ops)
       enabled[i].ctx = app.reflect;
+  app.busy_poll_us = busy_poll_window(cfg->busy_poll_us);
   zm_grpc_config_t gc = {.address = cfg->grpc_address,
                          .max_recv_msg = cfg->max_recv_msg,
                          .max_streams = cfg->max_streams,
@@ -680,7 +711,7 @@ int zm_app_run(const zm_config_t *cfg) {
                          .caller_rate = cfg->caller_rate,
                          .caller_burst = cfg->caller_burst,
                          .caller_inflight = cfg->caller_inflight,
-                         .busy_poll_us = cfg->busy_poll_us,
+                         .busy_poll_us = app.busy_poll_us,
                          .busy_poll_veto = crypto_busy,
                          .busy_poll_ctx = &app};
   zm_grpc_server_new(&app.grpc, &loop, &gc, enabled, n_enabled);

@@ -225,9 +225,10 @@ const zm_setting_t zm_settings[] = {
      "ResolveIdentity falls back to agent-<uuid>[-...] names", 1},
     {"SERVICE_IDENTITY_LEASE_TTL", "5m", "service identity lease length", 1},
     {"SERVICE_IDENTITY_GC_INTERVAL", "1m", "lease GC period", 1},
-    {"LOOP_BUSY_POLL_US", "0",
-     "after socket input, poll without sleeping this long (0..1000 us; 0 = "
-     "off): lower latency for back-to-back calls at the cost of CPU",
+    {"LOOP_BUSY_POLL_US", "auto",
+     "after its output, poll without sleeping this long while calls come "
+     "back to back (0..1000 us; 0 = off; auto = 100, or off under a CPU "
+     "quota): lower latency for back-to-back calls at the cost of CPU",
      0},
     {"SERVICE_IDENTITY_GC_CONCURRENCY", "16",
      "controller DELETEs in flight per sweep, 1..1024", 0},
@@ -353,6 +354,7 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
   cfg->lease_ttl_ms = 5 * 60 * 1000;
   cfg->gc_interval_ms = 60 * 1000;
   cfg->gc_concurrency = 16;
+  cfg->busy_poll_us = ZM_BUSY_POLL_AUTO;
   cfg->pending_age_ms = 10 * 60 * 1000;
   cfg->enroll_timeout_ms = 60 * 1000;
   cfg->enroll_max_inflight = 256;
@@ -444,10 +446,18 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
   if (cfg->lease_flush_ms > 60000)
     return fail(err, errlen, "LEASE_FLUSH_INTERVAL must be at most 1m");
   uint64_t x;
-  x = cfg->busy_poll_us;
-  if ((rv = env_uint(get, "LOOP_BUSY_POLL_US", 0, 1000, &x, err, errlen)))
-    return rv;
-  cfg->busy_poll_us = (unsigned)x;
+  const char *bp = get("LOOP_BUSY_POLL_US");
+  if (bp != NULL && strcmp(bp, "auto") == 0) {
+    cfg->busy_poll_us = ZM_BUSY_POLL_AUTO;
+  } else if (bp != NULL && *bp != '\0') {
+    x = 0;
+    if ((rv = env_uint(get, "LOOP_BUSY_POLL_US", 0, 1000, &x, err, errlen)))
+      return fail(err, errlen,
+                  "LOOP_BUSY_POLL_US=%s: expected auto or an integer in "
+                  "[0, 1000]",
+                  bp);
+    cfg->busy_poll_us = (unsigned)x;
+  }
   x = cfg->gc_concurrency;
   if ((rv = env_uint(get, "SERVICE_IDENTITY_GC_CONCURRENCY", 1, 1024, &x, err,
                      errlen)))

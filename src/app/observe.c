@@ -111,6 +111,9 @@ static void render_grpc(zm_prom_t *p, const zm_app_t *app) {
           "HTTP/2 connections accepted", gs.conns_accepted);
   counter(p, "zm_grpc_protocol_errors_total", "HTTP/2 connection errors",
           gs.protocol_errors);
+  gauge(p, "zm_loop_busy_poll_window_seconds",
+        "busy-polling window in effect (LOOP_BUSY_POLL_US; 0 = off)",
+        (double)app->busy_poll_us / 1e6);
   counter(p, "zm_loop_busy_polls_total",
           "busy-polling windows opened (LOOP_BUSY_POLL_US)", gs.busy_polls);
   counter(p, "zm_loop_busy_poll_hits_total",

@@ -8,10 +8,13 @@ a reflection client on grpcio (grpcreflect.py), the zmctl binary.
 import http.client
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -674,8 +677,8 @@ def test_busy_poll_leaves_the_core_to_enrollments(sim):
         srv.stop()
 
 
-def test_busy_poll_is_off_by_default():
-    srv = metrics_server()
+def test_busy_poll_zero_is_off():
+    srv = metrics_server(env={"LOOP_BUSY_POLL_US": "0"})
     srv.start()
     try:
         ch = srv.channel()
@@ -683,7 +686,58 @@ def test_busy_poll_is_off_by_default():
         with ThreadPoolExecutor(8) as ex:
             list(ex.map(lambda _: resolve_missing(stub), range(200)))
         assert busy_counters(srv.mport) == (0, 0)
+        assert scrape(srv.mport)[("zm_loop_busy_poll_window_seconds", ())] == 0
+        assert "busy polling: off (LOOP_BUSY_POLL_US=0)" in srv.logtext(limit=None)
         ch.close()
+    finally:
+        srv.stop()
+
+
+def test_busy_poll_auto_is_the_default_and_follows_the_cpu_quota():
+    # auto polls 100 us unless a cgroup CPU quota applies (the quota parsing
+    # is unit-tested on cgroup trees of its own): whatever this machine
+    # has, the decision is logged, exported, and is what the loop does
+    srv = metrics_server()
+    srv.start()
+    try:
+        log = srv.logtext(limit=None)
+        m = re.search(r"busy polling: (off|\d+ us) \(LOOP_BUSY_POLL_US=auto: ([^)]*)\)", log)
+        assert m, log
+        window = scrape(srv.mport)[("zm_loop_busy_poll_window_seconds", ())]
+        # one caller waiting on each answer (h2load, one connection, one
+        # stream): gaps of tens of microseconds, within a 100 us window
+        d = tempfile.mkdtemp()
+        try:
+            body = os.path.join(d, "health.bin")
+            with open(body, "wb") as f:
+                f.write(b"\x00\x00\x00\x00\x00")
+            out = subprocess.run(
+                ["h2load", "-n", "20000", "-c", "1", "-m", "1", "-d", body,
+                 "-H", "content-type: application/grpc", "-H", "te: trailers",
+                 "http://127.0.0.1:%d/grpc.health.v1.Health/Check" % srv.port],
+                capture_output=True, timeout=120).stdout.decode()
+        finally:
+            shutil.rmtree(d)
+        assert "20000 succeeded, 0 failed, 0 errored" in out, out
+        polls, hits = busy_counters(srv.mport)
+        if m.group(1) == "off":
+            assert m.group(2).startswith("CPU quota of ")
+            assert window == 0 and (polls, hits) == (0, 0)
+        else:
+            assert m.group(1) == "100 us"
+            assert m.group(2) in ("no CPU quota", "cgroups unreadable, no quota assumed")
+            assert window == pytest.approx(100e-6)
+            assert polls > 0 and hits > 0, (polls, hits)
+    finally:
+        srv.stop()
+
+
+def test_busy_poll_explicit_value_overrides_auto():
+    srv = metrics_server(env={"LOOP_BUSY_POLL_US": "250"})
+    srv.start()
+    try:
+        assert val(scrape(srv.mport), "zm_loop_busy_poll_window_seconds") == pytest.approx(250e-6)
+        assert "busy polling: 250 us (LOOP_BUSY_POLL_US=250)" in srv.logtext(limit=None)
     finally:
         srv.stop()
 
@@ -706,6 +760,7 @@ def test_busy_poll_is_off_by_default():
     ({"SERVICE_IDENTITY_GC_CONCURRENCY": "0"}, "SERVICE_IDENTITY_GC_CONCURRENCY"),
     ({"LOOP_BUSY_POLL_US": "1001"}, "LOOP_BUSY_POLL_US"),
     ({"LOOP_BUSY_POLL_US": "-5"}, "LOOP_BUSY_POLL_US"),
+    ({"LOOP_BUSY_POLL_US": "Auto"}, "LOOP_BUSY_POLL_US"),
     ({"ENROLLMENT_KEY_ALG": "dsa"}, "ENROLLMENT_KEY_ALG"),
     ({"STORE_SYNC": "sometimes"}, "STORE_SYNC"),
     ({"GRPC_MAX_RECV_MSG_SIZE": "-1"}, "GRPC_MAX_RECV_MSG_SIZE"),

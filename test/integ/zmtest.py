@@ -382,10 +382,11 @@ class Server:
     def stub(self, ch=None):
         return pb_grpc.ZitiManagementServiceStub(ch or self.channel())
 
-    def logtext(self):
+    def logtext(self, limit=20000):
         try:
             with open(self.log_path, "rb") as f:
-                return f.read().decode(errors="replace")[-20000:]
+                text = f.read().decode(errors="replace")
+                return text if limit is None else text[-limit:]
         except OSError:
             return ""
 

@@ -36,6 +36,7 @@ static void test_defaults(void **state) {
   assert_int_equal(cfg.gc_interval_ms, 60000);
   assert_int_equal(cfg.max_recv_msg, 4u << 20);
   assert_int_equal(cfg.key_alg, ZM_KEY_EC_P384);
+  assert_int_equal(cfg.busy_poll_us, ZM_BUSY_POLL_AUTO);
   const zm_service_type_t *t = zm_config_service_type(&cfg, 1);
   assert_non_null(t);
   assert_string_equal(t->name, "gateway");
@@ -59,6 +60,32 @@ static void test_defaults(void **state) {
                       "terminal-proxy-hosts");
   assert_null(zm_config_service_type(&cfg, 0));
   assert_null(zm_config_service_type(&cfg, 9));
+}
+
+static void test_busy_poll(void **state) {
+  (void)state;
+  zm_config_t cfg;
+  char err[256];
+  const char *a[] = {"LOOP_BUSY_POLL_US", "auto", NULL};
+  assert_int_equal(load(&cfg, a, err, sizeof err), 0);
+  assert_int_equal(cfg.busy_poll_us, ZM_BUSY_POLL_AUTO);
+  const char *empty[] = {"LOOP_BUSY_POLL_US", "", NULL};
+  assert_int_equal(load(&cfg, empty, err, sizeof err), 0);
+  assert_int_equal(cfg.busy_poll_us, ZM_BUSY_POLL_AUTO);
+  const char *zero[] = {"LOOP_BUSY_POLL_US", "0", NULL};
+  assert_int_equal(load(&cfg, zero, err, sizeof err), 0);
+  assert_int_equal(cfg.busy_poll_us, 0);
+  const char *max[] = {"LOOP_BUSY_POLL_US", "1000", NULL};
+  assert_int_equal(load(&cfg, max, err, sizeof err), 0);
+  assert_int_equal(cfg.busy_poll_us, 1000);
+  const char *bad[][3] = {{"LOOP_BUSY_POLL_US", "1001", NULL},
+                          {"LOOP_BUSY_POLL_US", "AUTO", NULL},
+                          {"LOOP_BUSY_POLL_US", "4294967295", NULL},
+                          {"LOOP_BUSY_POLL_US", "10us", NULL}};
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    assert_int_not_equal(load(&cfg, bad[i], err, sizeof err), 0);
+    assert_non_null(strstr(err, "LOOP_BUSY_POLL_US"));
+  }
 }
 
 static void test_durations(void **state) {
@@ -223,6 +250,7 @@ int main(void) {
       cmocka_unit_test(test_defaults),
       cmocka_unit_test(test_security_settings),
       cmocka_unit_test(test_durations),
+      cmocka_unit_test(test_busy_poll),
       cmocka_unit_test(test_env_overrides_and_errors),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
