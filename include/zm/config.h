@@ -70,11 +70,11 @@ typedef struct {
       write_stall_ms;    /* GRPC_WRITE_STALL_TIMEOUT, default 30s; 0 = never */
   unsigned caller_rate;  /* GRPC_CALLER_RATE per second, default 10 */
   unsigned caller_burst; /* GRPC_CALLER_BURST, default 20 */
-  unsigned caller_inflight;      /* GRPC_CALLER_MAX_INFLIGHT, default 32 */
-  unsigned busy_poll_us; /* LOOP_BUSY_POLL_US; ZM_BUSY_POLL_AUTO (default)
-                            until the app resolves it at start-up */
-  int log_json;                  /* LOG_FORMAT=json (default text) */
-  char metrics_address[128];     /* METRICS_ADDRESS; empty = no listener */
+  unsigned caller_inflight;  /* GRPC_CALLER_MAX_INFLIGHT, default 32 */
+  unsigned busy_poll_us;     /* LOOP_BUSY_POLL_US; ZM_BUSY_POLL_AUTO (default)
+                                until the app resolves it at start-up */
+  int log_json;              /* LOG_FORMAT=json (default text) */
+  char metrics_address[128]; /* METRICS_ADDRESS; empty = no listener */
   char enrollment_jwt_file[512]; /* ZITI_ENROLLMENT_JWT_FILE */
   int name_resolve;              /* ZITI_IDENTITY_NAME_RESOLVE */
   char disabled_methods[512]; /* GRPC_DISABLED_METHODS: comma-separated method
