@@ -1,6 +1,7 @@
 /* resolve.c - getaddrinfo on dedicated threads (see resolve.h). */
 #include "resolve.h"
 
+#include "zm/thread.h"
 #include "zm/zm.h"
 
 #include <pthread.h>
@@ -18,6 +19,7 @@ struct zm__resolver {
   int stop;
   zm__resolve_req_t *todo, *todo_tail; /* FIFO */
   zm__resolve_req_t *done;             /* LIFO, completed */
+  unsigned outstanding; /* loop thread: requested and not yet called back */
   void (*close_done)(void *);
   void *close_data;
 };
@@ -26,6 +28,7 @@ static void on_closed(uv_handle_t *h);
 
 static void *worker(void *arg) {
   zm__resolver_t *r = arg;
+  zm_thread_helper("zm-resolve");
   pthread_mutex_lock(&r->mu);
   for (;;) {
     while (r->todo == NULL && !r->stop)
@@ -83,6 +86,8 @@ static void on_async(uv_async_t *a) {
     zm__resolve_req_t *q = rev;
     rev = q->next;
     q->next = NULL;
+    if (--r->outstanding == 0)
+      uv_unref((uv_handle_t *)&r->async);
     struct addrinfo *res = q->res;
     int status = q->cancelled ? UV_ECANCELED : q->status;
     q->res = NULL;
@@ -103,7 +108,10 @@ int zm__resolver_new(zm__resolver_t **out, uv_loop_t *loop) {
     return rc;
   }
   r->async.data = r;
-  uv_unref((uv_handle_t *)&r->async); /* requests keep their owners alive */
+  /* referenced only while a request is outstanding: an idle resolver must
+   * not keep uv_run alive, and a pending answer must (its owner may have
+   * no other handle left, e.g. a connection closing while it resolves) */
+  uv_unref((uv_handle_t *)&r->async);
   pthread_mutex_init(&r->mu, NULL);
   pthread_cond_init(&r->cond, NULL);
   for (int i = 0; i < ZM_RESOLVER_THREADS; i++) {
@@ -135,6 +143,8 @@ int zm__resolve(zm__resolver_t *r, zm__resolve_req_t *q, const char *host,
   q->cancelled = 0;
   q->res = NULL;
   q->next = NULL;
+  if (r->outstanding++ == 0)
+    uv_ref((uv_handle_t *)&r->async);
   pthread_mutex_lock(&r->mu);
   if (r->todo_tail != NULL)
     r->todo_tail->next = q;
