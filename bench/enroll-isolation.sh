@@ -84,6 +84,16 @@ thread_csw() {
   done
   echo "$l $c $o"
 }
+# thread_by_name PID: "name ticks switches" per thread name (threads of one
+# name summed; the main thread is "loop").
+thread_by_name() {
+  local t comm
+  for t in /proc/"$1"/task/*; do
+    comm=$(cat "$t/comm" 2>/dev/null) || continue
+    [[ ${t##*/} == "$1" ]] && comm=loop
+    echo "$comm $(awk '{print $14+$15}' "$t/stat" 2>/dev/null) $(awk '/^(non)?voluntary_ctxt_switches/{s+=$2} END{print s+0}' "$t/status" 2>/dev/null)"
+  done | awk '{t[$1]+=$2; c[$1]+=$3} END{for (n in t) print n, t[n], c[n]}' | sort
+}
 jget() { /usr/bin/python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print($2)" "$1" 2>/dev/null; }
 
 echo "build: $BIN; crypto reference: $CRYPTO"
@@ -130,6 +140,7 @@ if [[ ${PERF:-0} == 1 ]] && command -v perf >/dev/null; then
 fi
 read -r l0 c0 o0 <<<"$(thread_ticks "$ZMB_SRV_PID")"
 read -r sl0 sc0 so0 <<<"$(thread_csw "$ZMB_SRV_PID")"
+thread_by_name "$ZMB_SRV_PID" >"$OUT/threads0.txt"
 t0=$(zmb_ticks "$ZMB_SRV_PID")
 taskset -c "$CLIENT_CPU" timeout $((DUR + 30)) "$BENCH" --target "127.0.0.1:$PORT" --scenario resolve \
   --rate "$RATE" -c 4 -m 64 -D "$DUR" --keys "$KEYS" --quiet --allow-errors \
@@ -141,6 +152,7 @@ taskset -c "$CLIENT_CPU" timeout $((DUR + 30)) "$BENCH" --target "127.0.0.1:$POR
 t1=$(zmb_ticks "$ZMB_SRV_PID")
 read -r l1 c1 o1 <<<"$(thread_ticks "$ZMB_SRV_PID")"
 read -r sl1 sc1 so1 <<<"$(thread_csw "$ZMB_SRV_PID")"
+thread_by_name "$ZMB_SRV_PID" >"$OUT/threads1.txt"
 sleep 1.1 # the probe's line for the last second of the window
 logend=$(wc -l <"$OUT/server.log")
 wait "$RPID"
@@ -181,6 +193,8 @@ echo "  net of the ResolveIdentity load ($base ticks alone over the same ${DUR}s
 echo "  by thread: loop $(pt $((l1 - l0))) us, crypto workers $(pt $((c1 - c0))) us, other threads (store, log, resolver) $(pt $((o1 - o0))) us per enrollment"
 pc() { awk -v t="$1" -v n="${ok:-0}" 'BEGIN{if(n>0) printf "%.1f", t/n; else print "n/a"}'; }
 echo "  context switches per enrollment (resolve load included): loop $(pc $((sl1 - sl0))), crypto workers $(pc $((sc1 - sc0))), other threads $(pc $((so1 - so0)))"
+echo "  by thread name, per enrollment (CPU us, context switches): $(join "$OUT/threads0.txt" "$OUT/threads1.txt" |
+  awk -v n="${ok:-0}" -v h="$hz" 'n>0{printf "%s%s %.0f us %.1f", (NR>1?"; ":""), $1, ($4-$2)/h*1e6/n, ($5-$3)/n}')"
 echo "bare crypto: ${cus:-n/a} us per EC P-384 key + CSR ($cc)"
 echo "ratio: $ratio (net of the resolve load: $nratio)"
 rap99=$(jget "$OUT/resolve-alone.json" 'j["latency_us"]["p99"]')

@@ -57,6 +57,7 @@ typedef struct zm_app {
   size_t n_type_names;
   uv_timer_t lag_timer;
   unsigned busy_poll_us;  /* LOOP_BUSY_POLL_US as resolved at start-up */
+  uv_prepare_t log_prep;  /* wakes the log writers once per iteration */
   uv_prepare_t busy_prep; /* LOOP_LAG_PROBE: once per iteration */
   uint64_t busy_last_ns;  /* thread CPU time at the last iteration */
   uv_timer_t

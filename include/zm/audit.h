@@ -22,6 +22,8 @@ int zm_audit_open(const char *dest, char *err, size_t errlen);
 /* Writes what is queued and closes. */
 void zm_audit_close(void);
 int zm_audit_enabled(void);
+/* As zm_log_kick, for the audit writer. */
+void zm_audit_kick(void);
 
 /* One event: key/value string pairs, NULL-terminated. A NULL value omits
  * its key. Example:

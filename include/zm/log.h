@@ -43,6 +43,9 @@ int zm_log_start_async(void);
 void zm_log_stop_async(void);
 /* Lines dropped because the queue was full. */
 uint64_t zm_log_dropped(void);
+/* Wakes the asynchronous writer for lines the loop thread queued without
+ * waking it (zm_logq_defer_here). */
+void zm_log_kick(void);
 /* 1 = JSON lines, 0 = text (default). */
 void zm_log_set_json(int on);
 

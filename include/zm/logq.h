@@ -23,6 +23,14 @@ zm_logq_t *zm_logq_new(int fd, size_t cap, int own_fd, int json_drops);
 /* Queues one line (n bytes, should end in '\n'). Never blocks on I/O.
  * Returns 0, or -1 when it was dropped (ring full or line larger than it). */
 int zm_logq_push(zm_logq_t *q, const char *line, size_t n);
+/* On the calling thread from now on (on = 1): a push that leaves the ring
+ * at most half full does not wake the writer; the thread must then call
+ * zm_logq_kick() on every queue it pushed to before it blocks (the event
+ * loop: from a uv_prepare handle). Other threads are unaffected. */
+void zm_logq_defer_here(int on);
+/* Wakes the writer if a deferring push is waiting for it. Only from the
+ * deferring thread. NULL is a no-op. */
+void zm_logq_kick(zm_logq_t *q);
 /* Lines dropped so far. */
 uint64_t zm_logq_dropped(zm_logq_t *q);
 /* Waits until everything queued so far is written (tests, shutdown). */

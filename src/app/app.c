@@ -8,6 +8,7 @@
 #include "zm/cpuquota.h"
 #include "zm/enroll.h"
 #include "zm/log.h"
+#include "zm/logq.h"
 
 #include "agynio/api/ziti_management/v1/ziti_management.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
@@ -322,6 +323,12 @@ static uint64_t thread_cpu_ns(void) {
 /* Runs once per loop iteration, just before the loop blocks for I/O: the
  * thread's CPU time since the last run is what one iteration cost, however
  * long it then had to wait for the CPU (which the lateness above counts). */
+static void on_log_prepare(uv_prepare_t *h) {
+  (void)h;
+  zm_log_kick();
+  zm_audit_kick();
+}
+
 static void on_busy_prepare(uv_prepare_t *h) {
   zm_app_t *app = h->data;
   uint64_t now = thread_cpu_ns();
@@ -420,6 +427,7 @@ static void finish_shutdown(zm_app_t *app) {
   uv_close((uv_handle_t *)&app->sighup, on_handle_closed);
   uv_close((uv_handle_t *)&app->lag_timer, on_handle_closed);
   uv_close((uv_handle_t *)&app->busy_prep, on_handle_closed);
+  uv_close((uv_handle_t *)&app->log_prep, on_handle_closed);
   uv_close((uv_handle_t *)&app->shutdown_timer, on_handle_closed);
   ZM_INFO("shutdown complete");
 }
@@ -763,6 +771,11 @@ int zm_app_run(const zm_config_t *cfg) {
   zm_enroll_init(&app);
   uv_timer_init(&loop, &app.lag_timer);
   app.lag_timer.data = &app;
+  /* Log and audit lines of one loop iteration wake their writers once,
+   * before the loop blocks (zm/logq.h). */
+  uv_prepare_init(&loop, &app.log_prep);
+  uv_prepare_start(&app.log_prep, on_log_prepare);
+  uv_unref((uv_handle_t *)&app.log_prep);
   uv_prepare_init(&loop, &app.busy_prep);
   app.busy_prep.data = &app;
   if (getenv("LOOP_LAG_PROBE") != NULL) {
@@ -789,7 +802,11 @@ int zm_app_run(const zm_config_t *cfg) {
           cfg->grpc_address, zm_grpc_server_port(app.grpc));
   zm_life_start(app.life, on_ready, &app);
 
+  zm_logq_defer_here(1);
   uv_run(&loop, UV_RUN_DEFAULT);
+  zm_logq_defer_here(0);
+  zm_log_kick();
+  zm_audit_kick();
 
   if (app.collect != NULL) {
     zm_collect_free(app.collect);

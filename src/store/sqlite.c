@@ -31,12 +31,14 @@
  * keeps uv_run alive.
  */
 #include "store_internal.h"
+#include "zm/thread.h"
 
 #include "zm/log.h"
 #include "zm/stat.h"
 #include "zm/store.h"
 #include "zm/zm.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -846,6 +848,7 @@ static void run_batch(sq_store_t *st, itemq_t *b) {
 }
 static void worker_main(void *arg) {
   sq_store_t *st = arg;
+  zm_thread_helper("zm-store");
   uv_mutex_lock(&st->mu);
   for (;;) {
     while (!st->work_ready && !st->stop)
@@ -878,6 +881,7 @@ static void worker_main(void *arg) {
 
 static void ckpt_main(void *arg) {
   sq_store_t *st = arg;
+  zm_thread_helper("zm-checkpoint");
   /* Background work: when the service is pinned to one core, copying pages
    * must not take the CPU from the loop or the writer (nice +10). */
   if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10) != 0)
@@ -917,8 +921,10 @@ static void dispatch(sq_store_t *st) {
   uv_ref((uv_handle_t *)&st->h->async); /* keep uv_run alive for the answer */
   uv_mutex_lock(&st->mu);
   st->work_ready = 1;
-  uv_cond_signal(&st->cond);
   uv_mutex_unlock(&st->mu);
+  /* after the unlock: the writer, if woken on this core, must not find the
+   * mutex still held (zm/thread.h) */
+  uv_cond_signal(&st->cond);
 }
 
 /* Runs the callbacks of the finished batch, in submission order, and frees

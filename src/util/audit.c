@@ -51,6 +51,8 @@ void zm_audit_close(void) {
 
 int zm_audit_enabled(void) { return audit_q != NULL; }
 
+void zm_audit_kick(void) { zm_logq_kick(audit_q); }
+
 /* Appends s JSON-escaped; returns the new length (stops at cap). */
 static size_t put_escaped(char *b, size_t n, size_t cap, const char *s) {
   static const char hex[] = "0123456789abcdef";

@@ -37,6 +37,8 @@ void zm_log_stop_async(void) {
   zm_logq_free(q);
 }
 
+void zm_log_kick(void) { zm_logq_kick(async_q); }
+
 uint64_t zm_log_dropped(void) {
   return async_q != NULL ? zm_logq_dropped(async_q) : 0;
 }

@@ -1,5 +1,6 @@
 /* logq.c - bounded ring + writer thread (see zm/logq.h). */
 #include "zm/logq.h"
+#include "zm/thread.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -23,7 +24,17 @@ struct zm_logq {
   int stop;
   int fd, own_fd;
   int json_drops;
+  int kick; /* a deferring thread queued lines without waking the writer;
+               read and written by that thread only */
 };
+
+/* Set on the event loop's thread: its pushes leave waking the writer to
+ * zm_logq_kick(), once per loop iteration. On one core, each wake-up is two
+ * context switches, and the writer, woken per line, preempts the loop for
+ * every line it writes. */
+static _Thread_local int defer_here;
+
+void zm_logq_defer_here(int on) { defer_here = on; }
 
 static void write_all(int fd, const char *p, size_t n) {
   while (n > 0) {
@@ -40,6 +51,8 @@ static void write_all(int fd, const char *p, size_t n) {
 
 static void *writer(void *arg) {
   zm_logq_t *q = arg;
+  /* the audit queue is the one that reports drops as JSON */
+  zm_thread_helper(q->json_drops ? "zm-audit" : "zm-log");
   char *chunk = malloc(CHUNK);
   pthread_mutex_lock(&q->mu);
   for (;;) {
@@ -124,8 +137,8 @@ int zm_logq_push(zm_logq_t *q, const char *line, size_t n) {
   pthread_mutex_lock(&q->mu);
   if (n > q->cap - q->len) {
     q->dropped++;
-    pthread_cond_signal(&q->ready);
     pthread_mutex_unlock(&q->mu);
+    pthread_cond_signal(&q->ready);
     return -1;
   }
   size_t tail = (q->head + q->len) % q->cap;
@@ -135,9 +148,26 @@ int zm_logq_push(zm_logq_t *q, const char *line, size_t n) {
   memcpy(q->ring + tail, line, k);
   memcpy(q->ring, line + k, n - k);
   q->len += n;
-  pthread_cond_signal(&q->ready);
+  /* past half the ring, wake it now: a burst must not fill the ring while
+   * the loop is still in the same iteration */
+  int wake = !defer_here || q->len > q->cap / 2;
+  if (!wake)
+    q->kick = 1;
   pthread_mutex_unlock(&q->mu);
+  /* after the unlock: a writer woken on this core must not find the mutex
+   * still held (zm/thread.h) */
+  if (wake)
+    pthread_cond_signal(&q->ready);
   return 0;
+}
+
+void zm_logq_kick(zm_logq_t *q) {
+  if (q == NULL || !q->kick)
+    return;
+  q->kick = 0;
+  /* No lock needed: the lines were queued under it, so the writer either
+   * sees them before it waits or is waiting and gets this signal. */
+  pthread_cond_signal(&q->ready);
 }
 
 uint64_t zm_logq_dropped(zm_logq_t *q) {
