@@ -27,11 +27,12 @@ typedef struct {
 } zm_service_type_t;
 
 typedef struct {
-  char grpc_address[128];   /* GRPC_ADDRESS, default ":50051" */
-  char store_path[512];     /* STORE_PATH, default "./ziti-management.db" */
-  int store_sync_full;      /* STORE_SYNC=full|normal, default full */
-  char database_url[1024];  /* DATABASE_URL: PostgreSQL; empty = SQLite */
-  unsigned database_pool;   /* DATABASE_POOL_SIZE, default 4 */
+  char grpc_address[128];       /* GRPC_ADDRESS, default ":50051" */
+  char store_path[512];         /* STORE_PATH, default "./ziti-management.db" */
+  int store_sync_full;          /* STORE_SYNC=full|normal, default full */
+  char database_url[1024];      /* DATABASE_URL: PostgreSQL; empty = SQLite */
+  unsigned database_pool;       /* DATABASE_POOL_SIZE, default 4 */
+  uint64_t database_connect_ms; /* DATABASE_CONNECT_TIMEOUT, default 60s */
   uint64_t lease_flush_ms;  /* LEASE_FLUSH_INTERVAL: lease refreshes reach the
                                store at most this late, default 1s */
   char controller_url[512]; /* ZITI_CONTROLLER_URL; empty = no controller */

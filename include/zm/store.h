@@ -54,6 +54,9 @@ typedef struct {
   const char *url;    /* DATABASE_URL (postgres://... or key=value); NULL or ""
                          = SQLite */
   unsigned pool_size; /* PostgreSQL connections (>= 2); 0 = default 4 */
+  uint64_t connect_timeout_ms; /* PostgreSQL at open: keep retrying a
+                                  connection that fails for this long
+                                  (backoff 250 ms .. 5 s); 0 = one try */
 } zm_store_config_t;
 
 typedef struct {

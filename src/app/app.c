@@ -70,7 +70,8 @@ static int open_store(zm_app_t *app) {
   zm_store_config_t sc = {.path = app->cfg.store_path,
                           .sync_full = app->cfg.store_sync_full,
                           .url = app->cfg.database_url,
-                          .pool_size = app->cfg.database_pool};
+                          .pool_size = app->cfg.database_pool,
+                          .connect_timeout_ms = app->cfg.database_connect_ms};
   if (zm_store_open(&app->store, app->loop, &sc) != 0) {
     ZM_ERROR("store: cannot open %s",
              app->cfg.database_url[0] ? "the PostgreSQL database (DATABASE_URL)"

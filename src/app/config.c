@@ -210,6 +210,10 @@ const zm_setting_t zm_settings[] = {
     {"STORE_SYNC", "full", "SQLite durability: full (fsync) or normal", 0},
     {"DATABASE_URL", "", "PostgreSQL connection URL (empty = SQLite)", 1},
     {"DATABASE_POOL_SIZE", "4", "PostgreSQL connections, 2..64", 0},
+    {"DATABASE_CONNECT_TIMEOUT", "60s",
+     "at start-up, keep retrying an unreachable PostgreSQL this long (0 = "
+     "one try)",
+     0},
     {"LEASE_FLUSH_INTERVAL", "1s",
      "lease refreshes reach the store at most this late (<= 1m)", 0},
     {"ZITI_CONTROLLER_URL", "", "controller https://host:port (empty = none)",
@@ -350,6 +354,7 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
   strcpy(cfg->store_path, "./ziti-management.db");
   cfg->store_sync_full = 1;
   cfg->database_pool = 4;
+  cfg->database_connect_ms = 60 * 1000;
   cfg->lease_flush_ms = 1000;
   cfg->lease_ttl_ms = 5 * 60 * 1000;
   cfg->gc_interval_ms = 60 * 1000;
@@ -430,6 +435,8 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
                          err, errlen)) ||
       (rv = env_duration(get, "ENROLLMENT_TIMEOUT", &cfg->enroll_timeout_ms, 0,
                          err, errlen)) ||
+      (rv = env_duration(get, "DATABASE_CONNECT_TIMEOUT",
+                         &cfg->database_connect_ms, 1, err, errlen)) ||
       (rv = env_duration(get, "ZITI_REQUEST_TIMEOUT", &cfg->ziti_timeout_ms, 0,
                          err, errlen)) ||
       (rv = env_duration(get, "GRPC_IDLE_TIMEOUT", &cfg->idle_timeout_ms, 1,

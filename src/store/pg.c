@@ -65,6 +65,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #define DEFAULT_POOL 4
@@ -1451,6 +1452,41 @@ static PGconn *connect_blocking(const char *url) {
   return c;
 }
 
+/* Start-up only (before the loop runs): a database that is not up yet -
+ * replicas and PostgreSQL started together, a failover in progress - is
+ * retried with backoff until timeout_ms have passed since the first try.
+ * Every failure is logged, so a wrong password or database name shows at
+ * once even though it is retried too. Returns a connected PGconn, or NULL
+ * (logged). */
+static PGconn *connect_startup(const char *url, const char *what,
+                               uint64_t timeout_ms) {
+  uint64_t t0 = uv_hrtime(), backoff = 250;
+  for (unsigned attempt = 1;; attempt++) {
+    PGconn *c = connect_blocking(url);
+    if (c != NULL && PQstatus(c) == CONNECTION_OK)
+      return c;
+    char msg[256];
+    first_line(c ? PQerrorMessage(c) : "out of memory", msg, sizeof msg);
+    PQfinish(c);
+    uint64_t spent = (uv_hrtime() - t0) / 1000000u;
+    if (spent + backoff > timeout_ms) {
+      ZM_ERROR("store postgresql%s%s: cannot connect: %s%s", what ? " " : "",
+               what ? what : "", msg,
+               timeout_ms ? " (gave up: DATABASE_CONNECT_TIMEOUT)" : "");
+      return NULL;
+    }
+    ZM_WARN("store postgresql%s%s: cannot connect (attempt %u): %s; retrying "
+            "in %llu ms",
+            what ? " " : "", what ? what : "", attempt, msg,
+            (unsigned long long)backoff);
+    struct timespec ts = {(time_t)(backoff / 1000),
+                          (long)(backoff % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+      ;
+    backoff = backoff * 2 > 5000 ? 5000 : backoff * 2;
+  }
+}
+
 static char *describe(PGconn *c) {
   const char *host = PQhost(c), *port = PQport(c), *db = PQdb(c);
   size_t n = strlen(host ? host : "") + strlen(port ? port : "") +
@@ -1524,15 +1560,9 @@ static int pg_open(zm_store_t **out, uv_loop_t *loop,
     ZM_ERROR("store postgresql: %s", why);
     return ZM_E_STORE;
   }
-  PGconn *first = connect_blocking(cfg->url);
-  if (first == NULL || PQstatus(first) != CONNECTION_OK) {
-    char msg[256];
-    first_line(first ? PQerrorMessage(first) : "out of memory", msg,
-               sizeof msg);
-    ZM_ERROR("store postgresql: cannot connect: %s", msg);
-    PQfinish(first);
+  PGconn *first = connect_startup(cfg->url, NULL, cfg->connect_timeout_ms);
+  if (first == NULL)
     return ZM_E_STORE;
-  }
   pg_store_t *st = zm_xcalloc(1, sizeof *st);
   st->loop = loop;
   st->url = zm_xstrdup(cfg->url);
@@ -1564,12 +1594,8 @@ static int pg_open(zm_store_t **out, uv_loop_t *loop,
     return ZM_E_STORE;
   }
   for (size_t i = 1; i < n; i++) {
-    PGconn *pg = connect_blocking(st->url);
-    if (pg == NULL || PQstatus(pg) != CONNECTION_OK) {
-      char msg[256];
-      first_line(pg ? PQerrorMessage(pg) : "out of memory", msg, sizeof msg);
-      ZM_ERROR("store postgresql %s: cannot connect: %s", st->what, msg);
-      PQfinish(pg);
+    PGconn *pg = connect_startup(st->url, st->what, cfg->connect_timeout_ms);
+    if (pg == NULL) {
       teardown(st);
       return ZM_E_STORE;
     }

@@ -86,7 +86,7 @@ def test_tls_to_the_database(tls_pg, tmp_path):
 def test_tls_refuses_a_server_it_cannot_verify(tls_pg):
     pg, pki = tls_pg
     url = "%s?sslmode=verify-full&sslrootcert=%s" % (pg.url, os.path.join(pki, "other.pem"))
-    srv = zmtest.Server(env={"DATABASE_URL": url})
+    srv = zmtest.Server(env={"DATABASE_URL": url, "DATABASE_CONNECT_TIMEOUT": "0"})
     try:
         with pytest.raises(RuntimeError):
             srv.start(timeout=10)

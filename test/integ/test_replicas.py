@@ -421,3 +421,40 @@ def test_empty_database_gets_the_go_schema(sim, cluster, db, reps):
     assert norm(mine[1]) == norm(theirs[1])
     assert [v for (v,) in zmtest.query(db, "SELECT version FROM schema_migrations ORDER BY version")] == \
         [n for n, _ in GO_MIGRATIONS]
+
+
+def test_replica_started_before_its_database_waits_for_it(sim, cluster, db):
+    """Replicas and PostgreSQL start together (a deployment, a node restart):
+    a replica whose database is not up yet retries with backoff, logging why,
+    and serves once it is; with DATABASE_CONNECT_TIMEOUT=0 it exits at once."""
+    quick = zmtest.Server(sim=sim, store_path=db, env=dict(ENV, DATABASE_CONNECT_TIMEOUT="0"))
+    waiting = zmtest.Server(sim=sim, store_path=db, env=dict(ENV, DATABASE_CONNECT_TIMEOUT="60s"))
+    started = []
+    t = threading.Thread(target=lambda: started.append(waiting.start(timeout=90)))
+    cluster.stop()
+    try:
+        with pytest.raises(RuntimeError):
+            quick.start(timeout=20)
+        assert quick.proc.wait(timeout=20) == 1
+        assert "cannot connect" in quick.logtext()
+        t.start()
+        deadline = time.time() + 20
+        while "retrying in" not in waiting.logtext() and time.time() < deadline:
+            time.sleep(0.1)
+        assert "retrying in" in waiting.logtext(), waiting.logtext()
+        assert waiting.proc.poll() is None  # still waiting, not exited
+    finally:
+        cluster.start()
+        if t.is_alive() or t.ident is not None:
+            t.join(timeout=120)
+    try:
+        assert started, waiting.logtext()
+        with waiting.channel() as ch:
+            st = waiting.stub(ch)
+            r = st.RequestServiceIdentity(pb.RequestServiceIdentityRequest(service_type=1), timeout=20)
+            code = rpc_code(st.ExtendIdentityLease,
+                            pb.ExtendIdentityLeaseRequest(ziti_identity_id=r.ziti_identity_id), timeout=10)[0]
+            assert code == OK
+    finally:
+        waiting.kill()
+        quick.kill()
