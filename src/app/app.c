@@ -81,7 +81,6 @@ static int open_store(zm_app_t *app) {
   return 0;
 }
 
-/* 1 if `name` is an element of the comma-separated `list`. */
 /* LOOP_BUSY_POLL_US=auto: polling pays off only with CPU to spare, and a
  * CPU quota charges every polled microsecond against the limit (then
  * throttles the whole process for the rest of the period), so auto polls
@@ -119,6 +118,7 @@ static int crypto_busy(void *ctx) {
          zm_workers_queued(a->workers) + zm_workers_running(a->workers) > 0;
 }
 
+/* 1 if `name` is an element of the comma-separated `list`. */
 static int method_disabled(const char *list, const char *name) {
   size_t n = strlen(name);
   for (const char *p = list; *p != '\0';) {
@@ -321,15 +321,17 @@ static uint64_t thread_cpu_ns(void) {
   return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* Runs once per loop iteration, just before the loop blocks for I/O: the
- * thread's CPU time since the last run is what one iteration cost, however
- * long it then had to wait for the CPU (which the lateness above counts). */
+/* Before the loop blocks: the log and audit lines queued in this iteration
+ * wake their writers (zm/logq.h). */
 static void on_log_prepare(uv_prepare_t *h) {
   (void)h;
   zm_log_kick();
   zm_audit_kick();
 }
 
+/* Runs once per loop iteration, just before the loop blocks for I/O: the
+ * thread's CPU time since the last run is what one iteration cost, however
+ * long it then had to wait for the CPU (which the lateness above counts). */
 static void on_busy_prepare(uv_prepare_t *h) {
   zm_app_t *app = h->data;
   uint64_t now = thread_cpu_ns();
