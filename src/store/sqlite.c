@@ -31,11 +31,11 @@
  * keeps uv_run alive.
  */
 #include "store_internal.h"
-#include "zm/thread.h"
 
 #include "zm/log.h"
 #include "zm/stat.h"
 #include "zm/store.h"
+#include "zm/thread.h"
 #include "zm/zm.h"
 
 #include <pthread.h>

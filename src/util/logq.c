@@ -1,5 +1,6 @@
 /* logq.c - bounded ring + writer thread (see zm/logq.h). */
 #include "zm/logq.h"
+
 #include "zm/thread.h"
 
 #include <errno.h>
