@@ -228,10 +228,20 @@ static void on_stats(uv_timer_t *t) {
       (unsigned long long)st.tls_failures,
       (unsigned long long)st.protocol_errors, (unsigned long long)st.idle_trims,
       (unsigned long long)st.trimmed_bytes);
-  FILE *f = fopen(env("TESTSRV_STATS_FILE", "/dev/null"), "w");
+  /* written whole and renamed into place: the test reads it at any moment,
+   * and a truncated file read between fopen("w") and the write parsed as
+   * no stats at all */
+  const char *path = env("TESTSRV_STATS_FILE", "");
+  if (*path == '\0')
+    return;
+  char tmp[1024];
+  if ((size_t)snprintf(tmp, sizeof tmp, "%s.tmp", path) >= sizeof tmp)
+    return;
+  FILE *f = fopen(tmp, "w");
   if (f) {
-    fputs(line, f);
-    fclose(f);
+    int ok = fputs(line, f) >= 0;
+    if (fclose(f) == 0 && ok)
+      rename(tmp, path);
   }
 }
 

@@ -756,21 +756,20 @@ static void test_group_commit(void **state) {
   close_all(st, &loop);
 }
 
-/* Two stores on one database claim concurrently: no id twice. */
+/* Two stores on one database claim concurrently: no id twice. The claims go
+ * in rounds - two on store a and one on store b issued together, all three
+ * in flight at once, the next round once all three answered - so that every
+ * round overlaps claims of both stores however the machine schedules the
+ * connections (a free-running a could take every row before b's first
+ * answer on a loaded machine). */
 typedef struct {
   zm_store_t *st;
-  int running, rounds;
-  size_t got;
+  int inflight;
+  size_t got, last;
   char (*seen)[16];
   size_t *nseen;
 } claimer_t;
 
-static void on_claimed(int err, const zm_tomb_row_t *rows, size_t n,
-                       void *data);
-static void claim_more(claimer_t *c) {
-  c->rounds++;
-  zm_store_claim_expired(c->st, 1000000, 1, 2, 37, on_claimed, c);
-}
 static void on_claimed(int err, const zm_tomb_row_t *rows, size_t n,
                        void *data) {
   claimer_t *c = data;
@@ -778,10 +777,13 @@ static void on_claimed(int err, const zm_tomb_row_t *rows, size_t n,
   for (size_t i = 0; i < n; i++)
     snprintf(c->seen[(*c->nseen)++], 16, "%s", rows[i].ziti_identity_id);
   c->got += n;
-  if (n == 0)
-    c->running = 0;
-  else
-    claim_more(c);
+  c->last += n;
+  c->inflight--;
+}
+
+static void claim(claimer_t *c) {
+  c->inflight++;
+  zm_store_claim_expired(c->st, 1000000, 1, 2, 37, on_claimed, c);
 }
 
 static int cmp16(const void *a, const void *b) { return strcmp(a, b); }
@@ -797,17 +799,16 @@ static void test_claim_concurrent(void **state) {
      " zm_ts(g), now() FROM generate_series(1, 2000) g");
   static char seen[N + 100][16];
   size_t nseen = 0;
-  claimer_t ca = {a, 1, 0, 0, seen, &nseen}, cb = {b, 1, 0, 0, seen, &nseen};
-  claim_more(&ca);
-  claim_more(&cb);
-  claim_more(&ca); /* a second stream on a */
-  ca.running++;
-  int stop = 0;
-  while (!stop) {
-    uv_run(&loop, UV_RUN_ONCE);
-    stop = ca.running <= 0 && cb.running <= 0;
-    if (ca.running > 0 && cb.running == 0 && nseen == N)
-      stop = 1;
+  claimer_t ca = {a, 0, 0, 0, seen, &nseen}, cb = {b, 0, 0, 0, seen, &nseen};
+  for (int round = 0; round < 100; round++) {
+    ca.last = cb.last = 0;
+    claim(&ca);
+    claim(&cb);
+    claim(&ca); /* a second stream on a */
+    while (ca.inflight > 0 || cb.inflight > 0)
+      uv_run(&loop, UV_RUN_ONCE);
+    if (ca.last == 0 && cb.last == 0)
+      break;
   }
   assert_int_equal(nseen, N);
   qsort(seen, nseen, 16, cmp16);
