@@ -533,14 +533,21 @@ int zm_app_run(const zm_config_t *cfg) {
     uv_loop_close(&loop); /* the bootstrap closed everything it opened */
     return 1;
   }
-  if (open_store(&app) != 0)
+  if (open_store(&app) != 0) {
+    uv_run(&loop, UV_RUN_DEFAULT); /* the close callbacks of a failed open */
+    uv_loop_close(&loop);
     return 1;
+  }
   app.index = zm_index_new();
   uint64_t t0 = uv_hrtime();
   struct load_ctx lc = {&app, 0};
   if (zm_store_load(app.store, on_load_managed_ctx, on_load_service_ctx,
                     on_load_pending_ctx, &lc) != 0) {
     ZM_ERROR("store: cannot load %s", cfg->store_path);
+    zm_store_close(app.store);
+    zm_index_free(app.index);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    uv_loop_close(&loop);
     return 1;
   }
   /* The load's transient allocations (SQLite's scan pages, PostgreSQL's
