@@ -73,17 +73,6 @@ thread_ticks() {
   done
   echo "$l $c $o"
 }
-# thread_csw PID: context switches (voluntary + involuntary) per thread
-# group, same grouping as thread_ticks: "loop N crypto N other N".
-thread_csw() {
-  local t l=0 c=0 o=0 v comm
-  for t in /proc/"$1"/task/*; do
-    v=$(awk '/^(non)?voluntary_ctxt_switches/{s+=$2} END{print s+0}' "$t/status" 2>/dev/null) || continue
-    comm=$(cat "$t/comm" 2>/dev/null)
-    if [[ ${t##*/} == "$1" ]]; then l=$((l + v)); elif [[ $comm == zm-crypto ]]; then c=$((c + v)); else o=$((o + v)); fi
-  done
-  echo "$l $c $o"
-}
 # thread_by_name PID: "name ticks switches" per thread name (threads of one
 # name summed; the main thread is "loop").
 thread_by_name() {
@@ -139,7 +128,6 @@ if [[ ${PERF:-0} == 1 ]] && command -v perf >/dev/null; then
   PPID_=$!
 fi
 read -r l0 c0 o0 <<<"$(thread_ticks "$ZMB_SRV_PID")"
-read -r sl0 sc0 so0 <<<"$(thread_csw "$ZMB_SRV_PID")"
 thread_by_name "$ZMB_SRV_PID" >"$OUT/threads0.txt"
 t0=$(zmb_ticks "$ZMB_SRV_PID")
 taskset -c "$CLIENT_CPU" timeout $((DUR + 30)) "$BENCH" --target "127.0.0.1:$PORT" --scenario resolve \
@@ -151,7 +139,6 @@ taskset -c "$CLIENT_CPU" timeout $((DUR + 30)) "$BENCH" --target "127.0.0.1:$POR
   --json "$OUT/rsi.json" >"$OUT/rsi.txt" 2>&1
 t1=$(zmb_ticks "$ZMB_SRV_PID")
 read -r l1 c1 o1 <<<"$(thread_ticks "$ZMB_SRV_PID")"
-read -r sl1 sc1 so1 <<<"$(thread_csw "$ZMB_SRV_PID")"
 thread_by_name "$ZMB_SRV_PID" >"$OUT/threads1.txt"
 sleep 1.1 # the probe's line for the last second of the window
 logend=$(wc -l <"$OUT/server.log")
@@ -191,8 +178,10 @@ echo "server CPU: $((t1 - t0)) ticks ($hz/s) -> ${per} us per enrollment"
 pt() { awk -v t="$1" -v h="$hz" -v n="${ok:-0}" 'BEGIN{if(n>0) printf "%.0f", t/h*1e6/n; else print "n/a"}'; }
 echo "  net of the ResolveIdentity load ($base ticks alone over the same ${DUR}s): ${net} us per enrollment"
 echo "  by thread: loop $(pt $((l1 - l0))) us, crypto workers $(pt $((c1 - c0))) us, other threads (store, log, resolver) $(pt $((o1 - o0))) us per enrollment"
-pc() { awk -v t="$1" -v n="${ok:-0}" 'BEGIN{if(n>0) printf "%.1f", t/n; else print "n/a"}'; }
-echo "  context switches per enrollment (resolve load included): loop $(pc $((sl1 - sl0))), crypto workers $(pc $((sc1 - sc0))), other threads $(pc $((so1 - so0)))"
+# the same grouping as thread_ticks, from the per-name snapshots
+echo "  context switches per enrollment (resolve load included): $(join "$OUT/threads0.txt" "$OUT/threads1.txt" |
+  awk -v n="${ok:-0}" '{d = $5 - $3; if ($1 == "loop") l += d; else if ($1 == "zm-crypto") c += d; else o += d}
+    END {if (n > 0) printf "loop %.1f, crypto workers %.1f, other threads %.1f", l/n, c/n, o/n; else print "n/a"}')"
 echo "  by thread name, per enrollment (CPU us, context switches): $(join "$OUT/threads0.txt" "$OUT/threads1.txt" |
   awk -v n="${ok:-0}" -v h="$hz" 'n>0{printf "%s%s %.0f us %.1f", (NR>1?"; ":""), $1, ($4-$2)/h*1e6/n, ($5-$3)/n}')"
 echo "bare crypto: ${cus:-n/a} us per EC P-384 key + CSR ($cc)"
