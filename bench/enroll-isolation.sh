@@ -23,7 +23,9 @@
 #      SCHED=1 (perf sched record of SERVER_CPU over the window: who ran while
 #      the loop waited > 1 ms for the CPU),
 #      PERF=1 (perf record of the server over the window, OUT/perf.data;
-#      PERF_OPTS, default "-g -F 2000").
+#      PERF_OPTS, default "-g -F 2000"),
+#      SIM_IDLE (1: the simulator runs at SCHED_IDLE on CLIENT_CPU; 0: normal),
+#      FLOOR (a zm-floor binary; default the build's).
 # Bounded: every client runs under `timeout`; only PIDs started here are
 # stopped (bench/lib.sh zmb_stop).
 set -uo pipefail
@@ -34,13 +36,14 @@ BUILD=${1:-$ZMB_REPO/build}
 BIN=$BUILD/ziti-management
 BENCH=$BUILD/bench/zm-bench
 CRYPTO=${CRYPTO:-$BUILD/bench/zm-cryptocost}
+FLOOR=${FLOOR:-$BUILD/bench/zm-floor}
 DUR=${DURATION:-8}
 RATE=${RATE:-2000}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 KEYS=${KEYS:-10000}
 CRYPTO_N=${CRYPTO_N:-200}
-for f in "$BIN" "$BENCH" "$CRYPTO"; do
+for f in "$BIN" "$BENCH" "$CRYPTO" "$FLOOR"; do
   [[ -x $f ]] || { echo "missing $f (build with -DZM_BENCH=ON)" >&2; exit 2; }
 done
 W=$(mktemp -d "${TMPDIR:-/tmp}/zm-enroll-iso.XXXXXX")
@@ -88,7 +91,17 @@ jget() { /usr/bin/python3 -c "import json,sys; j=json.load(open(sys.argv[1])); p
 echo "build: $BIN; crypto reference: $CRYPTO"
 echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); load average: $(cut -d' ' -f1-3 /proc/loadavg); nproc $(nproc)"
 
-zmb_start_sim "$W/sim" "$CLIENT_CPU" || { echo "simulator did not start" >&2; exit 1; }
+# The machine's own floor, before anything of ours runs: how late a bare
+# 1 ms epoll_wait on SERVER_CPU wakes (idle core, and a core kept busy by a
+# SCHED_IDLE spinner), and the CPU of one thread hand-off on that core.
+floor=$(taskset -c "$SERVER_CPU" timeout 120 "$FLOOR" 3000 2>&1)
+fget() { sed -n "s/^$1=//p" <<<"$floor"; }
+
+# The simulator stands in for a remote controller: it runs at SCHED_IDLE on
+# the client CPU, so the Python process signing CSRs never holds that CPU
+# while a zm-bench client has a request to send or an answer to read (the
+# latency measured is the server's, not the client's wait for its CPU).
+ZMB_SIM_IDLE=${SIM_IDLE:-1} zmb_start_sim "$W/sim" "$CLIENT_CPU" || { echo "simulator did not start" >&2; exit 1; }
 store=$W/zm.db
 zmb_schema "$store" "$BIN" && zmb_seed "$store" "$KEYS" 3600 || { echo "seeding failed" >&2; exit 1; }
 PORT=$(zmb_free_port)
@@ -223,6 +236,7 @@ for t, task, delay, run in rows:
 print("  loop scheduling delays > 1 ms in the window: %d" % n)
 PY
 fi
+echo "machine floor on CPU $SERVER_CPU (zm-floor, before the run): a bare 1 ms epoll_wait wakes late by p50 $(fget wake_idle_p50_us) us, p99 $(fget wake_idle_p99_us) us, max $(fget wake_idle_max_us) us, $(fget wake_idle_over1ms) of $(fget wake_idle_n) more than 1 ms late (idle core); p99 $(fget wake_busy_p99_us) us, max $(fget wake_busy_max_us) us, $(fget wake_busy_over1ms) over 1 ms (core kept busy at SCHED_IDLE); one thread hand-off $(fget switch_cpu_us) us CPU"
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 # machine-readable summary (bench/results_perf.py reads these lines)
 echo "cpu_us_per_enroll=$per"
@@ -233,4 +247,8 @@ echo "resolve_p99_us=${rp99:-n/a}"
 echo "resolve_max_us=${rmax:-n/a}"
 echo "loop_lag_max_us=$(awk -v m="${secmax:-}" 'BEGIN{if (m != "") printf "%.0f", m * 1000; else print "n/a"}')"
 echo "loop_busy_max_us=${busymax:-n/a}"
+for k in wake_idle_p99_us wake_idle_max_us wake_idle_over1ms wake_busy_p99_us wake_busy_max_us switch_cpu_us; do
+  echo "floor_$k=$(v=$(fget $k); echo "${v:-n/a}")"
+done
+echo "sim_idle=${SIM_IDLE:-1}"
 echo "raw: $OUT"

@@ -189,16 +189,21 @@ net = fnum(enroll.get("cpu_us_per_enroll_net"))
 crypto = fnum(enroll.get("crypto_us"))
 x = ratio(cpu, crypto)
 target("server CPU per RequestServiceIdentity (4x8) / bare key + CSR", fx(x), "<= 2x", verdict(x, lambda v: v <= 2),
-       f"{us(cpu)} / {us(crypto)}; net of the resolve load running alongside: {fx(ratio(net, crypto))}")
+       f"{us(cpu)} / {us(crypto)}; net of the resolve load running alongside: {fx(ratio(net, crypto))}; "
+       f"one thread hand-off on this core costs {us(fnum(enroll.get('floor_switch_cpu_us')))} CPU (zm-floor)")
 p99 = fnum(enroll.get("resolve_p99_us"))
 target("ResolveIdentity p99 at 2,000 req/s open loop during 4x8 enrollments", us(p99), "<= 1 ms",
        verdict(p99, lambda v: v <= 1000),
        f"max {us(fnum(enroll.get('resolve_max_us')))}; the same load alone: p99 "
-       f"{us(fnum(enroll.get('resolve_alone_p99_us')))}")
+       f"{us(fnum(enroll.get('resolve_alone_p99_us')))}; a bare 1 ms epoll_wait on the server's CPU wakes "
+       f"late by p99 {us(fnum(enroll.get('floor_wake_idle_p99_us')))} (zm-floor)")
 lag = fnum(enroll.get("loop_lag_max_us"))
 target("loop-lag probe worst during the enrollments", us(lag), "<= 1 ms", verdict(lag, lambda v: v <= 1000),
        f"1 ms timer's lateness (waiting for the CPU included); the busiest loop iteration's own CPU: "
-       f"{us(fnum(enroll.get('loop_busy_max_us')))}")
+       f"{us(fnum(enroll.get('loop_busy_max_us')))}; the machine's floor (zm-floor, no server running): a bare "
+       f"1 ms epoll_wait on the server's CPU woke up to {us(fnum(enroll.get('floor_wake_idle_max_us')))} late "
+       f"({enroll.get('floor_wake_idle_over1ms', '?')} of 3000 over 1 ms; core kept busy: up to "
+       f"{us(fnum(enroll.get('floor_wake_busy_max_us')))})")
 
 # no throughput regression > 10 % (zm vs zm-prev, same run)
 for rpc, cm in (("resolve", "32x32"), ("resolve_missing", "32x32"), ("extend", "32x32")):

@@ -24,7 +24,7 @@
 #
 # Env: DURATION=5 WARMUP=1 (whole seconds: h2load) ROUNDS=3  SERVER_CPU=0 CLIENT_CPU=1  IDLE_N=10000
 #      BUILD (default build-bench; SKIP_BUILD=1 uses it as it is: it needs
-#        ziti-management, zm-bench and zm-cryptocost, Release)
+#        ziti-management, zm-bench, zm-cryptocost and zm-floor, Release)
 #      ANCHORS (the anchors, built: bin/cpp_server ...; default the shared
 #        anchors; the anchors' run.sh writes its results/ inside that dir, so
 #        a read-only or unbuilt one is copied into the temp dir and built)
@@ -76,7 +76,7 @@ trap 'exit 130' INT TERM
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
   log "build (Release) into $BUILD"
   cmake -S "$REPO" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DZM_TESTS=OFF -DZM_BENCH=ON >"$OUT/build.log" 2>&1 &&
-    cmake --build "$BUILD" -j"$(nproc)" --target ziti-management zm-bench zm-tlsbench zm-cryptocost >>"$OUT/build.log" 2>&1 ||
+    cmake --build "$BUILD" -j"$(nproc)" --target ziti-management zm-bench zm-tlsbench zm-cryptocost zm-floor >>"$OUT/build.log" 2>&1 ||
     { echo "build failed ($OUT/build.log)"; exit 1; }
 fi
 BIN=$BUILD/ziti-management

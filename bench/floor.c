@@ -1,0 +1,162 @@
+/*
+ * zm-floor: what this machine itself costs an event loop, with no server
+ * running. Run it pinned to the server's CPU (taskset) on a quiet machine:
+ *
+ *   wake_idle   N waits of epoll_wait(1 ms) on an otherwise idle core: how
+ *               late the kernel and the hypervisor hand the CPU back after a
+ *               sleep (an idle vCPU halts; waking it is the host's work).
+ *               This is the floor under any loop-lag probe that sleeps.
+ *   wake_busy   the same while a SCHED_IDLE thread spins on the core, so
+ *               the vCPU never halts (what remains is the host preempting
+ *               the vCPU, i.e. steal).
+ *   switch      two threads of this process on one core handing a token
+ *               back and forth (mutex + condition variable, as the server's
+ *               loop and its helper threads do): process CPU per hand-off,
+ *               one context switch each.
+ *
+ * Usage: zm-floor [N]   (N waits per wake case, default 3000; hand-offs:
+ * 20 * N). Prints "key=value" lines (microseconds) for bench scripts.
+ * Lateness = elapsed - 1 ms; "over1ms" counts waits more than 1 ms late,
+ * the same bound as the loop-lag target.
+ */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <time.h>
+#include <unistd.h>
+
+static uint64_t now_ns(clockid_t c) {
+  struct timespec ts;
+  clock_gettime(c, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static int cmp_u64(const void *a, const void *b) {
+  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* N 1 ms epoll waits; prints the lateness distribution under name. */
+static int wake_case(const char *name, int n) {
+  int ep = epoll_create1(0);
+  if (ep < 0) {
+    perror("epoll_create1");
+    return -1;
+  }
+  uint64_t *late = calloc((size_t)n, sizeof *late);
+  if (late == NULL) {
+    close(ep);
+    return -1;
+  }
+  struct epoll_event ev;
+  int over = 0;
+  for (int i = 0; i < n; i++) {
+    uint64_t a = now_ns(CLOCK_MONOTONIC);
+    (void)epoll_wait(ep, &ev, 1, 1);
+    uint64_t d = now_ns(CLOCK_MONOTONIC) - a;
+    late[i] = d > 1000000u ? (d - 1000000u) / 1000u : 0;
+    if (late[i] > 1000)
+      over++;
+  }
+  qsort(late, (size_t)n, sizeof *late, cmp_u64);
+  printf("%s_n=%d\n%s_p50_us=%llu\n%s_p99_us=%llu\n%s_max_us=%llu\n"
+         "%s_over1ms=%d\n",
+         name, n, name, (unsigned long long)late[n / 2], name,
+         (unsigned long long)late[(size_t)n * 99 / 100], name,
+         (unsigned long long)late[n - 1], name, over);
+  free(late);
+  close(ep);
+  return 0;
+}
+
+static atomic_int spin_stop;
+
+static void *spinner(void *arg) {
+  (void)arg;
+  struct sched_param sp = {0};
+  if (pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp) != 0)
+    fprintf(stderr, "zm-floor: SCHED_IDLE refused; the spinner runs "
+                    "normal (wake_busy then measures sharing)\n");
+  while (!atomic_load_explicit(&spin_stop, memory_order_relaxed))
+    ;
+  return NULL;
+}
+
+typedef struct {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int turn; /* 0: main's, 1: the peer's */
+  int rounds;
+} pingpong_t;
+
+static void *peer(void *arg) {
+  pingpong_t *p = arg;
+  pthread_mutex_lock(&p->mu);
+  for (int i = 0; i < p->rounds; i++) {
+    while (p->turn != 1)
+      pthread_cond_wait(&p->cv, &p->mu);
+    p->turn = 0;
+    pthread_cond_signal(&p->cv);
+  }
+  pthread_mutex_unlock(&p->mu);
+  return NULL;
+}
+
+static int switch_case(int rounds) {
+  pingpong_t p = {.turn = 0, .rounds = rounds};
+  pthread_mutex_init(&p.mu, NULL);
+  pthread_cond_init(&p.cv, NULL);
+  pthread_t t;
+  if (pthread_create(&t, NULL, peer, &p) != 0)
+    return -1;
+  uint64_t c0 = now_ns(CLOCK_PROCESS_CPUTIME_ID);
+  uint64_t w0 = now_ns(CLOCK_MONOTONIC);
+  pthread_mutex_lock(&p.mu);
+  for (int i = 0; i < rounds; i++) {
+    p.turn = 1;
+    pthread_cond_signal(&p.cv);
+    while (p.turn != 0)
+      pthread_cond_wait(&p.cv, &p.mu);
+  }
+  pthread_mutex_unlock(&p.mu);
+  uint64_t c1 = now_ns(CLOCK_PROCESS_CPUTIME_ID);
+  uint64_t w1 = now_ns(CLOCK_MONOTONIC);
+  pthread_join(t, NULL);
+  /* two hand-offs per round */
+  printf("switch_n=%d\nswitch_cpu_us=%.2f\nswitch_wall_us=%.2f\n", 2 * rounds,
+         (double)(c1 - c0) / 1e3 / (2.0 * rounds),
+         (double)(w1 - w0) / 1e3 / (2.0 * rounds));
+  pthread_mutex_destroy(&p.mu);
+  pthread_cond_destroy(&p.cv);
+  return 0;
+}
+
+int main(int argc, char **argv) {
+  int n = argc > 1 ? atoi(argv[1]) : 3000;
+  if (n < 100 || n > 1000000) {
+    fprintf(stderr, "usage: zm-floor [N]  (100 <= N <= 1000000)\n");
+    return 2;
+  }
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) != 1)
+    fprintf(stderr, "zm-floor: not pinned to one CPU (use taskset -c CPU): "
+                    "the figures are not those of one core\n");
+  printf("cpus=%d\n", CPU_COUNT(&set));
+  if (wake_case("wake_idle", n) != 0)
+    return 1;
+  pthread_t s;
+  if (pthread_create(&s, NULL, spinner, NULL) != 0)
+    return 1;
+  usleep(20000); /* let the spinner reach its policy */
+  int rc = wake_case("wake_busy", n);
+  atomic_store(&spin_stop, 1);
+  pthread_join(s, NULL);
+  if (rc != 0 || switch_case(20 * n) != 0)
+    return 1;
+  return 0;
+}
