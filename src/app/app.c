@@ -33,15 +33,13 @@ static void on_load_managed(const zm_managed_row_t *r, void *data) {
   zm_index_extra_t x = {r->workload_id, r->agent_id, r->environment_id};
   zm_index_put_managed_ext(app->index, r->ziti_identity_id,
                            strlen(r->ziti_identity_id), r->identity_id,
-                           strlen(r->identity_id), r->identity_type,
-                           r->created_at_ms, &x);
+                           strlen(r->identity_id), r->identity_type, &x);
 }
 
 static void on_load_service(const zm_service_row_t *r, void *data) {
   zm_app_t *app = data;
   zm_index_put_service(app->index, r->ziti_identity_id,
-                       strlen(r->ziti_identity_id), r->service_type,
-                       r->lease_expires_ms);
+                       strlen(r->ziti_identity_id), r->lease_expires_ms);
 }
 
 static void on_load_pending(const zm_pending_row_t *r, void *data) {

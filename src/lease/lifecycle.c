@@ -286,7 +286,9 @@ static int64_t granule_ms(const zm_life_t *l) {
 }
 
 static void queue_refresh(zm_life_t *l, zm_index_service_t *s, const char *id) {
-  if (s->queued || s->lease_pending_ms - s->lease_expires_ms < granule_ms(l))
+  /* the delta is what the refresh raises the durable lease by */
+  if (s->queued || s->pending_delta_ms == 0 ||
+      (int64_t)s->pending_delta_ms < granule_ms(l))
     return;
   s->queued = 1;
   idvec_push(&l->dirty, id);
@@ -311,14 +313,13 @@ static void on_flushed(int err, void *data) {
     if (s == NULL)
       continue;
     s->queued = 0;
-    if (s->state != ZM_LEASE_LIVE || s->lease_pending_ms == 0)
+    if (s->state != ZM_LEASE_LIVE || s->pending_delta_ms == 0)
       continue;
     if (err == 0) {
+      /* a pending refresh the flushed lease covers becomes none */
       if (l->flying_ms[i] > s->lease_expires_ms)
-        s->lease_expires_ms = l->flying_ms[i];
-      if (s->lease_pending_ms <= s->lease_expires_ms)
-        s->lease_pending_ms = 0;
-      else
+        zm_index_set_expires_ms(s, l->flying_ms[i]);
+      if (s->pending_delta_ms != 0)
         queue_refresh(l, s, id); /* refreshed again meanwhile */
       continue;
     }
@@ -345,14 +346,14 @@ static void flush_now(zm_life_t *l) {
   for (size_t i = 0; i < l->flying.n; i++) {
     char *id = l->flying.ids[i];
     zm_index_service_t *s = zm_index_lookup_service(l->index, id, strlen(id));
-    if (s == NULL || s->state != ZM_LEASE_LIVE || s->lease_pending_ms == 0) {
+    if (s == NULL || s->state != ZM_LEASE_LIVE || s->pending_delta_ms == 0) {
       if (s != NULL)
         s->queued = 0;
       free(id);
       continue;
     }
     l->flying.ids[k] = id;
-    l->flying_ms[k++] = s->lease_pending_ms;
+    l->flying_ms[k++] = zm_index_pending_ms(s);
   }
   l->flying.n = k;
   if (k == 0) {
@@ -389,12 +390,11 @@ static void on_extended(int err, void *data) {
       zm_index_lookup_service(l->index, x->id, strlen(x->id));
   if (err == 0) {
     if (s == NULL)
-      s = zm_index_put_service(l->index, x->id, strlen(x->id), 0, x->ms);
+      s = zm_index_put_service(l->index, x->id, strlen(x->id), x->ms);
+    /* a pending refresh at or below the new durable lease becomes none (a
+     * queued id then leaves the flush list without a write) */
     if (s->state == ZM_LEASE_LIVE && x->ms > s->lease_expires_ms)
-      s->lease_expires_ms = x->ms;
-    if (s->lease_pending_ms != 0 &&
-        s->lease_pending_ms <= s->lease_expires_ms && !s->queued)
-      s->lease_pending_ms = 0;
+      zm_index_set_expires_ms(s, x->ms);
   } else if (err == ZM_E_NOT_FOUND) {
     /* the store is the truth: no live record */
     /* (ids on the flush lists are looked up again: removing is safe) */
@@ -421,10 +421,13 @@ int zm_life_extend(zm_life_t *l, const char *id, zm_life_cb cb, void *data) {
    * process collects before durable lease + margin: the identity cannot be
    * collected before this refresh is flushed, however slow the flush, nor
    * (if this process dies first) before the pod's next refresh finds the
-   * durable lease still running. */
-  if (s != NULL && s->lease_expires_ms > now + (int64_t)zm_life_margin_ms(l)) {
-    if (lease > s->lease_pending_ms)
-      s->lease_pending_ms = lease;
+   * durable lease still running. The index keeps a pending refresh as a
+   * 32-bit distance past the durable lease: one further ahead (possible only
+   * with a TTL above ~49 days) takes the durable path, right for any lease. */
+  if (s != NULL && s->lease_expires_ms > now + (int64_t)zm_life_margin_ms(l) &&
+      lease - s->lease_expires_ms <= (int64_t)UINT32_MAX) {
+    if (lease > zm_index_pending_ms(s))
+      zm_index_set_pending_ms(s, lease);
     queue_refresh(l, s, id);
     l->stats.extend_fast++;
     return 0;
@@ -477,7 +480,6 @@ static void on_fetched(int err, const zm_managed_row_t *rows, size_t n,
     zm_index_managed_t m = {.identity_id = r->identity_id,
                             .identity_id_len = strlen(r->identity_id),
                             .identity_type = r->identity_type,
-                            .created_at_ms = r->created_at_ms,
                             .workload_id = r->workload_id,
                             .agent_id = r->agent_id,
                             .environment_id = r->environment_id};
@@ -487,8 +489,7 @@ static void on_fetched(int err, const zm_managed_row_t *rows, size_t n,
       zm_index_extra_t x = {r->workload_id, r->agent_id, r->environment_id};
       zm_index_put_managed_ext(l->index, r->ziti_identity_id,
                                strlen(r->ziti_identity_id), r->identity_id,
-                               m.identity_id_len, r->identity_type,
-                               r->created_at_ms, &x);
+                               m.identity_id_len, r->identity_type, &x);
     }
     f->cb(0, &m, f->data);
   }
@@ -618,13 +619,12 @@ static void on_unit(int err, void *data) {
   if (err == 0) {
     trace(u->t, u->id ? u->id : "pending");
     if (u->kind == 1)
-      zm_index_put_service(u->l->index, u->id, strlen(u->id), u->type,
-                           u->lease);
+      zm_index_put_service(u->l->index, u->id, strlen(u->id), u->lease);
     else if (u->kind == 2) {
       zm_index_extra_t x = {u->workload_id, u->agent_id, u->environment_id};
       zm_index_put_managed_ext(u->l->index, u->id, strlen(u->id),
                                u->identity_id, strlen(u->identity_id), u->type,
-                               zm_life_now(u->l), &x);
+                               &x);
     }
   }
   unit_done(u, err);
@@ -899,7 +899,7 @@ void zm_life_forget_service(zm_life_t *l, const char *id) {
   if (s != NULL) {
     trace(ZM_LIFE_T_RETIRE, id);
     s->state = ZM_LEASE_DELETING;
-    s->lease_pending_ms = 0;
+    s->pending_delta_ms = 0;
   }
 }
 

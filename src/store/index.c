@@ -3,9 +3,14 @@
  * (include/zm/index.h).
  *
  * Sized for what it holds: at 100k identities the index is most of the
- * process's heap, so one identity costs one 64-byte record (a cache line)
- * plus its share of an 8-byte hash slot, and nothing else in the common
- * case.
+ * process's heap, so one identity costs one 48-byte record plus its share of
+ * an 8-byte hash slot, and nothing else in the common case. The record keeps
+ * only what a lookup answers or the lease paths read (the rows' created_at
+ * and service_type stay in the store), and the pending lease refresh as a
+ * 32-bit distance past the durable lease (include/zm/index.h). 48 bytes, not
+ * one 64-byte cache line: in a 64-byte aligned chunk half the records then
+ * straddle two adjacent lines, a small price next to 16 bytes per identity
+ * of resident memory.
  *
  * Records. One per key, carrying both views (managed mapping, service lease)
  * with a presence bit each: the platform's service identities have both, and
@@ -36,7 +41,7 @@
 #include <string.h>
 
 #define MIN_CAP 64      /* slots in a fresh table; a power of two */
-#define CHUNK_SHIFT 10u /* records per chunk: 1024 (64 KiB) */
+#define CHUNK_SHIFT 10u /* records per chunk: 1024 (48 KiB) */
 #define CHUNK_RECS (1u << CHUNK_SHIFT)
 #define KEY_INLINE 10u
 #define KEY_IN_EXT 0xffu /* rec.keylen: the key is in the ext block */
@@ -71,15 +76,14 @@ typedef struct {
     ext_t *ext;       /* F_EXT */
     uint32_t next_free;
   } u;
-  int64_t created_at_ms; /* managed */
   int32_t identity_type; /* managed */
   uint8_t flags;         /* F_* ; 0 = on the free list */
   uint8_t keylen;        /* inline key length, or KEY_IN_EXT */
   char key[KEY_INLINE];
 } rec_t;
 
-/* One cache line: a lookup's record costs one miss (chunks are aligned). */
-_Static_assert(sizeof(rec_t) == 64, "index record size");
+/* svc 16 + u 16 + 16: the per-identity cost (see the top of the file). */
+_Static_assert(sizeof(rec_t) == 48, "index record size");
 
 typedef struct {
   uint32_t tag; /* 0 = empty, else the low 32 bits of the hash (|1 if 0) */
@@ -459,14 +463,14 @@ static void clear_managed_ids(rec_t *x) {
 
 void zm_index_put_managed(zm_index_t *ix, const char *zid, size_t zid_len,
                           const char *identity_id, size_t identity_id_len,
-                          int identity_type, int64_t created_at_ms) {
+                          int identity_type) {
   zm_index_put_managed_ext(ix, zid, zid_len, identity_id, identity_id_len,
-                           identity_type, created_at_ms, NULL);
+                           identity_type, NULL);
 }
 
 void zm_index_put_managed_ext(zm_index_t *ix, const char *zid, size_t zid_len,
                               const char *identity_id, size_t identity_id_len,
-                              int identity_type, int64_t created_at_ms,
+                              int identity_type,
                               const zm_index_extra_t *extra) {
   ZM_ASSERT(identity_id != NULL || !identity_id_len);
   ZM_ASSERT(identity_id_len < UINT32_MAX);
@@ -474,7 +478,6 @@ void zm_index_put_managed_ext(zm_index_t *ix, const char *zid, size_t zid_len,
   if (!(x->flags & F_MANAGED))
     ix->n_managed++;
   set_managed_ids(x, identity_id, identity_id_len, extra);
-  x->created_at_ms = created_at_ms;
   x->identity_type = identity_type;
   x->flags |= F_MANAGED;
 }
@@ -501,7 +504,6 @@ int zm_index_get_managed(const zm_index_t *ix, const char *zid, size_t len,
   if (!(x->flags & F_MANAGED))
     return 0;
   out->identity_type = x->identity_type;
-  out->created_at_ms = x->created_at_ms;
   if (!(x->flags & F_EXT)) {
     out->identity_id = uuid_format(x->u.uuid, out->buf_[0]);
     out->identity_id_len = ZM_INDEX_UUID_LEN;
@@ -565,14 +567,12 @@ int zm_index_del_managed(zm_index_t *ix, const char *zid, size_t len) {
 }
 
 zm_index_service_t *zm_index_put_service(zm_index_t *ix, const char *zid,
-                                         size_t len, int service_type,
-                                         int64_t lease_expires_ms) {
+                                         size_t len, int64_t lease_expires_ms) {
   rec_t *x = rec_for_put(ix, zid, len);
   if (!(x->flags & F_SERVICE))
     ix->n_service++;
   x->flags |= F_SERVICE;
   x->svc = (zm_index_service_t){.lease_expires_ms = lease_expires_ms,
-                                .service_type = service_type,
                                 .state = ZM_LEASE_LIVE};
   return &x->svc;
 }

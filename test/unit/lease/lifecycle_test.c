@@ -196,6 +196,49 @@ static void test_short_lease_extends_durably(void **state) {
   assert_int_equal(zm_life_stats(f->life)->extend_fast, 0);
 }
 
+static int setup_long_ttl(void **state) {
+  setup_ttl_ms = 60ull * 24 * 3600 * 1000; /* 60 days */
+  int rv = setup(state);
+  setup_ttl_ms = 20000;
+  return rv;
+}
+
+/* The index keeps a refresh answered from memory as a 32-bit distance past
+ * the durable lease (~49 days): a refresh further ahead than that is
+ * extended in the store instead, and the next one, close again, is answered
+ * from memory. */
+static void test_far_refresh_extends_durably(void **state) {
+  fx_t *f = *state;
+  res_t r = {0};
+  zm_pending_row_t p = {.name = "svc-l", .kind = ZM_PENDING_SERVICE, .type = 1};
+  zm_life_intent(f->life, &p, uv_now(&f->loop) + 1000, on_res, &r);
+  run_until(f, &r.done, 1);
+  r.done = 0;
+  zm_life_commit_service(f->life, "svc-l", "id-l", 1, on_res, &r);
+  run_until(f, &r.done, 1);
+  assert_int_equal(r.err, 0);
+  /* the index knows a durable lease one day ahead (as after a TTL change):
+   * well past the margin, but 59 days short of a new lease */
+  zm_index_service_t *s = zm_index_lookup_service(f->index, "id-l", 4);
+  assert_non_null(s);
+  int64_t day = 24 * 3600 * 1000;
+  zm_index_set_expires_ms(s, zm_life_now(f->life) + day);
+  r.done = 0;
+  assert_int_equal(zm_life_extend(f->life, "id-l", on_res, &r), 1);
+  run_until(f, &r.done, 1);
+  assert_int_equal(r.err, 0);
+  assert_int_equal(zm_life_stats(f->life)->extend_durable, 1);
+  assert_int_equal(zm_life_stats(f->life)->extend_fast, 0);
+  assert_ptr_equal(s, zm_index_lookup_service(f->index, "id-l", 4));
+  assert_true(s->lease_expires_ms > zm_life_now(f->life) + 59 * day);
+  assert_int_equal(zm_index_pending_ms(s), 0);
+  /* close to the durable lease again: from memory */
+  assert_int_equal(zm_life_extend(f->life, "id-l", on_res, &r), 0);
+  assert_int_equal(zm_life_stats(f->life)->extend_fast, 1);
+  assert_int_equal(zm_life_stats(f->life)->extend_durable, 1);
+  assert_true(s->pending_delta_ms < 60000);
+}
+
 static void test_agent_lock(void **state) {
   fx_t *f = *state;
   res_t a = {0}, b = {0};
@@ -269,6 +312,8 @@ int main(void) {
                                       teardown),
       cmocka_unit_test_setup_teardown(test_short_lease_extends_durably,
                                       setup_short_ttl, teardown),
+      cmocka_unit_test_setup_teardown(test_far_refresh_extends_durably,
+                                      setup_long_ttl, teardown),
       cmocka_unit_test_setup_teardown(test_agent_lock, setup, teardown),
       cmocka_unit_test_setup_teardown(test_delete_without_answer_stays_deleting,
                                       setup, teardown),
