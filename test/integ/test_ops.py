@@ -60,6 +60,18 @@ def http_get(port, path, method="GET", timeout=5):
         c.close()
 
 
+def wait_ready(port, timeout=30):
+    """Polls /readyz the way a readiness probe does: right after start-up the
+    server may still be on its first heartbeat or controller exchange, and a
+    busy machine stretches that. Returns the last (status, body)."""
+    deadline = time.time() + timeout
+    while True:
+        st, body, _ = http_get(port, "/readyz")
+        if st == 200 or time.time() > deadline:
+            return st, body
+        time.sleep(0.1)
+
+
 def scrape(port):
     st, body, hdrs = http_get(port, "/metrics")
     assert st == 200
@@ -180,7 +192,7 @@ def test_probes_and_drain(sim):
     try:
         s.start()
         assert http_get(s.mport, "/healthz")[:2] == (200, "ok\n")
-        assert http_get(s.mport, "/readyz")[0] == 200
+        assert wait_ready(s.mport) == (200, "ready\n")
         sim.faults({"rules": [{"method": "POST", "path_prefix": "/edge/management/v1/identities",
                                "action": "delay", "ms": 4000, "apply": True}]})
         result = {}
@@ -219,7 +231,7 @@ def test_readyz_store_down():
     s = metrics_server()
     try:
         s.start()
-        assert http_get(s.mport, "/readyz")[0] == 200
+        assert wait_ready(s.mport) == (200, "ready\n")
         pg_cluster.stop()
         deadline = time.time() + 20
         while time.time() < deadline:
