@@ -93,8 +93,10 @@ echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); load average: $(cut -d' ' -f1-3
 
 # The machine's own floor, before anything of ours runs: how late a bare
 # 1 ms epoll_wait on SERVER_CPU wakes (idle core, and a core kept busy by a
-# SCHED_IDLE spinner), and the CPU of one thread hand-off on that core.
-floor=$(taskset -c "$SERVER_CPU" timeout 120 "$FLOOR" 3000 2>&1)
+# SCHED_IDLE spinner), and the CPU of one thread hand-off on that core and
+# across to CLIENT_CPU (where the clients and the simulator run: every answer
+# the server writes wakes a reader there, every request wakes the server).
+floor=$(taskset -c "$SERVER_CPU" timeout 120 "$FLOOR" 3000 "$CLIENT_CPU" 2>&1)
 fget() { sed -n "s/^$1=//p" <<<"$floor"; }
 
 # The simulator stands in for a remote controller: it runs at SCHED_IDLE on
@@ -236,7 +238,7 @@ for t, task, delay, run in rows:
 print("  loop scheduling delays > 1 ms in the window: %d" % n)
 PY
 fi
-echo "machine floor on CPU $SERVER_CPU (zm-floor, before the run): a bare 1 ms epoll_wait wakes late by p50 $(fget wake_idle_p50_us) us, p99 $(fget wake_idle_p99_us) us, max $(fget wake_idle_max_us) us, $(fget wake_idle_over1ms) of $(fget wake_idle_n) more than 1 ms late (idle core); p99 $(fget wake_busy_p99_us) us, max $(fget wake_busy_max_us) us, $(fget wake_busy_over1ms) over 1 ms (core kept busy at SCHED_IDLE); one thread hand-off $(fget switch_cpu_us) us CPU"
+echo "machine floor on CPU $SERVER_CPU (zm-floor, before the run): a bare 1 ms epoll_wait wakes late by p50 $(fget wake_idle_p50_us) us, p99 $(fget wake_idle_p99_us) us, max $(fget wake_idle_max_us) us, $(fget wake_idle_over1ms) of $(fget wake_idle_n) more than 1 ms late (idle core); p99 $(fget wake_busy_p99_us) us, max $(fget wake_busy_max_us) us, $(fget wake_busy_over1ms) over 1 ms (core kept busy at SCHED_IDLE); one thread hand-off $(fget switch_cpu_us) us CPU; a wake-up round trip costs the waking thread $(fget switch_round_us) us CPU on one core, $(fget xcpu_round_us) us with the peer on CPU $CLIENT_CPU"
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 # machine-readable summary (bench/results_perf.py reads these lines)
 echo "cpu_us_per_enroll=$per"
@@ -247,7 +249,7 @@ echo "resolve_p99_us=${rp99:-n/a}"
 echo "resolve_max_us=${rmax:-n/a}"
 echo "loop_lag_max_us=$(awk -v m="${secmax:-}" 'BEGIN{if (m != "") printf "%.0f", m * 1000; else print "n/a"}')"
 echo "loop_busy_max_us=${busymax:-n/a}"
-for k in wake_idle_p99_us wake_idle_max_us wake_idle_over1ms wake_busy_p99_us wake_busy_max_us switch_cpu_us; do
+for k in wake_idle_p99_us wake_idle_max_us wake_idle_over1ms wake_busy_p99_us wake_busy_max_us switch_cpu_us switch_round_us xcpu_round_us; do
   echo "floor_$k=$(v=$(fget $k); echo "${v:-n/a}")"
 done
 echo "sim_idle=${SIM_IDLE:-1}"

@@ -13,9 +13,14 @@
  *               back and forth (mutex + condition variable, as the server's
  *               loop and its helper threads do): process CPU per hand-off,
  *               one context switch each.
+ *   xcpu        the same with the peer thread on PEER_CPU (when given): the
+ *               CPU the pinned thread spends per round trip when every wake-up
+ *               crosses to the other vCPU, as the server's writes to a client
+ *               or the controller do on loopback (against switch_round_us, the
+ *               same figure with both threads on one core).
  *
- * Usage: zm-floor [N]   (N waits per wake case, default 3000; hand-offs:
- * 20 * N). Prints "key=value" lines (microseconds) for bench scripts.
+ * Usage: zm-floor [N] [PEER_CPU]   (N waits per wake case, default 3000;
+ * hand-offs: 20 * N). Prints "key=value" lines (microseconds).
  * Lateness = elapsed - 1 ms; "over1ms" counts waits more than 1 ms late,
  * the same bound as the loop-lag target.
  */
@@ -92,10 +97,19 @@ typedef struct {
   pthread_cond_t cv;
   int turn; /* 0: main's, 1: the peer's */
   int rounds;
+  int peer_cpu; /* -1: stay where the process is pinned */
 } pingpong_t;
 
 static void *peer(void *arg) {
   pingpong_t *p = arg;
+  if (p->peer_cpu >= 0) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(p->peer_cpu, &set);
+    if (pthread_setaffinity_np(pthread_self(), sizeof set, &set) != 0)
+      fprintf(stderr, "zm-floor: cannot move the peer to CPU %d\n",
+              p->peer_cpu);
+  }
   pthread_mutex_lock(&p->mu);
   for (int i = 0; i < p->rounds; i++) {
     while (p->turn != 1)
@@ -107,14 +121,19 @@ static void *peer(void *arg) {
   return NULL;
 }
 
-static int switch_case(int rounds) {
-  pingpong_t p = {.turn = 0, .rounds = rounds};
+/* Prints NAME_n, NAME_cpu_us (process CPU per hand-off), NAME_wall_us and
+ * NAME_round_us (the calling thread's CPU per round trip: one wake-up sent,
+ * one received). */
+static int switch_case(const char *name, int rounds, int peer_cpu) {
+  pingpong_t p = {.turn = 0, .rounds = rounds, .peer_cpu = peer_cpu};
   pthread_mutex_init(&p.mu, NULL);
   pthread_cond_init(&p.cv, NULL);
   pthread_t t;
   if (pthread_create(&t, NULL, peer, &p) != 0)
     return -1;
+  usleep(20000); /* let the peer reach its CPU and wait */
   uint64_t c0 = now_ns(CLOCK_PROCESS_CPUTIME_ID);
+  uint64_t t0 = now_ns(CLOCK_THREAD_CPUTIME_ID);
   uint64_t w0 = now_ns(CLOCK_MONOTONIC);
   pthread_mutex_lock(&p.mu);
   for (int i = 0; i < rounds; i++) {
@@ -125,12 +144,14 @@ static int switch_case(int rounds) {
   }
   pthread_mutex_unlock(&p.mu);
   uint64_t c1 = now_ns(CLOCK_PROCESS_CPUTIME_ID);
+  uint64_t t1 = now_ns(CLOCK_THREAD_CPUTIME_ID);
   uint64_t w1 = now_ns(CLOCK_MONOTONIC);
   pthread_join(t, NULL);
   /* two hand-offs per round */
-  printf("switch_n=%d\nswitch_cpu_us=%.2f\nswitch_wall_us=%.2f\n", 2 * rounds,
-         (double)(c1 - c0) / 1e3 / (2.0 * rounds),
-         (double)(w1 - w0) / 1e3 / (2.0 * rounds));
+  printf("%s_n=%d\n%s_cpu_us=%.2f\n%s_wall_us=%.2f\n%s_round_us=%.2f\n", name,
+         2 * rounds, name, (double)(c1 - c0) / 1e3 / (2.0 * rounds), name,
+         (double)(w1 - w0) / 1e3 / (2.0 * rounds), name,
+         (double)(t1 - t0) / 1e3 / rounds);
   pthread_mutex_destroy(&p.mu);
   pthread_cond_destroy(&p.cv);
   return 0;
@@ -138,8 +159,9 @@ static int switch_case(int rounds) {
 
 int main(int argc, char **argv) {
   int n = argc > 1 ? atoi(argv[1]) : 3000;
-  if (n < 100 || n > 1000000) {
-    fprintf(stderr, "usage: zm-floor [N]  (100 <= N <= 1000000)\n");
+  int peer_cpu = argc > 2 ? atoi(argv[2]) : -1;
+  if (n < 100 || n > 1000000 || peer_cpu < -1 || peer_cpu >= CPU_SETSIZE) {
+    fprintf(stderr, "usage: zm-floor [N] [PEER_CPU]  (100 <= N <= 1000000)\n");
     return 2;
   }
   cpu_set_t set;
@@ -156,7 +178,9 @@ int main(int argc, char **argv) {
   int rc = wake_case("wake_busy", n);
   atomic_store(&spin_stop, 1);
   pthread_join(s, NULL);
-  if (rc != 0 || switch_case(20 * n) != 0)
+  if (rc != 0 || switch_case("switch", 20 * n, -1) != 0)
+    return 1;
+  if (peer_cpu >= 0 && switch_case("xcpu", 20 * n, peer_cpu) != 0)
     return 1;
   return 0;
 }

@@ -190,7 +190,9 @@ crypto = fnum(enroll.get("crypto_us"))
 x = ratio(cpu, crypto)
 target("server CPU per RequestServiceIdentity (4x8) / bare key + CSR", fx(x), "<= 2x", verdict(x, lambda v: v <= 2),
        f"{us(cpu)} / {us(crypto)}; net of the resolve load running alongside: {fx(ratio(net, crypto))}; "
-       f"one thread hand-off on this core costs {us(fnum(enroll.get('floor_switch_cpu_us')))} CPU (zm-floor)")
+       f"a wake-up round trip costs a thread {us(fnum(enroll.get('floor_switch_round_us')))} CPU on one core and "
+       f"{us(fnum(enroll.get('floor_xcpu_round_us')))} across the two CPUs (zm-floor), and each call, "
+       f"controller exchange and reply crosses them")
 p99 = fnum(enroll.get("resolve_p99_us"))
 target("ResolveIdentity p99 at 2,000 req/s open loop during 4x8 enrollments", us(p99), "<= 1 ms",
        verdict(p99, lambda v: v <= 1000),
@@ -211,7 +213,8 @@ for rpc, cm in (("resolve", "32x32"), ("resolve_missing", "32x32"), ("extend", "
     p = a_get("zm-prev", rpc, cm, "rps_median")
     x = ratio(a, p)
     target(f"{rpc} {cm} req/s, this build / zm-prev (no regression > 10 %)", fx(x), ">= 0.90x",
-           verdict(x, lambda v: v >= 0.9), f"{a or 0:.0f} / {p or 0:.0f} req/s")
+           verdict(x, lambda v: v >= 0.9),
+           f"{a or 0:.0f} / {p:.0f} req/s" if p else "no earlier build measured (BASELINE_BIN unset)")
 
 # ---- the section ----------------------------------------------------------------------------
 L = [BEGIN, "## Performance targets (issue 15): one run of bench/run-perf.sh", ""]

@@ -14,11 +14,14 @@
 #   6. bench/run-lifecycle.sh (issue 10: random keys, zm-bench driving the
 #      anchors too, PostgreSQL vs go-pg, replicas; SKIP_LIFECYCLE=1 skips it):
 #      its own section of RESULTS.md.
+#   7. bench/run-perf.sh (issue 15: every performance target as a ratio
+#      against what ran beside it in that run: the anchors, nghttpd, the bare
+#      crypto, the machine's floor; SKIP_PERF=1 skips it): its own section.
 # Env: QUICK=1 (seconds-long everything), DURATION/RUNS/WARMUP (anchors, and
 #      DURATION/WARMUP for step 1), SERVER_CPU=0 CLIENT_CPU=1, ANCHORS=path,
 #      SKIP_ANCHORS=1, SKIP_BUILD=1, MIXED_RATE (open-loop rate of `mixed`),
 #      RESULTS_MD (where to write the report; default bench/RESULTS.md).
-# Raw outputs: build-bench/bench-results/. Whole run: < 15 min (QUICK: ~2).
+# Raw outputs: build-bench/bench-results/. Whole run: about 40 min with steps 6 and 7 (QUICK: ~5).
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=bench/lib.sh
@@ -85,12 +88,12 @@ log "machine: nproc=$(nproc), $(awk -F': ' '/^model name/{print $2; exit}' /proc
 BIN=$BUILD/ziti-management
 BENCH=$BUILD/bench/zm-bench
 CRYPTO=$BUILD/bench/zm-cryptocost
-fact cmd_build "cmake -S . -B build-bench -DCMAKE_BUILD_TYPE=Release -DZM_TESTS=OFF && cmake --build build-bench -j$(nproc) --target ziti-management zm-bench zm-cryptocost"
+fact cmd_build "cmake -S . -B build-bench -DCMAKE_BUILD_TYPE=Release -DZM_TESTS=OFF && cmake --build build-bench -j$(nproc) --target ziti-management zm-bench zm-cryptocost zm-tlsbench zm-floor"
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
   log "build (Release) into $BUILD"
   cmake -S "$REPO" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DZM_TESTS=OFF >"$OUT/build.log" 2>&1 ||
     log "cmake configure reported errors (see $OUT/build.log)"
-  for t in zm-bench ziti-management zm-cryptocost; do
+  for t in zm-bench ziti-management zm-cryptocost zm-tlsbench zm-floor; do
     cmake --build "$BUILD" -j"$(nproc)" --target "$t" >>"$OUT/build.log" 2>&1 || log "build of $t FAILED (see $OUT/build.log)"
   done
 fi
@@ -448,6 +451,16 @@ if [[ ${SKIP_LIFECYCLE:-0} != 1 ]] && ((HAVE_SERVER)); then
     DURATION=$([[ $QUICK == 1 ]] && echo 1 || echo 3) ROUNDS=$([[ $QUICK == 1 ]] && echo 1 || echo 3) \
     STEADY_DURATION=$([[ $QUICK == 1 ]] && echo 3 || echo 15) \
     "$here/run-lifecycle.sh" >"$OUT/lifecycle.log" 2>&1 || log "run-lifecycle.sh failed (see $OUT/lifecycle.log)"
+fi
+# ---- 9. performance targets (issue 15): bench/run-perf.sh ---------------------------------------------------
+# the anchors' run.sh again with zm, zm-bp and no baseline, random keys,
+# nghttpd, idle connections, enrollment isolation; its own section of RESULTS.md
+if [[ ${SKIP_PERF:-0} != 1 ]] && ((HAVE_SERVER)); then
+  log "performance targets (bench/run-perf.sh)"
+  SKIP_BUILD=1 BUILD=$BUILD ANCHORS=$ANCHORS SERVER_CPU=$SERVER_CPU CLIENT_CPU=$CLIENT_CPU RESULTS_MD=$RESULTS_MD \
+    DURATION=$([[ $QUICK == 1 ]] && echo 1 || echo 4) ROUNDS=$([[ $QUICK == 1 ]] && echo 1 || echo 3) \
+    IDLE_N=$([[ $QUICK == 1 ]] && echo 1000 || echo 10000) \
+    "$here/run-perf.sh" >"$OUT/perf.log" 2>&1 || log "run-perf.sh failed (see $OUT/perf.log)"
 fi
 errs=$(for f in "$OUT"/*.json; do json_get "$f" 'j["errors"]["total"]'; done | awk '{s+=$1} END{print s+0}')
 if ((errs > 0)); then
