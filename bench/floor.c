@@ -7,8 +7,8 @@
  *               sleep (an idle vCPU halts; waking it is the host's work).
  *               This is the floor under any loop-lag probe that sleeps.
  *   wake_busy   the same while a SCHED_IDLE thread spins on the core, so
- *               the vCPU never halts (what remains is the host preempting
- *               the vCPU, i.e. steal).
+ *               the vCPU never halts (what remains: the timer's own path
+ *               and the host preempting the vCPU).
  *   switch      two threads of this process on one core handing a token
  *               back and forth (mutex + condition variable, as the server's
  *               loop and its helper threads do): process CPU per hand-off,

@@ -122,8 +122,9 @@ zmb_free_port() {
 }
 
 # zmb_start_sim DIR [CPU]: starts the controller simulator (test/sim) in DIR,
-# optionally pinned to CPU (at SCHED_IDLE if ZMB_SIM_IDLE=1); sets ZMB_SIM_PID, ZMB_SIM_URL, ZMB_SIM_CA,
-# ZMB_SIM_CERT, ZMB_SIM_KEY, ZMB_SIM_CTL. Returns non-zero if it did not come up.
+# optionally pinned to CPU, at SCHED_IDLE if ZMB_SIM_IDLE=1; sets ZMB_SIM_PID,
+# ZMB_SIM_URL, ZMB_SIM_CA, ZMB_SIM_CERT, ZMB_SIM_KEY, ZMB_SIM_CTL. Returns
+# non-zero if it did not come up.
 zmb_start_sim() {
   local dir=$1 cpu=${2:-} i pin=()
   mkdir -p "$dir"
