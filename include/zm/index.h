@@ -91,7 +91,7 @@ static inline void zm_index_set_expires_ms(zm_index_service_t *s, int64_t ms) {
     s->lease_expires_ms = ms;
     return;
   }
-  int64_t pending = s->lease_expires_ms + (int64_t)s->pending_delta_ms;
+  int64_t pending = zm_index_pending_ms(s);
   s->lease_expires_ms = ms;
   zm_index_set_pending_ms(s, pending);
 }

@@ -34,7 +34,8 @@ static void run_until(fx_t *f, const int *flag, int want) {
   assert_int_equal(*flag, want);
 }
 
-static uint64_t setup_ttl_ms = 20000;
+#define DEFAULT_TTL_MS 20000
+static uint64_t setup_ttl_ms = DEFAULT_TTL_MS;
 
 static int setup(void **state) {
   fx_t *f = calloc(1, sizeof *f);
@@ -161,24 +162,35 @@ static void test_commit_extend_flush(void **state) {
   assert_int_equal(zm_life_stats(f->life)->extend_durable, 0);
 }
 
-static int setup_short_ttl(void **state) {
-  setup_ttl_ms = 3000;
+static int setup_with_ttl(void **state, uint64_t ttl_ms) {
+  setup_ttl_ms = ttl_ms;
   int rv = setup(state);
-  setup_ttl_ms = 20000;
+  setup_ttl_ms = DEFAULT_TTL_MS;
   return rv;
 }
+
+/* A service identity committed through INTENT and COMMIT, as an enrollment
+ * leaves it. */
+static void live_service(fx_t *f, const char *name, const char *id) {
+  res_t r = {0};
+  zm_pending_row_t p = {.name = name, .kind = ZM_PENDING_SERVICE, .type = 1};
+  zm_life_intent(f->life, &p, uv_now(&f->loop) + 1000, on_res, &r);
+  run_until(f, &r.done, 1);
+  assert_int_equal(r.err, 0);
+  r.done = 0;
+  zm_life_commit_service(f->life, name, id, 1, on_res, &r);
+  run_until(f, &r.done, 1);
+  assert_int_equal(r.err, 0);
+}
+
+static int setup_short_ttl(void **state) { return setup_with_ttl(state, 3000); }
 
 /* A durable lease with less than the margin left is extended in the store,
  * not from memory: the answer waits for the store. */
 static void test_short_lease_extends_durably(void **state) {
   fx_t *f = *state;
   res_t r = {0};
-  zm_pending_row_t p = {.name = "svc-s", .kind = ZM_PENDING_SERVICE, .type = 1};
-  zm_life_intent(f->life, &p, uv_now(&f->loop) + 1000, on_res, &r);
-  run_until(f, &r.done, 1);
-  r.done = 0;
-  zm_life_commit_service(f->life, "svc-s", "id-s", 1, on_res, &r);
-  run_until(f, &r.done, 1);
+  live_service(f, "svc-s", "id-s");
   long long before =
       scalar(f, "SELECT (julianday(lease_expires_at) - 2440587.5) * 86400000 "
                 "FROM service_identities WHERE ziti_identity_id = 'id-s'");
@@ -197,10 +209,7 @@ static void test_short_lease_extends_durably(void **state) {
 }
 
 static int setup_long_ttl(void **state) {
-  setup_ttl_ms = 60ull * 24 * 3600 * 1000; /* 60 days */
-  int rv = setup(state);
-  setup_ttl_ms = 20000;
-  return rv;
+  return setup_with_ttl(state, 60ull * 24 * 3600 * 1000); /* 60 days */
 }
 
 /* The index keeps a refresh answered from memory as a 32-bit distance past
@@ -210,13 +219,7 @@ static int setup_long_ttl(void **state) {
 static void test_far_refresh_extends_durably(void **state) {
   fx_t *f = *state;
   res_t r = {0};
-  zm_pending_row_t p = {.name = "svc-l", .kind = ZM_PENDING_SERVICE, .type = 1};
-  zm_life_intent(f->life, &p, uv_now(&f->loop) + 1000, on_res, &r);
-  run_until(f, &r.done, 1);
-  r.done = 0;
-  zm_life_commit_service(f->life, "svc-l", "id-l", 1, on_res, &r);
-  run_until(f, &r.done, 1);
-  assert_int_equal(r.err, 0);
+  live_service(f, "svc-l", "id-l");
   /* the index knows a durable lease one day ahead (as after a TTL change):
    * well past the margin, but 59 days short of a new lease */
   zm_index_service_t *s = zm_index_lookup_service(f->index, "id-l", 4);
