@@ -249,7 +249,7 @@ echo "resolve_p99_us=${rp99:-n/a}"
 echo "resolve_max_us=${rmax:-n/a}"
 echo "loop_lag_max_us=$(awk -v m="${secmax:-}" 'BEGIN{if (m != "") printf "%.0f", m * 1000; else print "n/a"}')"
 echo "loop_busy_max_us=${busymax:-n/a}"
-for k in wake_idle_p99_us wake_idle_max_us wake_idle_over1ms wake_busy_p99_us wake_busy_max_us switch_cpu_us switch_round_us xcpu_round_us; do
+for k in wake_idle_n wake_idle_p99_us wake_idle_max_us wake_idle_over1ms wake_busy_p99_us wake_busy_max_us switch_cpu_us switch_round_us xcpu_round_us; do
   echo "floor_$k=$(v=$(fget $k); echo "${v:-n/a}")"
 done
 echo "sim_idle=${SIM_IDLE:-1}"

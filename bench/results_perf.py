@@ -204,7 +204,8 @@ target("loop-lag probe worst during the enrollments", us(lag), "<= 1 ms", verdic
        f"1 ms timer's lateness (waiting for the CPU included); the busiest loop iteration's own CPU: "
        f"{us(fnum(enroll.get('loop_busy_max_us')))}; the machine's floor (zm-floor, no server running): a bare "
        f"1 ms epoll_wait on the server's CPU woke up to {us(fnum(enroll.get('floor_wake_idle_max_us')))} late "
-       f"({enroll.get('floor_wake_idle_over1ms', '?')} of 3000 over 1 ms; core kept busy: up to "
+       f"({enroll.get('floor_wake_idle_over1ms', '?')} of {enroll.get('floor_wake_idle_n', '?')} over 1 ms; "
+       f"core kept busy: up to "
        f"{us(fnum(enroll.get('floor_wake_busy_max_us')))})")
 
 # no throughput regression > 10 % (zm vs zm-prev, same run)
