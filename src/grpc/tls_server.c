@@ -7,6 +7,7 @@
 #include "h2mem.h"
 
 #include "zm/secret.h"
+#include "zm/tlsconf.h"
 #include "zm/zm.h"
 
 #include <wolfssl/wolfcrypt/memory.h>
@@ -170,6 +171,10 @@ int zm_tls_srv_ctx_new(zm_tls_srv_ctx_t **out, const char *cert_file,
   }
   if (wolfSSL_CTX_SetMinVersion(c->ctx, WOLFSSL_TLSV1_2) != WOLFSSL_SUCCESS) {
     snprintf(err, errlen, "cannot set the minimum TLS version");
+    goto fail;
+  }
+  if (wolfSSL_CTX_set_cipher_list(c->ctx, ZM_TLS_CIPHERS) != WOLFSSL_SUCCESS) {
+    snprintf(err, errlen, "cannot set the TLS cipher suites");
     goto fail;
   }
   if (wolfSSL_CTX_use_certificate_chain_file(c->ctx, cert_file) !=

@@ -6,6 +6,7 @@
 #include "tls.h"
 
 #include "zm/secret.h"
+#include "zm/tlsconf.h"
 #include "zm/zm.h"
 
 #include <arpa/inet.h>
@@ -77,6 +78,10 @@ int zm__ziti_tls_ctx_new(WOLFSSL_CTX **out, const char *ca_file,
     *why = "cannot set the minimum TLS version";
     goto fail_ctx;
   }
+  if (wolfSSL_CTX_set_cipher_list(ctx, ZM_TLS_CIPHERS) != WOLFSSL_SUCCESS) {
+    *why = "cannot set the TLS cipher suites";
+    goto fail_ctx;
+  }
   if (ca_file == NULL || wolfSSL_CTX_load_verify_locations(
                              ctx, ca_file, NULL) != WOLFSSL_SUCCESS) {
     *why = "cannot load the controller CA file";
@@ -108,7 +113,8 @@ int zm__ziti_tls_ctx_new_unverified(WOLFSSL_CTX **out, const char **why) {
   wolfSSL_Init();
   WOLFSSL_CTX *ctx = wolfSSL_CTX_new(wolfSSLv23_client_method());
   if (ctx == NULL ||
-      wolfSSL_CTX_SetMinVersion(ctx, WOLFSSL_TLSV1_2) != WOLFSSL_SUCCESS) {
+      wolfSSL_CTX_SetMinVersion(ctx, WOLFSSL_TLSV1_2) != WOLFSSL_SUCCESS ||
+      wolfSSL_CTX_set_cipher_list(ctx, ZM_TLS_CIPHERS) != WOLFSSL_SUCCESS) {
     if (ctx != NULL)
       wolfSSL_CTX_free(ctx);
     *why = "cannot create a TLS context";

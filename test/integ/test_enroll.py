@@ -282,6 +282,25 @@ def test_request_service_identity_usable(sim, srv, stub, stype, tmp_path):
     assert "BEGIN EC PRIVATE KEY" not in log and "PRIVATE KEY-----" not in log
 
 
+def test_controller_tls_negotiates_chacha20(sim, tmp_path):
+    """The service's TLS contexts list ChaCha20-Poly1305 first (zm/tlsconf.h)
+    and the controller, like Go's crypto/tls, follows the client's choice:
+    every connection a fresh server opens (management API, the enroll call)
+    negotiates it."""
+    before = sim.state()["tls_ciphers"]
+    s = sim_server(sim).start()
+    try:
+        ch = s.channel()
+        r = s.stub(ch).RequestServiceIdentity(pb.RequestServiceIdentityRequest(service_type=1), timeout=30)
+        ch.close()
+        assert r.ziti_identity_id
+    finally:
+        dispose(s)
+    after = sim.state()["tls_ciphers"]
+    opened = {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
+    assert opened and set(opened) == {"TLS_CHACHA20_POLY1305_SHA256"}, opened
+
+
 def test_unknown_service_type(sim, srv, stub):
     for t in (0, 99):
         code, _ = rpc_code(stub.RequestServiceIdentity, pb.RequestServiceIdentityRequest(service_type=t), timeout=5)

@@ -164,6 +164,42 @@ def test_wrong_ca_and_plaintext_are_refused(pki, tmp):
         srv.stop()
 
 
+def handshake(srv, pki, ciphers=None, tls12=False):
+    """A TLS handshake with the gRPC listener offering only `ciphers`
+    (OpenSSL names, TLS 1.2 with tls12): the negotiated suite's name."""
+    ctx = ssl.create_default_context(cafile=pki["ca"])
+    ctx.load_cert_chain(*pki["gw"])
+    ctx.set_alpn_protocols(["h2"])
+    if tls12:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    if ciphers:
+        ctx.set_ciphers(ciphers + ":@SECLEVEL=0")
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            return s.cipher()[0]
+
+
+def test_cipher_suites(pki, tmp):
+    """Forward-secret AEAD suites only, ChaCha20-Poly1305 first (zm/tlsconf.h):
+    the NULL (no encryption: accepted before the list was set), anonymous and
+    CBC suites wolfSSL enables by default are refused, and an AES-GCM-only
+    client still gets in. (RC4 and 3DES: this OpenSSL cannot offer them.)"""
+    srv = start(pki, tmp)
+    try:
+        assert handshake(srv, pki) == "TLS_CHACHA20_POLY1305_SHA256"
+        assert handshake(srv, pki, tls12=True) in ("ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305")
+        assert handshake(srv, pki, "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256",
+                         tls12=True).endswith("AES128-GCM-SHA256")
+        for weak in ("ECDHE-ECDSA-NULL-SHA:ECDHE-RSA-NULL-SHA", "ADH-AES128-SHA:ADH-AES256-GCM-SHA384",
+                     "ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384"):
+            with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+                handshake(srv, pki, weak, tls12=True)
+        with client(srv, pki, "gw") as ch:  # the server is fine
+            assert health(ch) == st.health_pb2.HealthCheckResponse.SERVING
+    finally:
+        srv.stop()
+
+
 def test_client_ca_without_policy_requires_a_certificate(pki, tmp):
     srv = start(pki, tmp, rules=None)
     try:

@@ -1414,6 +1414,7 @@ class Sim:
         self.sessions = {}       # token -> Session
         self.fingerprints = {}   # fingerprint -> identity id
         self.counters = {}
+        self.tls_ciphers = {}    # negotiated cipher suite -> API connections
         self.faults = []
         self.latency_ms = 0
         self.faults_applied = 0
@@ -2168,7 +2169,8 @@ class Sim:
         for i in idents:
             src = self.identities[i["id"]]
             i["tags"] = src.tags
-        return {"identities": idents, "counters": dict(self.counters), "sessions": live, **objs,
+        return {"identities": idents, "counters": dict(self.counters), "tls_ciphers": dict(self.tls_ciphers),
+                "sessions": live, **objs,
                 "connections": len(self.conns), "requests": self.requests, "faults_applied": self.faults_applied,
                 "late_applied": self.late_applied,
                 "pending_enrollments": len(self.enrollments), "refusing": self.refusing,
@@ -2199,6 +2201,7 @@ class Sim:
         self.faults = []
         self.latency_ms = 0
         self.counters.clear()
+        self.tls_ciphers.clear()
         self.faults_applied = 0
         self.late_applied = 0
         self.requests = 0
@@ -2284,6 +2287,10 @@ def make_server_ctx(pki, directory):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    # Go's crypto/tls picks the AEAD the client lists first between AES-GCM
+    # and ChaCha20-Poly1305 (it orders ChaCha first when the client does);
+    # Python sets OpenSSL's server preference, which would pick its own.
+    ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.load_cert_chain(os.path.join(pki.dir, "server.pem"), os.path.join(pki.dir, "server.key"))
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.check_hostname = False
@@ -2321,6 +2328,9 @@ class ApiConn(asyncio.Protocol):
                 self.peer_der = so.getpeercert(True)
             except (ValueError, ssl.SSLError):
                 self.peer_der = None
+            c = so.cipher()
+            if c:
+                self.sim.tls_ciphers[c[0]] = self.sim.tls_ciphers.get(c[0], 0) + 1
         pn = tr.get_extra_info("peername")
         self.peer_ip = pn[0] if pn else ""
         self.last = time.monotonic()
@@ -2593,6 +2603,7 @@ async def amain(args):
     ctl = await loop.create_server(lambda: CtlConn(sim), "127.0.0.1", args.ctl_port)
     mctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     mctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    mctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE  # as make_server_ctx
     mctx.load_cert_chain(os.path.join(sim.pki.dir, "server.pem"), os.path.join(sim.pki.dir, "server.key"))
     mctx.verify_mode = ssl.CERT_REQUIRED
     mctx.load_verify_locations(os.path.join(args.dir, "ca.pem"))
