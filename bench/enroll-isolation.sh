@@ -4,15 +4,17 @@
 # server (pinned with taskset to SERVER_CPU, its crypto workers included)
 # start on 127.0.0.1; zm-bench then runs, on CLIENT_CPU:
 #   - resolve --rate RATE open loop alone for DURATION seconds (baseline: its
-#     latency and the CPU it costs without enrollments);
+#     latency without enrollments);
 #   - a warm-up of 16 enrollments (CA bundle, controller connections);
-#   - request-service-identity, 4 connections x 8 streams, DURATION seconds;
-#   - alongside it, resolve --rate RATE open loop (ResolveIdentity, the hot
-#     path, answered from memory on the loop) for the same window.
+#   - request-service-identity, 4 connections x 8 streams, DURATION seconds,
+#     alone: the server's CPU per enrollment;
+#   - the same again with resolve --rate RATE open loop alongside
+#     (ResolveIdentity, the hot path, answered from memory on the loop).
 # Reports: server CPU per enrollment (utime+stime delta of /proc/PID/stat over
-# the window / OK enrollments), the bare key + CSR cost (zm-cryptocost pinned
-# to SERVER_CPU) and the ratio, ResolveIdentity p50/p99/max during the
-# enrollments, the loop-lag probe (LOOP_LAG_PROBE: per-second maxima of the
+# the enrollments-alone window / OK enrollments; user and kernel time, per
+# thread), the bare key + CSR cost (zm-cryptocost pinned to SERVER_CPU) and
+# the ratio, ResolveIdentity p50/p99/max during the enrollments, the
+# loop-lag probe (LOOP_LAG_PROBE: per-second maxima of the
 # 1 ms timer's lateness and, where the server reports it, of the CPU one loop
 # iteration took), zm_loop_lag_worst_seconds from the metrics listener, and
 # how many controller connections were opened in the window.
@@ -20,12 +22,17 @@
 #      KEYS (10000 preloaded identities), CRYPTO_N (200), OUT (results dir),
 #      CRYPTO (a zm-cryptocost binary; default the build's: pass the same one
 #      to compare builds against one reference),
-#      SCHED=1 (perf sched record of SERVER_CPU over the window: who ran while
-#      the loop waited > 1 ms for the CPU),
-#      PERF=1 (perf record of the server over the window, OUT/perf.data;
+#      SCHED=1 (perf sched record of SERVER_CPU over the window with both
+#      loads: who ran while the loop waited > 1 ms for the CPU),
+#      PERF=1 (perf record of the server over the enrollments-alone window,
+#      OUT/perf.data; it adds its own overhead to that window's CPU figures;
 #      PERF_OPTS, default "-g -F 2000"),
 #      SIM_IDLE (1: the simulator runs at SCHED_IDLE on CLIENT_CPU; 0: normal),
 #      FLOOR (a zm-floor binary; default the build's).
+# Also reports the hypervisor's steal time on SERVER_CPU (/proc/stat, sampled
+# every 100 ms from CLIENT_CPU) in each window: time the guest's CPU was
+# runnable but the host ran something else, invisible to the guest scheduler
+# (a loop can be late by it with no thread of this VM holding its CPU).
 # Bounded: every client runs under `timeout`; only PIDs started here are
 # stopped (bench/lib.sh zmb_stop).
 set -uo pipefail
@@ -54,8 +61,10 @@ ZMB_SRV_PID=
 RPID=
 PPID_=
 SPID_=
+STPID=
 cleanup() {
   [[ -n $RPID ]] && zmb_stop "$RPID"
+  [[ -n $STPID ]] && zmb_stop "$STPID"
   [[ -n $PPID_ ]] && zmb_stop "$PPID_"
   [[ -n $SPID_ ]] && zmb_stop "$SPID_"
   zmb_stop "$ZMB_SRV_PID"
@@ -86,7 +95,40 @@ thread_by_name() {
     echo "$comm $(awk '{print $14+$15}' "$t/stat" 2>/dev/null) $(awk '/^(non)?voluntary_ctxt_switches/{s+=$2} END{print s+0}' "$t/status" 2>/dev/null)"
   done | awk '{t[$1]+=$2; c[$1]+=$3} END{for (n in t) print n, t[n], c[n]}' | sort
 }
+# us_ticks PID: "utime stime" of the whole process, in clock ticks.
+us_ticks() { awk '{print $14, $15}' "/proc/$1/stat" 2>/dev/null || echo "0 0"; }
 jget() { /usr/bin/python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print($2)" "$1" 2>/dev/null; }
+
+# steal_sampler: "<monotonic s> <steal ticks of SERVER_CPU>" every 100 ms.
+# /proc/stat counts in USER_HZ ticks (10 ms), so one slice reads 0-10 ticks.
+steal_sampler() {
+  local cpu=cpu$SERVER_CPU line f
+  while :; do
+    while read -r line; do
+      [[ $line == "$cpu "* ]] || continue
+      read -ra f <<<"$line"
+      echo "$(cut -d' ' -f1 /proc/uptime) ${f[8]}"
+      break
+    done </proc/stat
+    sleep 0.1
+  done
+}
+# mark NAME: the sampler's clock (/proc/uptime) at a window's edge.
+mark() { echo "$1 $(cut -d' ' -f1 /proc/uptime)" >>"$OUT/marks.txt"; }
+# steal_in A B: "<percent of the window> <worst 100 ms slice, ms>" of SERVER_CPU
+# steal between marks A and B.
+steal_in() {
+  awk -v a="$1" -v b="$2" -v hz="$(getconf CLK_TCK)" '
+    FNR == NR { m[$1] = $2; next }
+    $1 >= m[a] && $1 <= m[b] {
+      if (n++) { d = $2 - last; if (d > worst) worst = d; sum += d; span += $1 - lt }
+      last = $2; lt = $1 }
+    END { if (span > 0) printf "%.1f %.0f\n", sum / hz / span * 100, worst / hz * 1000; else print "n/a n/a" }
+  ' "$OUT/marks.txt" "$OUT/steal.txt"
+}
+: >"$OUT/marks.txt"
+taskset -c "$CLIENT_CPU" bash -c "$(declare -f steal_sampler); SERVER_CPU=$SERVER_CPU steal_sampler" >"$OUT/steal.txt" 2>/dev/null &
+STPID=$!
 
 echo "build: $BIN; crypto reference: $CRYPTO"
 echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); load average: $(cut -d' ' -f1-3 /proc/loadavg); nproc $(nproc)"
@@ -96,7 +138,9 @@ echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); load average: $(cut -d' ' -f1-3
 # SCHED_IDLE spinner), and the CPU of one thread hand-off on that core and
 # across to CLIENT_CPU (where the clients and the simulator run: every answer
 # the server writes wakes a reader there, every request wakes the server).
+mark floor0
 floor=$(taskset -c "$SERVER_CPU" timeout 120 "$FLOOR" 3000 "$CLIENT_CPU" 2>&1)
+mark floor1
 fget() { sed -n "s/^$1=//p" <<<"$floor"; }
 
 # The simulator stands in for a remote controller: it runs at SCHED_IDLE on
@@ -113,55 +157,75 @@ zmb_start_server "$BIN" "$store" "$PORT" "$SERVER_CPU" "$OUT/server.log" \
 zmb_wait_health "$BENCH" "$PORT" "$ZMB_SRV_PID" 60 || { echo "server did not start" >&2; tail "$OUT/server.log"; exit 1; }
 echo "server pid $ZMB_SRV_PID on 127.0.0.1:$PORT (metrics :$MPORT), simulator pid $ZMB_SIM_PID"
 
-# Baseline: the same ResolveIdentity load alone, for the CPU it costs by
-# itself (subtracted in the "net" figure below).
-read -r bl0 bc0 bo0 <<<"$(thread_ticks "$ZMB_SRV_PID")"
+# Baseline: the same ResolveIdentity load alone, for its latency without
+# enrollments.
+mark alone0
 taskset -c "$CLIENT_CPU" timeout $((DUR + 30)) "$BENCH" --target "127.0.0.1:$PORT" --scenario resolve \
   --rate "$RATE" -c 4 -m 64 -D "$DUR" --keys "$KEYS" --quiet --allow-errors \
   --json "$OUT/resolve-alone.json" >"$OUT/resolve-alone.txt" 2>&1
-read -r bl1 bc1 bo1 <<<"$(thread_ticks "$ZMB_SRV_PID")"
-base=$(( (bl1 - bl0) + (bc1 - bc0) + (bo1 - bo0) ))
+mark alone1
 
 # Warm-up outside the window: the first enrollment fetches the CA bundle and
 # opens the controller connections.
 taskset -c "$CLIENT_CPU" timeout 60 "$BENCH" --target "127.0.0.1:$PORT" --scenario request-service-identity \
   -n 16 -c 4 -m 4 --timeout-ms 20000 --quiet --allow-errors >"$OUT/warmup.txt" 2>&1
 metric() { curl -sf "http://127.0.0.1:$MPORT/metrics" | awk -v k="$1" '$1==k{print $2}'; }
+hz=$(getconf CLK_TCK)
+
+# Window 1, the enrollments alone: what one costs the server (CPU by thread,
+# user and kernel time, context switches). Nothing else runs against it, so
+# no other load's cost has to be estimated and subtracted.
+rsi_run() {
+  taskset -c "$CLIENT_CPU" timeout $((DUR + 30)) "$BENCH" --target "127.0.0.1:$PORT" \
+    --scenario request-service-identity -c 4 -m 8 -D "$DUR" --timeout-ms 20000 --allow-errors \
+    --json "$1" >"${1%.json}.txt" 2>&1
+}
+read -r l0 c0 o0 <<<"$(thread_ticks "$ZMB_SRV_PID")"
+read -r eu0 es0 <<<"$(us_ticks "$ZMB_SRV_PID")"
+thread_by_name "$ZMB_SRV_PID" >"$OUT/threads0.txt"
+PPID_=
+if [[ ${PERF:-0} == 1 ]] && command -v perf >/dev/null; then
+  perf record ${PERF_OPTS:--g -F 2000} -o "$OUT/perf.data" -p "$ZMB_SRV_PID" -- sleep "$DUR" >"$OUT/perf.log" 2>&1 &
+  PPID_=$!
+fi
+mark alone_e0
+rsi_run "$OUT/rsi-alone.json"
+mark alone_e1
+[[ -n $PPID_ ]] && wait "$PPID_"
+PPID_=
+thread_by_name "$ZMB_SRV_PID" >"$OUT/threads1.txt"
+read -r eu1 es1 <<<"$(us_ticks "$ZMB_SRV_PID")"
+read -r l1 c1 o1 <<<"$(thread_ticks "$ZMB_SRV_PID")"
+ok=$(jget "$OUT/rsi-alone.json" 'j["ops"]["request-service-identity"]["status"].get("OK", 0)')
+errs=$(jget "$OUT/rsi-alone.json" 'j["errors"]["total"]')
+# pt TICKS: microseconds per OK enrollment of window 1
+pt() { awk -v t="$1" -v h="$hz" -v n="${ok:-0}" 'BEGIN{if(n>0) printf "%.0f", t/h*1e6/n; else print "n/a"}'; }
+per=$(pt $(( (eu1 - eu0) + (es1 - es0) )))
+
+# Window 2, the enrollments with ResolveIdentity at RATE alongside: the hot
+# path's latency, the loop-lag probe, and what the two loads cost together.
 lag0=$(metric zm_loop_lag_worst_seconds)
 conn0=$(metric zm_controller_connects_total)
-
-
 loglines=$(wc -l <"$OUT/server.log")
 SPID_=
 if [[ ${SCHED:-0} == 1 ]] && command -v perf >/dev/null; then
   perf sched record -C "$SERVER_CPU" -o "$OUT/sched.data" -- sleep "$DUR" >"$OUT/sched.log" 2>&1 &
   SPID_=$!
 fi
-PPID_=
-if [[ ${PERF:-0} == 1 ]] && command -v perf >/dev/null; then
-  perf record ${PERF_OPTS:--g -F 2000} -o "$OUT/perf.data" -p "$ZMB_SRV_PID" -- sleep "$DUR" >"$OUT/perf.log" 2>&1 &
-  PPID_=$!
-fi
-read -r l0 c0 o0 <<<"$(thread_ticks "$ZMB_SRV_PID")"
-thread_by_name "$ZMB_SRV_PID" >"$OUT/threads0.txt"
 t0=$(zmb_ticks "$ZMB_SRV_PID")
+mark enroll0
 taskset -c "$CLIENT_CPU" timeout $((DUR + 30)) "$BENCH" --target "127.0.0.1:$PORT" --scenario resolve \
   --rate "$RATE" -c 4 -m 64 -D "$DUR" --keys "$KEYS" --quiet --allow-errors \
   --json "$OUT/resolve.json" >"$OUT/resolve.txt" 2>&1 &
 RPID=$!
-taskset -c "$CLIENT_CPU" timeout $((DUR + 30)) "$BENCH" --target "127.0.0.1:$PORT" \
-  --scenario request-service-identity -c 4 -m 8 -D "$DUR" --timeout-ms 20000 --allow-errors \
-  --json "$OUT/rsi.json" >"$OUT/rsi.txt" 2>&1
+rsi_run "$OUT/rsi.json"
+mark enroll1
 t1=$(zmb_ticks "$ZMB_SRV_PID")
-read -r l1 c1 o1 <<<"$(thread_ticks "$ZMB_SRV_PID")"
-thread_by_name "$ZMB_SRV_PID" >"$OUT/threads1.txt"
 sleep 1.1 # the probe's line for the last second of the window
 logend=$(wc -l <"$OUT/server.log")
 wait "$RPID"
 RPID=
-[[ -n $PPID_ ]] && wait "$PPID_"
 [[ -n $SPID_ ]] && wait "$SPID_"
-PPID_=
 SPID_=
 lag=$(metric zm_loop_lag_worst_seconds)
 conn1=$(metric zm_controller_connects_total)
@@ -173,34 +237,31 @@ secmax=$(sort -n <<<"$lagw" | tail -1)
 busyw=$(sed -n "$((loglines + 1)),${logend}p" "$OUT/server.log" | grep -o 'busiest iteration [0-9]* us' | awk 'NR>1{print $3}')
 busymax=$(sort -n <<<"$busyw" | tail -1)
 busyover=$(awk '$1>1000{n++} END{print n+0}' <<<"$busyw")
+ok2=$(jget "$OUT/rsi.json" 'j["ops"]["request-service-identity"]["status"].get("OK", 0)')
+errs2=$(jget "$OUT/rsi.json" 'j["errors"]["total"]')
+mixed=$(awk -v t="$((t1 - t0))" -v h="$hz" -v n="${ok2:-0}" 'BEGIN{if(n>0) printf "%.0f", t/h*1e6/n; else print "n/a"}')
 
-ok=$(jget "$OUT/rsi.json" 'j["ops"]["request-service-identity"]["status"].get("OK", 0)')
-errs=$(jget "$OUT/rsi.json" 'j["errors"]["total"]')
-hz=$(getconf CLK_TCK)
-per=$(awk -v t="$((t1 - t0))" -v h="$hz" -v n="${ok:-0}" 'BEGIN{if(n>0) printf "%.0f", t/h*1e6/n; else print "n/a"}')
-net=$(awk -v t="$((t1 - t0))" -v b="$base" -v h="$hz" -v n="${ok:-0}" 'BEGIN{if(n>0) printf "%.0f", (t-b)/h*1e6/n; else print "n/a"}')
 cc=$(taskset -c "$SERVER_CPU" timeout 120 "$CRYPTO" "$CRYPTO_N" ec-p384 2>&1)
 cus=$(sed -n 's/.*cpu_us_per_op=\([0-9.]*\).*/\1/p' <<<"$cc")
 ratio=$(awk -v a="$per" -v b="$cus" 'BEGIN{if(a+0>0 && b+0>0) printf "%.2fx", a/b; else print "n/a"}')
-nratio=$(awk -v a="$net" -v b="$cus" 'BEGIN{if(a+0>0 && b+0>0) printf "%.2fx", a/b; else print "n/a"}')
 rp50=$(jget "$OUT/resolve.json" 'j["latency_us"]["p50"]')
 rp99=$(jget "$OUT/resolve.json" 'j["latency_us"]["p99"]')
 rmax=$(jget "$OUT/resolve.json" 'j["latency_us"]["max"]')
 rerr=$(jget "$OUT/resolve.json" 'j["errors"]["total"]')
 
-echo "enrollments: ${ok:-?} OK in ${DUR}s, ${errs:-?} errors (4 conns x 8 streams)"
-echo "server CPU: $((t1 - t0)) ticks ($hz/s) -> ${per} us per enrollment"
-pt() { awk -v t="$1" -v h="$hz" -v n="${ok:-0}" 'BEGIN{if(n>0) printf "%.0f", t/h*1e6/n; else print "n/a"}'; }
-echo "  net of the ResolveIdentity load ($base ticks alone over the same ${DUR}s): ${net} us per enrollment"
+echo "enrollments alone: ${ok:-?} OK in ${DUR}s, ${errs:-?} errors (4 conns x 8 streams)"
+echo "server CPU: ${per} us per enrollment ($(( (eu1 - eu0) + (es1 - es0) )) ticks at $hz/s)"
+echo "  user space $(pt $((eu1 - eu0))) us, kernel $(pt $((es1 - es0))) us (utime/stime; the kernel's share is system calls and wake-ups, and on loopback also the peers' TCP receive path, which runs in the sender's context)"
 echo "  by thread: loop $(pt $((l1 - l0))) us, crypto workers $(pt $((c1 - c0))) us, other threads (store, log, resolver) $(pt $((o1 - o0))) us per enrollment"
 # the same grouping as thread_ticks, from the per-name snapshots
-echo "  context switches per enrollment (resolve load included): $(join "$OUT/threads0.txt" "$OUT/threads1.txt" |
+echo "  context switches per enrollment: $(join "$OUT/threads0.txt" "$OUT/threads1.txt" |
   awk -v n="${ok:-0}" '{d = $5 - $3; if ($1 == "loop") l += d; else if ($1 == "zm-crypto") c += d; else o += d}
     END {if (n > 0) printf "loop %.1f, crypto workers %.1f, other threads %.1f", l/n, c/n, o/n; else print "n/a"}')"
 echo "  by thread name, per enrollment (CPU us, context switches): $(join "$OUT/threads0.txt" "$OUT/threads1.txt" |
   awk -v n="${ok:-0}" -v h="$hz" 'n>0{printf "%s%s %.0f us %.1f", (NR>1?"; ":""), $1, ($4-$2)/h*1e6/n, ($5-$3)/n}')"
+echo "with ResolveIdentity at ${RATE}/s alongside: ${ok2:-?} enrollments OK, ${errs2:-?} errors; server CPU $((t1 - t0)) ticks -> ${mixed} us per enrollment, the resolve load's share included"
 echo "bare crypto: ${cus:-n/a} us per EC P-384 key + CSR ($cc)"
-echo "ratio: $ratio (net of the resolve load: $nratio)"
+echo "ratio: $ratio"
 rap99=$(jget "$OUT/resolve-alone.json" 'j["latency_us"]["p99"]')
 ramax=$(jget "$OUT/resolve-alone.json" 'j["latency_us"]["max"]')
 echo "ResolveIdentity @${RATE}/s alone (baseline): p99 ${rap99:-?} us, max ${ramax:-?} us"
@@ -239,10 +300,17 @@ print("  loop scheduling delays > 1 ms in the window: %d" % n)
 PY
 fi
 echo "machine floor on CPU $SERVER_CPU (zm-floor, before the run): a bare 1 ms epoll_wait wakes late by p50 $(fget wake_idle_p50_us) us, p99 $(fget wake_idle_p99_us) us, max $(fget wake_idle_max_us) us, $(fget wake_idle_over1ms) of $(fget wake_idle_n) more than 1 ms late (idle core); p99 $(fget wake_busy_p99_us) us, max $(fget wake_busy_max_us) us, $(fget wake_busy_over1ms) over 1 ms (core kept busy at SCHED_IDLE); one thread hand-off $(fget switch_cpu_us) us CPU; a wake-up round trip costs the waking thread $(fget switch_round_us) us CPU on one core, $(fget xcpu_round_us) us with the peer on CPU $CLIENT_CPU"
+read -r st_floor st_floor_w <<<"$(steal_in floor0 floor1)"
+read -r st_alone st_alone_w <<<"$(steal_in alone0 alone1)"
+read -r st_enr st_enr_w <<<"$(steal_in enroll0 enroll1)"
+read -r st_e1 st_e1_w <<<"$(steal_in alone_e0 alone_e1)"
+echo "hypervisor steal on CPU $SERVER_CPU (/proc/stat): ${st_enr}% of the window with both loads (worst 100 ms slice: ${st_enr_w} ms), ${st_e1}% while the enrollments ran alone (worst ${st_e1_w} ms), ${st_alone}% while the resolve load ran alone (worst ${st_alone_w} ms), ${st_floor}% during zm-floor (worst ${st_floor_w} ms)"
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 # machine-readable summary (bench/results_perf.py reads these lines)
 echo "cpu_us_per_enroll=$per"
-echo "cpu_us_per_enroll_net=$net"
+echo "cpu_us_per_enroll_user=$(pt $((eu1 - eu0)))"
+echo "cpu_us_per_enroll_sys=$(pt $((es1 - es0)))"
+echo "cpu_us_per_enroll_mixed=$mixed"
 echo "crypto_us=${cus:-n/a}"
 echo "resolve_alone_p99_us=${rap99:-n/a}"
 echo "resolve_p99_us=${rp99:-n/a}"
@@ -252,5 +320,11 @@ echo "loop_busy_max_us=${busymax:-n/a}"
 for k in wake_idle_n wake_idle_p99_us wake_idle_max_us wake_idle_over1ms wake_busy_p99_us wake_busy_max_us switch_cpu_us switch_round_us xcpu_round_us; do
   echo "floor_$k=$(v=$(fget $k); echo "${v:-n/a}")"
 done
+echo "steal_enroll_pct=$st_enr"
+echo "steal_enroll_worst_ms=$st_enr_w"
+echo "steal_alone_pct=$st_alone"
+echo "steal_enroll_alone_pct=$st_e1"
+echo "steal_floor_pct=$st_floor"
+echo "steal_floor_worst_ms=$st_floor_w"
 echo "sim_idle=${SIM_IDLE:-1}"
 echo "raw: $OUT"

@@ -185,11 +185,17 @@ for mode in ("h2c", "tls"):
 
 # enrollment
 cpu = fnum(enroll.get("cpu_us_per_enroll"))
-net = fnum(enroll.get("cpu_us_per_enroll_net"))
 crypto = fnum(enroll.get("crypto_us"))
 x = ratio(cpu, crypto)
-target("server CPU per RequestServiceIdentity (4x8) / bare key + CSR", fx(x), "<= 2x", verdict(x, lambda v: v <= 2),
-       f"{us(cpu)} / {us(crypto)}; net of the resolve load running alongside: {fx(ratio(net, crypto))}; "
+steal = (f"hypervisor steal on the server's CPU (/proc/stat): {enroll.get('steal_enroll_alone_pct', '?')} % of the "
+         f"enrollments-alone window, {enroll.get('steal_enroll_pct', '?')} % of the window with both loads (worst "
+         f"100 ms slice: {enroll.get('steal_enroll_worst_ms', '?')} ms), {enroll.get('steal_floor_pct', '?')} % "
+         f"during zm-floor")
+target("server CPU per RequestServiceIdentity (4x8, alone) / bare key + CSR", fx(x), "<= 2x",
+       verdict(x, lambda v: v <= 2),
+       f"{us(cpu)} / {us(crypto)} (user {us(fnum(enroll.get('cpu_us_per_enroll_user')))}, kernel "
+       f"{us(fnum(enroll.get('cpu_us_per_enroll_sys')))}; with the resolve load alongside, both loads' CPU: "
+       f"{us(fnum(enroll.get('cpu_us_per_enroll_mixed')))} per enrollment); "
        f"a wake-up round trip costs a thread {us(fnum(enroll.get('floor_switch_round_us')))} CPU on one core and "
        f"{us(fnum(enroll.get('floor_xcpu_round_us')))} across the two CPUs (zm-floor), and each call, "
        f"controller exchange and reply crosses them")
@@ -198,7 +204,7 @@ target("ResolveIdentity p99 at 2,000 req/s open loop during 4x8 enrollments", us
        verdict(p99, lambda v: v <= 1000),
        f"max {us(fnum(enroll.get('resolve_max_us')))}; the same load alone: p99 "
        f"{us(fnum(enroll.get('resolve_alone_p99_us')))}; a bare 1 ms epoll_wait on the server's CPU wakes "
-       f"late by p99 {us(fnum(enroll.get('floor_wake_idle_p99_us')))} (zm-floor)")
+       f"late by p99 {us(fnum(enroll.get('floor_wake_idle_p99_us')))} (zm-floor); {steal}")
 lag = fnum(enroll.get("loop_lag_max_us"))
 target("loop-lag probe worst during the enrollments", us(lag), "<= 1 ms", verdict(lag, lambda v: v <= 1000),
        f"1 ms timer's lateness (waiting for the CPU included); the busiest loop iteration's own CPU: "
@@ -206,7 +212,7 @@ target("loop-lag probe worst during the enrollments", us(lag), "<= 1 ms", verdic
        f"1 ms epoll_wait on the server's CPU woke up to {us(fnum(enroll.get('floor_wake_idle_max_us')))} late "
        f"({enroll.get('floor_wake_idle_over1ms', '?')} of {enroll.get('floor_wake_idle_n', '?')} over 1 ms; "
        f"core kept busy: up to "
-       f"{us(fnum(enroll.get('floor_wake_busy_max_us')))})")
+       f"{us(fnum(enroll.get('floor_wake_busy_max_us')))}); {steal}")
 
 # no throughput regression > 10 % (zm vs zm-prev, same run)
 for rpc, cm in (("resolve", "32x32"), ("resolve_missing", "32x32"), ("extend", "32x32")):
