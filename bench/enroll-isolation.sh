@@ -180,6 +180,8 @@ rsi_run() {
     --scenario request-service-identity -c 4 -m 8 -D "$DUR" --timeout-ms 20000 --allow-errors \
     --json "$1" >"${1%.json}.txt" 2>&1
 }
+su0=$(metric zm_store_units_total)
+sc0=$(metric zm_store_commits_total)
 read -r l0 c0 o0 <<<"$(thread_ticks "$ZMB_SRV_PID")"
 read -r eu0 es0 <<<"$(us_ticks "$ZMB_SRV_PID")"
 thread_by_name "$ZMB_SRV_PID" >"$OUT/threads0.txt"
@@ -196,6 +198,8 @@ PPID_=
 thread_by_name "$ZMB_SRV_PID" >"$OUT/threads1.txt"
 read -r eu1 es1 <<<"$(us_ticks "$ZMB_SRV_PID")"
 read -r l1 c1 o1 <<<"$(thread_ticks "$ZMB_SRV_PID")"
+su1=$(metric zm_store_units_total)
+sc1=$(metric zm_store_commits_total)
 ok=$(jget "$OUT/rsi-alone.json" 'j["ops"]["request-service-identity"]["status"].get("OK", 0)')
 errs=$(jget "$OUT/rsi-alone.json" 'j["errors"]["total"]')
 # pt TICKS: microseconds per OK enrollment of window 1
@@ -259,6 +263,7 @@ echo "  context switches per enrollment: $(join "$OUT/threads0.txt" "$OUT/thread
     END {if (n > 0) printf "loop %.1f, crypto workers %.1f, other threads %.1f", l/n, c/n, o/n; else print "n/a"}')"
 echo "  by thread name, per enrollment (CPU us, context switches): $(join "$OUT/threads0.txt" "$OUT/threads1.txt" |
   awk -v n="${ok:-0}" -v h="$hz" 'n>0{printf "%s%s %.0f us %.1f", (NR>1?"; ":""), $1, ($4-$2)/h*1e6/n, ($5-$3)/n}')"
+echo "  store: $(awk -v u="$(( ${su1:-0} - ${su0:-0} ))" -v c="$(( ${sc1:-0} - ${sc0:-0} ))" -v n="${ok:-0}" 'BEGIN{if(n>0 && c>0) printf "%d units in %d commits (%.1f units per commit, %.2f commits per enrollment)", u, c, u/c, c/n; else print "n/a"}')"
 echo "with ResolveIdentity at ${RATE}/s alongside: ${ok2:-?} enrollments OK, ${errs2:-?} errors; server CPU $((t1 - t0)) ticks -> ${mixed} us per enrollment, the resolve load's share included"
 echo "bare crypto: ${cus:-n/a} us per EC P-384 key + CSR ($cc)"
 echo "ratio: $ratio"
