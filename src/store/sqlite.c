@@ -15,6 +15,10 @@
  *         claims; COMMIT -> done + uv_async_send -> loop: every callback, in
  *         submission order
  *
+ * Group commits are spaced: a batch starts at most every COMMIT_SPACING_MS
+ * (a linger timer holds the queue until then), so under a steady stream of
+ * units they share transactions instead of committing one by one.
+ *
  * Claims and heartbeats are writes: they run inside the group transaction
  * like units, so their results are durable before their callbacks fire (and
  * a failed group fails them too). Only one batch is in flight; what is
@@ -49,6 +53,17 @@
 /* One transaction's worth: bounds the time the write lock is held and the
  * memory a batch pins; a longer queue chains into the next transactions. */
 #define MAX_BATCH_ITEMS 4096
+/* Least time between the starts of two group commits. A commit's fixed
+ * cost (locks, WAL frame headers, the pages every unit touches: table and
+ * index leaves of time-ordered keys) is most of a one-unit commit's: a model
+ * of an enrollment's two units took 63 us of CPU committed one by one and
+ * 12 us in groups of 32. Units used to commit alone at 4x8 enrollments
+ * (about 700 a second, each commit done long before the next unit came).
+ * A unit waits at most this long, and only when a commit started less than
+ * this long ago: a store that is not busy commits at once. */
+#define COMMIT_SPACING_MS 2
+/* A queue this long goes at once, spacing or not. */
+#define SPACING_MAX_ITEMS 256
 /* Milliseconds a statement waits for another process's lock (an operator's
  * sqlite3 shell) before the group fails with ZM_E_STORE. */
 #define BUSY_TIMEOUT_MS 5000
@@ -240,9 +255,10 @@ typedef struct sq_store {
   sqlite3 *db;
   char *path; /* owned, for log lines */
   sqlite3_stmt *stmt[S__COUNT];
-  handles_t *h;  /* freed by the handles' close callbacks */
-  itemq_t queue; /* loop thread only: waiting for the next batch */
-  int in_flight; /* loop thread only: batch handed to the worker */
+  handles_t *h;              /* freed by the handles' close callbacks */
+  itemq_t queue;             /* loop thread only: waiting for the next batch */
+  int in_flight;             /* loop thread only: batch handed to the worker */
+  uint64_t last_dispatch_ns; /* loop thread only: uv_hrtime() of the last */
   int delivering;
   int closing;
   zm_store_stats_t stats;
@@ -268,12 +284,14 @@ typedef struct sq_store {
 struct handles {
   uv_prepare_t prepare;
   uv_async_t async;
-  sq_store_t *st; /* NULL once the store is closed */
-  int open;       /* handles not yet closed */
+  uv_timer_t linger; /* COMMIT_SPACING_MS */
+  sq_store_t *st;    /* NULL once the store is closed */
+  int open;          /* handles not yet closed */
 };
 
 static void on_prepare(uv_prepare_t *p);
 static void on_async(uv_async_t *a);
+static void on_linger(uv_timer_t *t);
 static void on_handle_closed(uv_handle_t *hd);
 static void worker_main(void *arg);
 static void ckpt_main(void *arg);
@@ -913,9 +931,25 @@ static void kick(sq_store_t *st) {
     uv_prepare_start(&st->h->prepare, on_prepare);
 }
 
-static void dispatch(sq_store_t *st) {
+/* Hands the queue to the worker, or, when a commit started less than
+ * COMMIT_SPACING_MS ago, arms the linger timer to do it then (force: the
+ * timer fired; the loop's cached clock may run a little behind hrtime). */
+static void dispatch(sq_store_t *st, int force) {
   if (st->in_flight || st->queue.head == NULL)
     return;
+  uint64_t now = uv_hrtime();
+  uint64_t spacing = (uint64_t)COMMIT_SPACING_MS * 1000000u;
+  if (!force && !st->closing && now - st->last_dispatch_ns < spacing &&
+      st->queue.items < SPACING_MAX_ITEMS) {
+    if (!uv_is_active((uv_handle_t *)&st->h->linger)) {
+      uint64_t wait_ms =
+          (st->last_dispatch_ns + spacing - now + 999999u) / 1000000u;
+      uv_timer_start(&st->h->linger, on_linger, wait_ms, 0);
+    }
+    return;
+  }
+  uv_timer_stop(&st->h->linger);
+  st->last_dispatch_ns = now;
   q_take(&st->queue, &st->batch);
   st->in_flight = 1;
   uv_ref((uv_handle_t *)&st->h->async); /* keep uv_run alive for the answer */
@@ -974,7 +1008,13 @@ static void on_prepare(uv_prepare_t *p) {
   handles_t *h = container_of(p, handles_t, prepare);
   uv_prepare_stop(p);
   if (h->st != NULL)
-    dispatch(h->st);
+    dispatch(h->st, 0);
+}
+
+static void on_linger(uv_timer_t *t) {
+  handles_t *h = container_of(t, handles_t, linger);
+  if (h->st != NULL)
+    dispatch(h->st, 1);
 }
 
 static void on_async(uv_async_t *a) {
@@ -1094,7 +1134,9 @@ static int sq_open(zm_store_t **out, uv_loop_t *loop,
   uv_unref((uv_handle_t *)&st->h->async);
   uv_prepare_init(loop, &st->h->prepare); /* cannot fail on Unix */
   st->h->prepare.data = st->h;
-  st->h->open = 2;
+  uv_timer_init(loop, &st->h->linger); /* cannot fail either */
+  st->h->linger.data = st->h;
+  st->h->open = 3;
   if (uv_thread_create(&st->thread, worker_main, st) != 0) {
     ZM_ERROR("store %s: cannot start the worker thread", st->path);
     goto fail_thread;
@@ -1124,6 +1166,7 @@ fail_thread:
   st->h->st = NULL;
   uv_close((uv_handle_t *)&st->h->prepare, on_handle_closed);
   uv_close((uv_handle_t *)&st->h->async, on_handle_closed);
+  uv_close((uv_handle_t *)&st->h->linger, on_handle_closed);
   st->h = NULL; /* freed by the close callbacks */
   uv_cond_destroy(&st->cond);
   uv_mutex_destroy(&st->mu);
@@ -1192,6 +1235,7 @@ static void sq_close(zm_store_t *base) {
   st->h->st = NULL;
   uv_close((uv_handle_t *)&st->h->prepare, on_handle_closed);
   uv_close((uv_handle_t *)&st->h->async, on_handle_closed);
+  uv_close((uv_handle_t *)&st->h->linger, on_handle_closed);
   uv_cond_destroy(&st->cond);
   uv_mutex_destroy(&st->mu);
   free(st->path);
