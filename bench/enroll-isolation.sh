@@ -28,6 +28,7 @@
 #      OUT/perf.data; it adds its own overhead to that window's CPU figures;
 #      PERF_OPTS, default "-g -F 2000"),
 #      SIM_IDLE (1: the simulator runs at SCHED_IDLE on CLIENT_CPU; 0: normal),
+#      RESOLVE_RT (1: the measuring resolve client runs SCHED_FIFO 1; 0: normal),
 #      FLOOR (a zm-floor binary; default the build's).
 # Also reports the hypervisor's steal time on SERVER_CPU (/proc/stat, sampled
 # every 100 ms from CLIENT_CPU) in each window: time the guest's CPU was
@@ -143,6 +144,14 @@ floor=$(taskset -c "$SERVER_CPU" timeout 120 "$FLOOR" 3000 "$CLIENT_CPU" 2>&1)
 mark floor1
 fget() { sed -n "s/^$1=//p" <<<"$floor"; }
 
+# The measuring client (resolve --rate) shares CLIENT_CPU with the enrolling
+# client and the simulator; with RESOLVE_RT=1 (the default where chrt can set
+# SCHED_FIFO) it runs at real-time priority 1, so a request is sent and an
+# answer read when due, not after the other client's turn: the latency is
+# then the server's, as with a client on a core of its own.
+RT=
+if [[ ${RESOLVE_RT:-1} == 1 ]] && chrt -f 1 true 2>/dev/null; then RT="chrt -f 1"; fi
+
 # The simulator stands in for a remote controller: it runs at SCHED_IDLE on
 # the client CPU, so the Python process signing CSRs never holds that CPU
 # while a zm-bench client has a request to send or an answer to read (the
@@ -160,7 +169,7 @@ echo "server pid $ZMB_SRV_PID on 127.0.0.1:$PORT (metrics :$MPORT), simulator pi
 # Baseline: the same ResolveIdentity load alone, for its latency without
 # enrollments.
 mark alone0
-taskset -c "$CLIENT_CPU" timeout $((DUR + 30)) "$BENCH" --target "127.0.0.1:$PORT" --scenario resolve \
+$RT taskset -c "$CLIENT_CPU" timeout $((DUR + 30)) "$BENCH" --target "127.0.0.1:$PORT" --scenario resolve \
   --rate "$RATE" -c 4 -m 64 -D "$DUR" --keys "$KEYS" --quiet --allow-errors \
   --json "$OUT/resolve-alone.json" >"$OUT/resolve-alone.txt" 2>&1
 mark alone1
@@ -218,7 +227,7 @@ if [[ ${SCHED:-0} == 1 ]] && command -v perf >/dev/null; then
 fi
 t0=$(zmb_ticks "$ZMB_SRV_PID")
 mark enroll0
-taskset -c "$CLIENT_CPU" timeout $((DUR + 30)) "$BENCH" --target "127.0.0.1:$PORT" --scenario resolve \
+$RT taskset -c "$CLIENT_CPU" timeout $((DUR + 30)) "$BENCH" --target "127.0.0.1:$PORT" --scenario resolve \
   --rate "$RATE" -c 4 -m 64 -D "$DUR" --keys "$KEYS" --quiet --allow-errors \
   --json "$OUT/resolve.json" >"$OUT/resolve.txt" 2>&1 &
 RPID=$!
@@ -332,4 +341,5 @@ echo "steal_enroll_alone_pct=$st_e1"
 echo "steal_floor_pct=$st_floor"
 echo "steal_floor_worst_ms=$st_floor_w"
 echo "sim_idle=${SIM_IDLE:-1}"
+echo "resolve_rt=$([[ -n $RT ]] && echo 1 || echo 0)"
 echo "raw: $OUT"

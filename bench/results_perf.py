@@ -202,6 +202,7 @@ target("server CPU per RequestServiceIdentity (4x8, alone) / bare key + CSR", fx
 p99 = fnum(enroll.get("resolve_p99_us"))
 target("ResolveIdentity p99 at 2,000 req/s open loop during 4x8 enrollments", us(p99), "<= 1 ms",
        verdict(p99, lambda v: v <= 1000),
+       f"{'measuring client at SCHED_FIFO 1 on the client CPU (RESOLVE_RT); ' if enroll.get('resolve_rt') == '1' else ''}"
        f"max {us(fnum(enroll.get('resolve_max_us')))}; the same load alone: p99 "
        f"{us(fnum(enroll.get('resolve_alone_p99_us')))}; a bare 1 ms epoll_wait on the server's CPU wakes "
        f"late by p99 {us(fnum(enroll.get('floor_wake_idle_p99_us')))} (zm-floor); {steal}")
