@@ -57,6 +57,8 @@ typedef struct {
   uint64_t connect_timeout_ms; /* PostgreSQL at open: keep retrying a
                                   connection that fails for this long
                                   (backoff 250 ms .. 5 s); 0 = one try */
+  unsigned commit_spacing_ms;  /* SQLite: least time between the starts of
+                                  two group commits; 0 = the default, 2 */
 } zm_store_config_t;
 
 typedef struct {

@@ -15,7 +15,7 @@
  *         claims; COMMIT -> done + uv_async_send -> loop: every callback, in
  *         submission order
  *
- * Group commits are spaced: a batch starts at most every COMMIT_SPACING_MS
+ * Group commits are spaced: a batch starts at most every commit_spacing_ms
  * (a linger timer holds the queue until then), so under a steady stream of
  * units they share transactions instead of committing one by one.
  *
@@ -53,7 +53,8 @@
 /* One transaction's worth: bounds the time the write lock is held and the
  * memory a batch pins; a longer queue chains into the next transactions. */
 #define MAX_BATCH_ITEMS 4096
-/* Least time between the starts of two group commits. A commit's fixed
+/* Least time between the starts of two group commits (the default of
+ * zm_store_config_t.commit_spacing_ms). A commit's fixed
  * cost (locks, WAL frame headers, the pages every unit touches: table and
  * index leaves of time-ordered keys) is most of a one-unit commit's: a model
  * of an enrollment's two units took 63 us of CPU committed one by one and
@@ -61,7 +62,7 @@
  * (about 700 a second, each commit done long before the next unit came).
  * A unit waits at most this long, and only when a commit started less than
  * this long ago: a store that is not busy commits at once. */
-#define COMMIT_SPACING_MS 2
+#define COMMIT_SPACING_MS 2u
 /* A queue this long goes at once, spacing or not. */
 #define SPACING_MAX_ITEMS 256
 /* Milliseconds a statement waits for another process's lock (an operator's
@@ -259,6 +260,7 @@ typedef struct sq_store {
   itemq_t queue;             /* loop thread only: waiting for the next batch */
   int in_flight;             /* loop thread only: batch handed to the worker */
   uint64_t last_dispatch_ns; /* loop thread only: uv_hrtime() of the last */
+  uint64_t spacing_ns;       /* commit_spacing_ms */
   int delivering;
   int closing;
   zm_store_stats_t stats;
@@ -284,7 +286,7 @@ typedef struct sq_store {
 struct handles {
   uv_prepare_t prepare;
   uv_async_t async;
-  uv_timer_t linger; /* COMMIT_SPACING_MS */
+  uv_timer_t linger; /* the spacing of group commits */
   sq_store_t *st;    /* NULL once the store is closed */
   int open;          /* handles not yet closed */
 };
@@ -932,13 +934,13 @@ static void kick(sq_store_t *st) {
 }
 
 /* Hands the queue to the worker, or, when a commit started less than
- * COMMIT_SPACING_MS ago, arms the linger timer to do it then (force: the
+ * the spacing ago, arms the linger timer to do it then (force: the
  * timer fired; the loop's cached clock may run a little behind hrtime). */
 static void dispatch(sq_store_t *st, int force) {
   if (st->in_flight || st->queue.head == NULL)
     return;
   uint64_t now = uv_hrtime();
-  uint64_t spacing = (uint64_t)COMMIT_SPACING_MS * 1000000u;
+  uint64_t spacing = st->spacing_ns;
   if (!force && !st->closing && now - st->last_dispatch_ns < spacing &&
       st->queue.items < SPACING_MAX_ITEMS) {
     if (!uv_is_active((uv_handle_t *)&st->h->linger)) {
@@ -1088,6 +1090,9 @@ static int sq_open(zm_store_t **out, uv_loop_t *loop,
   st->base.vt = &zm__sqlite_vt;
   st->loop = loop;
   st->path = zm_xstrdup(cfg->path);
+  st->spacing_ns = (uint64_t)(cfg->commit_spacing_ms ? cfg->commit_spacing_ms
+                                                     : COMMIT_SPACING_MS) *
+                   1000000u;
   int rc = sqlite3_open_v2(
       cfg->path, &st->db,
       SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);

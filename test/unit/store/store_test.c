@@ -762,6 +762,56 @@ static void test_ops(void **state) {
 /* A second pending row for the same agent is refused; other agents and
  * service rows (no agent) are not affected; once deleted, the agent may
  * have a pending row again. */
+/* Group commits are spaced: a unit that comes while a commit started less
+ * than commit_spacing_ms ago waits, and shares the next commit with what came
+ * meanwhile; an idle store commits at once. (A spacing of 300 ms, so that the
+ * steps below fit in it on a slow machine.) */
+static void test_commit_spacing(void **state) {
+  (void)state;
+  SQLITE_ONLY("test_commit_spacing");
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  zm_store_config_t cfg = {.path = db_path("spacing"),
+                           .commit_spacing_ms = 300};
+  zm_store_t *st = NULL;
+  assert_int_equal(zm_store_open(&st, &loop, &cfg), 0);
+  static outcomes_t o;
+  memset(&o, 0, sizeof o);
+  zm_store_op_t a[] = {put_managed("m1", UUID(01), 1, T0)};
+  zm_store_op_t b[] = {put_managed("m2", UUID(02), 1, T0)};
+  zm_store_op_t c[] = {put_managed("m3", UUID(03), 1, T0)};
+  zm_store_stats_t s0, s1, s2;
+
+  submit(st, &o, 0, a, 1);
+  uv_run(&loop, UV_RUN_NOWAIT); /* idle: a goes in this turn */
+  zm_store_get_stats(st, &s0);
+  assert_int_equal(s0.queued, 0);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  assert_int_equal(o.n, 1);
+  zm_store_get_stats(st, &s0);
+
+  submit(st, &o, 1, b, 1);
+  uv_run(&loop, UV_RUN_NOWAIT); /* a's commit started < 300 ms ago: b waits */
+  zm_store_get_stats(st, &s1);
+  assert_int_equal(o.n, 1);
+  assert_int_equal(s1.queued, 1);
+  submit(st, &o, 2, c, 1);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  assert_int_equal(o.n, 3);
+  for (int i = 0; i < 3; i++) {
+    assert_int_equal(o.tags[i], i);
+    assert_int_equal(o.errs[i], 0);
+  }
+  zm_store_get_stats(st, &s2);
+  assert_int_equal(s2.groups - s0.groups, 1); /* b and c: one commit */
+  assert_int_equal(s2.units - s0.units, 2);
+  close_all(st, &loop);
+  sqlite3 *db = peek_open(db_path("spacing"));
+  assert_int_equal(
+      peek_int(db, "SELECT count(*) FROM managed_identities", NULL), 3);
+  sqlite3_close(db);
+}
+
 static void test_pending_agent_unique(void **state) {
   (void)state;
   uv_loop_t loop;
@@ -1971,6 +2021,7 @@ int main(void) {
       cmocka_unit_test(test_open_migrate_reopen),
       cmocka_unit_test(test_migrate_from_v2),
       cmocka_unit_test(test_ops),
+      cmocka_unit_test(test_commit_spacing),
       cmocka_unit_test(test_pending_agent_unique),
       cmocka_unit_test(test_retire),
       cmocka_unit_test(test_flush_leases),
