@@ -75,17 +75,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# thread_ticks PID: "loop N crypto N other N" (utime+stime per thread group:
-# the main thread, the crypto workers named zm-crypto, the rest).
-thread_ticks() {
-  local t l=0 c=0 o=0 v comm
-  for t in /proc/"$1"/task/*; do
-    v=$(awk '{print $14+$15}' "$t/stat" 2>/dev/null) || continue
-    comm=$(cat "$t/comm" 2>/dev/null)
-    if [[ ${t##*/} == "$1" ]]; then l=$((l + v)); elif [[ $comm == zm-crypto ]]; then c=$((c + v)); else o=$((o + v)); fi
-  done
-  echo "$l $c $o"
-}
 # thread_by_name PID: "name ticks switches" per thread name (threads of one
 # name summed; the main thread is "loop").
 thread_by_name() {
@@ -191,7 +180,6 @@ rsi_run() {
 }
 su0=$(metric zm_store_units_total)
 sc0=$(metric zm_store_commits_total)
-read -r l0 c0 o0 <<<"$(thread_ticks "$ZMB_SRV_PID")"
 read -r eu0 es0 <<<"$(us_ticks "$ZMB_SRV_PID")"
 thread_by_name "$ZMB_SRV_PID" >"$OUT/threads0.txt"
 PPID_=
@@ -206,7 +194,6 @@ mark alone_e1
 PPID_=
 thread_by_name "$ZMB_SRV_PID" >"$OUT/threads1.txt"
 read -r eu1 es1 <<<"$(us_ticks "$ZMB_SRV_PID")"
-read -r l1 c1 o1 <<<"$(thread_ticks "$ZMB_SRV_PID")"
 su1=$(metric zm_store_units_total)
 sc1=$(metric zm_store_commits_total)
 ok=$(jget "$OUT/rsi-alone.json" 'j["ops"]["request-service-identity"]["status"].get("OK", 0)')
@@ -265,11 +252,17 @@ rerr=$(jget "$OUT/resolve.json" 'j["errors"]["total"]')
 echo "enrollments alone: ${ok:-?} OK in ${DUR}s, ${errs:-?} errors (4 conns x 8 streams)"
 echo "server CPU: ${per} us per enrollment ($(( (eu1 - eu0) + (es1 - es0) )) ticks at $hz/s)"
 echo "  user space $(pt $((eu1 - eu0))) us, kernel $(pt $((es1 - es0))) us (utime/stime; the kernel's share is system calls and wake-ups, and on loopback also the peers' TCP receive path, which runs in the sender's context)"
-echo "  by thread: loop $(pt $((l1 - l0))) us, crypto workers $(pt $((c1 - c0))) us, other threads (store, log, resolver) $(pt $((o1 - o0))) us per enrollment"
-# the same grouping as thread_ticks, from the per-name snapshots
-echo "  context switches per enrollment: $(join "$OUT/threads0.txt" "$OUT/threads1.txt" |
-  awk -v n="${ok:-0}" '{d = $5 - $3; if ($1 == "loop") l += d; else if ($1 == "zm-crypto") c += d; else o += d}
-    END {if (n > 0) printf "loop %.1f, crypto workers %.1f, other threads %.1f", l/n, c/n, o/n; else print "n/a"}')"
+# by_group FIELD FORMAT: the per-name snapshots' deltas of FIELD (2: ticks,
+# 3: context switches) grouped as loop, crypto workers, the rest, each /
+# enrollment (ticks -> us), printed with FORMAT
+by_group() {
+  join "$OUT/threads0.txt" "$OUT/threads1.txt" |
+    awk -v n="${ok:-0}" -v f="$1" -v fmt="$2" -v h="$hz" '{d = $(f + 2) - $f; if (f == 2) d = d / h * 1e6
+      if ($1 == "loop") l += d; else if ($1 == "zm-crypto") c += d; else o += d}
+      END {if (n > 0) printf fmt, l/n, c/n, o/n; else print "n/a"}'
+}
+echo "  by thread: $(by_group 2 'loop %.0f us, crypto workers %.0f us, other threads (store, log, resolver) %.0f us') per enrollment"
+echo "  context switches per enrollment: $(by_group 3 'loop %.1f, crypto workers %.1f, other threads %.1f')"
 echo "  by thread name, per enrollment (CPU us, context switches): $(join "$OUT/threads0.txt" "$OUT/threads1.txt" |
   awk -v n="${ok:-0}" -v h="$hz" 'n>0{printf "%s%s %.0f us %.1f", (NR>1?"; ":""), $1, ($4-$2)/h*1e6/n, ($5-$3)/n}')"
 echo "  store: $(awk -v u="$(( ${su1:-0} - ${su0:-0} ))" -v c="$(( ${sc1:-0} - ${sc0:-0} ))" -v n="${ok:-0}" 'BEGIN{if(n>0 && c>0) printf "%d units in %d commits (%.1f units per commit, %.2f commits per enrollment)", u, c, u/c, c/n; else print "n/a"}')"
