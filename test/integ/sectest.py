@@ -176,7 +176,9 @@ def write_policy(path, rules):
 
 # ---- raw HTTP/2 -----------------------------------------------------------
 
-def raw_socket(srv, ca=None, cert=None, key=None, alpn=("h2",)):
+def raw_socket(srv, ca=None, cert=None, key=None, alpn=("h2",), ciphers=None, tls12=False):
+    """A connected socket (TLS when the server has it). ciphers: offer only
+    these (OpenSSL names, any security level); tls12: at most TLS 1.2."""
     s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
     if srv.tls:
         ctx = ssl.create_default_context(cafile=ca)
@@ -184,7 +186,15 @@ def raw_socket(srv, ca=None, cert=None, key=None, alpn=("h2",)):
             ctx.load_cert_chain(cert, key)
         if alpn:
             ctx.set_alpn_protocols(list(alpn))
-        s = ctx.wrap_socket(s, server_hostname="localhost")
+        if tls12:
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        if ciphers:
+            ctx.set_ciphers(ciphers + ":@SECLEVEL=0")
+        try:
+            s = ctx.wrap_socket(s, server_hostname="localhost")
+        except BaseException:
+            s.close()
+            raise
     return s
 
 

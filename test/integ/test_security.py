@@ -167,16 +167,9 @@ def test_wrong_ca_and_plaintext_are_refused(pki, tmp):
 def handshake(srv, pki, ciphers=None, tls12=False):
     """A TLS handshake with the gRPC listener offering only `ciphers`
     (OpenSSL names, TLS 1.2 with tls12): the negotiated suite's name."""
-    ctx = ssl.create_default_context(cafile=pki["ca"])
-    ctx.load_cert_chain(*pki["gw"])
-    ctx.set_alpn_protocols(["h2"])
-    if tls12:
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    if ciphers:
-        ctx.set_ciphers(ciphers + ":@SECLEVEL=0")
-    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
-        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
-            return s.cipher()[0]
+    with st.raw_socket(srv, ca=pki["ca"], cert=pki["gw"][0], key=pki["gw"][1], ciphers=ciphers,
+                       tls12=tls12) as s:
+        return s.cipher()[0]
 
 
 def test_cipher_suites(pki, tmp):
