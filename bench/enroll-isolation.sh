@@ -3,13 +3,18 @@
 # whether it stalls the loop. The controller simulator (test/sim) and the
 # server (pinned with taskset to SERVER_CPU, its crypto workers included)
 # start on 127.0.0.1; zm-bench then runs, on CLIENT_CPU:
-#   - resolve --rate RATE open loop alone for DURATION seconds (baseline: its
-#     latency without enrollments);
 #   - a warm-up of 16 enrollments (CA bundle, controller connections);
 #   - request-service-identity, 4 connections x 8 streams, DURATION seconds,
-#     alone: the server's CPU per enrollment;
-#   - the same again with resolve --rate RATE open loop alongside
-#     (ResolveIdentity, the hot path, answered from memory on the loop).
+#     alone: the server's CPU per enrollment. This server runs without the
+#     loop-lag probe, an instrument whose own wake-ups and clock reads would
+#     count as enrollment cost (CPU_PROBE=1: with it);
+# then, against a second server on the same store with the probe on:
+#   - resolve --rate RATE open loop alone for DURATION seconds (baseline: its
+#     latency without enrollments);
+#   - a warm-up of 16 enrollments;
+#   - request-service-identity as above with resolve --rate RATE open loop
+#     alongside (ResolveIdentity, the hot path, answered from memory on the
+#     loop).
 # Reports: server CPU per enrollment (utime+stime delta of /proc/PID/stat over
 # the enrollments-alone window / OK enrollments; user and kernel time, per
 # thread), the bare key + CSR cost (zm-cryptocost pinned to SERVER_CPU) and
@@ -148,31 +153,35 @@ if [[ ${RESOLVE_RT:-1} == 1 ]] && chrt -f 1 true 2>/dev/null; then RT="chrt -f 1
 ZMB_SIM_IDLE=${SIM_IDLE:-1} zmb_start_sim "$W/sim" "$CLIENT_CPU" || { echo "simulator did not start" >&2; exit 1; }
 store=$W/zm.db
 zmb_schema "$store" "$BIN" && zmb_seed "$store" "$KEYS" 3600 || { echo "seeding failed" >&2; exit 1; }
-PORT=$(zmb_free_port)
-MPORT=$(zmb_free_port)
-zmb_start_server "$BIN" "$store" "$PORT" "$SERVER_CPU" "$OUT/server.log" \
-  LOOP_LAG_PROBE=1 STORE_SYNC=normal LOG_LEVEL=info METRICS_ADDRESS="127.0.0.1:$MPORT"
-zmb_wait_health "$BENCH" "$PORT" "$ZMB_SRV_PID" 60 || { echo "server did not start" >&2; tail "$OUT/server.log"; exit 1; }
-echo "server pid $ZMB_SRV_PID on 127.0.0.1:$PORT (metrics :$MPORT), simulator pid $ZMB_SIM_PID"
-
-# Baseline: the same ResolveIdentity load alone, for its latency without
-# enrollments.
-mark alone0
-$RT taskset -c "$CLIENT_CPU" timeout $((DUR + 30)) "$BENCH" --target "127.0.0.1:$PORT" --scenario resolve \
-  --rate "$RATE" -c 4 -m 64 -D "$DUR" --keys "$KEYS" --quiet --allow-errors \
-  --json "$OUT/resolve-alone.json" >"$OUT/resolve-alone.txt" 2>&1
-mark alone1
-
-# Warm-up outside the window: the first enrollment fetches the CA bundle and
-# opens the controller connections.
-taskset -c "$CLIENT_CPU" timeout 60 "$BENCH" --target "127.0.0.1:$PORT" --scenario request-service-identity \
-  -n 16 -c 4 -m 4 --timeout-ms 20000 --quiet --allow-errors >"$OUT/warmup.txt" 2>&1
+# start_server PROBE LOG: a server on the store, on fresh ports; PROBE=1
+# turns the loop-lag probe on (a 1 ms timer waking the loop, and a
+# CLOCK_THREAD_CPUTIME_ID system call in every loop iteration).
+start_server() {
+  local probe=()
+  [[ $1 == 1 ]] && probe=(LOOP_LAG_PROBE=1)
+  PORT=$(zmb_free_port)
+  MPORT=$(zmb_free_port)
+  zmb_start_server "$BIN" "$store" "$PORT" "$SERVER_CPU" "$2" \
+    "${probe[@]}" STORE_SYNC=normal LOG_LEVEL=info METRICS_ADDRESS="127.0.0.1:$MPORT"
+  zmb_wait_health "$BENCH" "$PORT" "$ZMB_SRV_PID" 60 || { echo "server did not start" >&2; tail "$2"; exit 1; }
+  echo "server pid $ZMB_SRV_PID on 127.0.0.1:$PORT (metrics :$MPORT, loop-lag probe $([[ $1 == 1 ]] && echo on || echo off)), simulator pid $ZMB_SIM_PID"
+}
 metric() { curl -sf "http://127.0.0.1:$MPORT/metrics" | awk -v k="$1" '$1==k{print $2}'; }
 hz=$(getconf CLK_TCK)
+# Warm-up outside the windows: the first enrollment fetches the CA bundle and
+# opens the controller connections.
+warmup() {
+  taskset -c "$CLIENT_CPU" timeout 60 "$BENCH" --target "127.0.0.1:$PORT" --scenario request-service-identity \
+    -n 16 -c 4 -m 4 --timeout-ms 20000 --quiet --allow-errors >"$1" 2>&1
+}
 
 # Window 1, the enrollments alone: what one costs the server (CPU by thread,
 # user and kernel time, context switches). Nothing else runs against it, so
-# no other load's cost has to be estimated and subtracted.
+# no other load's cost has to be estimated and subtracted. The probe is an
+# instrument, not the server's work: this server runs without it
+# (CPU_PROBE=1 keeps it on, to measure what it costs).
+start_server "${CPU_PROBE:-0}" "$OUT/server-cpu.log"
+warmup "$OUT/warmup-cpu.txt"
 rsi_run() {
   taskset -c "$CLIENT_CPU" timeout $((DUR + 30)) "$BENCH" --target "127.0.0.1:$PORT" \
     --scenario request-service-identity -c 4 -m 8 -D "$DUR" --timeout-ms 20000 --allow-errors \
@@ -198,6 +207,20 @@ su1=$(metric zm_store_units_total)
 sc1=$(metric zm_store_commits_total)
 ok=$(jget "$OUT/rsi-alone.json" 'j["ops"]["request-service-identity"]["status"].get("OK", 0)')
 errs=$(jget "$OUT/rsi-alone.json" 'j["errors"]["total"]')
+zmb_stop "$ZMB_SRV_PID"
+ZMB_SRV_PID=
+
+# The latency windows: a server on the same store with the probe on.
+start_server 1 "$OUT/server.log"
+# Baseline: the same ResolveIdentity load alone, for its latency without
+# enrollments.
+mark alone0
+$RT taskset -c "$CLIENT_CPU" timeout $((DUR + 30)) "$BENCH" --target "127.0.0.1:$PORT" --scenario resolve \
+  --rate "$RATE" -c 4 -m 64 -D "$DUR" --keys "$KEYS" --quiet --allow-errors \
+  --json "$OUT/resolve-alone.json" >"$OUT/resolve-alone.txt" 2>&1
+mark alone1
+warmup "$OUT/warmup.txt"
+
 # pt TICKS: microseconds per OK enrollment of window 1
 pt() { awk -v t="$1" -v h="$hz" -v n="${ok:-0}" 'BEGIN{if(n>0) printf "%.0f", t/h*1e6/n; else print "n/a"}'; }
 per=$(pt $(( (eu1 - eu0) + (es1 - es0) )))
@@ -243,6 +266,13 @@ mixed=$(awk -v t="$((t1 - t0))" -v h="$hz" -v n="${ok2:-0}" 'BEGIN{if(n>0) print
 
 cc=$(taskset -c "$SERVER_CPU" timeout 120 "$CRYPTO" "$CRYPTO_N" ec-p384 2>&1)
 cus=$(sed -n 's/.*cpu_us_per_op=\([0-9.]*\).*/\1/p' <<<"$cc")
+# The same keys with the CPU idle 2 ms between two of them, as a worker's
+# are (one key between the loop's events, the core idle between
+# enrollments): what cold caches cost on this machine. Not the reference of
+# the ratio, which is the tight loop.
+ccg=$(taskset -c "$SERVER_CPU" timeout 120 "$CRYPTO" "$CRYPTO_N" ec-p384 2000 2>&1)
+cgus=$(sed -n 's/.*cpu_us_per_op=\([0-9.]*\).*/\1/p' <<<"$ccg")
+cgwall=$(sed -n 's/.*wall_us_per_op=\([0-9.]*\).*/\1/p' <<<"$ccg")
 ratio=$(awk -v a="$per" -v b="$cus" 'BEGIN{if(a+0>0 && b+0>0) printf "%.2fx", a/b; else print "n/a"}')
 rp50=$(jget "$OUT/resolve.json" 'j["latency_us"]["p50"]')
 rp99=$(jget "$OUT/resolve.json" 'j["latency_us"]["p99"]')
@@ -268,6 +298,7 @@ echo "  by thread name, per enrollment (CPU us, context switches): $(join "$OUT/
 echo "  store: $(awk -v u="$(( ${su1:-0} - ${su0:-0} ))" -v c="$(( ${sc1:-0} - ${sc0:-0} ))" -v n="${ok:-0}" 'BEGIN{if(n>0 && c>0) printf "%d units in %d commits (%.1f units per commit, %.2f commits per enrollment)", u, c, u/c, c/n; else print "n/a"}')"
 echo "with ResolveIdentity at ${RATE}/s alongside: ${ok2:-?} enrollments OK, ${errs2:-?} errors; server CPU $((t1 - t0)) ticks -> ${mixed} us per enrollment, the resolve load's share included"
 echo "bare crypto: ${cus:-n/a} us per EC P-384 key + CSR ($cc)"
+echo "the same with the CPU idle 2 ms between keys: ${cgus:-n/a} us CPU, ${cgwall:-n/a} us of running time per key + CSR ($ccg)"
 echo "ratio: $ratio"
 rap99=$(jget "$OUT/resolve-alone.json" 'j["latency_us"]["p99"]')
 ramax=$(jget "$OUT/resolve-alone.json" 'j["latency_us"]["max"]')
@@ -319,6 +350,8 @@ echo "cpu_us_per_enroll_user=$(pt $((eu1 - eu0)))"
 echo "cpu_us_per_enroll_sys=$(pt $((es1 - es0)))"
 echo "cpu_us_per_enroll_mixed=$mixed"
 echo "crypto_us=${cus:-n/a}"
+echo "crypto_gap_us=${cgus:-n/a}"
+echo "crypto_gap_wall_us=${cgwall:-n/a}"
 echo "resolve_alone_p99_us=${rap99:-n/a}"
 echo "resolve_p99_us=${rp99:-n/a}"
 echo "resolve_max_us=${rmax:-n/a}"
@@ -335,4 +368,5 @@ echo "steal_floor_pct=$st_floor"
 echo "steal_floor_worst_ms=$st_floor_w"
 echo "sim_idle=${SIM_IDLE:-1}"
 echo "resolve_rt=$([[ -n $RT ]] && echo 1 || echo 0)"
+echo "cpu_probe=${CPU_PROBE:-0}"
 echo "raw: $OUT"

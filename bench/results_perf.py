@@ -195,7 +195,10 @@ target("server CPU per RequestServiceIdentity (4x8, alone) / bare key + CSR", fx
        verdict(x, lambda v: v <= 2),
        f"{us(cpu)} / {us(crypto)} (user {us(fnum(enroll.get('cpu_us_per_enroll_user')))}, kernel "
        f"{us(fnum(enroll.get('cpu_us_per_enroll_sys')))}; with the resolve load alongside, both loads' CPU: "
-       f"{us(fnum(enroll.get('cpu_us_per_enroll_mixed')))} per enrollment); "
+       f"{us(fnum(enroll.get('cpu_us_per_enroll_mixed')))} per enrollment; "
+       f"{'loop-lag probe on' if enroll.get('cpu_probe') == '1' else 'loop-lag probe off'}); "
+       f"the same key + CSR with the CPU idle 2 ms between keys, as the workers run them: "
+       f"{us(fnum(enroll.get('crypto_gap_us')))} CPU; "
        f"a wake-up round trip costs a thread {us(fnum(enroll.get('floor_switch_round_us')))} CPU on one core and "
        f"{us(fnum(enroll.get('floor_xcpu_round_us')))} across the two CPUs (zm-floor), and each call, "
        f"controller exchange and reply crosses them")
