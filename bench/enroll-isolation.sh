@@ -80,15 +80,15 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# thread_by_name PID: "name ticks switches" per thread name (threads of one
-# name summed; the main thread is "loop").
+# thread_by_name PID: "name ticks switches utime stime" per thread name
+# (threads of one name summed; the main thread is "loop").
 thread_by_name() {
   local t comm
   for t in /proc/"$1"/task/*; do
     comm=$(cat "$t/comm" 2>/dev/null) || continue
     [[ ${t##*/} == "$1" ]] && comm=loop
-    echo "$comm $(awk '{print $14+$15}' "$t/stat" 2>/dev/null) $(awk '/^(non)?voluntary_ctxt_switches/{s+=$2} END{print s+0}' "$t/status" 2>/dev/null)"
-  done | awk '{t[$1]+=$2; c[$1]+=$3} END{for (n in t) print n, t[n], c[n]}' | sort
+    echo "$comm $(awk '{print $14+$15}' "$t/stat" 2>/dev/null) $(awk '/^(non)?voluntary_ctxt_switches/{s+=$2} END{print s+0}' "$t/status" 2>/dev/null) $(awk '{print $14, $15}' "$t/stat" 2>/dev/null)"
+  done | awk 'NF == 5 {t[$1]+=$2; c[$1]+=$3; u[$1]+=$4; k[$1]+=$5} END{for (n in t) print n, t[n], c[n], u[n], k[n]}' | sort
 }
 # us_ticks PID: "utime stime" of the whole process, in clock ticks.
 us_ticks() { awk '{print $14, $15}' "/proc/$1/stat" 2>/dev/null || echo "0 0"; }
@@ -189,6 +189,17 @@ rsi_run() {
 }
 su0=$(metric zm_store_units_total)
 sc0=$(metric zm_store_commits_total)
+# crypto_steps: "verify_n verify_s keygen_n keygen_s" (the service's own
+# count and CPU seconds of the steps on the crypto threads)
+crypto_steps() {
+  local s
+  s=$(curl -sf "http://127.0.0.1:$MPORT/metrics")
+  for k in 'zm_enroll_crypto_steps_total{step="verify_jwt"}' 'zm_enroll_crypto_cpu_seconds_total{step="verify_jwt"}' \
+    'zm_enroll_crypto_steps_total{step="keygen_csr"}' 'zm_enroll_crypto_cpu_seconds_total{step="keygen_csr"}'; do
+    awk -v k="$k" '$1==k{v=$2} END{printf "%s ", (v == "" ? "0" : v)}' <<<"$s"
+  done
+}
+read -r vn0 vs0 kn0 ks0 <<<"$(crypto_steps)"
 read -r eu0 es0 <<<"$(us_ticks "$ZMB_SRV_PID")"
 thread_by_name "$ZMB_SRV_PID" >"$OUT/threads0.txt"
 PPID_=
@@ -205,6 +216,11 @@ thread_by_name "$ZMB_SRV_PID" >"$OUT/threads1.txt"
 read -r eu1 es1 <<<"$(us_ticks "$ZMB_SRV_PID")"
 su1=$(metric zm_store_units_total)
 sc1=$(metric zm_store_commits_total)
+read -r vn1 vs1 kn1 ks1 <<<"$(crypto_steps)"
+# per_step N0 S0 N1 S1: microseconds of CPU per step in the window
+per_step() { awk -v n="$(($3 - $1))" -v s0="$2" -v s1="$4" 'BEGIN{if (n > 0) printf "%.0f", (s1 - s0) / n * 1e6; else print "n/a"}'; }
+verify_us=$(per_step "$vn0" "$vs0" "$vn1" "$vs1")
+keygen_us=$(per_step "$kn0" "$ks0" "$kn1" "$ks1")
 ok=$(jget "$OUT/rsi-alone.json" 'j["ops"]["request-service-identity"]["status"].get("OK", 0)')
 errs=$(jget "$OUT/rsi-alone.json" 'j["errors"]["total"]')
 zmb_stop "$ZMB_SRV_PID"
@@ -283,23 +299,39 @@ echo "enrollments alone: ${ok:-?} OK in ${DUR}s, ${errs:-?} errors (4 conns x 8 
 echo "server CPU: ${per} us per enrollment ($(( (eu1 - eu0) + (es1 - es0) )) ticks at $hz/s)"
 echo "  user space $(pt $((eu1 - eu0))) us, kernel $(pt $((es1 - es0))) us (utime/stime; the kernel's share is system calls and wake-ups, and on loopback also the peers' TCP receive path, which runs in the sender's context)"
 # by_group FIELD FORMAT: the per-name snapshots' deltas of FIELD (2: ticks,
-# 3: context switches) grouped as loop, crypto workers, the rest, each /
+# 3: context switches; joined, the second snapshot's is FIELD + 4) grouped as loop, crypto workers, the rest, each /
 # enrollment (ticks -> us), printed with FORMAT
 by_group() {
   join "$OUT/threads0.txt" "$OUT/threads1.txt" |
-    awk -v n="${ok:-0}" -v f="$1" -v fmt="$2" -v h="$hz" '{d = $(f + 2) - $f; if (f == 2) d = d / h * 1e6
+    awk -v n="${ok:-0}" -v f="$1" -v fmt="$2" -v h="$hz" '{d = $(f + 4) - $f; if (f == 2) d = d / h * 1e6
       if ($1 == "loop") l += d; else if ($1 == "zm-crypto") c += d; else o += d}
       END {if (n > 0) printf fmt, l/n, c/n, o/n; else print "n/a"}'
 }
 echo "  by thread: $(by_group 2 'loop %.0f us, crypto workers %.0f us, other threads (store, log, resolver) %.0f us') per enrollment"
 echo "  context switches per enrollment: $(by_group 3 'loop %.1f, crypto workers %.1f, other threads %.1f')"
 echo "  by thread name, per enrollment (CPU us, context switches): $(join "$OUT/threads0.txt" "$OUT/threads1.txt" |
-  awk -v n="${ok:-0}" -v h="$hz" 'n>0{printf "%s%s %.0f us %.1f", (NR>1?"; ":""), $1, ($4-$2)/h*1e6/n, ($5-$3)/n}')"
+  awk -v n="${ok:-0}" -v h="$hz" 'n>0{printf "%s%s %.0f us %.1f", (NR>1?"; ":""), $1, ($6-$2)/h*1e6/n, ($7-$3)/n}')"
+echo "  by thread name, per enrollment (user / kernel CPU us): $(join "$OUT/threads0.txt" "$OUT/threads1.txt" |
+  awk -v n="${ok:-0}" -v h="$hz" 'n>0{printf "%s%s %.0f / %.0f", (NR>1?"; ":""), $1, ($8-$4)/h*1e6/n, ($9-$5)/h*1e6/n}')"
 echo "  store: $(awk -v u="$(( ${su1:-0} - ${su0:-0} ))" -v c="$(( ${sc1:-0} - ${sc0:-0} ))" -v n="${ok:-0}" 'BEGIN{if(n>0 && c>0) printf "%d units in %d commits (%.1f units per commit, %.2f commits per enrollment)", u, c, u/c, c/n; else print "n/a"}')"
 echo "with ResolveIdentity at ${RATE}/s alongside: ${ok2:-?} enrollments OK, ${errs2:-?} errors; server CPU $((t1 - t0)) ticks -> ${mixed} us per enrollment, the resolve load's share included"
 echo "bare crypto: ${cus:-n/a} us per EC P-384 key + CSR ($cc)"
 echo "the same with the CPU idle 2 ms between keys: ${cgus:-n/a} us CPU, ${cgwall:-n/a} us of running time per key + CSR ($ccg)"
 echo "ratio: $ratio"
+# tpart NAME FIELD: CPU us per enrollment of window 1 of the threads named
+# NAME ("other": all but loop, zm-crypto, zm-store; "all") in FIELD (8: user,
+# 9: kernel, of the joined snapshots)
+tpart() {
+  join "$OUT/threads0.txt" "$OUT/threads1.txt" | awk -v want="$1" -v f="$2" -v n="${ok:-0}" -v h="$hz" '
+    { g = ($1 == "loop" || $1 == "zm-crypto" || $1 == "zm-store") ? $1 : "other"
+      if (want == "all" || want == g) d += $f - $(f - 4) }
+    END { if (n > 0) printf "%.0f", d / h * 1e6 / n; else print "n/a" }'
+}
+# the process's kernel time (per-thread figures round each thread's ticks)
+k_all=$(pt $((es1 - es0)))
+floor_us=$(awk -v a="$verify_us" -v b="$keygen_us" -v k="$k_all" 'BEGIN{if (a+0 > 0 && b+0 > 0) printf "%.0f", a + b + k; else print "n/a"}')
+echo "where one enrollment's CPU goes (window 1): crypto threads: key + CSR ${keygen_us} us (the service's own measure, zm_enroll_crypto_cpu_seconds_total; $(awk -v a="$keygen_us" -v b="$cus" 'BEGIN{if (a+0 > 0 && b+0 > 0) printf "%.2fx", a/b; else print "n/a"}') the tight loop's), JWT check ${verify_us} us; kernel: ${k_all} us (by thread: loop $(tpart loop 9), crypto $(tpart zm-crypto 9), store $(tpart zm-store 9), other $(tpart other 9)); user space: loop $(tpart loop 8) us, store thread $(tpart zm-store 8) us, other threads $(tpart other 8) us"
+echo "the crypto steps and the kernel's share alone: ${floor_us} us = $(awk -v a="$floor_us" -v b="$cus" 'BEGIN{if (a+0 > 0 && b+0 > 0) printf "%.2fx", a/b; else print "n/a"}') the bare key + CSR"
 rap99=$(jget "$OUT/resolve-alone.json" 'j["latency_us"]["p99"]')
 ramax=$(jget "$OUT/resolve-alone.json" 'j["latency_us"]["max"]')
 echo "ResolveIdentity @${RATE}/s alone (baseline): p99 ${rap99:-?} us, max ${ramax:-?} us"
@@ -351,6 +383,13 @@ echo "cpu_us_per_enroll_sys=$(pt $((es1 - es0)))"
 echo "cpu_us_per_enroll_mixed=$mixed"
 echo "crypto_us=${cus:-n/a}"
 echo "crypto_gap_us=${cgus:-n/a}"
+echo "keygen_inservice_us=$keygen_us"
+echo "verify_inservice_us=$verify_us"
+echo "kernel_us_per_enroll=$k_all"
+echo "loop_user_us=$(tpart loop 8)"
+echo "store_user_us=$(tpart zm-store 8)"
+echo "other_user_us=$(tpart other 8)"
+echo "floor_steps_kernel_us=$floor_us"
 echo "crypto_gap_wall_us=${cgwall:-n/a}"
 echo "resolve_alone_p99_us=${rap99:-n/a}"
 echo "resolve_p99_us=${rp99:-n/a}"

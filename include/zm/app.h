@@ -34,6 +34,9 @@ typedef struct {
    * work, apart from the time it waited for the CPU */
   uint64_t busy_max_us, busy_worst_us;
   uint32_t enroll_gauge[16]; /* sagas currently in each ZM_ENROLL_* state */
+  /* crypto worker steps that ran (VERIFY_JWT, KEYGEN_CSR) and the CPU time
+   * they took on their threads (ns) */
+  uint64_t verify_steps, verify_cpu_ns, keygen_steps, keygen_cpu_ns;
 } zm_app_stats_t;
 
 struct enroll;

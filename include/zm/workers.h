@@ -10,7 +10,8 @@
  * - Completions run on the loop thread, oldest first, woken through an
  *   eventfd: done(w, 0) after work(w) ran, done(w, UV_ECANCELED) for work
  *   that was still queued when zm_workers_close() was called (the same
- *   statuses uv_queue_work() gives).
+ *   statuses uv_queue_work() gives). w->cpu_ns says what work(w) cost its
+ *   thread, for the service's per-step CPU metrics.
  * - The loop never waits for a worker (no shared mutex, no uv_async_send
  *   from the threads): an idle-class thread may be off the CPU for as long
  *   as the loop keeps it busy.
@@ -26,6 +27,7 @@
 #define ZM_WORKERS_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <uv.h>
 
 typedef struct zm_workers zm_workers_t;
@@ -39,7 +41,9 @@ struct zm_work {
   zm_work_cb work;
   zm_after_work_cb done;
   int status;
-  unsigned slot_; /* the pool's: the thread that runs it */
+  unsigned slot_;  /* the pool's: the thread that runs it */
+  uint64_t cpu_ns; /* set before done(w, 0): the CPU time work(w) took on
+                      its thread (CLOCK_THREAD_CPUTIME_ID); 0 if cancelled */
 };
 
 typedef enum {

@@ -149,6 +149,24 @@ static void render_enroll(zm_prom_t *p, const zm_app_t *app) {
     const char *l[] = {"state", zm_enroll_state_name((zm_enroll_state_t)st)};
     zm_prom_sample_u64(p, "zm_enrollments_in_state", l, 1, s->enroll_gauge[st]);
   }
+  const struct {
+    const char *step;
+    uint64_t n, ns;
+  } steps[] = {{"verify_jwt", s->verify_steps, s->verify_cpu_ns},
+               {"keygen_csr", s->keygen_steps, s->keygen_cpu_ns}};
+  zm_prom_family(p, "zm_enroll_crypto_steps_total", "counter",
+                 "enrollment steps run on the crypto threads, by step");
+  for (size_t i = 0; i < ZM_ARRAY_SIZE(steps); i++) {
+    const char *l[] = {"step", steps[i].step};
+    zm_prom_sample_u64(p, "zm_enroll_crypto_steps_total", l, 1, steps[i].n);
+  }
+  zm_prom_family(p, "zm_enroll_crypto_cpu_seconds_total", "counter",
+                 "CPU time those steps took on their threads, by step");
+  for (size_t i = 0; i < ZM_ARRAY_SIZE(steps); i++) {
+    const char *l[] = {"step", steps[i].step};
+    zm_prom_sample(p, "zm_enroll_crypto_cpu_seconds_total", l, 1,
+                   (double)steps[i].ns / 1e9);
+  }
 }
 
 static void render_ziti(zm_prom_t *p, const zm_app_t *app) {

@@ -547,6 +547,10 @@ static void verify_work(zm_work_t *w) {
 
 static void verify_done(zm_work_t *w, int status) {
   enroll_t *e = container_of(w, enroll_t, work);
+  if (status == 0) {
+    e->app->stats.verify_steps++;
+    e->app->stats.verify_cpu_ns += w->cpu_ns;
+  }
   zm_secret_dispose(&e->jwt); /* the claims hold what we still need */
   free(e->cert_der);
   e->cert_der = NULL;
@@ -599,6 +603,10 @@ static void keygen_work(zm_work_t *w) {
 
 static void keygen_done(zm_work_t *w, int status) {
   enroll_t *e = container_of(w, enroll_t, work);
+  if (status == 0) {
+    e->app->stats.keygen_steps++;
+    e->app->stats.keygen_cpu_ns += w->cpu_ns;
+  }
   if (status != 0 || e->work_rv != 0) {
     enroll_fail(e, ZM_GRPC_INTERNAL, "key/CSR generation failed: %s",
                 zm_strerror(status != 0 ? status : e->work_rv));

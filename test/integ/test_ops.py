@@ -156,6 +156,12 @@ def test_controller_and_enrollment_metrics(sim):
         assert val(m, "zm_enrollments_total", outcome="ok") == 1
         assert val(m, "zm_enrollments_started_total") == 1
         assert val(m, "zm_enrollments_in_state", state="CREATE") == 0
+        # one JWT check and one key + CSR ran on the crypto threads, each
+        # charged the CPU it took there
+        assert val(m, "zm_enroll_crypto_steps_total", step="verify_jwt") == 1
+        assert val(m, "zm_enroll_crypto_steps_total", step="keygen_csr") == 1
+        assert val(m, "zm_enroll_crypto_cpu_seconds_total", step="verify_jwt") > 0
+        assert val(m, "zm_enroll_crypto_cpu_seconds_total", step="keygen_csr") > 0
         assert val(m, "zm_controller_requests_total", endpoint="create_identity", code="201") == 1
         assert val(m, "zm_controller_requests_total", endpoint="enroll", code="200") == 1
         assert val(m, "zm_controller_requests_total", endpoint="authenticate", code="200") >= 1

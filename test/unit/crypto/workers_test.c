@@ -14,6 +14,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 typedef struct {
@@ -216,11 +217,72 @@ static void test_shutdown_with_queued(void **state) {
     assert_int_equal(jobs[i].done_calls, 1);
   }
   assert_int_equal(jobs[4].done_calls, 0);
+  for (int i = 1; i <= 3; i++)
+    assert_int_equal(jobs[i].w.cpu_ns, 0); /* never ran */
   assert_int_equal(n_order, 4);
   /* the cancelled ones, in order, do not wait for the one running */
   static const int want[] = {1, 2, 3, 0};
   for (int i = 0; i < 4; i++)
     assert_int_equal(order[i], want[i]);
+  assert_int_equal(uv_loop_close(&loop), 0);
+}
+
+/* CPU-bound work: at least `ns` of this thread's CPU time, which it
+ * records (as read by the job itself) for the test to compare. */
+typedef struct {
+  zm_work_t w;
+  uint64_t ns, seen, sink;
+  int done_status;
+} burn_t;
+
+static uint64_t cpu_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void burn_work(zm_work_t *w) {
+  burn_t *b = (burn_t *)w;
+  uint64_t t0 = cpu_now();
+  volatile uint64_t x = 0;
+  while (cpu_now() - t0 < b->ns)
+    for (int i = 0; i < 1000; i++)
+      x += (uint64_t)i;
+  b->seen = cpu_now() - t0;
+  b->sink = x;
+}
+
+static void burn_done(zm_work_t *w, int status) {
+  ((burn_t *)w)->done_status = status;
+}
+
+/* w->cpu_ns is the CPU the work took on its thread: at least what the job
+ * measured inside itself, and a job that waits without using CPU (the gated
+ * job above) is not charged its wait. */
+static void test_cpu_accounting(void **state) {
+  (void)state;
+  reset();
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  zm_workers_t *p;
+  assert_int_equal(zm_workers_new(&p, &loop, 1, 8), 0);
+  burn_t b = {.ns = 20u * 1000 * 1000}; /* 20 ms of CPU */
+  job_t idle;
+  memset(&idle, 0, sizeof idle);
+  gate_set(0);
+  assert_int_equal(zm_workers_queue(p, &idle.w, job_work, job_done), 0);
+  wait_started(&loop, 1);
+  usleep(200 * 1000); /* blocked on the gate, off the CPU */
+  gate_set(1);
+  assert_int_equal(zm_workers_queue(p, &b.w, burn_work, burn_done), 0);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  assert_int_equal(b.done_status, 0);
+  assert_true(b.seen >= b.ns);
+  assert_true(b.w.cpu_ns >= b.seen);
+  assert_int_equal(idle.status, 0);
+  assert_true(idle.w.cpu_ns < b.w.cpu_ns); /* its 200 ms wait is not CPU */
+  zm_workers_close(p, NULL, NULL);
+  uv_run(&loop, UV_RUN_DEFAULT);
   assert_int_equal(uv_loop_close(&loop), 0);
 }
 
@@ -242,6 +304,7 @@ int main(void) {
       cmocka_unit_test(test_many_threads),
       cmocka_unit_test(test_queue_full),
       cmocka_unit_test(test_shutdown_with_queued),
+      cmocka_unit_test(test_cpu_accounting),
       cmocka_unit_test(test_bad_args),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
