@@ -275,6 +275,10 @@ lagsec=$(sort -n <<<"$lagw" | uniq -c | awk 'NF==2{printf "%s%s s at %s ms", (NR
 secmax=$(sort -n <<<"$lagw" | tail -1)
 busyw=$(sed -n "$((loglines + 1)),${logend}p" "$OUT/server.log" | grep -o 'busiest iteration [0-9]* us' | awk 'NR>1{print $3}')
 busymax=$(sort -n <<<"$busyw" | tail -1)
+# the page faults and preemptions within the busiest iteration of the window
+busyfp=$(sed -n "$((loglines + 1)),${logend}p" "$OUT/server.log" |
+  grep -o 'busiest iteration [0-9]* us CPU with [0-9]* page faults and [0-9]* preemptions' |
+  awk 'NR>1 && $3 + 0 > m {m = $3 + 0; f = $7; p = $11} END {if (m > 0) printf "%d page faults and %d preemptions in it", f, p}')
 busyover=$(awk '$1>1000{n++} END{print n+0}' <<<"$busyw")
 ok2=$(jget "$OUT/rsi.json" 'j["ops"]["request-service-identity"]["status"].get("OK", 0)')
 errs2=$(jget "$OUT/rsi.json" 'j["errors"]["total"]')
@@ -337,7 +341,7 @@ ramax=$(jget "$OUT/resolve-alone.json" 'j["latency_us"]["max"]')
 echo "ResolveIdentity @${RATE}/s alone (baseline): p99 ${rap99:-?} us, max ${ramax:-?} us"
 echo "ResolveIdentity @${RATE}/s open loop during enrollments: p50 ${rp50:-?} us, p99 ${rp99:-?} us, max ${rmax:-?} us, ${rerr:-?} errors"
 echo "loop lag during the window (per-second maxima, 1 ms probe): worst ${secmax:-?} ms; ${lagsec:-?}"
-echo "loop iterations (CPU time of one iteration, the loop's own work): worst ${busymax:-n/a} us; seconds with one > 1 ms: ${busyover:-n/a} of $(wc -w <<<"$busyw")"
+echo "loop iterations (CPU time of one iteration, the loop's own work): worst ${busymax:-n/a} us${busyfp:+ ($busyfp)}; seconds with one > 1 ms: ${busyover:-n/a} of $(wc -w <<<"$busyw")"
 echo "loop lag worst since start (zm_loop_lag_worst_seconds): ${lag0:-?} s after warm-up, ${lag:-?} s at the end"
 echo "controller connections opened during the window: $(( ${conn1:-0} - ${conn0:-0} )) (${conn1:-?} since start)"
 if [[ -s $OUT/sched.data ]]; then
@@ -369,7 +373,7 @@ for t, task, delay, run in rows:
 print("  loop scheduling delays > 1 ms in the window: %d" % n)
 PY
 fi
-echo "machine floor on CPU $SERVER_CPU (zm-floor, before the run): a bare 1 ms epoll_wait wakes late by p50 $(fget wake_idle_p50_us) us, p99 $(fget wake_idle_p99_us) us, max $(fget wake_idle_max_us) us, $(fget wake_idle_over1ms) of $(fget wake_idle_n) more than 1 ms late (idle core); p99 $(fget wake_busy_p99_us) us, max $(fget wake_busy_max_us) us, $(fget wake_busy_over1ms) over 1 ms (core kept busy at SCHED_IDLE); one thread hand-off $(fget switch_cpu_us) us CPU; a wake-up round trip costs the waking thread $(fget switch_round_us) us CPU on one core, $(fget xcpu_round_us) us with the peer on CPU $CLIENT_CPU"
+echo "machine floor on CPU $SERVER_CPU (zm-floor, before the run): a bare 1 ms epoll_wait wakes late by p50 $(fget wake_idle_p50_us) us, p99 $(fget wake_idle_p99_us) us, max $(fget wake_idle_max_us) us, $(fget wake_idle_over1ms) of $(fget wake_idle_n) more than 1 ms late (idle core); p99 $(fget wake_busy_p99_us) us, max $(fget wake_busy_max_us) us, $(fget wake_busy_over1ms) over 1 ms (core kept busy at SCHED_IDLE); one thread hand-off $(fget switch_cpu_us) us CPU; a wake-up round trip costs the waking thread $(fget switch_round_us) us CPU on one core, $(fget xcpu_round_us) us with the peer on CPU $CLIENT_CPU; a fixed computation after a 1 ms sleep was charged p50 $(fget work_p50_us) us, max $(fget work_max_us) us of thread CPU ($(fget work_over1ms) of $(fget work_n) over 1 ms)"
 read -r st_floor st_floor_w <<<"$(steal_in floor0 floor1)"
 read -r st_alone st_alone_w <<<"$(steal_in alone0 alone1)"
 read -r st_enr st_enr_w <<<"$(steal_in enroll0 enroll1)"
@@ -396,7 +400,7 @@ echo "resolve_p99_us=${rp99:-n/a}"
 echo "resolve_max_us=${rmax:-n/a}"
 echo "loop_lag_max_us=$(awk -v m="${secmax:-}" 'BEGIN{if (m != "") printf "%.0f", m * 1000; else print "n/a"}')"
 echo "loop_busy_max_us=${busymax:-n/a}"
-for k in wake_idle_n wake_idle_p99_us wake_idle_max_us wake_idle_over1ms wake_busy_p99_us wake_busy_max_us switch_cpu_us switch_round_us xcpu_round_us; do
+for k in wake_idle_n wake_idle_p99_us wake_idle_max_us wake_idle_over1ms wake_busy_p99_us wake_busy_max_us switch_cpu_us switch_round_us xcpu_round_us work_p50_us work_max_us work_over1ms; do
   echo "floor_$k=$(v=$(fget $k); echo "${v:-n/a}")"
 done
 echo "steal_enroll_pct=$st_enr"

@@ -18,6 +18,14 @@
  *               crosses to the other vCPU, as the server's writes to a client
  *               or the controller do on loopback (against switch_round_us, the
  *               same figure with both threads on one core).
+ *   work        N runs of the same fixed computation (about 200 us of CPU,
+ *               no memory allocated, no system call), each after a 1 ms
+ *               sleep as a loop iteration follows a wake-up: the thread CPU
+ *               time one run is charged. A run charged far more than the
+ *               median did the same work: the rest is time the thread was
+ *               charged while it did not run it (interrupts, or a host that
+ *               takes the vCPU without the guest accounting it as steal).
+ *               This is the floor under the server's "busiest iteration".
  *
  * Usage: zm-floor [N] [PEER_CPU]   (N waits per wake case, default 3000;
  * hand-offs: 20 * N). Prints "key=value" lines (microseconds).
@@ -76,6 +84,56 @@ static int wake_case(const char *name, int n) {
          (unsigned long long)late[n - 1], name, over);
   free(late);
   close(ep);
+  return 0;
+}
+
+/* The fixed computation: k rounds of a multiply-xorshift chain. */
+static uint64_t work_unit(uint64_t k) {
+  volatile uint64_t x = 88172645463325252ull;
+  uint64_t v = x;
+  for (uint64_t i = 0; i < k; i++) {
+    v ^= v << 13;
+    v ^= v >> 7;
+    v ^= v << 17;
+    v *= 0x9E3779B97F4A7C15ull;
+  }
+  x = v;
+  return x;
+}
+
+/* N runs of about 200 us of work, each after a 1 ms sleep; prints the
+ * thread CPU each run was charged. */
+static int work_case(const char *name, int n) {
+  uint64_t k = 1u << 16, t;
+  for (;;) { /* calibrate: rounds for about 200 us */
+    uint64_t c0 = now_ns(CLOCK_THREAD_CPUTIME_ID);
+    (void)work_unit(k);
+    t = now_ns(CLOCK_THREAD_CPUTIME_ID) - c0;
+    if (t >= 50000 || k >= (1ull << 40))
+      break;
+    k <<= 1;
+  }
+  k = t > 0 ? k * 200000u / t : k;
+  uint64_t *cpu = calloc((size_t)n, sizeof *cpu);
+  if (cpu == NULL)
+    return -1;
+  struct timespec ms = {0, 1000000};
+  int over = 0;
+  for (int i = 0; i < n; i++) {
+    nanosleep(&ms, NULL);
+    uint64_t c0 = now_ns(CLOCK_THREAD_CPUTIME_ID);
+    (void)work_unit(k);
+    cpu[i] = (now_ns(CLOCK_THREAD_CPUTIME_ID) - c0) / 1000u;
+    if (cpu[i] > 1000)
+      over++;
+  }
+  qsort(cpu, (size_t)n, sizeof *cpu, cmp_u64);
+  printf("%s_n=%d\n%s_p50_us=%llu\n%s_p99_us=%llu\n%s_max_us=%llu\n"
+         "%s_over1ms=%d\n",
+         name, n, name, (unsigned long long)cpu[n / 2], name,
+         (unsigned long long)cpu[(size_t)n * 99 / 100], name,
+         (unsigned long long)cpu[n - 1], name, over);
+  free(cpu);
   return 0;
 }
 
@@ -181,6 +239,8 @@ int main(int argc, char **argv) {
   if (rc != 0 || switch_case("switch", 20 * n, -1) != 0)
     return 1;
   if (peer_cpu >= 0 && switch_case("xcpu", 20 * n, peer_cpu) != 0)
+    return 1;
+  if (work_case("work", n) != 0)
     return 1;
   return 0;
 }

@@ -33,6 +33,9 @@ typedef struct {
   /* ... and the most CPU time one loop iteration took (us): the loop's own
    * work, apart from the time it waited for the CPU */
   uint64_t busy_max_us, busy_worst_us;
+  /* the page faults and the involuntary context switches (preemptions)
+   * within that busiest iteration of the last second */
+  uint64_t busy_max_faults, busy_max_preempt;
   uint32_t enroll_gauge[16]; /* sagas currently in each ZM_ENROLL_* state */
   /* crypto worker steps that ran (VERIFY_JWT, KEYGEN_CSR) and the CPU time
    * they took on their threads (ns) */
@@ -63,6 +66,7 @@ typedef struct zm_app {
   uv_prepare_t log_prep;  /* wakes the log writers once per iteration */
   uv_prepare_t busy_prep; /* LOOP_LAG_PROBE: once per iteration */
   uint64_t busy_last_ns;  /* thread CPU time at the last iteration */
+  uint64_t busy_last_faults, busy_last_preempt; /* ... and its counts */
   uv_timer_t
       shutdown_timer; /* runs the last shutdown steps outside callbacks */
   uint64_t lag_expected;

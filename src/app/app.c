@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <time.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #define SVC "/agynio.api.ziti_management.v1.ZitiManagementService/"
@@ -329,18 +330,32 @@ static void on_log_prepare(uv_prepare_t *h) {
 
 /* Runs once per loop iteration, just before the loop blocks for I/O: the
  * thread's CPU time since the last run is what one iteration cost, however
- * long it then had to wait for the CPU (which the lateness above counts). */
+ * long it then had to wait for the CPU (which the lateness above counts).
+ * The page faults and preemptions in the busiest iteration say whether its
+ * CPU went to the loop's work or to the kernel growing memory, and whether
+ * another thread took the core in the middle of it. */
 static void on_busy_prepare(uv_prepare_t *h) {
   zm_app_t *app = h->data;
   uint64_t now = thread_cpu_ns();
+  struct rusage ru;
+  uint64_t faults = 0, preempt = 0;
+  if (getrusage(RUSAGE_THREAD, &ru) == 0) {
+    faults = (uint64_t)ru.ru_minflt + (uint64_t)ru.ru_majflt;
+    preempt = (uint64_t)ru.ru_nivcsw;
+  }
   if (app->busy_last_ns != 0) {
     uint64_t us = (now - app->busy_last_ns) / 1000u;
-    if (us > app->stats.busy_max_us)
+    if (us > app->stats.busy_max_us) {
       app->stats.busy_max_us = us;
+      app->stats.busy_max_faults = faults - app->busy_last_faults;
+      app->stats.busy_max_preempt = preempt - app->busy_last_preempt;
+    }
     if (us > app->stats.busy_worst_us)
       app->stats.busy_worst_us = us;
   }
   app->busy_last_ns = now;
+  app->busy_last_faults = faults;
+  app->busy_last_preempt = preempt;
 }
 
 static void on_lag(uv_timer_t *t) {
@@ -351,10 +366,13 @@ static void on_lag(uv_timer_t *t) {
     /* one line per second with the worst lateness of the 1 ms probe */
     if (app->lag_report_s != 0)
       ZM_INFO("loop lag: max %llu ms in the last second (worst %llu ms); "
-              "busiest iteration %llu us CPU (worst %llu us)",
+              "busiest iteration %llu us CPU with %llu page faults and %llu "
+              "preemptions (worst %llu us)",
               (unsigned long long)app->stats.lag_max_ms,
               (unsigned long long)app->stats.lag_worst_ms,
               (unsigned long long)app->stats.busy_max_us,
+              (unsigned long long)app->stats.busy_max_faults,
+              (unsigned long long)app->stats.busy_max_preempt,
               (unsigned long long)app->stats.busy_worst_us);
     app->lag_report_s = now / 1000;
     app->stats.lag_max_ms = 0;
