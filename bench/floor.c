@@ -54,6 +54,21 @@ static int cmp_u64(const void *a, const void *b) {
   return x < y ? -1 : x > y;
 }
 
+/* Sorts the n samples (us) and prints NAME_n, NAME_p50_us, NAME_p99_us,
+ * NAME_max_us and NAME_over1ms (samples over 1 ms, the loop-lag bound). */
+static void print_dist(const char *name, uint64_t *v, int n) {
+  int over = 0;
+  for (int i = 0; i < n; i++)
+    if (v[i] > 1000)
+      over++;
+  qsort(v, (size_t)n, sizeof *v, cmp_u64);
+  printf("%s_n=%d\n%s_p50_us=%llu\n%s_p99_us=%llu\n%s_max_us=%llu\n"
+         "%s_over1ms=%d\n",
+         name, n, name, (unsigned long long)v[n / 2], name,
+         (unsigned long long)v[(size_t)n * 99 / 100], name,
+         (unsigned long long)v[n - 1], name, over);
+}
+
 /* N 1 ms epoll waits; prints the lateness distribution under name. */
 static int wake_case(const char *name, int n) {
   int ep = epoll_create1(0);
@@ -67,21 +82,13 @@ static int wake_case(const char *name, int n) {
     return -1;
   }
   struct epoll_event ev;
-  int over = 0;
   for (int i = 0; i < n; i++) {
     uint64_t a = now_ns(CLOCK_MONOTONIC);
     (void)epoll_wait(ep, &ev, 1, 1);
     uint64_t d = now_ns(CLOCK_MONOTONIC) - a;
     late[i] = d > 1000000u ? (d - 1000000u) / 1000u : 0;
-    if (late[i] > 1000)
-      over++;
   }
-  qsort(late, (size_t)n, sizeof *late, cmp_u64);
-  printf("%s_n=%d\n%s_p50_us=%llu\n%s_p99_us=%llu\n%s_max_us=%llu\n"
-         "%s_over1ms=%d\n",
-         name, n, name, (unsigned long long)late[n / 2], name,
-         (unsigned long long)late[(size_t)n * 99 / 100], name,
-         (unsigned long long)late[n - 1], name, over);
+  print_dist(name, late, n);
   free(late);
   close(ep);
   return 0;
@@ -118,21 +125,13 @@ static int work_case(const char *name, int n) {
   if (cpu == NULL)
     return -1;
   struct timespec ms = {0, 1000000};
-  int over = 0;
   for (int i = 0; i < n; i++) {
     nanosleep(&ms, NULL);
     uint64_t c0 = now_ns(CLOCK_THREAD_CPUTIME_ID);
     (void)work_unit(k);
     cpu[i] = (now_ns(CLOCK_THREAD_CPUTIME_ID) - c0) / 1000u;
-    if (cpu[i] > 1000)
-      over++;
   }
-  qsort(cpu, (size_t)n, sizeof *cpu, cmp_u64);
-  printf("%s_n=%d\n%s_p50_us=%llu\n%s_p99_us=%llu\n%s_max_us=%llu\n"
-         "%s_over1ms=%d\n",
-         name, n, name, (unsigned long long)cpu[n / 2], name,
-         (unsigned long long)cpu[(size_t)n * 99 / 100], name,
-         (unsigned long long)cpu[n - 1], name, over);
+  print_dist(name, cpu, n);
   free(cpu);
   return 0;
 }

@@ -90,4 +90,8 @@ int zm_disable_core_dumps(void);
 /* Wall-clock time in milliseconds since the Unix epoch (for stored times). */
 int64_t zm_wall_ms(void);
 
+/* The calling thread's CPU time in nanoseconds (CLOCK_THREAD_CPUTIME_ID;
+ * 0 if unreadable). A system call on some clock sources. */
+uint64_t zm_thread_cpu_ns(void);
+
 #endif /* ZM_ZM_H */

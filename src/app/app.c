@@ -314,12 +314,6 @@ static void on_sighup(uv_signal_t *s, int signum) {
 
 /* ===================== loop-lag probe ==================================== */
 
-static uint64_t thread_cpu_ns(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 /* Before the loop blocks: the log and audit lines queued in this iteration
  * wake their writers (zm/logq.h). */
 static void on_log_prepare(uv_prepare_t *h) {
@@ -336,7 +330,7 @@ static void on_log_prepare(uv_prepare_t *h) {
  * another thread took the core in the middle of it. */
 static void on_busy_prepare(uv_prepare_t *h) {
   zm_app_t *app = h->data;
-  uint64_t now = thread_cpu_ns();
+  uint64_t now = zm_thread_cpu_ns();
   struct rusage ru;
   uint64_t faults = 0, preempt = 0;
   if (getrusage(RUSAGE_THREAD, &ru) == 0) {

@@ -32,7 +32,6 @@
 #include <sys/eventfd.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
-#include <time.h>
 #include <unistd.h>
 
 #define ZM_WORKERS_MAX_THREADS 64u
@@ -82,15 +81,6 @@ static zm_workers_prio_t lower_priority(void) {
   return ZM_WORKERS_PRIO_NORMAL;
 }
 
-/* This thread's CPU time (a system call on some clock sources; a job costs
- * 100 us or more of CPU, so two reads per job do not show). */
-static uint64_t thread_cpu_ns(void) {
-  struct timespec ts;
-  if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) != 0)
-    return 0;
-  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 /* One write: the counter changes atomically, so a thread preempted before
  * or after it leaves nothing half done for the loop to wait on. */
 static void notify(zm_workers_t *p) {
@@ -114,9 +104,10 @@ static void *worker(void *arg) {
     zm_work_t *w = s->job;
     if (w == NULL)
       break;
-    uint64_t c0 = thread_cpu_ns();
+    /* two clock reads per job: a job costs 100 us or more of CPU */
+    uint64_t c0 = zm_thread_cpu_ns();
     w->work(w);
-    uint64_t c1 = thread_cpu_ns();
+    uint64_t c1 = zm_thread_cpu_ns();
     w->cpu_ns = c1 > c0 ? c1 - c0 : 0;
     w->status = 0;
     zm_work_t *head = atomic_load_explicit(&p->done, memory_order_relaxed);
