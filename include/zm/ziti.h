@@ -45,6 +45,12 @@ typedef struct {
    * JWT against it (zm_ziti_server_cert) and pins it. Only the client API
    * (enroll, cacerts) may be used. */
   int bootstrap;
+  /* Where the TLS handshakes' public-key steps run (key share, certificate
+   * chain, CertificateVerify: milliseconds of CPU each), off the loop.
+   * NULL: on the loop. Not owned; it must outlive every connection, i.e.
+   * be closed after zm_ziti_close(). Each connection has at most one job in
+   * it at a time; a refused job (queue full, pool closing) runs on the loop. */
+  struct zm_workers *workers;
 } zm_ziti_config_t;
 
 /* What a call produced. Only the fields of that call are set. */
@@ -156,6 +162,8 @@ const uint8_t *zm_ziti_server_cert(const zm_ziti_t *z, size_t *len);
 typedef struct {
   uint64_t requests, retries, reauths, failures, connects;
   uint64_t resumed; /* connections whose TLS handshake resumed a session */
+  /* TLS handshake steps run on the workers / on the loop */
+  uint64_t handshake_steps_offloaded, handshake_steps_inline;
   unsigned open_conns, busy_conns, queued;
   int reachable;
 } zm_ziti_stats_t;

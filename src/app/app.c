@@ -571,23 +571,25 @@ int zm_app_run(const zm_config_t *cfg) {
           lc.pending, cfg->store_path, (double)(uv_hrtime() - t0) / 1e9);
 
   if (cfg->controller_url[0] != '\0') {
+    /* Each enrollment and each controller connection (its TLS handshake)
+     * has at most one job queued: the queue never refuses an admitted
+     * enrollment. */
+    int wrv = zm_workers_new(&app.workers, &loop, cfg->crypto_threads,
+                             cfg->enroll_max_inflight + cfg->ziti_pool_size);
+    if (wrv != 0) {
+      ZM_ERROR("enroll: cannot start the crypto workers: %s", uv_strerror(wrv));
+      return 1;
+    }
     zm_ziti_config_t zc = {.controller_url = cfg->controller_url,
                            .ca_file = cfg->ca_file,
                            .cert_file = cfg->cert_file,
                            .key_file = cfg->key_file,
                            .pool_size = cfg->ziti_pool_size,
-                           .request_timeout_ms = cfg->ziti_timeout_ms};
+                           .request_timeout_ms = cfg->ziti_timeout_ms,
+                           .workers = app.workers};
     if (zm_ziti_new(&app.ziti, &loop, &zc) != 0) {
       ZM_ERROR("controller: cannot set up the client for %s",
                cfg->controller_url);
-      return 1;
-    }
-    /* Each enrollment has at most one job queued: the queue never refuses
-     * an admitted one. */
-    int wrv = zm_workers_new(&app.workers, &loop, cfg->crypto_threads,
-                             cfg->enroll_max_inflight);
-    if (wrv != 0) {
-      ZM_ERROR("enroll: cannot start the crypto workers: %s", uv_strerror(wrv));
       return 1;
     }
   } else {

@@ -187,6 +187,16 @@ static void render_ziti(zm_prom_t *p, const zm_app_t *app) {
           "controller connections whose TLS handshake resumed an earlier "
           "session (no certificate chain to verify)",
           zs.resumed);
+  zm_prom_family(p, "zm_controller_tls_handshake_steps_total", "counter",
+                 "steps of controller TLS handshakes (each may hold a "
+                 "public-key operation) by where they ran: the crypto "
+                 "threads, or the loop when those refused the job");
+  const char *hw[] = {"where", "workers"};
+  zm_prom_sample_u64(p, "zm_controller_tls_handshake_steps_total", hw, 1,
+                     zs.handshake_steps_offloaded);
+  hw[1] = "loop";
+  zm_prom_sample_u64(p, "zm_controller_tls_handshake_steps_total", hw, 1,
+                     zs.handshake_steps_inline);
   zm_prom_family(p, "zm_controller_requests_total", "counter",
                  "controller HTTP exchanges by endpoint and HTTP status "
                  "(code=\"error\": no response)");

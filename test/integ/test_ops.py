@@ -167,6 +167,11 @@ def test_controller_and_enrollment_metrics(sim):
         assert val(m, "zm_controller_requests_total", endpoint="authenticate", code="200") >= 1
         assert val(m, "zm_controller_request_duration_seconds_count", endpoint="create_identity") == 1
         assert val(m, "zm_controller_up") == 1
+        # the controller connections' TLS handshakes ran on the crypto
+        # threads (a ClientHello step and at least one more per connection)
+        hs = val(m, "zm_controller_tls_handshake_steps_total", where="workers")
+        assert hs >= 2 * val(m, "zm_controller_connects_total") > 0
+        assert val(m, "zm_controller_tls_handshake_steps_total", where="loop") == 0
         assert handled(m, "RequestServiceIdentity", "OK") == 1
         assert val(m, "zm_store_commit_seconds_count") >= 1
         assert val(m, "zm_store_commit_units_sum") >= 1

@@ -13,6 +13,7 @@
 
 #include "zm/crypto.h"
 #include "zm/log.h"
+#include "zm/workers.h"
 #include "zm/ziti.h"
 #include "zm/zm.h"
 
@@ -23,6 +24,7 @@
 #include <errno.h>
 #include <jansson.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1052,6 +1054,185 @@ static void test_tls_resumption(void **state) {
   env_close(&e);
 }
 
+/* ---- TLS handshakes on the crypto workers -------------------------------- */
+
+/* Jobs that hold a worker thread until the gate opens. */
+static pthread_mutex_t gate_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t gate_cv = PTHREAD_COND_INITIALIZER;
+static int gate_open;
+
+static void gate_set(int open) {
+  pthread_mutex_lock(&gate_mu);
+  gate_open = open;
+  pthread_cond_broadcast(&gate_cv);
+  pthread_mutex_unlock(&gate_mu);
+}
+
+static void gate_work(zm_work_t *w) {
+  (void)w;
+  pthread_mutex_lock(&gate_mu);
+  while (!gate_open)
+    pthread_cond_wait(&gate_cv, &gate_mu);
+  pthread_mutex_unlock(&gate_mu);
+}
+
+static int gate_done_n;
+static void gate_done(zm_work_t *w, int status) {
+  (void)w;
+  (void)status;
+  gate_done_n++;
+}
+
+static void workers_closed(void *data) { *(int *)data = 1; }
+
+static void env_open_workers(env_t *e, zm_workers_t **pool) {
+  assert_int_equal(uv_loop_init(&e->loop), 0);
+  assert_int_equal(zm_workers_new(pool, &e->loop, 2, 8), 0);
+  zm_ziti_config_t cfg = {.controller_url = g_sim.url,
+                          .ca_file = g_sim.ca_file,
+                          .cert_file = g_sim.cert_file,
+                          .key_file = g_sim.key_file,
+                          .pool_size = 1, /* one handshake at a time */
+                          .workers = *pool};
+  assert_int_equal(zm_ziti_new(&e->z, &e->loop, &cfg), 0);
+}
+
+static void on_wait_closed(uv_handle_t *h) { *(int *)h->data = 1; }
+
+/* The client first, then the pool it uses, then the loop. */
+static void env_close_workers(env_t *e, zm_workers_t *pool) {
+  int closed = 0, wclosed = 0;
+  zm_ziti_close(e->z, on_closed, &closed);
+  run_until(&e->loop, &closed);
+  zm_workers_close(pool, workers_closed, &wclosed);
+  run_until(&e->loop, &wclosed);
+  uv_run(&e->loop, UV_RUN_DEFAULT);
+  assert_int_equal(uv_loop_close(&e->loop), 0);
+}
+
+/* Runs the loop for ms milliseconds. */
+static void run_for(uv_loop_t *loop, uint64_t ms) {
+  uv_timer_t t;
+  int fired = 0;
+  uv_timer_init(loop, &t);
+  t.data = &fired;
+  uv_timer_start(&t, on_wait_timer, ms, 0);
+  run_until(loop, &fired);
+  /* the handle lives on this stack frame: closed before it returns */
+  int closed = 0;
+  t.data = &closed;
+  uv_close((uv_handle_t *)&t, on_wait_closed);
+  run_until(loop, &closed);
+}
+
+/* With a worker pool, the handshake's steps run on it, not on the loop:
+ * while every worker is held, a connection stays in its handshake and the
+ * loop goes on; released, the request completes; resumed handshakes run
+ * there too. */
+static void test_handshake_on_workers(void **state) {
+  (void)state;
+  NEED_SIM();
+  sim_reset();
+  env_t e;
+  zm_workers_t *pool = NULL;
+  env_open_workers(&e, &pool);
+  gate_set(0);
+  gate_done_n = 0;
+  zm_work_t hold[2];
+  for (int i = 0; i < 2; i++)
+    assert_int_equal(zm_workers_queue(pool, &hold[i], gate_work, gate_done), 0);
+  res_t o;
+  memset(&o, 0, sizeof o);
+  zm_ziti_create_identity(e.z, "hs-1", NULL, 0, NULL, 0, on_res, &o);
+  run_for(&e.loop, 500);
+  zm_ziti_stats_t st;
+  zm_ziti_get_stats(e.z, &st);
+  assert_int_equal(o.done, 0);
+  assert_int_equal(st.open_conns, 1);
+  assert_int_equal(st.handshake_steps_offloaded, 1); /* the ClientHello's */
+  assert_int_equal(st.handshake_steps_inline, 0);
+  assert_int_equal(zm_workers_queued(pool), 1);
+  gate_set(1);
+  run_until(&e.loop, &o.done);
+  assert_int_equal(o.err, 0);
+  res_free(&o);
+  assert_int_equal(gate_done_n, 2);
+  zm_ziti_get_stats(e.z, &st);
+  assert_true(st.handshake_steps_offloaded >= 2);
+  assert_int_equal(st.handshake_steps_inline, 0);
+  size_t len = 0;
+  assert_non_null(zm_ziti_server_cert(e.z, &len));
+  env_close_workers(&e, pool);
+}
+
+/* A connection whose handshake step is queued or running when the client
+ * or the pool closes: the client's close waits for the step to come back
+ * (the worker owns the TLS session until then), a cancelled step fails the
+ * request, and a pool that refuses jobs leaves the handshake to the loop. */
+static void test_handshake_close_while_on_workers(void **state) {
+  (void)state;
+  NEED_SIM();
+  sim_reset();
+  /* 1: the client closes while the step is queued behind held workers */
+  env_t e;
+  zm_workers_t *pool = NULL;
+  env_open_workers(&e, &pool);
+  gate_set(0);
+  gate_done_n = 0;
+  zm_work_t hold[2];
+  for (int i = 0; i < 2; i++)
+    assert_int_equal(zm_workers_queue(pool, &hold[i], gate_work, gate_done), 0);
+  res_t a;
+  memset(&a, 0, sizeof a);
+  zm_ziti_create_identity(e.z, "hs-close-1", NULL, 0, NULL, 0, on_res, &a);
+  run_for(&e.loop, 300);
+  assert_int_equal(zm_workers_queued(pool), 1);
+  int closed = 0;
+  zm_ziti_close(e.z, on_closed, &closed);
+  run_for(&e.loop, 200);
+  assert_int_equal(a.done, 1);
+  assert_int_equal(a.err, ZM_E_SHUTDOWN);
+  res_free(&a);
+  assert_int_equal(closed, 0); /* the connection waits for its step */
+  gate_set(1);
+  run_until(&e.loop, &closed);
+  int wclosed = 0;
+  zm_workers_close(pool, workers_closed, &wclosed);
+  run_until(&e.loop, &wclosed);
+  uv_run(&e.loop, UV_RUN_DEFAULT);
+  assert_int_equal(uv_loop_close(&e.loop), 0);
+
+  /* 2: the pool closes while the step is queued: the step is cancelled,
+   * which fails the connection and the oldest request waiting for one (the
+   * CA-bundle fetch the client starts with); the others go on over a new
+   * connection whose handshake runs on the loop, as the pool refuses jobs */
+  env_open_workers(&e, &pool);
+  gate_set(0);
+  for (int i = 0; i < 2; i++)
+    assert_int_equal(zm_workers_queue(pool, &hold[i], gate_work, gate_done), 0);
+  memset(&a, 0, sizeof a);
+  zm_ziti_create_identity(e.z, "hs-close-2", NULL, 0, NULL, 0, on_res, &a);
+  run_for(&e.loop, 300);
+  assert_int_equal(zm_workers_queued(pool), 1);
+  wclosed = 0;
+  zm_workers_close(pool, workers_closed, &wclosed);
+  run_until(&e.loop, &a.done);
+  assert_int_equal(a.err, 0);
+  res_free(&a);
+  gate_set(1);
+  run_until(&e.loop, &wclosed);
+  res_t b;
+  create(&e, "hs-close-3", NULL, &b);
+  assert_int_equal(b.err, 0);
+  res_free(&b);
+  zm_ziti_stats_t st;
+  zm_ziti_get_stats(e.z, &st);
+  assert_int_equal(st.handshake_steps_offloaded, 1);
+  assert_true(st.handshake_steps_inline >= 2);
+  assert_int_equal(sim_identity_count(), 2);
+  env_close(&e);
+}
+
 int main(void) {
   if (getenv("ZM_TEST_DEBUG"))
     zm_log_set_level(ZM_LOG_DEBUG);
@@ -1072,6 +1253,8 @@ int main(void) {
       cmocka_unit_test(test_dns_host),
       cmocka_unit_test(test_idle_close_and_queue_bound),
       cmocka_unit_test(test_tls_resumption),
+      cmocka_unit_test(test_handshake_on_workers),
+      cmocka_unit_test(test_handshake_close_while_on_workers),
   };
   return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
