@@ -92,6 +92,8 @@ typedef struct {
   zm_grpc_finish_fn on_finish;        /* NULL = none; called with ctx */
 } zm_grpc_method_t;
 
+#define ZM_GRPC_HS_MAX_QUEUED 64u
+
 typedef struct {
   const char *address;      /* "host:port", ":port" = all interfaces */
   size_t max_recv_msg;      /* bytes, default 4 MiB */
@@ -119,6 +121,11 @@ typedef struct {
    * of the process have work); NULL = never. */
   int (*busy_poll_veto)(void *ctx);
   void *busy_poll_ctx;
+  /* Where TLS handshake steps (milliseconds of public-key work each) run:
+   * these threads, at most ZM_GRPC_HS_MAX_QUEUED at a time (room the pool
+   * must keep for them), or the loop when NULL, over that bound, or when
+   * they refuse the job. Not owned; closed after the server. */
+  struct zm_workers *workers;
 } zm_grpc_config_t;
 
 /* Counters (loop thread only). */
@@ -133,6 +140,10 @@ typedef struct {
   uint64_t idle_trims, trimmed_bytes;
   /* busy polling: windows started, and reads that arrived inside one */
   uint64_t busy_polls, busy_poll_hits;
+  /* TLS handshake steps run on the workers / on the loop; connections
+   * closed while theirs ran (freed when it came back) */
+  uint64_t tls_handshake_steps_offloaded, tls_handshake_steps_inline,
+      tls_handshake_steps_orphaned;
 } zm_grpc_stats_t;
 
 /* Per-method counters for metrics (loop thread only). Latency runs from the

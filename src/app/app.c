@@ -570,16 +570,17 @@ int zm_app_run(const zm_config_t *cfg) {
           zm_index_managed_count(app.index), zm_index_service_count(app.index),
           lc.pending, cfg->store_path, (double)(uv_hrtime() - t0) / 1e9);
 
+  /* Each enrollment and each controller connection (its TLS handshake) has
+   * at most one job queued, and the gRPC server at most
+   * ZM_GRPC_HS_MAX_QUEUED: the queue never refuses an admitted enrollment. */
+  int wrv = zm_workers_new(&app.workers, &loop, cfg->crypto_threads,
+                           cfg->enroll_max_inflight + cfg->ziti_pool_size +
+                               ZM_GRPC_HS_MAX_QUEUED);
+  if (wrv != 0) {
+    ZM_ERROR("cannot start the crypto workers: %s", uv_strerror(wrv));
+    return 1;
+  }
   if (cfg->controller_url[0] != '\0') {
-    /* Each enrollment and each controller connection (its TLS handshake)
-     * has at most one job queued: the queue never refuses an admitted
-     * enrollment. */
-    int wrv = zm_workers_new(&app.workers, &loop, cfg->crypto_threads,
-                             cfg->enroll_max_inflight + cfg->ziti_pool_size);
-    if (wrv != 0) {
-      ZM_ERROR("enroll: cannot start the crypto workers: %s", uv_strerror(wrv));
-      return 1;
-    }
     zm_ziti_config_t zc = {.controller_url = cfg->controller_url,
                            .ca_file = cfg->ca_file,
                            .cert_file = cfg->cert_file,
@@ -743,7 +744,8 @@ int zm_app_run(const zm_config_t *cfg) {
                          .caller_inflight = cfg->caller_inflight,
                          .busy_poll_us = app.busy_poll_us,
                          .busy_poll_veto = crypto_busy,
-                         .busy_poll_ctx = &app};
+                         .busy_poll_ctx = &app,
+                         .workers = app.workers};
   zm_grpc_server_new(&app.grpc, &loop, &gc, enabled, n_enabled);
   for (size_t i = 0; i < cfg->n_types && i < ZM_ARRAY_SIZE(app.type_names); i++)
     app.type_names[app.n_type_names++] = app.cfg.types[i].name;

@@ -111,6 +111,18 @@ static void render_grpc(zm_prom_t *p, const zm_app_t *app) {
           "HTTP/2 connections accepted", gs.conns_accepted);
   counter(p, "zm_grpc_protocol_errors_total", "HTTP/2 connection errors",
           gs.protocol_errors);
+  counter(p, "zm_grpc_tls_failures_total",
+          "TLS handshakes or records that failed (the connection closed)",
+          gs.tls_failures);
+  zm_prom_family(p, "zm_grpc_tls_handshake_steps_total", "counter",
+                 "steps of the listener's TLS handshakes by where they ran: "
+                 "the crypto threads, or the loop (none free for them)");
+  const char *hw[] = {"where", "workers"};
+  zm_prom_sample_u64(p, "zm_grpc_tls_handshake_steps_total", hw, 1,
+                     gs.tls_handshake_steps_offloaded);
+  hw[1] = "loop";
+  zm_prom_sample_u64(p, "zm_grpc_tls_handshake_steps_total", hw, 1,
+                     gs.tls_handshake_steps_inline);
   gauge(p, "zm_loop_busy_poll_window_seconds",
         "busy-polling window in effect (LOOP_BUSY_POLL_US; 0 = off)",
         (double)app->busy_poll_us / 1e6);

@@ -38,9 +38,12 @@ static int buf_append(char **b, size_t *len, size_t *cap, const void *p,
   return 0;
 }
 
-/* wolfSSL's ciphertext sink for TLS connections. */
+/* wolfSSL's ciphertext sink for TLS connections; during a handshake step
+ * on a worker, that step's own buffer (the loop may be flushing out). */
 static int on_tls_out(void *ud, const void *p, size_t n) {
   zm_conn_t *c = ud;
+  if (c->hs_running)
+    return buf_append(&c->hs_out, &c->hs_out_len, &c->hs_out_cap, p, n);
   return buf_append(&c->out, &c->out_len, &c->out_cap, p, n);
 }
 
@@ -66,6 +69,116 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
   buf->len = sizeof c->srv->readbuf;
 }
 
+/* TLS failed (ZM_E_TLS) or the peer sent close_notify (ZM_E_CANCELLED). */
+static void conn_tls_end(zm_conn_t *c, int trv, const char *why) {
+  if (trv == ZM_E_TLS) {
+    c->srv->stats.tls_failures++;
+    zm_audit("tls_handshake_failed", "peer", c->peer, "reason", why, NULL);
+    ZM_DEBUG("grpc: TLS with %s: %s", c->peer, why);
+  }
+  /* the alert wolfSSL produced goes out before the close; nothing
+   * more is read */
+  c->close_after_flush = 1;
+  if (c->reading) {
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    c->reading = 0;
+  }
+  conn_mark_dirty(c);
+}
+
+/* ---- TLS handshakes on the crypto workers
+ * Each handshake step with a public-key operation (the key share, the
+ * server's signature, the client's chain) costs milliseconds: it runs on
+ * the workers, with a copy of its input, writing into its own buffer, while
+ * the connection reads nothing more (the client waits for our flight
+ * anyway; what it sends meanwhile waits in the socket). The loop touches
+ * neither c->tls nor those buffers until hs_done. */
+
+static void conn_free(zm_conn_t *c);
+static void conn_input(zm_conn_t *c, const char *p, size_t n);
+
+static void hs_work(zm_work_t *w) {
+  zm_conn_t *c = container_of(w, zm_conn_t, hs_work);
+  c->hs_why = NULL;
+  c->hs_rc = zm_tls_srv_handshake(c->tls, c->hs_in, c->hs_in_len, &c->hs_used,
+                                  &c->hs_why);
+}
+
+static void hs_done(zm_work_t *w, int status) {
+  zm_conn_t *c = container_of(w, zm_conn_t, hs_work);
+  c->hs_running = 0;
+  if (c->hs_orphan) { /* its handle closed meanwhile: ours to free (and the
+                         server may be gone) */
+    conn_free(c);
+    return;
+  }
+  c->srv->hs_queued--;
+  if (c->state != CONN_OPEN)
+    return; /* on_conn_closed frees it */
+  if (c->hs_out_len > 0) {
+    int rv =
+        buf_append(&c->out, &c->out_len, &c->out_cap, c->hs_out, c->hs_out_len);
+    c->hs_out_len = 0;
+    if (rv != 0) {
+      c->srv->stats.nomem++;
+      conn_close(c);
+      return;
+    }
+  }
+  if (status != 0) { /* the pool is closing: so is the service */
+    conn_close(c);
+    return;
+  }
+  if (c->hs_rc == ZM_E_INCOMPLETE) {
+    conn_mark_dirty(c); /* the flush sends our flight and reads again */
+  } else if (c->hs_rc != 0) {
+    conn_tls_end(c, c->hs_rc, c->hs_why);
+  } else {
+    zm_tls_srv_established(c->tls);
+    free(c->hs_out);
+    c->hs_out = NULL;
+    c->hs_out_cap = 0;
+    if (c->tls->n_names > 0)
+      ZM_DEBUG("grpc: %s authenticated as %s", c->peer, c->tls->names[0]);
+    /* records after the client's Finished, if any, in the same input */
+    conn_input(c, c->hs_in + c->hs_used, c->hs_in_len - c->hs_used);
+    if (c->state == CONN_OPEN) { /* an established connection keeps none */
+      free(c->hs_in);
+      c->hs_in = NULL;
+      c->hs_in_cap = c->hs_in_len = 0;
+    }
+  }
+}
+
+/* Hands the handshake step over p[0..n) to the workers; 0 when there are
+ * none or they refuse the job (then it runs here). */
+static int hs_offload(zm_conn_t *c, const char *p, size_t n) {
+  zm_grpc_server_t *srv = c->srv;
+  if (srv->cfg.workers == NULL || srv->hs_queued >= ZM_GRPC_HS_MAX_QUEUED)
+    return 0;
+  if (n > c->hs_in_cap) {
+    free(c->hs_in);
+    c->hs_in = malloc(n);
+    c->hs_in_cap = c->hs_in != NULL ? n : 0;
+    if (c->hs_in == NULL)
+      return 0;
+  }
+  memcpy(c->hs_in, p, n);
+  c->hs_in_len = n;
+  c->hs_running = 1;
+  if (zm_workers_queue(srv->cfg.workers, &c->hs_work, hs_work, hs_done) != 0) {
+    c->hs_running = 0;
+    return 0;
+  }
+  if (c->reading) {
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    c->reading = 0;
+  }
+  srv->hs_queued++;
+  srv->stats.tls_handshake_steps_offloaded++;
+  return 1;
+}
+
 static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
   zm_conn_t *c = st->data;
   if (nread == 0)
@@ -77,36 +190,33 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
   c->last_active = uv_now(c->srv->loop);
   c->trimmed = 0;
   busy_note_read(c->srv);
+  if (c->tls != NULL && !c->tls->established) {
+    if (hs_offload(c, buf->base, (size_t)nread))
+      return;
+    c->srv->stats.tls_handshake_steps_inline++;
+  }
+  conn_input(c, buf->base, (size_t)nread);
+}
+
+/* Input for the session: through TLS (handshake here when it is not done)
+ * when on, into nghttp2. */
+static void conn_input(zm_conn_t *c, const char *p, size_t n) {
   c->in_recv = 1;
   ssize_t rv;
   if (c->tls != NULL) {
     const char *why = NULL;
     int was_up = c->tls->established;
-    int trv = zm_tls_srv_feed(c->tls, buf->base, (size_t)nread, on_tls_plain, c,
-                              &why);
+    int trv = zm_tls_srv_feed(c->tls, p, n, on_tls_plain, c, &why);
     if (trv == ZM_E_TLS || trv == ZM_E_CANCELLED) {
       c->in_recv = 0;
-      if (trv == ZM_E_TLS) {
-        c->srv->stats.tls_failures++;
-        zm_audit("tls_handshake_failed", "peer", c->peer, "reason", why, NULL);
-        ZM_DEBUG("grpc: TLS with %s: %s", c->peer, why);
-      }
-      /* the alert wolfSSL produced goes out before the close; nothing
-       * more is read */
-      c->close_after_flush = 1;
-      if (c->reading) {
-        uv_read_stop((uv_stream_t *)&c->tcp);
-        c->reading = 0;
-      }
-      conn_mark_dirty(c);
+      conn_tls_end(c, trv, why);
       return;
     }
     if (!was_up && c->tls->established && c->tls->n_names > 0)
       ZM_DEBUG("grpc: %s authenticated as %s", c->peer, c->tls->names[0]);
     rv = trv;
   } else {
-    rv = nghttp2_session_mem_recv(c->h2, (const uint8_t *)buf->base,
-                                  (size_t)nread);
+    rv = nghttp2_session_mem_recv(c->h2, (const uint8_t *)p, n);
   }
   c->in_recv = 0;
   if (rv < 0) {
@@ -267,7 +377,8 @@ static void conn_flush(zm_conn_t *c) {
   if (congested && c->writing && c->reading) {
     uv_read_stop((uv_stream_t *)&c->tcp);
     c->reading = 0;
-  } else if (!congested && !c->reading && !c->close_after_flush) {
+  } else if (!congested && !c->reading && !c->close_after_flush &&
+             !c->hs_running) {
     uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
     c->reading = 1;
   }
@@ -279,18 +390,31 @@ static void conn_flush(zm_conn_t *c) {
     conn_close(c);
 }
 
-static void on_conn_closed(uv_handle_t *h) {
-  zm_conn_t *c = h->data;
-  zm_grpc_server_t *srv = c->srv;
+static void conn_free(zm_conn_t *c) {
   zm_wipe(c->out, c->out_len);
   zm_wipe(c->wr, c->wr_len);
   free(c->out);
   free(c->wr);
+  free(c->hs_in);
+  free(c->hs_out);
   if (c->tls != NULL) {
     zm_tls_srv_dispose(c->tls);
     free(c->tls);
   }
   free(c);
+}
+
+static void on_conn_closed(uv_handle_t *h) {
+  zm_conn_t *c = h->data;
+  zm_grpc_server_t *srv = c->srv;
+  if (c->hs_running) {
+    /* the worker still has its TLS session: hs_done frees */
+    c->hs_orphan = 1;
+    srv->hs_queued--;
+    srv->stats.tls_handshake_steps_orphaned++;
+  } else {
+    conn_free(c);
+  }
   srv->stats.conns_open--;
   srv->open_handles--;
   drain_check(srv);

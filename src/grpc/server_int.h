@@ -36,6 +36,7 @@
 #include "zm/audit.h"
 #include "zm/authz.h"
 #include "zm/log.h"
+#include "zm/workers.h"
 
 #include "h2mem.h"
 #include "limiter.h"
@@ -168,8 +169,18 @@ struct zm_conn {
   uint64_t write_started; /* uv_now() ms of the write in flight */
   int32_t max_req_sid;    /* highest client stream id that sent HEADERS */
   zm_tls_srv_t *tls;      /* NULL = h2c */
-  char peer[64];          /* "ip:port" */
-  char *out;              /* gathered output */
+  /* A handshake step on the workers (conn.c): while hs_running, c->tls and
+   * the hs_ buffers are the worker's. Plain ints, not bit-fields: the
+   * worker reads hs_running while the loop writes the flags above. */
+  zm_work_t hs_work;
+  int hs_running, hs_orphan, hs_rc;
+  const char *hs_why;
+  char *hs_in; /* the step's input (a copy) */
+  size_t hs_in_len, hs_in_cap, hs_used;
+  char *hs_out; /* what the step wrote */
+  size_t hs_out_len, hs_out_cap;
+  char peer[64]; /* "ip:port" */
+  char *out;     /* gathered output */
   size_t out_len, out_cap;
   char *wr; /* output in flight */
   size_t wr_len, wr_cap;
@@ -198,6 +209,7 @@ struct zm_grpc_server {
   int listening;
   int port;
   zm_conn_t *conns;
+  unsigned hs_queued; /* handshake steps on the workers (conn.c) */
   zm_conn_t *dirty;
   zm_call_t **heap;
   size_t heap_len, heap_cap;

@@ -336,7 +336,7 @@ void zm_tls_srv_dispose(zm_tls_srv_t *t) {
   t->ctx = NULL;
 }
 
-static void on_established(zm_tls_srv_t *t) {
+void zm_tls_srv_established(zm_tls_srv_t *t) {
   t->established = 1;
   WOLFSSL_X509 *x = wolfSSL_get_peer_certificate(t->ssl);
   if (x == NULL)
@@ -348,25 +348,44 @@ static void on_established(zm_tls_srv_t *t) {
   wolfSSL_X509_free(x);
 }
 
-int zm_tls_srv_feed(zm_tls_srv_t *t, const char *p, size_t n,
-                    zm_tls_plain_fn plain, void *ud, const char **why) {
+int zm_tls_srv_handshake(zm_tls_srv_t *t, const char *p, size_t n, size_t *used,
+                         const char **why) {
   t->in = p;
   t->in_len = n;
   t->in_off = 0;
   int rv = 0;
-  if (!t->established) {
-    int rc = wolfSSL_accept(t->ssl);
-    if (rc != WOLFSSL_SUCCESS) {
-      int e = wolfSSL_get_error(t->ssl, rc);
-      if (e == WOLFSSL_ERROR_WANT_READ || e == WOLFSSL_ERROR_WANT_WRITE)
-        goto out;
+  int rc = wolfSSL_accept(t->ssl);
+  if (rc != WOLFSSL_SUCCESS) {
+    int e = wolfSSL_get_error(t->ssl, rc);
+    if (e == WOLFSSL_ERROR_WANT_READ || e == WOLFSSL_ERROR_WANT_WRITE) {
+      rv = ZM_E_INCOMPLETE;
+    } else {
       const char *s = wolfSSL_ERR_reason_error_string((unsigned long)e);
       *why = t->sink_failed ? "out of memory" : s ? s : "TLS handshake failed";
       rv = ZM_E_TLS;
-      goto out;
     }
-    on_established(t);
   }
+  *used = t->in_off;
+  t->in = NULL;
+  t->in_len = t->in_off = 0;
+  return rv;
+}
+
+int zm_tls_srv_feed(zm_tls_srv_t *t, const char *p, size_t n,
+                    zm_tls_plain_fn plain, void *ud, const char **why) {
+  if (!t->established) {
+    size_t used = 0;
+    int rc = zm_tls_srv_handshake(t, p, n, &used, why);
+    if (rc != 0)
+      return rc == ZM_E_INCOMPLETE ? 0 : rc;
+    zm_tls_srv_established(t);
+    p += used;
+    n -= used;
+  }
+  t->in = p;
+  t->in_len = n;
+  t->in_off = 0;
+  int rv = 0;
   for (;;) {
     int k = wolfSSL_read(t->ssl, plain_buf, (int)sizeof plain_buf);
     if (k > 0) {

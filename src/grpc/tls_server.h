@@ -64,6 +64,20 @@ int zm_tls_srv_init(zm_tls_srv_t *t, zm_tls_srv_ctx_t *ctx, zm_tls_sink_fn sink,
 void zm_tls_srv_dispose(zm_tls_srv_t *t);
 
 /*
+ * One handshake step over the ciphertext p[0..n): wolfSSL_accept() and
+ * nothing else, so that it may run on another thread than the loop while
+ * nothing else touches t (the sink included). Returns 0 when the handshake
+ * is complete (then call zm_tls_srv_established() on the loop and feed
+ * p[*used..n), which may hold the first records of the application data),
+ * ZM_E_INCOMPLETE when it needs more input (all of it was consumed), or
+ * ZM_E_TLS with a static reason in *why.
+ */
+int zm_tls_srv_handshake(zm_tls_srv_t *t, const char *p, size_t n, size_t *used,
+                         const char **why);
+/* Marks t established and extracts the verified client's names. */
+void zm_tls_srv_established(zm_tls_srv_t *t);
+
+/*
  * Feeds ciphertext: advances the handshake (extracting the peer's names when
  * it completes), then hands every decrypted byte to plain(). All input is
  * consumed (wolfSSL keeps partial records). Returns 0, ZM_E_CANCELLED when

@@ -301,3 +301,89 @@ def test_reload_under_traffic(pki, tmp):
         srv.stop()
     assert errors == []
     assert done[0] > 10
+
+
+# ---- TLS handshakes on the worker threads ----------------------------------
+
+
+def client_hello(pki):
+    """The bytes of a real TLS ClientHello for the listener (an SSLObject
+    over memory BIOs), and the object, to go on with the server's answer."""
+    ctx = ssl.create_default_context(cafile=pki["ca"])
+    ctx.load_cert_chain(*pki["gw"])
+    ctx.set_alpn_protocols(["h2"])
+    rd, wr = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(rd, wr, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return wr.read()
+
+
+def wait_stats(srv, pred, timeout=10):
+    deadline = time.monotonic() + timeout
+    while True:
+        s = srv.stats()
+        if pred(s) or time.monotonic() > deadline:
+            return s
+
+
+def test_handshake_steps_run_on_workers(pki, tmp):
+    """The handshake's public-key steps run on the worker threads: while
+    they are all held, a client's call waits in its handshake; released, it
+    completes. Without workers (TESTSRV_WORKERS=0) the loop runs them."""
+    srv = start(pki, tmp, extra={"TESTSRV_HOLD_WORKERS": "1"})
+    try:
+        result = {}
+
+        def call():
+            with client(srv, pki, "gw") as ch:
+                result["status"] = st.HealthStub(ch).Check(st.health_pb2.HealthCheckRequest(),
+                                                             timeout=30).status
+
+        t = threading.Thread(target=call)
+        t.start()
+        s = wait_stats(srv, lambda s: s.get("hs_workers", 0) >= 1)
+        assert s["hs_workers"] == 1 and s["hs_loop"] == 0, s
+        time.sleep(0.5)
+        assert "status" not in result  # its ClientHello's step waits for a worker
+        srv.proc.send_signal(__import__("signal").SIGUSR1)
+        t.join(30)
+        assert result.get("status") == st.health_pb2.HealthCheckResponse.SERVING
+        s = srv.stats()
+        assert s["hs_workers"] >= 2 and s["hs_loop"] == 0, s  # ClientHello, then Finished
+    finally:
+        srv.stop()
+    srv = start(pki, tmp, extra={"TESTSRV_WORKERS": "0"})
+    try:
+        with client(srv, pki, "gw") as ch:
+            assert health(ch) == st.health_pb2.HealthCheckResponse.SERVING
+        s = srv.stats()
+        assert s["hs_loop"] >= 2 and s["hs_workers"] == 0, s
+    finally:
+        srv.stop()
+
+
+def test_close_while_handshake_steps_wait(pki, tmp):
+    """Connections whose handshake step waits for a worker when the server
+    drains: each closes at once (one of them after its peer went away),
+    its step is cancelled with the pool and frees it, and the server exits
+    cleanly."""
+    srv = start(pki, tmp, extra={"TESTSRV_HOLD_WORKERS": "1"})
+    socks = []
+    try:
+        for _ in range(5):
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+            s.sendall(client_hello(pki))
+            socks.append(s)
+        s = wait_stats(srv, lambda s: s.get("hs_workers", 0) >= 5)
+        assert s["hs_workers"] == 5 and s["conns_open"] == 5, s
+        socks.pop().close()  # one peer goes away while its step waits
+        srv.proc.send_signal(__import__("signal").SIGTERM)
+        assert srv.proc.wait(10) == 0
+        s = srv.stats()
+        assert s["conns_open"] == 0, s
+        assert s["hs_orphaned"] == 5, s
+    finally:
+        for s in socks:
+            s.close()
+        srv.stop()

@@ -17,10 +17,12 @@
 #include "zm/grpc.h"
 #include "zm/health.h"
 #include "zm/log.h"
+#include "zm/workers.h"
 
 #include "agynio/api/ziti_management/v1/ziti_management.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
 
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -197,8 +199,51 @@ static void on_hup(uv_signal_t *h, int sig) {
 
 static uv_signal_t sig_hup, sig_term;
 
+static zm_workers_t *workers;
+
+/* TESTSRV_HOLD_WORKERS=1: jobs that hold every worker thread until SIGUSR1
+ * (or the drain), so that the tests see handshake steps wait for them. */
+static pthread_mutex_t gate_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t gate_cv = PTHREAD_COND_INITIALIZER;
+static int gate_open;
+static zm_work_t gate_jobs[16];
+static uv_signal_t sig_usr1;
+
+static void gate_work(zm_work_t *w) {
+  (void)w;
+  pthread_mutex_lock(&gate_mu);
+  while (!gate_open)
+    pthread_cond_wait(&gate_cv, &gate_mu);
+  pthread_mutex_unlock(&gate_mu);
+}
+
+static void gate_done(zm_work_t *w, int status) {
+  (void)w;
+  (void)status;
+}
+
+static void gate_release(void) {
+  pthread_mutex_lock(&gate_mu);
+  gate_open = 1;
+  pthread_cond_broadcast(&gate_cv);
+  pthread_mutex_unlock(&gate_mu);
+}
+
+static void on_usr1(uv_signal_t *h, int sig) {
+  (void)h;
+  (void)sig;
+  gate_release();
+}
+
+static void on_stats(uv_timer_t *t);
+
 static void on_drained(void *d) {
   (void)d;
+  on_stats(NULL); /* the final figures, for the tests */
+  gate_release();
+  if (workers != NULL)
+    zm_workers_close(workers, NULL, NULL);
+  uv_close((uv_handle_t *)&sig_usr1, NULL);
   uv_close((uv_handle_t *)&sig_hup, NULL);
   uv_close((uv_handle_t *)&sig_term, NULL);
 }
@@ -219,7 +264,8 @@ static void on_stats(uv_timer_t *t) {
       "stats conns_open=%llu refused=%llu buffered=%llu "
       "recv_timeouts=%llu write_stalls=%llu budget_refusals=%llu "
       "rate_limited=%llu authz_denied=%llu tls_failures=%llu "
-      "protocol_errors=%llu idle_trims=%llu trimmed_bytes=%llu",
+      "protocol_errors=%llu idle_trims=%llu trimmed_bytes=%llu "
+      "hs_workers=%llu hs_loop=%llu hs_orphaned=%llu",
       (unsigned long long)st.conns_open, (unsigned long long)st.conns_refused,
       (unsigned long long)st.buffered, (unsigned long long)st.recv_timeouts,
       (unsigned long long)st.write_stalls,
@@ -227,7 +273,10 @@ static void on_stats(uv_timer_t *t) {
       (unsigned long long)st.rate_limited, (unsigned long long)st.authz_denied,
       (unsigned long long)st.tls_failures,
       (unsigned long long)st.protocol_errors, (unsigned long long)st.idle_trims,
-      (unsigned long long)st.trimmed_bytes);
+      (unsigned long long)st.trimmed_bytes,
+      (unsigned long long)st.tls_handshake_steps_offloaded,
+      (unsigned long long)st.tls_handshake_steps_inline,
+      (unsigned long long)st.tls_handshake_steps_orphaned);
   /* written whole and renamed into place: the test reads it at any moment,
    * and a truncated file read between fopen("w") and the write parsed as
    * no stats at all */
@@ -297,6 +346,19 @@ int main(void) {
       .caller_burst = (unsigned)env_ms("GRPC_CALLER_BURST", 20),
       .caller_inflight = (unsigned)env_ms("GRPC_CALLER_MAX_INFLIGHT", 32),
   };
+  /* TLS handshake steps on worker threads as in the service
+   * (TESTSRV_WORKERS=0: on the loop) */
+  unsigned nw = (unsigned)env_ms("TESTSRV_WORKERS", 2);
+  if (nw > 0 && zm_workers_new(&workers, loop, nw, ZM_GRPC_HS_MAX_QUEUED) != 0)
+    return 2;
+  gc.workers = workers;
+  if (workers != NULL && env_ms("TESTSRV_HOLD_WORKERS", 0) != 0)
+    for (unsigned i = 0; i < nw && i < ZM_ARRAY_SIZE(gate_jobs); i++)
+      if (zm_workers_queue(workers, &gate_jobs[i], gate_work, gate_done) != 0)
+        return 2;
+  uv_signal_init(loop, &sig_usr1);
+  uv_signal_start(&sig_usr1, on_usr1, SIGUSR1);
+  uv_unref((uv_handle_t *)&sig_usr1);
   zm_grpc_server_new(&srv, loop, &gc, methods, ZM_ARRAY_SIZE(methods));
   zm_grpc_security_t sec = security();
   if (zm_grpc_server_load_security(srv, &sec, err, sizeof err) != 0) {
