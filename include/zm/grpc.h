@@ -126,6 +126,10 @@ typedef struct {
    * must keep for them), or the loop when NULL, over that bound, or when
    * they refuse the job. Not owned; closed after the server. */
   struct zm_workers *workers;
+  /* A step that no worker has started after this long (the threads run at
+   * idle priority: a saturated core starves them) is taken back and run on
+   * the loop, checked once a second; default 1000 ms. */
+  uint64_t tls_handshake_wait_ms;
 } zm_grpc_config_t;
 
 /* Counters (loop thread only). */

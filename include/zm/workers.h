@@ -60,6 +60,11 @@ int zm_workers_new(zm_workers_t **out, uv_loop_t *loop, unsigned threads,
  * never called. */
 int zm_workers_queue(zm_workers_t *p, zm_work_t *w, zm_work_cb work,
                      zm_after_work_cb done);
+/* Takes w back if no thread has started it: 1, and w's done will not be
+ * called (the caller runs the work itself, e.g. when the threads, at their
+ * idle priority, have not had the CPU for too long); 0 when it is running
+ * or finished. */
+int zm_workers_steal(zm_workers_t *p, zm_work_t *w);
 /* See above; p is freed before done(data) runs. */
 void zm_workers_close(zm_workers_t *p, void (*done)(void *), void *data);
 

@@ -49,8 +49,11 @@ typedef struct {
    * chain, CertificateVerify: milliseconds of CPU each), off the loop.
    * NULL: on the loop. Not owned; it must outlive every connection, i.e.
    * be closed after zm_ziti_close(). Each connection has at most one job in
-   * it at a time; a refused job (queue full, pool closing) runs on the loop. */
+   * it at a time; a refused job (queue full, pool closing) runs on the loop,
+   * and so does one no worker has started after handshake_wait_ms (default
+   * 1000: the threads run at idle priority, which a saturated core starves). */
   struct zm_workers *workers;
+  uint64_t handshake_wait_ms;
 } zm_ziti_config_t;
 
 /* What a call produced. Only the fields of that call are set. */

@@ -294,6 +294,26 @@ int zm_workers_queue(zm_workers_t *p, zm_work_t *w, zm_work_cb work,
   return 0;
 }
 
+int zm_workers_steal(zm_workers_t *p, zm_work_t *w) {
+  zm_work_t *prev = NULL;
+  for (zm_work_t *q = p->todo; q != NULL; prev = q, q = q->next) {
+    if (q != w)
+      continue;
+    if (prev != NULL)
+      prev->next = w->next;
+    else
+      p->todo = w->next;
+    if (p->todo_tail == w)
+      p->todo_tail = prev;
+    w->next = NULL;
+    p->n_queued--;
+    p->outstanding--;
+    set_ref(p);
+    return 1;
+  }
+  return 0;
+}
+
 void zm_workers_close(zm_workers_t *p, void (*done)(void *), void *data) {
   if (p->closing)
     return;

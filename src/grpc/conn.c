@@ -176,7 +176,20 @@ static int hs_offload(zm_conn_t *c, const char *p, size_t n) {
   }
   srv->hs_queued++;
   srv->stats.tls_handshake_steps_offloaded++;
+  c->hs_since = uv_now(srv->loop);
   return 1;
+}
+
+void conn_hs_check(zm_conn_t *c, uint64_t now) {
+  zm_grpc_server_t *srv = c->srv;
+  if (!c->hs_running || c->state != CONN_OPEN ||
+      now - c->hs_since < srv->cfg.tls_handshake_wait_ms ||
+      !zm_workers_steal(srv->cfg.workers, &c->hs_work))
+    return;
+  srv->stats.tls_handshake_steps_offloaded--;
+  srv->stats.tls_handshake_steps_inline++;
+  hs_work(&c->hs_work);
+  hs_done(&c->hs_work, 0);
 }
 
 static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {

@@ -21,6 +21,11 @@ static void on_tick(uv_timer_t *t) {
     zm_limiter_sweep(srv->limiter, now);
   for (zm_conn_t *c = srv->conns, *n; c != NULL; c = n) {
     n = c->next;
+    if (c->hs_running) {
+      conn_hs_check(c, now);
+      if (c->state != CONN_OPEN)
+        continue;
+    }
     if (!c->got_frame && now - c->last_active >= ZM_HANDSHAKE_TIMEOUT_MS) {
       conn_close(c);
     } else if (c->writing && srv->cfg.write_stall_ms > 0 &&
@@ -134,6 +139,8 @@ int zm_grpc_server_new(zm_grpc_server_t **out, uv_loop_t *loop,
     srv->cfg.max_conns = 65536;
   if (srv->cfg.max_buffered == 0)
     srv->cfg.max_buffered = 256u << 20;
+  if (srv->cfg.tls_handshake_wait_ms == 0)
+    srv->cfg.tls_handshake_wait_ms = 1000;
   if (srv->cfg.caller_rate > 0 || srv->cfg.caller_inflight > 0) {
     srv->limiter = zm_limiter_new(srv->cfg.caller_rate, srv->cfg.caller_burst,
                                   srv->cfg.caller_inflight);

@@ -174,6 +174,7 @@ struct zm_conn {
    * worker reads hs_running while the loop writes the flags above. */
   zm_work_t hs_work;
   int hs_running, hs_orphan, hs_rc;
+  uint64_t hs_since; /* uv_now() ms when the step was queued */
   const char *hs_why;
   char *hs_in; /* the step's input (a copy) */
   size_t hs_in_len, hs_in_cap, hs_used;
@@ -273,6 +274,9 @@ int call_admitted(zm_call_t *call);
 /* conn.c */
 void conn_mark_dirty(zm_conn_t *c);
 void conn_close(zm_conn_t *c);
+/* Runs the connection's TLS handshake step on the loop when no worker has
+ * started it within cfg.tls_handshake_wait_ms (server.c's tick). */
+void conn_hs_check(zm_conn_t *c, uint64_t now);
 void conn_on_connection(uv_stream_t *ls, int status);
 void conn_on_flush(uv_prepare_t *p);
 int conn_trim_idle(zm_conn_t *c, uint64_t now);

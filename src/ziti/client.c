@@ -88,6 +88,7 @@ struct zm__ziti_conn {
    * keeps what arrives in stash and writes nothing. */
   zm_work_t hs_work;
   int hs_running, hs_rc, stash_eof;
+  uint64_t connect_deadline; /* uv_now() ms: connect + handshake */
   const char *hs_why;
   char *stash;
   size_t stash_len, stash_cap;
@@ -568,6 +569,8 @@ static void conn_handshake(zm__ziti_conn_t *c) {
     c->hs_running = 1;
     c->pending++;
     z->stats.handshake_steps_offloaded++;
+    uint64_t check = uv_now(z->loop) + z->cfg.handshake_wait_ms;
+    conn_arm(c, check < c->connect_deadline ? check : c->connect_deadline);
     return;
   }
   const char *why = NULL;
@@ -678,7 +681,8 @@ static void conn_open(zm_ziti_t *z) {
   zm__ziti_list_insert_tail(&z->conns, &c->link);
   z->n_open++;
   z->n_connecting++;
-  conn_arm(c, uv_now(z->loop) + z->cfg.connect_timeout_ms);
+  c->connect_deadline = uv_now(z->loop) + z->cfg.connect_timeout_ms;
+  conn_arm(c, c->connect_deadline);
   if (zm__ziti_tls_init(&c->tls, z->tls_ctx, z->host, z->tls_session) != 0) {
     conn_fail_connect(c, ZM_E_TLS, "cannot create a TLS session");
     return;
@@ -701,6 +705,17 @@ static void on_conn_timer(uv_timer_t *t) {
   switch (c->state) {
   case CONN_CONNECTING:
   case CONN_TLS_HANDSHAKE:
+    if (uv_now(c->z->loop) < c->connect_deadline) {
+      /* the handshake step waited too long for a worker: run it here */
+      conn_arm(c, c->connect_deadline);
+      if (c->hs_running && zm_workers_steal(c->z->cfg.workers, &c->hs_work)) {
+        c->z->stats.handshake_steps_offloaded--;
+        c->z->stats.handshake_steps_inline++;
+        hs_work(&c->hs_work);
+        hs_done(&c->hs_work, 0);
+      }
+      return;
+    }
     conn_fail_connect(c, ZM_E_TIMEOUT, err_connect_timeout);
     return;
   case CONN_IDLE:
@@ -922,6 +937,8 @@ int zm_ziti_new(zm_ziti_t **out, uv_loop_t *loop, const zm_ziti_config_t *cfg) {
     z->cfg.request_timeout_ms = 15000;
   if (!z->cfg.idle_timeout_ms)
     z->cfg.idle_timeout_ms = 4000;
+  if (!z->cfg.handshake_wait_ms)
+    z->cfg.handshake_wait_ms = 1000;
   if (!z->cfg.cacerts_refresh_ms)
     z->cfg.cacerts_refresh_ms = 3600000;
   if ((rc = parse_url(z, cfg->controller_url)) != 0) {

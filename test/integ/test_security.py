@@ -331,7 +331,7 @@ def test_handshake_steps_run_on_workers(pki, tmp):
     """The handshake's public-key steps run on the worker threads: while
     they are all held, a client's call waits in its handshake; released, it
     completes. Without workers (TESTSRV_WORKERS=0) the loop runs them."""
-    srv = start(pki, tmp, extra={"TESTSRV_HOLD_WORKERS": "1"})
+    srv = start(pki, tmp, extra={"TESTSRV_HOLD_WORKERS": "1", "TESTSRV_HS_WAIT_MS": "60000"})
     try:
         result = {}
 
@@ -368,7 +368,7 @@ def test_close_while_handshake_steps_wait(pki, tmp):
     drains: each closes at once (one of them after its peer went away),
     its step is cancelled with the pool and frees it, and the server exits
     cleanly."""
-    srv = start(pki, tmp, extra={"TESTSRV_HOLD_WORKERS": "1"})
+    srv = start(pki, tmp, extra={"TESTSRV_HOLD_WORKERS": "1", "TESTSRV_HS_WAIT_MS": "60000"})
     socks = []
     try:
         for _ in range(5):
@@ -386,4 +386,21 @@ def test_close_while_handshake_steps_wait(pki, tmp):
     finally:
         for s in socks:
             s.close()
+        srv.stop()
+
+
+def test_handshake_step_taken_back_from_starved_workers(pki, tmp):
+    """Worker threads that never get the CPU (held here; at idle priority a
+    saturated core starves them) do not lock new clients out: a step no
+    worker has started within TESTSRV_HS_WAIT_MS is taken back and run on
+    the loop, and the call completes with the workers still held."""
+    srv = start(pki, tmp, extra={"TESTSRV_HOLD_WORKERS": "1", "TESTSRV_HS_WAIT_MS": "200"})
+    try:
+        t0 = time.monotonic()
+        with client(srv, pki, "gw") as ch:
+            assert health(ch) == st.health_pb2.HealthCheckResponse.SERVING
+        assert time.monotonic() - t0 < 8
+        s = srv.stats()
+        assert s["hs_loop"] >= 2 and s["hs_workers"] == 0, s  # both steps taken back
+    finally:
         srv.stop()

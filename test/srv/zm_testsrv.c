@@ -352,6 +352,7 @@ int main(void) {
   if (nw > 0 && zm_workers_new(&workers, loop, nw, ZM_GRPC_HS_MAX_QUEUED) != 0)
     return 2;
   gc.workers = workers;
+  gc.tls_handshake_wait_ms = env_ms("TESTSRV_HS_WAIT_MS", 0);
   if (workers != NULL && env_ms("TESTSRV_HOLD_WORKERS", 0) != 0)
     for (unsigned i = 0; i < nw && i < ZM_ARRAY_SIZE(gate_jobs); i++)
       if (zm_workers_queue(workers, &gate_jobs[i], gate_work, gate_done) != 0)

@@ -182,6 +182,52 @@ static void test_queue_full(void **state) {
   assert_int_equal(uv_loop_close(&loop), 0);
 }
 
+/* Stealing takes back only work no thread has started, from anywhere in
+ * the queue (head, middle, tail): its done never runs, the rest keep their
+ * order, the queue has room again, and a stolen job can be queued anew. */
+static void test_steal(void **state) {
+  (void)state;
+  reset();
+  gate_set(0);
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  zm_workers_t *p;
+  assert_int_equal(zm_workers_new(&p, &loop, 1, 4), 0);
+  job_t jobs[6];
+  memset(jobs, 0, sizeof jobs);
+  for (int i = 0; i < 6; i++)
+    jobs[i].idx = i;
+  assert_int_equal(zm_workers_queue(p, &jobs[0].w, job_work, job_done), 0);
+  wait_started(&loop, 1); /* job 0 runs (held) */
+  for (int i = 1; i <= 4; i++)
+    assert_int_equal(zm_workers_queue(p, &jobs[i].w, job_work, job_done), 0);
+  assert_int_equal(zm_workers_steal(p, &jobs[0].w), 0); /* running */
+  assert_int_equal(zm_workers_steal(p, &jobs[2].w), 1); /* middle */
+  assert_int_equal(zm_workers_steal(p, &jobs[2].w), 0); /* not queued now */
+  assert_int_equal(zm_workers_steal(p, &jobs[1].w), 1); /* head */
+  assert_int_equal(zm_workers_steal(p, &jobs[4].w), 1); /* tail */
+  assert_int_equal(zm_workers_queued(p), 1);
+  assert_int_equal(zm_workers_queue(p, &jobs[5].w, job_work, job_done), 0);
+  assert_int_equal(zm_workers_queue(p, &jobs[4].w, job_work, job_done), 0);
+  gate_set(1);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  static const int want[] = {0, 3, 5, 4};
+  assert_int_equal(n_order, 4);
+  for (int i = 0; i < 4; i++)
+    assert_int_equal(order[i], want[i]);
+  assert_int_equal(jobs[1].done_calls, 0);
+  assert_int_equal(jobs[2].done_calls, 0);
+  assert_false(jobs[1].ran);
+  assert_false(jobs[2].ran);
+  assert_int_equal(jobs[4].done_calls, 1);
+  assert_int_equal(zm_workers_steal(p, &jobs[3].w), 0); /* finished */
+  closed = 0;
+  zm_workers_close(p, on_closed, NULL);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  assert_int_equal(closed, 1);
+  assert_int_equal(uv_loop_close(&loop), 0);
+}
+
 /* Close with one job running and three queued: the running one finishes
  * (status 0), the queued ones complete with UV_ECANCELED without running,
  * in order; new work is refused; the close callback runs last and
@@ -303,6 +349,7 @@ int main(void) {
       cmocka_unit_test(test_fifo_on_loop),
       cmocka_unit_test(test_many_threads),
       cmocka_unit_test(test_queue_full),
+      cmocka_unit_test(test_steal),
       cmocka_unit_test(test_shutdown_with_queued),
       cmocka_unit_test(test_cpu_accounting),
       cmocka_unit_test(test_bad_args),

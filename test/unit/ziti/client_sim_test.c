@@ -1085,7 +1085,8 @@ static void gate_done(zm_work_t *w, int status) {
 
 static void workers_closed(void *data) { *(int *)data = 1; }
 
-static void env_open_workers(env_t *e, zm_workers_t **pool) {
+static void env_open_workers_wait(env_t *e, zm_workers_t **pool,
+                                  uint64_t wait_ms) {
   assert_int_equal(uv_loop_init(&e->loop), 0);
   assert_int_equal(zm_workers_new(pool, &e->loop, 2, 8), 0);
   zm_ziti_config_t cfg = {.controller_url = g_sim.url,
@@ -1093,8 +1094,14 @@ static void env_open_workers(env_t *e, zm_workers_t **pool) {
                           .cert_file = g_sim.cert_file,
                           .key_file = g_sim.key_file,
                           .pool_size = 1, /* one handshake at a time */
-                          .workers = *pool};
+                          .workers = *pool,
+                          .handshake_wait_ms = wait_ms};
   assert_int_equal(zm_ziti_new(&e->z, &e->loop, &cfg), 0);
+}
+
+/* Held workers in these tests must not be bypassed: a long wait. */
+static void env_open_workers(env_t *e, zm_workers_t **pool) {
+  env_open_workers_wait(e, pool, 60000);
 }
 
 static void on_wait_closed(uv_handle_t *h) { *(int *)h->data = 1; }
@@ -1233,6 +1240,35 @@ static void test_handshake_close_while_on_workers(void **state) {
   env_close(&e);
 }
 
+/* Workers that never get to the step (held here; at idle priority, a
+ * saturated core starves them) do not stall the client: a step no worker
+ * has started within handshake_wait_ms is taken back and run on the loop. */
+static void test_handshake_taken_back_from_starved_workers(void **state) {
+  (void)state;
+  NEED_SIM();
+  sim_reset();
+  env_t e;
+  zm_workers_t *pool = NULL;
+  env_open_workers_wait(&e, &pool, 200);
+  gate_set(0);
+  gate_done_n = 0;
+  zm_work_t hold[2];
+  for (int i = 0; i < 2; i++)
+    assert_int_equal(zm_workers_queue(pool, &hold[i], gate_work, gate_done), 0);
+  res_t o;
+  create(&e, "hs-steal-1", NULL, &o); /* with the workers still held */
+  assert_int_equal(o.err, 0);
+  res_free(&o);
+  zm_ziti_stats_t st;
+  zm_ziti_get_stats(e.z, &st);
+  assert_int_equal(st.handshake_steps_offloaded, 0);
+  assert_true(st.handshake_steps_inline >= 2);
+  assert_int_equal(gate_done_n, 0);
+  gate_set(1);
+  env_close_workers(&e, pool);
+  assert_int_equal(gate_done_n, 2);
+}
+
 int main(void) {
   if (getenv("ZM_TEST_DEBUG"))
     zm_log_set_level(ZM_LOG_DEBUG);
@@ -1255,6 +1291,7 @@ int main(void) {
       cmocka_unit_test(test_tls_resumption),
       cmocka_unit_test(test_handshake_on_workers),
       cmocka_unit_test(test_handshake_close_while_on_workers),
+      cmocka_unit_test(test_handshake_taken_back_from_starved_workers),
   };
   return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
