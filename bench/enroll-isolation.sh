@@ -22,7 +22,11 @@
 # loop-lag probe (LOOP_LAG_PROBE: per-second maxima of the
 # 1 ms timer's lateness and, where the server reports it, of the CPU one loop
 # iteration took), zm_loop_lag_worst_seconds from the metrics listener, and
-# how many controller connections were opened in the window.
+# how many controller connections were opened in the window; then, after a
+# lull long enough for the controller to close the idle connections
+# (LULL_S, 5.5), a burst of BURST_N (64) enrollments that reopens them: the
+# loop lag and busiest iteration over it, and where the TLS handshake steps
+# ran (the crypto threads or the loop).
 # Env: DURATION (default 8), RATE (2000), SERVER_CPU (0), CLIENT_CPU (1),
 #      KEYS (10000 preloaded identities), CRYPTO_N (200), OUT (results dir),
 #      CRYPTO (a zm-cryptocost binary; default the build's: pass the same one
@@ -268,6 +272,31 @@ RPID=
 SPID_=
 lag=$(metric zm_loop_lag_worst_seconds)
 conn1=$(metric zm_controller_connects_total)
+
+# Window 3, a burst after a lull: the controller closes keep-alive
+# connections idle for 5 s (the client closes them at 4 s), so the next
+# enrollments open them again, each with a TLS handshake (resumed, when the
+# controller accepts the session). The probe over the burst: what
+# reconnecting costs the loop.
+sleep "${LULL_S:-5.5}"
+hsw='zm_controller_tls_handshake_steps_total{where="workers"}'
+hsl='zm_controller_tls_handshake_steps_total{where="loop"}'
+bconn0=$(metric zm_controller_connects_total)
+bhw0=$(metric "$hsw")
+bhl0=$(metric "$hsl")
+bl0=$(wc -l <"$OUT/server.log")
+mark burst0
+taskset -c "$CLIENT_CPU" timeout 60 "$BENCH" --target "127.0.0.1:$PORT" --scenario request-service-identity \
+  -n "${BURST_N:-64}" -c 4 -m 8 --timeout-ms 20000 --allow-errors --json "$OUT/burst.json" >"$OUT/burst.txt" 2>&1
+mark burst1
+sleep 1.1 # the probe's line for the burst's last second
+bl1=$(wc -l <"$OUT/server.log")
+bconn1=$(metric zm_controller_connects_total)
+bhw1=$(metric "$hsw")
+bhl1=$(metric "$hsl")
+bok=$(jget "$OUT/burst.json" 'j["ops"]["request-service-identity"]["status"].get("OK", 0)')
+burst_busy=$(sed -n "$((bl0 + 1)),${bl1}p" "$OUT/server.log" | grep -o 'busiest iteration [0-9]* us' | awk '{print $3}' | sort -n | tail -1)
+burst_lag=$(sed -n "$((bl0 + 1)),${bl1}p" "$OUT/server.log" | grep -o 'loop lag: max [0-9]* ms' | awk '{print $4}' | sort -n | tail -1)
 # The probe logs once a second the worst lateness of that second; the first
 # line after the window opened covers warm-up time, so it is left out.
 lagw=$(sed -n "$((loglines + 1)),${logend}p" "$OUT/server.log" | grep -o 'loop lag: max [0-9]* ms' | awk 'NR>1{print $4}')
@@ -344,6 +373,7 @@ echo "loop lag during the window (per-second maxima, 1 ms probe): worst ${secmax
 echo "loop iterations (CPU time of one iteration, the loop's own work): worst ${busymax:-n/a} us${busyfp:+ ($busyfp)}; seconds with one > 1 ms: ${busyover:-n/a} of $(wc -w <<<"$busyw")"
 echo "loop lag worst since start (zm_loop_lag_worst_seconds): ${lag0:-?} s after warm-up, ${lag:-?} s at the end"
 echo "controller connections opened during the window: $(( ${conn1:-0} - ${conn0:-0} )) (${conn1:-?} since start)"
+echo "a burst of ${BURST_N:-64} enrollments after a ${LULL_S:-5.5} s lull: ${bok:-?} OK; controller connections reopened: $(( ${bconn1:-0} - ${bconn0:-0} )); TLS handshake steps on the crypto threads $(awk -v a="${bhw0:-0}" -v b="${bhw1:-0}" 'BEGIN{print b - a}'), on the loop $(awk -v a="${bhl0:-0}" -v b="${bhl1:-0}" 'BEGIN{print b - a}'); loop lag worst ${burst_lag:-?} ms, busiest loop iteration ${burst_busy:-?} us"
 if [[ -s $OUT/sched.data ]]; then
   # Every time the loop thread waited > 1 ms to get the CPU back: who ran.
   perf sched timehist -i "$OUT/sched.data" 2>/dev/null | awk 'NR>3' >"$OUT/timehist.txt"
@@ -400,6 +430,9 @@ echo "resolve_p99_us=${rp99:-n/a}"
 echo "resolve_max_us=${rmax:-n/a}"
 echo "loop_lag_max_us=$(awk -v m="${secmax:-}" 'BEGIN{if (m != "") printf "%.0f", m * 1000; else print "n/a"}')"
 echo "loop_busy_max_us=${busymax:-n/a}"
+echo "burst_connects=$(( ${bconn1:-0} - ${bconn0:-0} ))"
+echo "burst_lag_max_us=$(awk -v m="${burst_lag:-}" 'BEGIN{if (m != "") printf "%.0f", m * 1000; else print "n/a"}')"
+echo "burst_busy_max_us=${burst_busy:-n/a}"
 for k in wake_idle_n wake_idle_p99_us wake_idle_max_us wake_idle_over1ms wake_busy_p99_us wake_busy_max_us switch_cpu_us switch_round_us xcpu_round_us work_p50_us work_max_us work_over1ms; do
   echo "floor_$k=$(v=$(fget $k); echo "${v:-n/a}")"
 done

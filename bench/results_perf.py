@@ -255,6 +255,11 @@ for what, value, goal, ok, src in rows:
     L.append(f"| {what} | {value} | {goal} | {ok} | {src} |")
 L.append("")
 other = [other_idle]
+if enroll.get("burst_busy_max_us") not in (None, "n/a"):
+    other.append(f"- a burst of enrollments after a 5.5 s lull (the controller closed the idle connections; "
+                 f"{enroll.get('burst_connects', '?')} reopened, each with a TLS handshake): loop lag worst "
+                 f"{us(fnum(enroll.get('burst_lag_max_us')))}, busiest loop iteration "
+                 f"{us(fnum(enroll.get('burst_busy_max_us')))} (bench/enroll-isolation.sh)")
 zr32 = a_get("zm", "resolve", "32x32", "rps_median")
 br32, bn32 = a_best("resolve", "32x32", "rps_median", True)
 other.append(f"- ResolveIdentity 32x32 (h2load, one key) / best anchor ({bn32}): {fx(ratio(zr32, br32))}")
