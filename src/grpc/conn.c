@@ -38,12 +38,9 @@ static int buf_append(char **b, size_t *len, size_t *cap, const void *p,
   return 0;
 }
 
-/* wolfSSL's ciphertext sink for TLS connections; during a handshake step
- * on a worker, that step's own buffer (the loop may be flushing out). */
+/* wolfSSL's ciphertext sink for TLS connections. */
 static int on_tls_out(void *ud, const void *p, size_t n) {
   zm_conn_t *c = ud;
-  if (c->hs_running)
-    return buf_append(&c->hs_out, &c->hs_out_len, &c->hs_out_cap, p, n);
   return buf_append(&c->out, &c->out_len, &c->out_cap, p, n);
 }
 
@@ -89,36 +86,69 @@ static void conn_tls_end(zm_conn_t *c, int trv, const char *why) {
 /* ---- TLS handshakes on the crypto workers
  * Each handshake step with a public-key operation (the key share, the
  * server's signature, the client's chain) costs milliseconds: it runs on
- * the workers, with a copy of its input, writing into its own buffer, while
- * the connection reads nothing more (the client waits for our flight
- * anyway; what it sends meanwhile waits in the socket). The loop touches
- * neither c->tls nor those buffers until hs_done. */
+ * the workers, with a copy of its input, writing into its own buffer (the
+ * TLS session's sink points there meanwhile), while the connection reads
+ * nothing more (the client waits for our flight anyway; what it sends
+ * meanwhile waits in the socket). The loop touches neither c->tls nor the
+ * step's state until hs_done. A connection closed meanwhile leaves its TLS
+ * session to the step, which frees both when it comes back. */
 
-static void conn_free(zm_conn_t *c);
+typedef struct conn_hs {
+  zm_work_t work;
+  zm_conn_t *conn;   /* NULL once the connection is gone */
+  zm_tls_srv_t *tls; /* the connection's, or the step's alone once orphaned */
+  int running, rc;
+  uint64_t since; /* uv_now() ms when the step was queued */
+  const char *why;
+  char *in; /* the step's input (a copy) */
+  size_t in_len, in_cap, used;
+  char *out; /* what the step wrote */
+  size_t out_len, out_cap;
+} conn_hs_t;
+
 static void conn_input(zm_conn_t *c, const char *p, size_t n);
 
+static int hs_sink(void *ud, const void *p, size_t n) {
+  conn_hs_t *hs = ud;
+  return buf_append(&hs->out, &hs->out_len, &hs->out_cap, p, n);
+}
+
+static void hs_free(conn_hs_t *hs) {
+  free(hs->in);
+  free(hs->out);
+  free(hs);
+}
+
+int conn_hs_running(const zm_conn_t *c) {
+  return c->hs != NULL && c->hs->running;
+}
+
 static void hs_work(zm_work_t *w) {
-  zm_conn_t *c = container_of(w, zm_conn_t, hs_work);
-  c->hs_why = NULL;
-  c->hs_rc = zm_tls_srv_handshake(c->tls, c->hs_in, c->hs_in_len, &c->hs_used,
-                                  &c->hs_why);
+  conn_hs_t *hs = container_of(w, conn_hs_t, work);
+  hs->why = NULL;
+  hs->rc =
+      zm_tls_srv_handshake(hs->tls, hs->in, hs->in_len, &hs->used, &hs->why);
 }
 
 static void hs_done(zm_work_t *w, int status) {
-  zm_conn_t *c = container_of(w, zm_conn_t, hs_work);
-  c->hs_running = 0;
-  if (c->hs_orphan) { /* its handle closed meanwhile: ours to free (and the
-                         server may be gone) */
-    conn_free(c);
+  conn_hs_t *hs = container_of(w, conn_hs_t, work);
+  hs->running = 0;
+  zm_conn_t *c = hs->conn;
+  if (c == NULL) { /* closed meanwhile (the server may be gone too) */
+    zm_tls_srv_dispose(hs->tls);
+    free(hs->tls);
+    hs_free(hs);
     return;
   }
+  c->tls->sink = on_tls_out;
+  c->tls->sink_ud = c;
   c->srv->hs_queued--;
   if (c->state != CONN_OPEN)
     return; /* on_conn_closed frees it */
-  if (c->hs_out_len > 0) {
+  if (hs->out_len > 0) {
     int rv =
-        buf_append(&c->out, &c->out_len, &c->out_cap, c->hs_out, c->hs_out_len);
-    c->hs_out_len = 0;
+        buf_append(&c->out, &c->out_len, &c->out_cap, hs->out, hs->out_len);
+    hs->out_len = 0;
     if (rv != 0) {
       c->srv->stats.nomem++;
       conn_close(c);
@@ -129,24 +159,18 @@ static void hs_done(zm_work_t *w, int status) {
     conn_close(c);
     return;
   }
-  if (c->hs_rc == ZM_E_INCOMPLETE) {
+  if (hs->rc == ZM_E_INCOMPLETE) {
     conn_mark_dirty(c); /* the flush sends our flight and reads again */
-  } else if (c->hs_rc != 0) {
-    conn_tls_end(c, c->hs_rc, c->hs_why);
+  } else if (hs->rc != 0) {
+    conn_tls_end(c, hs->rc, hs->why);
   } else {
     zm_tls_srv_established(c->tls);
-    free(c->hs_out);
-    c->hs_out = NULL;
-    c->hs_out_cap = 0;
     if (c->tls->n_names > 0)
       ZM_DEBUG("grpc: %s authenticated as %s", c->peer, c->tls->names[0]);
+    c->hs = NULL; /* an established connection keeps none of it */
     /* records after the client's Finished, if any, in the same input */
-    conn_input(c, c->hs_in + c->hs_used, c->hs_in_len - c->hs_used);
-    if (c->state == CONN_OPEN) { /* an established connection keeps none */
-      free(c->hs_in);
-      c->hs_in = NULL;
-      c->hs_in_cap = c->hs_in_len = 0;
-    }
+    conn_input(c, hs->in + hs->used, hs->in_len - hs->used);
+    hs_free(hs);
   }
 }
 
@@ -156,18 +180,30 @@ static int hs_offload(zm_conn_t *c, const char *p, size_t n) {
   zm_grpc_server_t *srv = c->srv;
   if (srv->cfg.workers == NULL || srv->hs_queued >= ZM_GRPC_HS_MAX_QUEUED)
     return 0;
-  if (n > c->hs_in_cap) {
-    free(c->hs_in);
-    c->hs_in = malloc(n);
-    c->hs_in_cap = c->hs_in != NULL ? n : 0;
-    if (c->hs_in == NULL)
+  conn_hs_t *hs = c->hs;
+  if (hs == NULL) {
+    hs = c->hs = calloc(1, sizeof *hs);
+    if (hs == NULL)
+      return 0;
+    hs->conn = c;
+    hs->tls = c->tls;
+  }
+  if (n > hs->in_cap) {
+    free(hs->in);
+    hs->in = malloc(n);
+    hs->in_cap = hs->in != NULL ? n : 0;
+    if (hs->in == NULL)
       return 0;
   }
-  memcpy(c->hs_in, p, n);
-  c->hs_in_len = n;
-  c->hs_running = 1;
-  if (zm_workers_queue(srv->cfg.workers, &c->hs_work, hs_work, hs_done) != 0) {
-    c->hs_running = 0;
+  memcpy(hs->in, p, n);
+  hs->in_len = n;
+  hs->running = 1;
+  c->tls->sink = hs_sink;
+  c->tls->sink_ud = hs;
+  if (zm_workers_queue(srv->cfg.workers, &hs->work, hs_work, hs_done) != 0) {
+    hs->running = 0;
+    c->tls->sink = on_tls_out;
+    c->tls->sink_ud = c;
     return 0;
   }
   if (c->reading) {
@@ -176,20 +212,21 @@ static int hs_offload(zm_conn_t *c, const char *p, size_t n) {
   }
   srv->hs_queued++;
   srv->stats.tls_handshake_steps_offloaded++;
-  c->hs_since = uv_now(srv->loop);
+  hs->since = uv_now(srv->loop);
   return 1;
 }
 
 void conn_hs_check(zm_conn_t *c, uint64_t now) {
   zm_grpc_server_t *srv = c->srv;
-  if (!c->hs_running || c->state != CONN_OPEN ||
-      now - c->hs_since < srv->cfg.tls_handshake_wait_ms ||
-      !zm_workers_steal(srv->cfg.workers, &c->hs_work))
+  conn_hs_t *hs = c->hs;
+  if (hs == NULL || !hs->running || c->state != CONN_OPEN ||
+      now - hs->since < srv->cfg.tls_handshake_wait_ms ||
+      !zm_workers_steal(srv->cfg.workers, &hs->work))
     return;
   srv->stats.tls_handshake_steps_offloaded--;
   srv->stats.tls_handshake_steps_inline++;
-  hs_work(&c->hs_work);
-  hs_done(&c->hs_work, 0);
+  hs_work(&hs->work);
+  hs_done(&hs->work, 0);
 }
 
 static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
@@ -391,7 +428,7 @@ static void conn_flush(zm_conn_t *c) {
     uv_read_stop((uv_stream_t *)&c->tcp);
     c->reading = 0;
   } else if (!congested && !c->reading && !c->close_after_flush &&
-             !c->hs_running) {
+             !conn_hs_running(c)) {
     uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
     c->reading = 1;
   }
@@ -403,31 +440,28 @@ static void conn_flush(zm_conn_t *c) {
     conn_close(c);
 }
 
-static void conn_free(zm_conn_t *c) {
+static void on_conn_closed(uv_handle_t *h) {
+  zm_conn_t *c = h->data;
+  zm_grpc_server_t *srv = c->srv;
+  if (conn_hs_running(c)) {
+    /* the worker still has the TLS session: the step frees it */
+    c->hs->conn = NULL;
+    c->hs = NULL;
+    c->tls = NULL;
+    srv->hs_queued--;
+    srv->stats.tls_handshake_steps_orphaned++;
+  }
   zm_wipe(c->out, c->out_len);
   zm_wipe(c->wr, c->wr_len);
   free(c->out);
   free(c->wr);
-  free(c->hs_in);
-  free(c->hs_out);
+  if (c->hs != NULL)
+    hs_free(c->hs);
   if (c->tls != NULL) {
     zm_tls_srv_dispose(c->tls);
     free(c->tls);
   }
   free(c);
-}
-
-static void on_conn_closed(uv_handle_t *h) {
-  zm_conn_t *c = h->data;
-  zm_grpc_server_t *srv = c->srv;
-  if (c->hs_running) {
-    /* the worker still has its TLS session: hs_done frees */
-    c->hs_orphan = 1;
-    srv->hs_queued--;
-    srv->stats.tls_handshake_steps_orphaned++;
-  } else {
-    conn_free(c);
-  }
   srv->stats.conns_open--;
   srv->open_handles--;
   drain_check(srv);

@@ -21,7 +21,7 @@ static void on_tick(uv_timer_t *t) {
     zm_limiter_sweep(srv->limiter, now);
   for (zm_conn_t *c = srv->conns, *n; c != NULL; c = n) {
     n = c->next;
-    if (c->hs_running) {
+    if (conn_hs_running(c)) {
       conn_hs_check(c, now);
       if (c->state != CONN_OPEN)
         continue;

@@ -169,17 +169,9 @@ struct zm_conn {
   uint64_t write_started; /* uv_now() ms of the write in flight */
   int32_t max_req_sid;    /* highest client stream id that sent HEADERS */
   zm_tls_srv_t *tls;      /* NULL = h2c */
-  /* A handshake step on the workers (conn.c): while hs_running, c->tls and
-   * the hs_ buffers are the worker's. Plain ints, not bit-fields: the
-   * worker reads hs_running while the loop writes the flags above. */
-  zm_work_t hs_work;
-  int hs_running, hs_orphan, hs_rc;
-  uint64_t hs_since; /* uv_now() ms when the step was queued */
-  const char *hs_why;
-  char *hs_in; /* the step's input (a copy) */
-  size_t hs_in_len, hs_in_cap, hs_used;
-  char *hs_out; /* what the step wrote */
-  size_t hs_out_len, hs_out_cap;
+  /* TLS handshake steps on the workers (conn.c): allocated for the
+   * handshake only, freed once the connection is established */
+  struct conn_hs *hs;
   char peer[64]; /* "ip:port" */
   char *out;     /* gathered output */
   size_t out_len, out_cap;
@@ -277,6 +269,8 @@ void conn_close(zm_conn_t *c);
 /* Runs the connection's TLS handshake step on the loop when no worker has
  * started it within cfg.tls_handshake_wait_ms (server.c's tick). */
 void conn_hs_check(zm_conn_t *c, uint64_t now);
+/* 1 while a handshake step of c is on the workers. */
+int conn_hs_running(const zm_conn_t *c);
 void conn_on_connection(uv_stream_t *ls, int status);
 void conn_on_flush(uv_prepare_t *p);
 int conn_trim_idle(zm_conn_t *c, uint64_t now);
