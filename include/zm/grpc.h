@@ -145,7 +145,7 @@ typedef struct {
   /* busy polling: windows started, and reads that arrived inside one */
   uint64_t busy_polls, busy_poll_hits;
   /* TLS handshake steps run on the workers / on the loop; connections
-   * closed while theirs ran (freed when it came back) */
+   * closed while a worker ran theirs (freed when it came back) */
   uint64_t tls_handshake_steps_offloaded, tls_handshake_steps_inline,
       tls_handshake_steps_orphaned;
 } zm_grpc_stats_t;

@@ -444,12 +444,19 @@ static void on_conn_closed(uv_handle_t *h) {
   zm_conn_t *c = h->data;
   zm_grpc_server_t *srv = c->srv;
   if (conn_hs_running(c)) {
-    /* the worker still has the TLS session: the step frees it */
-    c->hs->conn = NULL;
-    c->hs = NULL;
-    c->tls = NULL;
     srv->hs_queued--;
-    srv->stats.tls_handshake_steps_orphaned++;
+    if (zm_workers_steal(srv->cfg.workers, &c->hs->work)) {
+      /* not started: it goes with the connection (and frees its room in
+       * the queue, which admitted enrollments count on) */
+      c->hs->running = 0;
+      srv->stats.tls_handshake_steps_offloaded--;
+    } else {
+      /* a worker has the TLS session: the step frees it */
+      c->hs->conn = NULL;
+      c->hs = NULL;
+      c->tls = NULL;
+      srv->stats.tls_handshake_steps_orphaned++;
+    }
   }
   zm_wipe(c->out, c->out_len);
   zm_wipe(c->wr, c->wr_len);

@@ -271,6 +271,12 @@ static void conn_close(zm__ziti_conn_t *c) {
     return;
   ZM_ASSERT(c->x == NULL);
   conn_set_state(c, CONN_CLOSING);
+  if (c->hs_running && zm_workers_steal(c->z->cfg.workers, &c->hs_work)) {
+    /* not started: it goes now, and so does its room in the queue */
+    c->hs_running = 0;
+    c->pending--;
+    c->z->stats.handshake_steps_offloaded--;
+  }
   if (c->resolving)
     zm__resolve_cancel(c->z->resolver, &c->gai);
   c->pending += 2;
