@@ -92,7 +92,10 @@ typedef struct {
   zm_grpc_finish_fn on_finish;        /* NULL = none; called with ctx */
 } zm_grpc_method_t;
 
-#define ZM_GRPC_HS_MAX_QUEUED 64u
+/* Handshake steps on the workers at once: a reconnect storm of this many
+ * clients is absorbed off the loop (a step is 1-5 ms, so the last waits a
+ * few hundred ms behind two threads); steps beyond run on the loop. */
+#define ZM_GRPC_HS_MAX_QUEUED 256u
 
 typedef struct {
   const char *address;      /* "host:port", ":port" = all interfaces */
