@@ -87,7 +87,7 @@ struct zm__ziti_conn {
   /* A handshake step on the workers owns tls until hs_done: the loop then
    * keeps what arrives in stash and writes nothing. */
   zm_work_t hs_work;
-  int hs_running, hs_rc, stash_eof;
+  int hs_running, hs_rc;
   uint64_t connect_deadline; /* uv_now() ms: connect + handshake */
   const char *hs_why;
   char *stash;
@@ -419,7 +419,9 @@ static void conn_complete(zm__ziti_conn_t *c, int reuse) {
 }
 
 static void conn_on_eof(zm__ziti_conn_t *c, int uverr) {
-  if (!c->hs_running) /* else the worker's; the connection closes anyway */
+  /* during a handshake step tls is the worker's, and this state fails the
+   * connection below anyway */
+  if (!c->hs_running)
     c->tls.eof = 1;
   switch (c->state) {
   case CONN_CONNECTING:
@@ -559,8 +561,6 @@ static void hs_done(zm_work_t *w, int status) {
       return;
     }
   }
-  if (c->stash_eof)
-    c->tls.eof = 1;
   handshake_result(c, c->hs_rc, c->hs_why, more);
 }
 
