@@ -245,8 +245,8 @@ const zm_setting_t zm_settings[] = {
     {"ENROLLMENT_TIMEOUT", "60s", "bound of one enrollment", 0},
     {"ENROLLMENT_MAX_INFLIGHT", "256", "enrollments at once, 1..100000", 0},
     {"ENROLLMENT_CRYPTO_THREADS", "2",
-     "threads for key generation and JWT verification (lowest priority), "
-     "1..64",
+     "threads for key generation, JWT verification and TLS handshakes "
+     "(lowest priority), 1..64",
      0},
     {"ZITI_REQUEST_TIMEOUT", "15s", "bound of one controller call", 0},
     {"ZITI_POOL_SIZE", "16", "keep-alive connections to the controller", 0},
