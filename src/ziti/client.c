@@ -85,13 +85,11 @@ struct zm__ziti_conn {
   int pending; /* handles/requests that must call back before the free */
   zm_tls_t tls;
   /* A handshake step on the workers owns tls until hs_done: the loop then
-   * keeps what arrives in stash and writes nothing. */
+   * neither reads from the socket nor writes. */
   zm_work_t hs_work;
   int hs_running, hs_rc;
   uint64_t connect_deadline; /* uv_now() ms: connect + handshake */
   const char *hs_why;
-  char *stash;
-  size_t stash_len, stash_cap;
   zm__ziti_xchg_t *x; /* the exchange in flight (BUSY) */
   unsigned served;    /* responses completed on this connection */
   int got_byte;       /* a byte of the current response arrived */
@@ -252,7 +250,6 @@ static void conn_free(zm__ziti_conn_t *c) {
   zm__ziti_list_remove(&c->link);
   free(c->wbuf);
   zm__ziti_tls_dispose(&c->tls);
-  free(c->stash);
   free(c);
   zm__ziti_maybe_finish(z);
 }
@@ -419,10 +416,7 @@ static void conn_complete(zm__ziti_conn_t *c, int reuse) {
 }
 
 static void conn_on_eof(zm__ziti_conn_t *c, int uverr) {
-  /* during a handshake step tls is the worker's, and this state fails the
-   * connection below anyway */
-  if (!c->hs_running)
-    c->tls.eof = 1;
+  c->tls.eof = 1;
   switch (c->state) {
   case CONN_CONNECTING:
   case CONN_TLS_HANDSHAKE:
@@ -491,19 +485,14 @@ static void conn_pump(zm__ziti_conn_t *c) {
   }
 }
 
-/* What one handshake step (zm__ziti_tls_handshake) returned; more_input:
- * bytes arrived while it ran, so an incomplete handshake can go on now. */
-static void conn_handshake(zm__ziti_conn_t *c);
-static void handshake_result(zm__ziti_conn_t *c, int rc, const char *why,
-                             int more_input) {
+/* What one handshake step (zm__ziti_tls_handshake) returned. */
+static void handshake_result(zm__ziti_conn_t *c, int rc, const char *why) {
   zm_ziti_t *z = c->z;
   conn_flush(c);
   if (c->state == CONN_CLOSING)
     return;
   if (rc == ZM_E_INCOMPLETE) {
-    if (more_input)
-      conn_handshake(c);
-    else if (c->tls.eof)
+    if (c->tls.eof)
       conn_fail_connect(c, ZM_E_TLS,
                         "connection closed during the TLS handshake");
     return;
@@ -533,6 +522,9 @@ static void handshake_result(zm__ziti_conn_t *c, int rc, const char *why,
     conn_pump(c);
 }
 
+static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf);
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
+
 /* On a worker thread: the connection's tls is this job's alone. */
 static void hs_work(zm_work_t *w) {
   zm__ziti_conn_t *c = container_of(w, zm__ziti_conn_t, hs_work);
@@ -552,21 +544,18 @@ static void hs_done(zm_work_t *w, int status) {
     conn_fail_connect(c, ZM_E_SHUTDOWN, err_shutdown);
     return;
   }
-  int more = c->stash_len > 0;
-  if (more) {
-    int frc = zm__ziti_tls_feed(&c->tls, c->stash, c->stash_len);
-    c->stash_len = 0;
-    if (frc != 0) {
-      conn_fail_connect(c, ZM_E_MSG_TOO_LARGE, err_big_response);
-      return;
-    }
+  /* what the controller sent meanwhile waited in the socket */
+  if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) != 0) {
+    conn_fail_connect(c, ZM_E_UNAVAILABLE, err_connect);
+    return;
   }
-  handshake_result(c, c->hs_rc, c->hs_why, more);
+  handshake_result(c, c->hs_rc, c->hs_why);
 }
 
 /* One step of the handshake: on the workers when there are any (each step
- * with a public-key operation costs the loop a millisecond or more),
- * else, or when they refuse the job, here. */
+ * with a public-key operation costs the loop a millisecond or more), the
+ * connection not reading until it returns; else, or when they refuse the
+ * job, here. */
 static void conn_handshake(zm__ziti_conn_t *c) {
   zm_ziti_t *z = c->z;
   ZM_ASSERT(!c->hs_running);
@@ -574,6 +563,7 @@ static void conn_handshake(zm__ziti_conn_t *c) {
       zm_workers_queue(z->cfg.workers, &c->hs_work, hs_work, hs_done) == 0) {
     c->hs_running = 1;
     c->pending++;
+    uv_read_stop((uv_stream_t *)&c->tcp);
     z->stats.handshake_steps_offloaded++;
     uint64_t check = uv_now(z->loop) + z->cfg.handshake_wait_ms;
     conn_arm(c, check < c->connect_deadline ? check : c->connect_deadline);
@@ -582,24 +572,7 @@ static void conn_handshake(zm__ziti_conn_t *c) {
   const char *why = NULL;
   int rc = zm__ziti_tls_handshake(&c->tls, &why);
   z->stats.handshake_steps_inline++;
-  handshake_result(c, rc, why, 0);
-}
-
-/* Bytes that arrived while a handshake step runs on a worker: kept for
- * hs_done, within the same bound as the TLS input buffer. */
-static int conn_stash(zm__ziti_conn_t *c, const char *p, size_t n) {
-  if (c->stash_len + n > ZM_TLS_MAX_BUFFER)
-    return ZM_E_MSG_TOO_LARGE;
-  if (c->stash_len + n > c->stash_cap) {
-    size_t cap = c->stash_cap ? c->stash_cap : 4096;
-    while (cap < c->stash_len + n)
-      cap *= 2;
-    c->stash = zm_xrealloc(c->stash, cap);
-    c->stash_cap = cap;
-  }
-  memcpy(c->stash + c->stash_len, p, n);
-  c->stash_len += n;
-  return 0;
+  handshake_result(c, rc, why);
 }
 
 static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
@@ -621,14 +594,10 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
       conn_on_eof(c, nread == UV_EOF ? 0 : (int)nread);
     return;
   }
-  if ((c->hs_running
-           ? conn_stash(c, buf->base, (size_t)nread)
-           : zm__ziti_tls_feed(&c->tls, buf->base, (size_t)nread)) != 0) {
+  if (zm__ziti_tls_feed(&c->tls, buf->base, (size_t)nread) != 0) {
     conn_fail(c, ZM_E_MSG_TOO_LARGE, err_big_response, 0);
     return;
   }
-  if (c->hs_running)
-    return; /* hs_done takes it */
   if (c->state == CONN_TLS_HANDSHAKE)
     conn_handshake(c);
   else
