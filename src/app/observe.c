@@ -46,6 +46,16 @@ static void counter(zm_prom_t *p, const char *name, const char *help,
   zm_prom_sample_u64(p, name, NULL, 0, v);
 }
 
+/* A counter of TLS handshake steps by where they ran. */
+static void hs_steps(zm_prom_t *p, const char *name, const char *help,
+                     uint64_t workers, uint64_t loop) {
+  zm_prom_family(p, name, "counter", help);
+  const char *where[] = {"where", "workers"};
+  zm_prom_sample_u64(p, name, where, 1, workers);
+  where[1] = "loop";
+  zm_prom_sample_u64(p, name, where, 1, loop);
+}
+
 static void gauge(zm_prom_t *p, const char *name, const char *help, double v) {
   zm_prom_family(p, name, "gauge", help);
   zm_prom_sample(p, name, NULL, 0, v);
@@ -114,15 +124,10 @@ static void render_grpc(zm_prom_t *p, const zm_app_t *app) {
   counter(p, "zm_grpc_tls_failures_total",
           "TLS handshakes or records that failed (the connection closed)",
           gs.tls_failures);
-  zm_prom_family(p, "zm_grpc_tls_handshake_steps_total", "counter",
-                 "steps of the listener's TLS handshakes by where they ran: "
-                 "the crypto threads, or the loop (none free for them)");
-  const char *hw[] = {"where", "workers"};
-  zm_prom_sample_u64(p, "zm_grpc_tls_handshake_steps_total", hw, 1,
-                     gs.tls_handshake_steps_offloaded);
-  hw[1] = "loop";
-  zm_prom_sample_u64(p, "zm_grpc_tls_handshake_steps_total", hw, 1,
-                     gs.tls_handshake_steps_inline);
+  hs_steps(p, "zm_grpc_tls_handshake_steps_total",
+           "steps of the listener's TLS handshakes by where they ran: the "
+           "crypto threads, or the loop (none free for them)",
+           gs.tls_handshake_steps_offloaded, gs.tls_handshake_steps_inline);
   gauge(p, "zm_loop_busy_poll_window_seconds",
         "busy-polling window in effect (LOOP_BUSY_POLL_US; 0 = off)",
         (double)app->busy_poll_us / 1e6);
@@ -199,16 +204,11 @@ static void render_ziti(zm_prom_t *p, const zm_app_t *app) {
           "controller connections whose TLS handshake resumed an earlier "
           "session (no certificate chain to verify)",
           zs.resumed);
-  zm_prom_family(p, "zm_controller_tls_handshake_steps_total", "counter",
-                 "steps of controller TLS handshakes (each may hold a "
-                 "public-key operation) by where they ran: the crypto "
-                 "threads, or the loop when those refused the job");
-  const char *hw[] = {"where", "workers"};
-  zm_prom_sample_u64(p, "zm_controller_tls_handshake_steps_total", hw, 1,
-                     zs.handshake_steps_offloaded);
-  hw[1] = "loop";
-  zm_prom_sample_u64(p, "zm_controller_tls_handshake_steps_total", hw, 1,
-                     zs.handshake_steps_inline);
+  hs_steps(p, "zm_controller_tls_handshake_steps_total",
+           "steps of controller TLS handshakes (each may hold a public-key "
+           "operation) by where they ran: the crypto threads, or the loop "
+           "when those refused the job",
+           zs.handshake_steps_offloaded, zs.handshake_steps_inline);
   zm_prom_family(p, "zm_controller_requests_total", "counter",
                  "controller HTTP exchanges by endpoint and HTTP status "
                  "(code=\"error\": no response)");

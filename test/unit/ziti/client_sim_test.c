@@ -1085,6 +1085,15 @@ static void gate_done(zm_work_t *w, int status) {
 
 static void workers_closed(void *data) { *(int *)data = 1; }
 
+/* Holds both threads of a 2-thread pool with gated jobs (gate_set(1)
+ * releases them); gate_done_n counts their completions from 0. */
+static void hold_workers(zm_workers_t *pool, zm_work_t hold[2]) {
+  gate_set(0);
+  gate_done_n = 0;
+  for (int i = 0; i < 2; i++)
+    assert_int_equal(zm_workers_queue(pool, &hold[i], gate_work, gate_done), 0);
+}
+
 static void env_open_workers_wait(env_t *e, zm_workers_t **pool,
                                   uint64_t wait_ms) {
   assert_int_equal(uv_loop_init(&e->loop), 0);
@@ -1143,11 +1152,8 @@ static void test_handshake_on_workers(void **state) {
   env_t e;
   zm_workers_t *pool = NULL;
   env_open_workers(&e, &pool);
-  gate_set(0);
-  gate_done_n = 0;
   zm_work_t hold[2];
-  for (int i = 0; i < 2; i++)
-    assert_int_equal(zm_workers_queue(pool, &hold[i], gate_work, gate_done), 0);
+  hold_workers(pool, hold);
   res_t o;
   memset(&o, 0, sizeof o);
   zm_ziti_create_identity(e.z, "hs-1", NULL, 0, NULL, 0, on_res, &o);
@@ -1184,11 +1190,8 @@ static void test_handshake_close_while_on_workers(void **state) {
   env_t e;
   zm_workers_t *pool = NULL;
   env_open_workers(&e, &pool);
-  gate_set(0);
-  gate_done_n = 0;
   zm_work_t hold[2];
-  for (int i = 0; i < 2; i++)
-    assert_int_equal(zm_workers_queue(pool, &hold[i], gate_work, gate_done), 0);
+  hold_workers(pool, hold);
   res_t a;
   memset(&a, 0, sizeof a);
   zm_ziti_create_identity(e.z, "hs-close-1", NULL, 0, NULL, 0, on_res, &a);
@@ -1213,9 +1216,7 @@ static void test_handshake_close_while_on_workers(void **state) {
    * CA-bundle fetch the client starts with); the others go on over a new
    * connection whose handshake runs on the loop, as the pool refuses jobs */
   env_open_workers(&e, &pool);
-  gate_set(0);
-  for (int i = 0; i < 2; i++)
-    assert_int_equal(zm_workers_queue(pool, &hold[i], gate_work, gate_done), 0);
+  hold_workers(pool, hold);
   memset(&a, 0, sizeof a);
   zm_ziti_create_identity(e.z, "hs-close-2", NULL, 0, NULL, 0, on_res, &a);
   run_for(&e.loop, 300);
@@ -1249,11 +1250,8 @@ static void test_handshake_taken_back_from_starved_workers(void **state) {
   env_t e;
   zm_workers_t *pool = NULL;
   env_open_workers_wait(&e, &pool, 200);
-  gate_set(0);
-  gate_done_n = 0;
   zm_work_t hold[2];
-  for (int i = 0; i < 2; i++)
-    assert_int_equal(zm_workers_queue(pool, &hold[i], gate_work, gate_done), 0);
+  hold_workers(pool, hold);
   res_t o;
   create(&e, "hs-steal-1", NULL, &o); /* with the workers still held */
   assert_int_equal(o.err, 0);
