@@ -116,6 +116,27 @@ zmb_vm() { awk -v k="$2:" '$1==k{print $2}' "/proc/$1/status" 2>/dev/null; }
 # zmb_ticks PID: utime+stime in clock ticks.
 zmb_ticks() { awk '{print $14+$15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
+# zmb_mtls_pki: in the current directory, an EC P-256 CA (ca.pem, ca.key),
+# a server certificate for localhost / 127.0.0.1 (server.pem, server.key), a
+# client certificate with the SPIFFE ID spiffe://bench/client (client.pem,
+# client.key), and policy.json admitting that client to ResolveIdentity.
+zmb_mtls_pki() {
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem \
+    -subj /CN=bench-ca -days 1 2>/dev/null || return 1
+  local who san
+  for who in server client; do
+    if [[ $who == server ]]; then san="DNS:localhost,IP:127.0.0.1"; else san="URI:spiffe://bench/client"; fi
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout $who.key -out $who.csr \
+      -subj /CN=$who 2>/dev/null || return 1
+    printf 'subjectAltName=%s\n' "$san" >$who.ext
+    openssl x509 -req -in $who.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 \
+      -extfile $who.ext -out $who.pem 2>/dev/null || return 1
+  done
+  cat >policy.json <<'POL'
+{"rules": [{"name": "bench", "principals": ["uri:spiffe://bench/client"], "methods": ["ResolveIdentity"]}]}
+POL
+}
+
 # zmb_free_port: prints a currently free TCP port on 127.0.0.1.
 zmb_free_port() {
   /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'

@@ -34,19 +34,7 @@ pid=
 storm=
 trap 'zmb_stop "$pid" || true; [[ -n $storm ]] && kill "$storm" 2>/dev/null; rm -rf "$T"' EXIT
 cd "$T"
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem \
-  -subj /CN=bench-ca -days 1 2>/dev/null
-for who in server client; do
-  if [[ $who == server ]]; then san="DNS:localhost,IP:127.0.0.1"; else san="URI:spiffe://bench/client"; fi
-  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout $who.key -out $who.csr \
-    -subj /CN=$who 2>/dev/null
-  printf 'subjectAltName=%s\n' "$san" >$who.ext
-  openssl x509 -req -in $who.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 \
-    -extfile $who.ext -out $who.pem 2>/dev/null
-done
-cat >policy.json <<'POL'
-{"rules": [{"name": "bench", "principals": ["uri:spiffe://bench/client"], "methods": ["ResolveIdentity"]}]}
-POL
+zmb_mtls_pki
 # ResolveIdentityRequest{ziti_identity_id: "zid-004242"}, a preloaded key
 printf '\000\000\000\000\014\012\012zid-004242' >req.bin
 P=/agynio.api.ziti_management.v1.ZitiManagementService/ResolveIdentity

@@ -35,20 +35,9 @@ pid=
 trap 'zmb_stop "$pid" || true; rm -rf "$T"' EXIT
 cd "$T"
 
-# CA, server (127.0.0.1) and client (SPIFFE URI) certificates, EC P-256
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem \
-  -subj /CN=bench-ca -days 1 2>/dev/null
-for who in server client; do
-  if [[ $who == server ]]; then san="DNS:localhost,IP:127.0.0.1"; else san="URI:spiffe://bench/client"; fi
-  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout $who.key -out $who.csr \
-    -subj /CN=$who 2>/dev/null
-  printf 'subjectAltName=%s\n' "$san" > $who.ext
-  openssl x509 -req -in $who.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 \
-    -extfile $who.ext -out $who.pem 2>/dev/null
-done
-cat > policy.json <<'POL'
-{"rules": [{"name": "bench", "principals": ["uri:spiffe://bench/client"], "methods": ["ResolveIdentity"]}]}
-POL
+# CA, server (127.0.0.1) and client (SPIFFE URI) certificates, EC P-256,
+# and the policy
+zmb_mtls_pki
 # gRPC frame of ResolveIdentityRequest{ziti_identity_id: "zid-042424"} (a
 # preloaded key of both servers; the anchors' payloads/resolve.bin)
 printf '\000\000\000\000\014\012\012zid-042424' > req.bin
