@@ -397,10 +397,8 @@ def test_handshake_step_taken_back_from_starved_workers(pki, tmp):
     the loop, and the call completes with the workers still held."""
     srv = start(pki, tmp, extra={"TESTSRV_HOLD_WORKERS": "1", "TESTSRV_HS_WAIT_MS": "200"})
     try:
-        t0 = time.monotonic()
         with client(srv, pki, "gw") as ch:
             assert health(ch) == st.health_pb2.HealthCheckResponse.SERVING
-        assert time.monotonic() - t0 < 8
         s = srv.stats()
         assert s["hs_loop"] >= 2 and s["hs_workers"] == 0, s  # both steps taken back
     finally:
