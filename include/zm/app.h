@@ -102,8 +102,6 @@ void zm_app_render_metrics(zm_prom_t *p, void *data);
  * heartbeat and the controller answering (or not configured); else 0 and
  * the reason in why (may be NULL). */
 int zm_app_ready(void *data, char *why, size_t cap);
-/* "OK", "NOT_FOUND", ... */
-const char *zm_grpc_code_name(int code);
 
 /* ---- RPC handlers (ctx = zm_app_t *) ---------------------------------------
  */

@@ -40,6 +40,9 @@ typedef enum {
   ZM_GRPC_UNAUTHENTICATED = 16,
 } zm_grpc_status_t;
 
+/* "OK", "NOT_FOUND", ...; "UNKNOWN" for a code outside the enum. */
+const char *zm_grpc_code_name(int code);
+
 typedef struct zm_grpc_server zm_grpc_server_t;
 typedef struct zm_call zm_call_t;
 

@@ -143,27 +143,6 @@ static const char *rsi_scope(const ProtobufCMessage *m, void *ctx) {
   return t ? t->name : NULL;
 }
 
-static const char *status_name(zm_grpc_status_t st) {
-  static const char *const N[] = {"OK",
-                                  "CANCELLED",
-                                  "UNKNOWN",
-                                  "INVALID_ARGUMENT",
-                                  "DEADLINE_EXCEEDED",
-                                  "NOT_FOUND",
-                                  "ALREADY_EXISTS",
-                                  "PERMISSION_DENIED",
-                                  "RESOURCE_EXHAUSTED",
-                                  "FAILED_PRECONDITION",
-                                  "ABORTED",
-                                  "OUT_OF_RANGE",
-                                  "UNIMPLEMENTED",
-                                  "INTERNAL",
-                                  "UNAVAILABLE",
-                                  "DATA_LOSS",
-                                  "UNAUTHENTICATED"};
-  return (unsigned)st < ZM_ARRAY_SIZE(N) ? N[st] : "?";
-}
-
 /* Audit records of the RPCs that change identities (never the identity
  * JSON or the enrollment JWT of a response). */
 static void audit_rsi(zm_call_t *c, const ProtobufCMessage *req,
@@ -175,7 +154,7 @@ static void audit_rsi(zm_call_t *c, const ProtobufCMessage *req,
                             : "service_identity_failed",
            "id", r ? r->ziti_identity_id : NULL, "service_type",
            rsi_scope(req, ctx), "caller", zm_call_caller(c), "peer",
-           zm_call_peer(c), "status", status_name(st), NULL);
+           zm_call_peer(c), "status", zm_grpc_code_name(st), NULL);
 }
 
 static void audit_create_agent(zm_call_t *c, const ProtobufCMessage *req,
@@ -190,7 +169,7 @@ static void audit_create_agent(zm_call_t *c, const ProtobufCMessage *req,
                             : "agent_identity_failed",
            "id", r ? r->ziti_identity_id : NULL, "agent_id",
            q ? q->agent_id : NULL, "caller", zm_call_caller(c), "peer",
-           zm_call_peer(c), "status", status_name(st), NULL);
+           zm_call_peer(c), "status", zm_grpc_code_name(st), NULL);
 }
 
 static void audit_delete(zm_call_t *c, const ProtobufCMessage *req,
@@ -202,7 +181,7 @@ static void audit_delete(zm_call_t *c, const ProtobufCMessage *req,
       (const void *)req;
   zm_audit(st == ZM_GRPC_OK ? "identity_deleted" : "identity_delete_failed",
            "id", q ? q->ziti_identity_id : NULL, "caller", zm_call_caller(c),
-           "peer", zm_call_peer(c), "status", status_name(st), NULL);
+           "peer", zm_call_peer(c), "status", zm_grpc_code_name(st), NULL);
 }
 
 /* A string field of a message by name, through its descriptor (NULL when
@@ -231,7 +210,7 @@ static void audit_create_identity(zm_call_t *c, const ProtobufCMessage *req,
            "id", first_str(resp), "request",
            req ? req->descriptor->short_name : NULL, "caller",
            zm_call_caller(c), "peer", zm_call_peer(c), "status",
-           status_name(st), NULL);
+           zm_grpc_code_name(st), NULL);
 }
 
 static void audit_delete_any(zm_call_t *c, const ProtobufCMessage *req,
@@ -243,7 +222,7 @@ static void audit_delete_any(zm_call_t *c, const ProtobufCMessage *req,
            "id", first_str(req), "request",
            req ? req->descriptor->short_name : NULL, "caller",
            zm_call_caller(c), "peer", zm_call_peer(c), "status",
-           status_name(st), NULL);
+           zm_grpc_code_name(st), NULL);
 }
 
 static void audit_patch_roles(zm_call_t *c, const ProtobufCMessage *req,
@@ -254,7 +233,7 @@ static void audit_patch_roles(zm_call_t *c, const ProtobufCMessage *req,
   zm_audit(st == ZM_GRPC_OK ? "identity_roles_patched"
                             : "identity_roles_patch_failed",
            "id", first_str(req), "caller", zm_call_caller(c), "peer",
-           zm_call_peer(c), "status", status_name(st), NULL);
+           zm_call_peer(c), "status", zm_grpc_code_name(st), NULL);
 }
 
 /* Services, configs and policies: the request's object id or name and,
@@ -279,7 +258,7 @@ static void audit_object(zm_call_t *c, const ProtobufCMessage *req,
   zm_audit(st == ZM_GRPC_OK ? "controller_object_changed"
                             : "controller_object_change_failed",
            "request", rname, "key", key, "id", id, "caller", zm_call_caller(c),
-           "peer", zm_call_peer(c), "status", status_name(st), NULL);
+           "peer", zm_call_peer(c), "status", zm_grpc_code_name(st), NULL);
 }
 
 static zm_grpc_security_t security_of(zm_app_t *app) {

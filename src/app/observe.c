@@ -18,28 +18,6 @@
 #define ZM_GIT_COMMIT "unknown"
 #endif
 
-static const char *const CODE_NAMES[17] = {"OK",
-                                           "CANCELLED",
-                                           "UNKNOWN",
-                                           "INVALID_ARGUMENT",
-                                           "DEADLINE_EXCEEDED",
-                                           "NOT_FOUND",
-                                           "ALREADY_EXISTS",
-                                           "PERMISSION_DENIED",
-                                           "RESOURCE_EXHAUSTED",
-                                           "FAILED_PRECONDITION",
-                                           "ABORTED",
-                                           "OUT_OF_RANGE",
-                                           "UNIMPLEMENTED",
-                                           "INTERNAL",
-                                           "UNAVAILABLE",
-                                           "DATA_LOSS",
-                                           "UNAUTHENTICATED"};
-
-const char *zm_grpc_code_name(int code) {
-  return code >= 0 && code <= 16 ? CODE_NAMES[code] : "UNKNOWN";
-}
-
 static void counter(zm_prom_t *p, const char *name, const char *help,
                     uint64_t v) {
   zm_prom_family(p, name, "counter", help);
@@ -86,8 +64,9 @@ static void render_grpc(zm_prom_t *p, const zm_app_t *app) {
     for (int c = 0; c <= 16; c++) {
       if (st->by_status[c] == 0 && !(c == 0 && path != NULL))
         continue;
-      const char *l[] = {"grpc_service", svc,          "grpc_method", m,
-                         "grpc_code",    CODE_NAMES[c]};
+      const char *l[] = {"grpc_service", svc,
+                         "grpc_method",  m,
+                         "grpc_code",    zm_grpc_code_name(c)};
       zm_prom_sample_u64(p, "grpc_server_handled_total", l, 3,
                          st->by_status[c]);
     }

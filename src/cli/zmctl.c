@@ -78,28 +78,6 @@ static int exit_for_status(int st) {
   }
 }
 
-static const char *const CODE_NAMES[17] = {"OK",
-                                           "CANCELLED",
-                                           "UNKNOWN",
-                                           "INVALID_ARGUMENT",
-                                           "DEADLINE_EXCEEDED",
-                                           "NOT_FOUND",
-                                           "ALREADY_EXISTS",
-                                           "PERMISSION_DENIED",
-                                           "RESOURCE_EXHAUSTED",
-                                           "FAILED_PRECONDITION",
-                                           "ABORTED",
-                                           "OUT_OF_RANGE",
-                                           "UNIMPLEMENTED",
-                                           "INTERNAL",
-                                           "UNAVAILABLE",
-                                           "DATA_LOSS",
-                                           "UNAUTHENTICATED"};
-
-static const char *code_name(int st) {
-  return st >= 0 && st <= 16 ? CODE_NAMES[st] : "UNKNOWN";
-}
-
 /* ===================== options =========================================== */
 
 #define SVC "/agynio.api.ziti_management.v1.ZitiManagementService/"
@@ -793,8 +771,8 @@ static int report_status(client_t *cl, int st, const char *msg) {
     return 0;
   if (cl->o->json)
     print_json(json_pack("{s:{s:i,s:s,s:s}}", "error", "code", st, "status",
-                         code_name(st), "message", msg ? msg : ""));
-  fprintf(stderr, "zmctl: %s: %s\n", code_name(st), msg ? msg : "");
+                         zm_grpc_code_name(st), "message", msg ? msg : ""));
+  fprintf(stderr, "zmctl: %s: %s\n", zm_grpc_code_name(st), msg ? msg : "");
   client_close(cl, exit_for_status(st));
   return 1;
 }

@@ -9,6 +9,28 @@
 #include <stdlib.h>
 #include <string.h>
 
+const char *zm_grpc_code_name(int code) {
+  static const char *const NAMES[] = {"OK",
+                                      "CANCELLED",
+                                      "UNKNOWN",
+                                      "INVALID_ARGUMENT",
+                                      "DEADLINE_EXCEEDED",
+                                      "NOT_FOUND",
+                                      "ALREADY_EXISTS",
+                                      "PERMISSION_DENIED",
+                                      "RESOURCE_EXHAUSTED",
+                                      "FAILED_PRECONDITION",
+                                      "ABORTED",
+                                      "OUT_OF_RANGE",
+                                      "UNIMPLEMENTED",
+                                      "INTERNAL",
+                                      "UNAVAILABLE",
+                                      "DATA_LOSS",
+                                      "UNAUTHENTICATED"};
+  return code >= 0 && (size_t)code < ZM_ARRAY_SIZE(NAMES) ? NAMES[code]
+                                                          : "UNKNOWN";
+}
+
 static void call_free(zm_call_t *call);
 static void call_record(zm_call_t *call, zm_grpc_status_t st);
 static void stream_fin(zm_call_t *call, zm_grpc_status_t st, const char *msg);
