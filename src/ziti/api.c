@@ -385,7 +385,7 @@ static void op_begin(zm__ziti_op_t *op) {
 static void on_op_timer(uv_timer_t *t);
 static void on_auth_xchg(zm__ziti_xchg_t *x, int err, const char *why);
 
-static void auth_start(zm_ziti_t *z) {
+static void auth_send(zm_ziti_t *z) {
   zm_http1_req_t r = {
       .method = "POST",
       .host = z->host_header,
@@ -394,13 +394,35 @@ static void auth_start(zm_ziti_t *z) {
       .body = "{}",
       .body_len = 2,
   };
-  z->auth_inflight = 1;
   ZM_ASSERT(zm_http1_req_serialize(&r, &z->auth_x.req) == 0);
   z->auth_x.deadline = uv_now(z->loop) + z->cfg.request_timeout_ms;
   z->auth_x.cb = on_auth_xchg;
   z->auth_x.data = z;
   ZM_DEBUG("ziti: POST " MGMT "/authenticate");
   zm__ziti_xchg_start(z, &z->auth_x);
+}
+
+static void on_creds_read(zm_ziti_t *z, int err) {
+  (void)err; /* unreadable files: the credentials read before are tried */
+  if (z->closing) {
+    z->auth_inflight = 0;
+    zm__ziti_maybe_finish(z);
+    return;
+  }
+  auth_send(z);
+}
+
+/* After a 401 the files are read again first, as the Go client does: the
+ * admin certificate may have been renewed on disk (and the controller's
+ * authenticator moved to the new one). */
+static void auth_start(zm_ziti_t *z) {
+  z->auth_inflight = 1;
+  if (z->creds_stale && !z->cfg.bootstrap) {
+    z->creds_stale = 0;
+    zm__ziti_creds_reload(z, on_creds_read);
+    return;
+  }
+  auth_send(z);
 }
 
 static void wait_auth(zm__ziti_op_t *op) {
@@ -439,6 +461,8 @@ static void on_auth_xchg(zm__ziti_xchg_t *x, int err, const char *why) {
     ZM_INFO("ziti: authenticated to %s", z->host_header);
   } else if (err == 0) {
     ZM_WARN("ziti: authentication to %s failed: HTTP %d", z->host_header, st);
+    if (st == 401)
+      z->creds_stale = 1; /* the next one reads the files first */
   } else {
     ZM_WARN("ziti: authentication to %s failed: %s", z->host_header, why);
   }
@@ -517,6 +541,22 @@ static void on_op_timer(uv_timer_t *t) {
     op->state = OPS_NEW;
     op_send(op);
   }
+}
+
+/* May op be sent again after this 429/503? A GET, PATCH or DELETE may: a
+ * second one changes nothing more than the first. A POST (create, enroll)
+ * only when the answer says it was not carried out: the command rate
+ * limiter's 429 and 503 CLUSTER_HAS_NO_LEADER refuse a request before it
+ * runs, but the controller's 503 TIMEOUT is written while the handler goes
+ * on (it may still create the object, or consume the enrollment token), and
+ * a proxy's 503 says nothing. Such a POST fails with its 503, which callers
+ * treat as unanswered: the object may exist, and they look for it. */
+static int op_resend_ok(const zm__ziti_op_t *op, int status,
+                        const ctrl_error_t *ce) {
+  if (strcmp(op->method, "POST") != 0)
+    return 1;
+  return status == 429 ||
+         (status == 503 && strcmp(ce->code, "CLUSTER_HAS_NO_LEADER") == 0);
 }
 
 /* 429/503: wait and retry while the deadline allows, honouring Retry-After. */
@@ -603,8 +643,10 @@ static void on_op_xchg(zm__ziti_xchg_t *x, int err, const char *why) {
      * session renewed meanwhile by another op is simply used. */
     op->reauthed = 1;
     z->stats.reauths++;
-    if (z->session_gen == op->session_gen)
+    if (z->session_gen == op->session_gen) {
       zm_secret_dispose(&z->session);
+      z->creds_stale = 1;
+    }
     ZM_INFO("ziti: %s: HTTP 401, re-authenticating", OP_NAME[op->kind]);
     op->state = OPS_NEW;
     op_send(op);
@@ -612,7 +654,7 @@ static void on_op_xchg(zm__ziti_xchg_t *x, int err, const char *why) {
   }
   ctrl_error_t ce;
   parse_ctrl_error(&x->resp, &ce);
-  if (st == 429 || st == 503) {
+  if ((st == 429 || st == 503) && op_resend_ok(op, st, &ce)) {
     op_backoff(op, &x->resp, &ce);
     return;
   }

@@ -92,6 +92,7 @@ struct zm__ziti_conn {
   const char *hs_why;
   zm__ziti_xchg_t *x; /* the exchange in flight (BUSY) */
   unsigned served;    /* responses completed on this connection */
+  unsigned ctx_gen;   /* z->ctx_gen when it was opened */
   int got_byte;       /* a byte of the current response arrived */
   zm__ziti_link_t link;
   char rbuf[READ_CHUNK];
@@ -405,7 +406,7 @@ static void conn_complete(zm__ziti_conn_t *c, int reuse) {
       z->tls_session = s;
     }
   }
-  if (reuse && !z->closing) {
+  if (reuse && !z->closing && c->ctx_gen == z->ctx_gen) {
     conn_set_state(c, CONN_IDLE);
     conn_arm(c, uv_now(z->loop) + z->cfg.idle_timeout_ms);
   } else {
@@ -501,6 +502,12 @@ static void handshake_result(zm__ziti_conn_t *c, int rc, const char *why) {
     /* whatever made it fail, do not offer the same session again */
     forget_session(z);
     conn_fail_connect(c, ZM_E_TLS, why);
+    return;
+  }
+  if (c->ctx_gen != z->ctx_gen) {
+    /* it presented the certificate read before the files were read again */
+    conn_close(c);
+    dispatch(z);
     return;
   }
   if (zm__ziti_tls_resumed(&c->tls))
@@ -649,6 +656,7 @@ static void conn_open(zm_ziti_t *z) {
   c->z = z;
   c->state = CONN_CONNECTING;
   c->id = (unsigned)++z->stats.connects;
+  c->ctx_gen = z->ctx_gen;
   uv_tcp_init(z->loop, &c->tcp);
   uv_timer_init(z->loop, &c->timer);
   c->tcp.data = c;
@@ -764,6 +772,57 @@ void zm__ziti_xchg_start(zm_ziti_t *z, zm__ziti_xchg_t *x) {
   dispatch(z);
 }
 
+/* ---- credentials read again (zm__ziti_creds_reload)
+ * ---------------------------------------------------------------- */
+
+static void creds_work(uv_work_t *req) {
+  zm_ziti_t *z = container_of(req, zm_ziti_t, creds_req);
+  z->creds_why = NULL;
+  z->creds_rc =
+      zm__ziti_tls_ctx_load(&z->creds_ctx, z->cfg.ca_file, z->cfg.cert_file,
+                            z->cfg.key_file, &z->creds_why);
+}
+
+static void creds_done(uv_work_t *req, int status) {
+  zm_ziti_t *z = container_of(req, zm_ziti_t, creds_req);
+  void (*cb)(zm_ziti_t *, int) = z->creds_cb;
+  z->creds_cb = NULL;
+  WOLFSSL_CTX *ctx = z->creds_ctx;
+  z->creds_ctx = NULL;
+  int err = status != 0 || z->closing ? ZM_E_SHUTDOWN : z->creds_rc;
+  if (err == 0) {
+    /* connections hold their own reference (wolfSSL counts them) */
+    wolfSSL_CTX_free(z->tls_ctx);
+    z->tls_ctx = ctx;
+    z->ctx_gen++;
+    forget_session(z); /* it was made with the old certificate */
+    zm__ziti_link_t *n, *next;
+    for (n = z->conns.next; n != &z->conns; n = next) {
+      next = n->next;
+      zm__ziti_conn_t *c = container_of(n, zm__ziti_conn_t, link);
+      if (c->state == CONN_IDLE)
+        conn_close(c);
+    }
+    ZM_INFO("ziti: read %s and %s again", z->cfg.cert_file, z->cfg.key_file);
+  } else {
+    if (ctx != NULL)
+      wolfSSL_CTX_free(ctx);
+    if (err == ZM_E_TLS)
+      ZM_WARN("ziti: reading the controller credentials again: %s; the "
+              "ones read before stay in use",
+              z->creds_why);
+  }
+  cb(z, err);
+}
+
+void zm__ziti_creds_reload(zm_ziti_t *z, void (*cb)(zm_ziti_t *z, int err)) {
+  ZM_ASSERT(z->creds_cb == NULL && !z->cfg.bootstrap);
+  z->creds_cb = cb;
+  z->creds_ctx = NULL;
+  int rc = uv_queue_work(z->loop, &z->creds_req, creds_work, creds_done);
+  ZM_ASSERT(rc == 0); /* fails only without a work callback */
+}
+
 /* ---- lifecycle
  * --------------------------------------------------------------------- */
 
@@ -782,6 +841,8 @@ void zm__ziti_pool_shutdown(zm_ziti_t *z) {
     xchg_fail_later(x, ZM_E_SHUTDOWN, err_shutdown);
   uv_timer_stop(&z->queue_timer);
   z->queue_timer_due = 0;
+  if (z->creds_cb != NULL)
+    uv_cancel((uv_req_t *)&z->creds_req); /* done runs, with UV_ECANCELED */
   zm__ziti_link_t *n;
   for (n = z->conns.next; n != &z->conns; n = n->next) {
     zm__ziti_conn_t *c = container_of(n, zm__ziti_conn_t, link);
@@ -832,7 +893,8 @@ void zm__ziti_maybe_finish(zm_ziti_t *z) {
   if (z->closing != 1)
     return;
   if (!zm__ziti_list_empty(&z->conns) || !zm__ziti_list_empty(&z->ops) ||
-      !zm__ziti_list_empty(&z->deferred) || z->auth_inflight)
+      !zm__ziti_list_empty(&z->deferred) || z->auth_inflight ||
+      z->creds_cb != NULL)
     return;
   z->closing = 2; /* only the client's own handles remain */
   z->z_handles = 4;

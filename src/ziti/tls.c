@@ -65,10 +65,16 @@ static int load_key(WOLFSSL_CTX *ctx, const char *path) {
 int zm__ziti_tls_ctx_new(WOLFSSL_CTX **out, const char *ca_file,
                          const char *cert_file, const char *key_file,
                          const char **why) {
-  *out = NULL;
   /* Reference counted by wolfSSL; never undone with wolfSSL_Cleanup(), which
    * would tear down wolfCrypt under other modules of the process. */
   wolfSSL_Init();
+  return zm__ziti_tls_ctx_load(out, ca_file, cert_file, key_file, why);
+}
+
+int zm__ziti_tls_ctx_load(WOLFSSL_CTX **out, const char *ca_file,
+                          const char *cert_file, const char *key_file,
+                          const char **why) {
+  *out = NULL;
   WOLFSSL_CTX *ctx = wolfSSL_CTX_new(wolfSSLv23_client_method());
   if (ctx == NULL) {
     *why = "cannot create a TLS context";
@@ -94,6 +100,13 @@ int zm__ziti_tls_ctx_new(WOLFSSL_CTX **out, const char *ca_file,
   }
   if (key_file != NULL && load_key(ctx, key_file) != 0) {
     *why = "cannot load the client private key file";
+    goto fail_ctx;
+  }
+  /* A key that parses only as far as its PEM armour, or one of another
+   * certificate (files renewed one at a time), would fail every handshake. */
+  if (cert_file != NULL && key_file != NULL &&
+      wolfSSL_CTX_check_private_key(ctx) != WOLFSSL_SUCCESS) {
+    *why = "the client private key does not match the certificate";
     goto fail_ctx;
   }
   wolfSSL_CTX_set_verify(ctx, WOLFSSL_VERIFY_PEER, NULL);

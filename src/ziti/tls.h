@@ -25,6 +25,11 @@ int zm__ziti_tls_ctx_new(WOLFSSL_CTX **out, const char *ca_file,
                          const char *cert_file, const char *key_file,
                          const char **why);
 
+/* The same once wolfSSL is initialised; any thread (it reads the files). */
+int zm__ziti_tls_ctx_load(WOLFSSL_CTX **out, const char *ca_file,
+                          const char *cert_file, const char *key_file,
+                          const char **why);
+
 /* A context that does not verify the peer (self-enrollment's first
  * contact; the enrollment JWT's signature authenticates the server). */
 int zm__ziti_tls_ctx_new_unverified(WOLFSSL_CTX **out, const char **why);

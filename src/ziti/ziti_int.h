@@ -94,6 +94,16 @@ struct zm_ziti {
   char *host_header;    /* "host:port" as sent in Host */
   int port;
   WOLFSSL_CTX *tls_ctx;
+  /* Bumped when tls_ctx is replaced by files read again (a 401: the admin
+   * certificate may have been renewed); a connection of an older one closes
+   * instead of serving again. */
+  unsigned ctx_gen;
+  int creds_stale;     /* read the files again before the next authentication */
+  uv_work_t creds_req; /* the reading, on libuv's threads: blocking file I/O */
+  WOLFSSL_CTX *creds_ctx;
+  int creds_rc;
+  const char *creds_why;
+  void (*creds_cb)(zm_ziti_t *z, int err);
   /* The latest TLS session with the controller, offered for resumption by
    * the next connection: no certificate chain and CertificateVerify checks
    * on the loop for it. NULL when none (or after a failed handshake). */
@@ -146,6 +156,11 @@ void zm__ziti_xchg_start(zm_ziti_t *z, zm__ziti_xchg_t *x);
 void zm__ziti_pool_shutdown(zm_ziti_t *z);
 void zm__ziti_defer(zm_ziti_t *z, zm__ziti_defer_t *d,
                     void (*fn)(zm__ziti_defer_t *d));
+/* Reads the CA, certificate and key files again, off the loop, into the
+ * context of the connections opened from now on (those open close once
+ * idle), then calls cb on the loop: 0, ZM_E_TLS (unreadable or invalid: the
+ * context in use stays) or ZM_E_SHUTDOWN. One at a time. */
+void zm__ziti_creds_reload(zm_ziti_t *z, void (*cb)(zm_ziti_t *z, int err));
 /* Called whenever something that shutdown waits for went away. */
 void zm__ziti_maybe_finish(zm_ziti_t *z);
 

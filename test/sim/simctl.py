@@ -134,6 +134,11 @@ class Sim:
     def expire_sessions(self):
         return self._ctl("POST", "/expire_sessions", {})
 
+    def rotate_admin_cert(self):
+        """Renews the admin certificate: the controller accepts only the new one, sessions end, and the
+        admin.pem/admin.key files are replaced. Returns the new certificate's SHA-1 fingerprint."""
+        return self._ctl("POST", "/rotate_admin_cert", {})["fingerprint"]
+
     def seed_identity(self, name, external_id=None, role_attributes=None, is_admin=False, ott=True):
         """Create an identity directly (bypassing the API); returns the identity detail JSON."""
         body = {"name": name, "isAdmin": is_admin, "ott": ott}

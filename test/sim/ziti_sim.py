@@ -544,10 +544,13 @@ def _tokenize(s):
                 raise FilterError("bad number at %d" % i)
             toks.append(["num", val, ws, i])
             i = j
-        elif c.isascii() and (c.isalpha() or c == "_"):
+        elif c.isascii() and c.isalpha():
+            # IDENTIFIER (storage zitiql/ZitiQl.g4): dotted segments, each a letter then letters or '_' ('-' too
+            # after the first); no digits
             j = i + 1
-            while j < n and s[j].isascii() and (s[j].isalnum() or s[j] in "_."
-                                                or (s[i:j].startswith("tags.") and s[j] in "-/:")):
+            while j < n and s[j].isascii() and (s[j].isalpha() or s[j] == "_" or (s[j] == "-" and "." in s[i:j])
+                                                or (s[j] == "." and j + 1 < n and s[j + 1].isascii()
+                                                    and s[j + 1].isalpha())):
                 j += 1
             word = s[i:j]
             if word.lower() in _KEYWORDS:
@@ -2191,6 +2194,24 @@ class Sim:
                 return f
         return None
 
+    def rotate_admin_cert(self):
+        """An operator renews the admin certificate (`ziti edge extend`, or a new enrollment): the authenticator
+        matches only the new certificate, the sessions made with the old one end, and the files the service was
+        configured with are replaced (atomically) by the new certificate and key."""
+        now = datetime.datetime.now(datetime.timezone.utc)
+        pki = self.pki
+        pki.adm_key, pki.admin = pki._store("admin", *pki._mk_admin(now))
+        fp = hashlib.sha1(pki.admin.public_bytes(serialization.Encoding.DER)).hexdigest()
+        auth_id, old = self.admin.cert_auth
+        self.fingerprints.pop(old, None)
+        self.fingerprints[fp] = self.admin.id
+        self.admin.cert_auth = (auth_id, fp)
+        self.sessions.clear()
+        d = self.args.dir
+        _write_atomic(os.path.join(d, "admin.pem"), _cert_pem(pki.admin))
+        _write_atomic(os.path.join(d, "admin.key"), _key_pem(pki.adm_key), 0o600)
+        return fp
+
     def reset(self):
         for i in list(self.identities.values()):
             if not i.is_default_admin:
@@ -2537,6 +2558,8 @@ class CtlConn(asyncio.Protocol):
             elif p == "/refuse" and m == "POST":
                 await sim.refuse(bool(body.get("on", True)))
                 self.reply(200, {"ok": True, "refusing": sim.refusing})
+            elif p == "/rotate_admin_cert" and m == "POST":
+                self.reply(200, {"ok": True, "fingerprint": sim.rotate_admin_cert()})
             elif p == "/expire_sessions" and m == "POST":
                 n = len(sim.sessions)
                 sim.sessions.clear()

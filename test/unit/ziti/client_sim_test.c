@@ -610,6 +610,93 @@ static void test_reauth_after_expiry(void **state) {
   env_close(&e);
 }
 
+static void copy_file(const char *from, const char *to) {
+  FILE *in = fopen(from, "rb");
+  assert_non_null(in);
+  char tmp[600];
+  snprintf(tmp, sizeof tmp, "%s.tmp", to);
+  FILE *out = fopen(tmp, "wb");
+  assert_non_null(out);
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, in)) > 0)
+    assert_int_equal(fwrite(buf, 1, n, out), n);
+  fclose(in);
+  assert_int_equal(fclose(out), 0);
+  assert_int_equal(rename(tmp, to), 0);
+}
+
+/* A 401 makes the client read the certificate, key and CA files again
+ * before it logs in (behaviour.md §1.3): an admin certificate renewed on
+ * disk is picked up without a restart. Files that cannot be loaded leave
+ * the ones read before in use, and a later 401 reads them again. */
+static void test_reauth_reads_renewed_credentials(void **state) {
+  (void)state;
+  NEED_SIM();
+  sim_reset();
+  char dir[] = "/tmp/zm-creds-XXXXXX";
+  assert_non_null(mkdtemp(dir));
+  char cert[600], key[600];
+  snprintf(cert, sizeof cert, "%s/admin.pem", dir);
+  snprintf(key, sizeof key, "%s/admin.key", dir);
+  copy_file(g_sim.cert_file, cert);
+  copy_file(g_sim.key_file, key);
+  env_t e;
+  assert_int_equal(uv_loop_init(&e.loop), 0);
+  zm_ziti_config_t cfg = {.controller_url = g_sim.url,
+                          .ca_file = g_sim.ca_file,
+                          .cert_file = cert,
+                          .key_file = key,
+                          .pool_size = 2};
+  assert_int_equal(zm_ziti_new(&e.z, &e.loop, &cfg), 0);
+  res_t o;
+  create(&e, "creds-1", NULL, &o);
+  assert_int_equal(o.err, 0);
+  res_free(&o);
+
+  /* the operator renews the certificate: the controller accepts only the
+   * new one and ends the sessions; our copy is not updated yet, and a key
+   * that does not load is put in its place */
+  assert_int_equal(ctl("POST", "/rotate_admin_cert", "{}", NULL), 200);
+  FILE *f = fopen(key, "w");
+  assert_non_null(f);
+  fputs("-----BEGIN EC PRIVATE KEY-----\nbm90IGEga2V5\n"
+        "-----END EC PRIVATE KEY-----\n",
+        f);
+  assert_int_equal(fclose(f), 0);
+  zm_ziti_stats_t s0, s1;
+  zm_ziti_get_stats(e.z, &s0);
+  create(&e, "creds-2", NULL, &o);
+  assert_int_equal(o.err, ZM_E_UNAUTHORIZED); /* the old certificate */
+  assert_int_equal(o.status, 401);
+  res_free(&o);
+
+  /* the renewed files arrive: the next 401 reads them */
+  copy_file(g_sim.cert_file, cert);
+  copy_file(g_sim.key_file, key);
+  create(&e, "creds-3", NULL, &o);
+  assert_int_equal(o.err, 0);
+  assert_int_equal(o.status, 201);
+  res_free(&o);
+  zm_ziti_get_stats(e.z, &s1);
+  assert_true(s1.connects > s0.connects); /* new ones present the new cert */
+
+  /* and again, now with good files from the start: one re-auth */
+  assert_int_equal(ctl("POST", "/rotate_admin_cert", "{}", NULL), 200);
+  copy_file(g_sim.cert_file, cert);
+  copy_file(g_sim.key_file, key);
+  zm_ziti_get_stats(e.z, &s0);
+  create(&e, "creds-4", NULL, &o);
+  assert_int_equal(o.err, 0);
+  res_free(&o);
+  zm_ziti_get_stats(e.z, &s1);
+  assert_int_equal(s1.reauths - s0.reauths, 1);
+  env_close(&e);
+  unlink(cert);
+  unlink(key);
+  rmdir(dir);
+}
+
 static void test_server_errors(void **state) {
   (void)state;
   NEED_SIM();
@@ -643,6 +730,55 @@ static void test_server_errors(void **state) {
   assert_int_equal(o.err, 0);
   assert_int_equal(o.status, 201);
   assert_true(ms >= 900); /* a lower bound: Retry-After was honoured */
+  res_free(&o);
+  zm_ziti_get_stats(e.z, &s1);
+  assert_int_equal(s1.retries - s0.retries, 1);
+
+  /* 503 TIMEOUT on a create: the controller's handler went on and created
+   * the identity (apply). Sent again, it would answer "exists" for our own
+   * identity: it is not re-sent, and fails as a 503 (unanswered) */
+  sim_faults("{\"rules\":[{\"method\":\"POST\",\"path_prefix\":"
+             "\"/edge/management/v1/identities\",\"action\":\"status\","
+             "\"status\":503,\"apply\":true,\"count\":1}]}");
+  size_t had = sim_identity_count();
+  zm_ziti_get_stats(e.z, &s0);
+  create(&e, "e-503-landed", NULL, &o);
+  assert_int_equal(o.err, ZM_E_UNAVAILABLE);
+  assert_int_equal(o.status, 503);
+  assert_string_equal(o.code, "TIMEOUT");
+  res_free(&o);
+  zm_ziti_get_stats(e.z, &s1);
+  assert_int_equal(s1.retries, s0.retries);
+  assert_int_equal(sim_identity_count(), had + 1);
+  CALL(&o, zm_ziti_find_identities(e.z, "name", "e-503-landed", 0, on_res, &o));
+  run_until(&e.loop, &o.done);
+  assert_int_equal(o.err, 0);
+  assert_int_equal(o.n, 1);
+  res_free(&o);
+
+  /* 503 CLUSTER_HAS_NO_LEADER refuses before running: a create is re-sent */
+  sim_faults("{\"rules\":[{\"method\":\"POST\",\"path_prefix\":"
+             "\"/edge/management/v1/identities\",\"action\":\"status\","
+             "\"status\":503,\"code\":\"CLUSTER_HAS_NO_LEADER\","
+             "\"retry_after\":0,\"count\":1}]}");
+  zm_ziti_get_stats(e.z, &s0);
+  create(&e, "e-503-noleader", NULL, &o);
+  assert_int_equal(o.err, 0);
+  assert_int_equal(o.status, 201);
+  res_free(&o);
+  zm_ziti_get_stats(e.z, &s1);
+  assert_int_equal(s1.retries - s0.retries, 1);
+
+  /* 503 TIMEOUT on a read: re-sending it changes nothing, so it is */
+  sim_faults("{\"rules\":[{\"method\":\"GET\",\"path_prefix\":"
+             "\"/edge/management/v1/identities\",\"action\":\"status\","
+             "\"status\":503,\"retry_after\":0,\"count\":1}]}");
+  zm_ziti_get_stats(e.z, &s0);
+  CALL(&o,
+       zm_ziti_find_identities(e.z, "name", "e-503-noleader", 0, on_res, &o));
+  run_until(&e.loop, &o.done);
+  assert_int_equal(o.err, 0);
+  assert_int_equal(o.n, 1);
   res_free(&o);
   zm_ziti_get_stats(e.z, &s1);
   assert_int_equal(s1.retries - s0.retries, 1);
@@ -1276,6 +1412,7 @@ int main(void) {
       cmocka_unit_test(test_enroll_and_cacerts),
       cmocka_unit_test(test_reauth_after_expiry),
       cmocka_unit_test(test_server_errors),
+      cmocka_unit_test(test_reauth_reads_renewed_credentials),
       cmocka_unit_test(test_drops),
       cmocka_unit_test(test_deadline_timeout),
       cmocka_unit_test(test_refused),
