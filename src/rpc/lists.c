@@ -256,17 +256,28 @@ typedef struct {
   bt_kind_t kind;
 } bytag_t;
 
+static int is_alpha(char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
+
+/* The key goes into the filter unquoted, after "tags.", as part of one
+ * ZitiQL identifier (openziti/storage zitiql/ZitiQl.g4 IDENTIFIER): dotted
+ * segments, each a letter then letters, '_' or '-'. No digits: the
+ * controller would answer 400 INVALID_FILTER for "tags.env2". */
 static int tag_key_ok(const char *k) {
-  if (k == NULL || k[0] == '\0' || strlen(k) > 128)
+  if (k == NULL || strlen(k) > 128)
     return 0;
-  for (const char *p = k; *p; p++) {
-    char c = *p;
-    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-          (c >= '0' && c <= '9') || c == '_' || c == '.' || c == '-' ||
-          c == '/' || c == ':'))
+  for (const char *p = k;; p++) {
+    if (!is_alpha(*p))
+      return 0; /* a segment starts with a letter */
+    while (is_alpha(p[1]) || p[1] == '_' || p[1] == '-')
+      p++;
+    if (p[1] == '\0')
+      return 1;
+    if (p[1] != '.')
       return 0;
+    p++;
   }
-  return 1;
 }
 
 static int cmp_tag(const void *a, const void *b) {
@@ -372,8 +383,9 @@ static void by_tag(zm_call_t *call, zm_app_t *app, bt_kind_t kind,
         zm_rpc_check_id(sorted[i]->value[0] ? sorted[i]->value : "x",
                         "value") != NULL) {
       zm_call_fail(call, ZM_GRPC_INVALID_ARGUMENT,
-                   "tags: a key must be [A-Za-z0-9_.:/-]+ (at most 128), a "
-                   "value valid UTF-8");
+                   "tags: a key must be dotted segments of a letter then "
+                   "letters, '_' or '-' (ZitiQL has no digits in names; at "
+                   "most 128), a value valid UTF-8");
       return;
     }
     char *q = zm_ziti_quote(sorted[i]->value);

@@ -8,6 +8,7 @@ tombstone - or, for the identities and objects whose ids the caller keeps,
 a successful answer), and nothing recorded that the controller lacks.
 """
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -258,6 +259,22 @@ def test_device_identity(sim, srv, st):
     st.DeleteDeviceIdentity(pb.DeleteDeviceIdentityRequest(ziti_identity_id=r.ziti_identity_id), timeout=10)
     assert sim.state()["identities"] == []
     settle(sim, srv.store_path)
+
+
+def test_device_create_refused_spares_the_other_identity(sim, srv, st):
+    # The name is free when checked; while our create is held, somebody else creates it. The controller refuses
+    # ours as a duplicate: nothing of ours exists, and the identity under that name is not ours to delete.
+    faults(sim, {"method": "POST", "path_prefix": MGMT + "/identities", "action": "delay", "ms": 1500, "count": 1})
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(rpc_code, st.CreateDeviceIdentity,
+                        pb.CreateDeviceIdentityRequest(user_identity_id=U(), name="taken"), timeout=20)
+        time.sleep(0.5)
+        other = sim.seed_identity("taken")
+        code, _ = fut.result()
+    faults(sim)
+    assert code == grpc.StatusCode.INTERNAL
+    settle(sim, srv.store_path, kept=(other["id"],))
+    assert [i["id"] for i in sim.state()["identities"]] == [other["id"]]
 
 
 def test_device_jwt_failure_is_compensated(sim, srv, st):
@@ -551,8 +568,17 @@ def test_list_services_paged_and_filtered(sim, srv, st):
     assert len(st.ListServicesByTag(pb.ListServicesByTagRequest(), timeout=10).services) == 8
     for fn, req in ((st.ListServices, pb.ListServicesRequest(page_token="abc")),
                     (st.ListServicesByTag, pb.ListServicesByTagRequest(page_token="-1")),
-                    (st.ListServicesByTag, pb.ListServicesByTagRequest(tags={'x" or true': "1"}))):
+                    (st.ListServicesByTag, pb.ListServicesByTagRequest(tags={'x" or true': "1"})),
+                    # keys ZitiQL cannot name (the controller would answer 400 INVALID_FILTER)
+                    (st.ListServicesByTag, pb.ListServicesByTagRequest(tags={"env2": "1"})),
+                    (st.ListServicesByTag, pb.ListServicesByTagRequest(tags={"agyn.io/x": "1"})),
+                    (st.ListServicesByTag, pb.ListServicesByTagRequest(tags={"a..b": "1"})),
+                    (st.ListServicesByTag, pb.ListServicesByTagRequest(tags={"-a": "1"})),
+                    (st.ListServicesByTag, pb.ListServicesByTagRequest(tags={"": "1"}))):
         assert rpc_code(fn, req, timeout=5)[0] == grpc.StatusCode.INVALID_ARGUMENT
+    # '-' and '_' after a segment's first letter are names ZitiQL accepts
+    assert len(st.ListServicesByTag(pb.ListServicesByTagRequest(tags={"agyn.managed-by": "x", "a_b": "y"}),
+                                    timeout=10).services) == 0
 
 
 def test_list_controller_failure(sim, st):

@@ -539,10 +539,14 @@ def test_list_filter_pagination_chunked(sim, api):
     r = api.req("GET", MGMT + "/identities?filter=" + urllib.parse.quote('name="nobody"'))
     assert r.json()["data"] == [] and r.json()["meta"]["pagination"]["totalCount"] == 0
     # strictness
-    for bad in ('name="a"and name="b"', 'bogus="x"', 'name="unterminated', 'name="\\q"', 'name=5', 'name ~ "x"'):
+    # identifiers as ZitiQl.g4 has them: no digits, '/' or ':', each dotted segment starting with a letter
+    for bad in ('name="a"and name="b"', 'bogus="x"', 'name="unterminated', 'name="\\q"', 'name=5', 'name ~ "x"',
+                'tags.env2="x"', 'tags.agyn.io/x="x"', 'tags.a:b="x"', 'tags._a="x"', 'tags.a..b="x"'):
         r = api.req("GET", MGMT + "/identities?filter=" + urllib.parse.quote(bad))
         assert_error(r, 400, "INVALID_FILTER")
     assert_error(api.req("GET", MGMT + "/identities?offset=x1"), 601, "COULD_NOT_VALIDATE")
+    r = api.req("GET", MGMT + "/identities?filter=" + urllib.parse.quote('tags.agyn.managed-by="x"'))
+    assert r.status == 200 and r.json()["data"] == []
     # limit rules: 0 -> 10, > 500 -> 500, -1 -> all
     assert api.req("GET", MGMT + "/identities?limit=0").json()["meta"]["pagination"]["limit"] == 10
     assert api.req("GET", MGMT + "/identities?limit=100000").json()["meta"]["pagination"]["limit"] == 500
