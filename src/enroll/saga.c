@@ -68,6 +68,7 @@ typedef struct enroll {
   int cancelled;
   int created_maybe;     /* CREATE was sent: compensation needed on failure */
   int create_unanswered; /* CREATE failed without a conclusive answer */
+  int create_refused;    /* CREATE refused: nothing of ours was created */
   zm_grpc_status_t fail_status;
   char fail_msg[256];
   struct enroll *ready_next; /* app->enroll_ready */
@@ -489,6 +490,11 @@ static void on_created(const zm_ziti_result_t *r, void *data) {
   enroll_t *e = data;
   if (r->err != 0) {
     e->create_unanswered = !create_answered(r);
+    /* A refusal proves the create did not happen: an identity found under
+     * the name is somebody else's (a device's name is the caller's own). A
+     * 2xx we could not read, or a 500, may have come after it did. */
+    e->create_refused = r->err == ZM_E_EXISTS || r->err == ZM_E_INVAL ||
+                        r->err == ZM_E_UNAUTHORIZED || r->err == ZM_E_NOT_FOUND;
     fail_from_ziti(e, "create identity", r);
     return;
   }
@@ -916,8 +922,9 @@ static void on_compensate_found(const zm_ziti_result_t *r, void *data) {
 }
 
 static void enroll_on_compensate(enroll_t *e) {
-  if (!e->created_maybe) {
-    /* nothing was sent (an unarmed device intent included) */
+  if (!e->created_maybe || e->create_refused) {
+    /* nothing was sent (an unarmed device intent included), or the
+     * controller refused it */
     abandon(e);
   } else if (e->id != NULL) {
     condemn(e);
