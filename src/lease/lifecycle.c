@@ -16,6 +16,7 @@
 #include "zm/zm.h"
 
 #include <stdlib.h>
+#include <time.h>
 #include <string.h>
 
 /* Heartbeat period, and the silence after which the store counts an outage
@@ -110,7 +111,7 @@ struct zm_life {
   uv_timer_t beat_timer;
   int beat_inflight;
   int64_t anchor_store_ms; /* store clock at anchor_mono */
-  uint64_t anchor_mono;    /* ms, uv_hrtime based */
+  uint64_t anchor_mono;    /* ms, mono_ms() */
   uint64_t last_beat_ok;   /* mono ms of the last successful beat; 0 never */
   uint64_t beat_sent;      /* mono ms the beat in flight was sent */
   int64_t resumed_ms;      /* store clock: start of the current up period */
@@ -143,7 +144,15 @@ struct zm_life {
   void *stop_data;
 };
 
-static uint64_t mono_ms(void) { return uv_hrtime() / 1000000u; }
+/* CLOCK_BOOTTIME, not the loop's CLOCK_MONOTONIC: it also runs while the
+ * host is suspended or the VM paused, so the store time carried between
+ * beats, and the age of the last store answer, count that time too. */
+static uint64_t mono_ms(void) {
+  struct timespec ts;
+  if (clock_gettime(CLOCK_BOOTTIME, &ts) != 0)
+    return uv_hrtime() / 1000000u;
+  return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
 
 static void maybe_stopped(zm_life_t *l);
 
@@ -424,7 +433,11 @@ int zm_life_extend(zm_life_t *l, const char *id, zm_life_cb cb, void *data) {
    * durable lease still running. The index keeps a pending refresh as a
    * 32-bit distance past the durable lease: one further ahead (possible only
    * with a TTL above ~49 days) takes the durable path, right for any lease. */
-  if (s != NULL && s->lease_expires_ms > now + (int64_t)zm_life_margin_ms(l) &&
+  /* Shared: the remembered lease is vouched for only by a recent change
+   * poll (a collection by another replica evicts it). */
+  int fresh = !l->shared || mono_ms() - l->changes_ok_mono < CHANGES_STALE_MS;
+  if (s != NULL && fresh &&
+      s->lease_expires_ms > now + (int64_t)zm_life_margin_ms(l) &&
       lease - s->lease_expires_ms <= (int64_t)UINT32_MAX) {
     if (lease > zm_index_pending_ms(s))
       zm_index_set_pending_ms(s, lease);
@@ -550,8 +563,19 @@ static void on_changes(int err, const int64_t *seqs, const char *const *ids,
       l->seen = zm_xrealloc(l->seen, l->cap_seen * sizeof *l->seen);
     }
     l->seen[l->n_seen++] = (seen_t){seqs[i], m};
-    if (zm_index_del_managed(l->index, ids[i], strlen(ids[i])))
+    size_t len = strlen(ids[i]);
+    if (zm_index_del_managed(l->index, ids[i], len))
       l->stats.evicted++;
+    /* A service lease another replica collected: the durable lease this
+     * replica remembers (and a late flush of its own, which skips the
+     * missing row) must not answer OK for it; without the entry the next
+     * refresh asks the store, which answers NOT_FOUND. One this replica is
+     * deleting keeps its DELETING state. */
+    zm_index_service_t *s = zm_index_lookup_service(l->index, ids[i], len);
+    if (s != NULL && s->state == ZM_LEASE_LIVE) {
+      zm_index_del_service(l->index, ids[i], len);
+      l->stats.evicted++;
+    }
     l->epoch++;
   }
   l->changes_ok_mono = m;

@@ -174,8 +174,9 @@
     " t AS (INSERT INTO deleting_identities " TOMB_COLS                        \
     " SELECT ziti_identity_id, 1, CASE WHEN service_type = 0 THEN $3::int"     \
     " ELSE service_type END, 0, zm_ts($4::bigint), zm_ts($5::bigint),"         \
-    " zm_ts($6::bigint) FROM d " TOMB_REPLACE ")"                              \
-    " SELECT zm_found(count(*)) FROM d")                                       \
+    " zm_ts($6::bigint) FROM d " TOMB_REPLACE "),"                             \
+    " c AS (INSERT INTO identity_changes (ziti_identity_id)"                   \
+    " SELECT ziti_identity_id FROM d) SELECT zm_found(count(*)) FROM d")       \
   X(PUT_TOMB, 7,                                                               \
     "INSERT INTO deleting_identities " TOMB_COLS " VALUES ($1::text,"          \
     " $2::smallint, $3::smallint, $4::int, zm_ts($5::bigint),"                 \
@@ -212,7 +213,9 @@
     " t AS (INSERT INTO deleting_identities " TOMB_COLS                        \
     " SELECT ziti_identity_id, 1, service_type, 0, zm_ts($2::bigint),"         \
     " zm_ts($3::bigint), zm_ts($2::bigint) FROM c " TOMB_REPLACE               \
-    " RETURNING " TOMB_RET ")"                                                 \
+    " RETURNING " TOMB_RET "),"                                                \
+    " ch AS (INSERT INTO identity_changes (ziti_identity_id)"                  \
+    " SELECT ziti_identity_id FROM c)"                                         \
     " SELECT t.* FROM t JOIN c USING (ziti_identity_id)"                       \
     " ORDER BY c.lease_expires_at, ziti_identity_id")                          \
   X(CLAIM_TOMBS, 3,                                                            \
