@@ -5,7 +5,7 @@
  * The Go tables (managed_identities, service_identities) are created only
  * when neither exists: an empty database. Then, and only then, the Go
  * service's schema_migrations table is created if absent and, when it is
- * empty, filled with the names of the eight Go migration files, so the Go
+ * empty, filled with the names of the nine Go migration files, so the Go
  * service can later run on this database without re-running (and failing
  * on) migrations whose effect is already there. A database the Go service
  * already migrated keeps its tables and its schema_migrations rows exactly
@@ -30,19 +30,23 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The Go service's migration files (agynio/ziti-management migrations/),
+ * by name: its migrator applies, at start, every file whose name
+ * schema_migrations does not hold. */
 const char *const zm__pg_go_migrations[] = {
     "0001_init.sql",
     "0002_service_identities.sql",
-    "0003_managed_identity_service.sql",
-    "0004_workload_id.sql",
-    "0005_identity_type_smallint.sql",
-    "0006_lease_index.sql",
-    "0007_agent_id.sql",
+    "0003_drop_tenant_id.sql",
+    "0004_add_ziti_service_id.sql",
+    "0005_add_identity_id_index.sql",
+    "0006_make_identity_id_unique.sql",
+    "0007_add_workload_id.sql",
+    "0007_make_identity_id_non_unique.sql",
     "0008_identity_agent_environment.sql",
 };
 const size_t zm__pg_go_migrations_count = ZM_ARRAY_SIZE(zm__pg_go_migrations);
 
-/* The Go schema, as its eight migrations leave it. */
+/* The Go schema, as its migrations leave it (index names included). */
 static const char GO_SCHEMA[] =
     "CREATE TABLE managed_identities ("
     " ziti_identity_id TEXT PRIMARY KEY,"
@@ -53,14 +57,16 @@ static const char GO_SCHEMA[] =
     " workload_id UUID,"
     " agent_id UUID,"
     " environment_id UUID);"
-    "CREATE INDEX managed_identities_identity_id_idx"
+    "CREATE INDEX idx_managed_identities_type"
+    " ON managed_identities (identity_type);"
+    "CREATE INDEX idx_managed_identities_identity_id"
     " ON managed_identities (identity_id);"
     "CREATE TABLE service_identities ("
     " ziti_identity_id TEXT PRIMARY KEY,"
     " service_type SMALLINT NOT NULL,"
     " lease_expires_at TIMESTAMPTZ NOT NULL,"
     " created_at TIMESTAMPTZ NOT NULL DEFAULT NOW());"
-    "CREATE INDEX service_identities_lease_expires_at_idx"
+    "CREATE INDEX idx_service_identities_lease"
     " ON service_identities (lease_expires_at);";
 
 static const char GO_MIGRATIONS_TABLE[] =
