@@ -84,7 +84,7 @@ void zm_enroll_init(zm_app_t *app);
 /* Runs whatever steps are still queued, then closes the queue's handle. */
 void zm_enroll_close(zm_app_t *app);
 
-/* Random lower-case alphanumeric suffix for identity names (n chars + NUL). */
+/* Random lower-case hex suffix for identity names (n - 1 digits + NUL). */
 int zm_enroll_short_id(char *out, size_t n);
 
 #endif /* ZM_ENROLL_H */

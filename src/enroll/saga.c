@@ -30,8 +30,8 @@
 
 /* Compensation and recovery get their own time budget, not the caller's. */
 #define COMPENSATE_TIMEOUT_MS 30000u
-#define SHORT_ID_LEN 10
-#define AGENT_SHORT_ID_LEN 8
+/* The Go service's "-<s8>": 8 lower-case hex digits (the head of a UUIDv4) */
+#define SHORT_ID_LEN 8
 /* Found-by-externalId / recorded identities replaced at most. */
 #define MAX_REPLACED 1000u
 
@@ -175,12 +175,12 @@ int zm_enroll_edge_ok(zm_enroll_kind_t kind, zm_enroll_state_t a,
 }
 
 int zm_enroll_short_id(char *out, size_t n) {
-  static const char ALNUM[] = "abcdefghijklmnopqrstuvwxyz0123456789";
+  static const char HEX[] = "0123456789abcdef";
   uint8_t rnd[32];
   if (n == 0 || n - 1 > sizeof rnd || zm_random_bytes(rnd, n - 1) != 0)
     return ZM_E_CRYPTO;
   for (size_t i = 0; i + 1 < n; i++)
-    out[i] = ALNUM[rnd[i] % 36]; /* slight bias is irrelevant for names */
+    out[i] = HEX[rnd[i] & 15];
   out[n - 1] = '\0';
   return 0;
 }
@@ -1074,9 +1074,16 @@ void zm_rpc_request_service_identity(zm_call_t *call,
           ? zm_config_service_type(&app->cfg, req->service_type)
           : NULL;
   if (type == NULL) {
-    zm_call_fail(call, ZM_GRPC_INVALID_ARGUMENT,
-                 req->service_type == 0 ? "service_type is required"
-                                        : "unknown service_type");
+    /* the Go service's words */
+    if (req->service_type == 0)
+      zm_call_fail(call, ZM_GRPC_INVALID_ARGUMENT,
+                   "service_type: service type unspecified");
+    else {
+      char why[64];
+      snprintf(why, sizeof why, "service_type: unknown service type %d",
+               (int)req->service_type);
+      zm_call_fail(call, ZM_GRPC_INVALID_ARGUMENT, why);
+    }
     return;
   }
   if (admit(app, call) != 0)
@@ -1103,7 +1110,7 @@ void zm_enroll_start(zm_app_t *app, zm_call_t *call,
                      const zm_enroll_spec_t *spec) {
   if (admit(app, call) != 0)
     return;
-  char short_id[AGENT_SHORT_ID_LEN + 1];
+  char short_id[SHORT_ID_LEN + 1];
   if (zm_enroll_short_id(short_id, sizeof short_id) != 0) {
     zm_call_fail(call, ZM_GRPC_INTERNAL, "random number generator failed");
     return;

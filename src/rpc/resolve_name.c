@@ -39,7 +39,7 @@ static void on_found(int err, const zm_managed_row_t *rows, size_t n,
     return;
   }
   if (n == 0) {
-    zm_call_fail(call, ZM_GRPC_NOT_FOUND, "identity not found");
+    zm_call_fail(call, ZM_GRPC_NOT_FOUND, "managed identity not found");
     return;
   }
   ZM_DEBUG("resolve: answered by identity_id %s (name fallback)",
@@ -81,5 +81,5 @@ void zm_rpc_resolve_not_found(zm_call_t *call) {
     zm_store_find_managed_by_identity(app->store, uuid, on_found, call);
     return;
   }
-  zm_call_fail(call, ZM_GRPC_NOT_FOUND, "identity not found");
+  zm_call_fail(call, ZM_GRPC_NOT_FOUND, "managed identity not found");
 }

@@ -11,6 +11,7 @@ a successful answer), and nothing recorded that the controller lacks.
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -122,7 +123,7 @@ def test_agent_with_options_and_resolve(sim, srv, st):
     (i,) = ident(sim, r.ziti_identity_id)
     assert i["roleAttributes"] == ["agents", "agent-" + agent, "workload-" + wl, "group-1"]
     assert i["externalId"] == wl and i["tags"] == {"agyn.workload.id": wl}
-    assert i["name"].startswith("agent-%s-" % agent)
+    assert re.fullmatch("agent-%s-[0-9a-f]{8}" % agent, i["name"]), i["name"]
     res = st.ResolveIdentity(pb.ResolveIdentityRequest(ziti_identity_id=r.ziti_identity_id), timeout=5)
     assert res.identity_id == agent and res.identity_type == pb.IDENTITY_TYPE_AGENT_INSTANCE
     assert res.workload_id == wl and res.agent_id == cls and res.environment_id == env
@@ -329,8 +330,8 @@ def test_delete_identity_idempotent_and_deferred(sim, srv, st):
     assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
     faults(sim)
     # the mapping went first; the tombstone is retried until the DELETE lands
-    code, _ = rpc_code(st.ResolveIdentity, pb.ResolveIdentityRequest(ziti_identity_id=r.ziti_identity_id), timeout=5)
-    assert code == grpc.StatusCode.NOT_FOUND
+    code, e = rpc_code(st.ResolveIdentity, pb.ResolveIdentityRequest(ziti_identity_id=r.ziti_identity_id), timeout=5)
+    assert code == grpc.StatusCode.NOT_FOUND and e.details() == "managed identity not found"
     settle(sim, srv.store_path)
     assert sim.state()["identities"] == []
 

@@ -200,7 +200,8 @@ def check_identity(sim, zid, raw_json, tmpdir, type_name=None, roles=None, hands
     assert len(path) >= 2
     ident = sim.identity(zid)
     if type_name is not None:
-        assert ident["name"].startswith("svc-%s-" % type_name), ident["name"]
+        # the Go service's names: svc-<type>-<8 lower-case hex digits>
+        assert re.fullmatch("svc-%s-[0-9a-f]{8}" % re.escape(type_name), ident["name"]), ident["name"]
     if roles is not None:
         assert sorted(ident["roleAttributes"] or []) == sorted(roles)
     if handshake:
@@ -302,9 +303,10 @@ def test_controller_tls_negotiates_chacha20(sim, tmp_path):
 
 
 def test_unknown_service_type(sim, srv, stub):
-    for t in (0, 99):
-        code, _ = rpc_code(stub.RequestServiceIdentity, pb.RequestServiceIdentityRequest(service_type=t), timeout=5)
+    for t, why in ((0, "service_type: service type unspecified"), (99, "service_type: unknown service type 99")):
+        code, e = rpc_code(stub.RequestServiceIdentity, pb.RequestServiceIdentityRequest(service_type=t), timeout=5)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, t
+        assert e.details() == why
     assert sim.state()["identities"] == []
     assert store_records(srv.store_path) == (set(), set(), set())
 
