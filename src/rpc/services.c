@@ -445,8 +445,7 @@ static void check_next(objop_t *o);
 static void on_exists_abandoned(int err, void *data) {
   objop_t *o = data;
   (void)err; /* an unarmed row is dropped by recovery anyway */
-  if (o->fail_status == ZM_GRPC_OK && o->existing_id != NULL &&
-      !o->other_exists) {
+  if (o->fail_status == ZM_GRPC_OK && o->existing_id != NULL) {
     o->on_exists(o);
     return;
   }
@@ -497,7 +496,10 @@ static void check_next(objop_t *o) {
     return;
   }
   if (o->existing_id != NULL || o->other_exists) {
-    if (o->existing_id == NULL || o->other_exists || !o->return_existing) {
+    /* With return_existing an existing object is the answer whatever else
+     * exists (its configs, typically: the Go service finds the service
+     * after its config creates fail, and compares nothing). */
+    if (o->existing_id == NULL || !o->return_existing) {
       o->fail_status = ZM_GRPC_INTERNAL; /* as the Go service's create */
       snprintf(o->fail_msg, sizeof o->fail_msg,
                "create: %.200s exists already on the controller",

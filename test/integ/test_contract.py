@@ -372,6 +372,14 @@ def test_create_service_with_configs_and_get(sim, srv, st):
     again = st.CreateService(pb.CreateServiceRequest(name="exposed-1", role_attributes=["x"], return_existing=True),
                              timeout=10)
     assert again.ziti_service_id == r.ziti_service_id
+    # the same create again (a re-provision): its configs exist too, and the service is still the answer
+    again = st.CreateService(pb.CreateServiceRequest(name="exposed-1", role_attributes=["r1"], host_v1_config=host,
+                                                     intercept_v1_config=pb.InterceptV1Config(**ICPT),
+                                                     return_existing=True), timeout=10)
+    assert (again.ziti_service_id, again.ziti_service_name) == (r.ziti_service_id, "exposed-1")
+    code, _ = rpc_code(st.CreateService, pb.CreateServiceRequest(name="exposed-1", role_attributes=["r1"],
+                                                                 host_v1_config=host), timeout=10)
+    assert code == grpc.StatusCode.INTERNAL
     assert len(objects(sim)[1]) == 2
     settle(sim, srv.store_path, kept={r.ziti_service_id, h["id"], i["id"]})
 
