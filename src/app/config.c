@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #if defined(__GNUC__)
 __attribute__((format(printf, 3, 4)))
@@ -572,9 +573,14 @@ int zm_config_load(zm_config_t *cfg, const char *(*get)(const char *),
                 "ZITI_ENROLLMENT_JWT_FILE needs ZITI_CONTROLLER_URL, "
                 "ZITI_CA_FILE, ZITI_CERT_FILE and ZITI_KEY_FILE (the files "
                 "it writes)");
+  /* The Go service uses only the URL's host (and port), always over https:
+   * http:// is taken the same way. */
   if (cfg->controller_url[0] != '\0' &&
-      strncmp(cfg->controller_url, "https://", 8) != 0)
-    return fail(err, errlen, "ZITI_CONTROLLER_URL must start with https://");
+      strncasecmp(cfg->controller_url, "https://", 8) != 0 &&
+      strncasecmp(cfg->controller_url, "http://", 7) != 0)
+    return fail(err, errlen,
+                "ZITI_CONTROLLER_URL must start with https:// (or http://, "
+                "which is used as https://)");
   if (cfg->controller_url[0] != '\0' &&
       (cfg->ca_file[0] == '\0' || cfg->cert_file[0] == '\0' ||
        cfg->key_file[0] == '\0'))

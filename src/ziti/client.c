@@ -909,10 +909,17 @@ void zm__ziti_maybe_finish(zm_ziti_t *z) {
 /* ---- the public object
  * ---------------------------------------------------------- */
 
+/* https://host[:port][/...]; http:// is taken as https:// (the Go service
+ * keeps only the host and port, and always speaks TLS). */
 static int parse_url(zm_ziti_t *z, const char *url) {
-  if (url == NULL || strncasecmp(url, "https://", 8) != 0)
+  const char *p;
+  if (url != NULL && strncasecmp(url, "https://", 8) == 0)
+    p = url + 8;
+  else if (url != NULL && strncasecmp(url, "http://", 7) == 0)
+    p = url + 7;
+  else
     return ZM_E_INVAL;
-  const char *p = url + 8, *hs, *he;
+  const char *hs, *he;
   if (*p == '[') {
     hs = p + 1;
     he = strchr(hs, ']');

@@ -788,7 +788,7 @@ def test_busy_poll_explicit_value_overrides_auto():
     ({"STORE_SYNC": "sometimes"}, "STORE_SYNC"),
     ({"GRPC_MAX_RECV_MSG_SIZE": "-1"}, "GRPC_MAX_RECV_MSG_SIZE"),
     ({"SERVICE_TYPES": "x"}, "SERVICE_TYPES"),
-    ({"ZITI_CONTROLLER_URL": "http://x"}, "ZITI_CONTROLLER_URL"),
+    ({"ZITI_CONTROLLER_URL": "ftp://x"}, "ZITI_CONTROLLER_URL"),
     ({"ZITI_CONTROLLER_URL": "https://x:1"}, "ZITI_CONTROLLER_URL"),
     ({"LEASE_FLUSH_INTERVAL": "2m"}, "LEASE_FLUSH_INTERVAL"),
 ])

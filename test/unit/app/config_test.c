@@ -160,8 +160,14 @@ static void test_env_overrides_and_errors(void **state) {
   const char *bad_dur[] = {"SERVICE_IDENTITY_GC_INTERVAL", "soon", NULL};
   assert_int_equal(load(&cfg, bad_dur, err, sizeof err), ZM_E_INVAL);
   assert_non_null(strstr(err, "SERVICE_IDENTITY_GC_INTERVAL"));
-  const char *bad_url[] = {"ZITI_CONTROLLER_URL", "http://x", NULL};
+  const char *bad_url[] = {"ZITI_CONTROLLER_URL", "ftp://x", NULL};
   assert_int_equal(load(&cfg, bad_url, err, sizeof err), ZM_E_INVAL);
+  assert_non_null(strstr(err, "must start with https://"));
+  /* http:// is taken as https:// (the Go service keeps only host and port):
+   * what is missing then is the files */
+  const char *http_url[] = {"ZITI_CONTROLLER_URL", "HTTP://x:1", NULL};
+  assert_int_equal(load(&cfg, http_url, err, sizeof err), ZM_E_INVAL);
+  assert_non_null(strstr(err, "ZITI_CA_FILE"));
   const char *no_files[] = {"ZITI_CONTROLLER_URL", "https://x:1", NULL};
   assert_int_equal(load(&cfg, no_files, err, sizeof err), ZM_E_INVAL);
   assert_non_null(strstr(err, "ZITI_CA_FILE"));

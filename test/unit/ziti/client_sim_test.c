@@ -318,8 +318,10 @@ static void test_bad_config(void **state) {
   uv_loop_t loop;
   assert_int_equal(uv_loop_init(&loop), 0);
   zm_ziti_t *z = NULL;
-  zm_ziti_config_t cfg = {.controller_url = "http://127.0.0.1:1",
+  zm_ziti_config_t cfg = {.controller_url = "ftp://127.0.0.1:1",
                           .ca_file = g_sim.ca_file};
+  assert_int_equal(zm_ziti_new(&z, &loop, &cfg), ZM_E_INVAL);
+  cfg.controller_url = "127.0.0.1:1";
   assert_int_equal(zm_ziti_new(&z, &loop, &cfg), ZM_E_INVAL);
   cfg.controller_url = "https://:443";
   assert_int_equal(zm_ziti_new(&z, &loop, &cfg), ZM_E_INVAL);
@@ -330,6 +332,30 @@ static void test_bad_config(void **state) {
   assert_int_equal(zm_ziti_new(&z, &loop, &cfg), ZM_E_TLS);
   assert_null(z);
   assert_int_equal(uv_loop_close(&loop), 0);
+}
+
+/* The Go service keeps only the URL's host and port and always speaks
+ * https: an http:// URL reaches the controller over TLS all the same. */
+static void test_http_url_is_https(void **state) {
+  (void)state;
+  NEED_SIM();
+  char url[sizeof g_sim.url];
+  assert_int_equal(strncmp(g_sim.url, "https://", 8), 0);
+  memcpy(url, "HTTP://", 7);
+  memcpy(url + 7, g_sim.url + 8, strlen(g_sim.url + 8) + 1);
+  env_t e;
+  assert_int_equal(uv_loop_init(&e.loop), 0);
+  zm_ziti_config_t cfg = {.controller_url = url,
+                          .ca_file = g_sim.ca_file,
+                          .cert_file = g_sim.cert_file,
+                          .key_file = g_sim.key_file};
+  assert_int_equal(zm_ziti_new(&e.z, &e.loop, &cfg), 0);
+  res_t o;
+  create(&e, "http-url", NULL, &o);
+  assert_int_equal(o.err, 0);
+  assert_int_equal(o.status, 201);
+  res_free(&o);
+  env_close(&e);
 }
 
 static void test_identity_lifecycle(void **state) {
@@ -1407,6 +1433,7 @@ int main(void) {
     zm_log_set_level(ZM_LOG_DEBUG);
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_bad_config),
+      cmocka_unit_test(test_http_url_is_https),
       cmocka_unit_test(test_identity_lifecycle),
       cmocka_unit_test(test_find_paginates),
       cmocka_unit_test(test_enroll_and_cacerts),
