@@ -114,6 +114,11 @@ uint64_t zm_life_margin_ms(const zm_life_t *l);
  * ZM_E_NOT_FOUND or ZM_E_UNAVAILABLE) after a durable extension. */
 typedef void (*zm_life_cb)(int err, void *data);
 int zm_life_extend(zm_life_t *l, const char *id, zm_life_cb cb, void *data);
+/* Is id a service identity with a lease record (live or not yet collected)?
+ * Returns 1 (yes), 0 (no) or, with a shared store whose record this
+ * replica may not hold, -1: cb then gets 0 (yes), ZM_E_NOT_FOUND (no) or
+ * ZM_E_UNAVAILABLE. */
+int zm_life_is_service(zm_life_t *l, const char *id, zm_life_cb cb, void *data);
 
 /* ResolveIdentity. 1 and *out filled from the cache, or 0. With a shared
  * store a 0 means "ask the store": zm_life_fetch_managed does, caching what

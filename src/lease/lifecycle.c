@@ -463,6 +463,43 @@ int zm_life_extend(zm_life_t *l, const char *id, zm_life_cb cb, void *data) {
   return 1;
 }
 
+typedef struct {
+  zm_life_t *l;
+  zm_life_cb cb;
+  void *data;
+  char id[];
+} probe_t;
+
+static void on_probed(int err, void *data) {
+  probe_t *p = data;
+  zm_life_t *l = p->l;
+  store_answered(l, err);
+  p->cb(err == 0 || err == ZM_E_NOT_FOUND ? err : ZM_E_UNAVAILABLE, p->data);
+  free(p);
+  life_dec(l);
+}
+
+int zm_life_is_service(zm_life_t *l, const char *id, zm_life_cb cb,
+                       void *data) {
+  size_t len = strlen(id);
+  if (zm_index_lookup_service(l->index, id, len) != NULL)
+    return 1;
+  if (!l->shared)
+    return 0; /* the index holds every record of this store */
+  /* The record may be another replica's. The probe is the guarded lease
+   * update with a lease in the past: it changes nothing, and says whether
+   * the row is there. */
+  probe_t *p = zm_xmalloc(sizeof *p + len + 1);
+  p->l = l;
+  p->cb = cb;
+  p->data = data;
+  memcpy(p->id, id, len + 1);
+  zm_store_op_t op = {.kind = ZM_STORE_EXTEND_LEASE, .id = p->id, .ms = 0};
+  l->inflight++;
+  zm_store_submit(l->store, &op, 1, on_probed, p);
+  return -1;
+}
+
 /* ===================== mappings: cache + invalidation ==================== */
 
 int zm_life_cached_managed(zm_life_t *l, const char *id,

@@ -367,17 +367,48 @@ static void on_simple_deleted(int err, const char *msg, void *data) {
   zm_call_reply(call, &resp.base);
 }
 
+static void refuse_service(zm_call_t *call) {
+  zm_call_fail(call, ZM_GRPC_FAILED_PRECONDITION,
+               "ziti_identity_id is a service identity: it goes when its "
+               "lease runs out");
+}
+
+typedef struct {
+  zm_call_t *call;
+  zm_app_t *app;
+  char id[];
+} simple_t;
+
+static void on_service_checked(int err, void *data) {
+  simple_t *s = data;
+  if (err == 0)
+    refuse_service(s->call);
+  else if (err == ZM_E_NOT_FOUND)
+    zm_rpc_delete_identity_any(s->app, s->id, on_simple_deleted, s->call);
+  else
+    zm_call_fail(s->call, ZM_GRPC_UNAVAILABLE, "store unavailable; retry");
+  free(s);
+}
+
 static void delete_simple(zm_call_t *call, zm_app_t *app, const char *id) {
   const char *why = zm_rpc_check_id(id, "ziti_identity_id");
   if (bad(call, why) || need_ziti(app, call))
     return;
-  if (zm_index_lookup_service(app->index, id, strlen(id)) != NULL) {
-    zm_call_fail(call, ZM_GRPC_FAILED_PRECONDITION,
-                 "ziti_identity_id is a service identity: it goes when its "
-                 "lease runs out");
+  /* A leased identity deleted here would leave its lease record LIVE: the
+   * pod's refreshes would be answered OK for an identity that is gone. */
+  size_t len = strlen(id);
+  simple_t *s = zm_xmalloc(sizeof *s + len + 1);
+  s->call = call;
+  s->app = app;
+  memcpy(s->id, id, len + 1);
+  int is = zm_life_is_service(app->life, s->id, on_service_checked, s);
+  if (is < 0)
     return;
-  }
-  zm_rpc_delete_identity_any(app, id, on_simple_deleted, call);
+  free(s);
+  if (is)
+    refuse_service(call);
+  else
+    zm_rpc_delete_identity_any(app, id, on_simple_deleted, call);
 }
 
 void zm_rpc_delete_identity(zm_call_t *call, const ProtobufCMessage *msg,

@@ -323,6 +323,27 @@ def test_lease_collected_through_another_replica_is_not_extended(sim, db, reps):
     assert zid not in on_sim(sim)
 
 
+def test_delete_identity_of_a_service_identity_is_refused_on_every_replica(sim, db, reps):
+    """DeleteIdentity refuses a leased service identity (it goes when its lease runs out) through a replica
+    that never saw it too: deleting it there left its lease record LIVE, and its pod's refreshes answered OK."""
+    r = reps(sim, db, n=2, env={"SERVICE_IDENTITY_LEASE_TTL": "10m"})
+    c, x = r.call("RequestServiceIdentity", pb.RequestServiceIdentityRequest(service_type=1), replica=0, timeout=30)
+    assert c == OK, x
+    zid = x.ziti_identity_id
+    for rep in (0, 1):
+        c, _ = r.call("DeleteIdentity", pb.DeleteIdentityRequest(ziti_identity_id=zid), replica=rep)
+        assert c == grpc.StatusCode.FAILED_PRECONDITION, rep
+    assert zid in on_sim(sim)
+    assert r.extend(zid, replica=1) == OK
+    # an identity that is not a service identity is still deleted through either replica
+    c, x = r.call("CreateDeviceIdentity", pb.CreateDeviceIdentityRequest(user_identity_id=str(uuid.uuid4()),
+                                                                         name="dev-r"), replica=0, timeout=30)
+    assert c == OK, x
+    c, _ = r.call("DeleteIdentity", pb.DeleteIdentityRequest(ziti_identity_id=x.ziti_identity_id), replica=1)
+    assert c == OK
+    wait_for(lambda: x.ziti_identity_id not in on_sim(sim), 20, "the device identity to go")
+
+
 # ---- the Go service's schema ---------------------------------------------------
 
 # The Go service's migration files, as its repository has them
