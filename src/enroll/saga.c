@@ -719,9 +719,11 @@ static void wipe_jti(json_t *j) {
     zm_wipe((char *)json_string_value(jti), json_string_length(jti));
 }
 
-/* ISO 8601 (RFC 3339) UTC -> seconds since the epoch; -1 if unparsable. */
-static int64_t parse_rfc3339(const char *s) {
+/* ISO 8601 (RFC 3339) -> seconds since the epoch, and the fraction's
+ * nanoseconds in *nanos; -1 if unparsable. */
+static int64_t parse_rfc3339(const char *s, int32_t *nanos) {
   int y, mo, d, h, mi, sec;
+  *nanos = 0;
   if (s == NULL ||
       sscanf(s, "%4d-%2d-%2dT%2d:%2d:%2d", &y, &mo, &d, &h, &mi, &sec) != 6)
     return -1;
@@ -734,8 +736,13 @@ static int64_t parse_rfc3339(const char *s) {
   int64_t days = era * 146097 + doe - 719468;
   int64_t t = days * 86400 + h * 3600 + mi * 60 + sec;
   const char *z = s + 19;
-  while (*z == '.' || (*z >= '0' && *z <= '9'))
-    z++;
+  if (*z == '.') {
+    int32_t scale = 100000000;
+    for (z++; *z >= '0' && *z <= '9'; z++) {
+      *nanos += (int32_t)(*z - '0') * scale;
+      scale /= 10;
+    }
+  }
   if (*z == '+' || *z == '-') {
     int oh = 0, om = 0;
     if (sscanf(z + 1, "%2d:%2d", &oh, &om) == 2)
@@ -804,13 +811,16 @@ static void enroll_on_reply(enroll_t *e) {
   case ZM_ENROLL_KIND_TUNNEL: {
     tr.ziti_identity_id = e->id;
     tr.enrollment_jwt = e->jwt.base;
-    int64_t exp = parse_rfc3339(e->jwt_expires);
+    int32_t nanos = 0;
+    int64_t exp = parse_rfc3339(e->jwt_expires, &nanos);
     if (exp <= 0) {
       /* no expiresAt: the JWT's exp claim (as the Go service) */
       exp = jwt_exp(e->jwt.base, e->jwt.len);
+      nanos = 0;
     }
     if (exp > 0) {
       ts.seconds = exp;
+      ts.nanos = nanos;
       tr.enrollment_jwt_expires_at = &ts;
     }
     msg = &tr.base;

@@ -9,6 +9,7 @@ a successful answer), and nothing recorded that the controller lacks.
 """
 
 import concurrent.futures
+import datetime
 import json
 import os
 import re
@@ -295,6 +296,11 @@ def test_tunnel_identity_and_patch(sim, srv, st):
     assert i["name"].startswith("tunnel-cred-1-") and i["externalId"] == "cred-1"
     assert i["roleAttributes"] == ["tunnels", "network-net-1"]
     assert r.enrollment_jwt_expires_at.seconds > time.time() + 60
+    # enrollment.ott.expiresAt to the millisecond (the controller writes milliseconds)
+    exp = sim.identity(r.ziti_identity_id)["enrollment"]["ott"]["expiresAt"]
+    when = datetime.datetime.strptime(exp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc)
+    assert (r.enrollment_jwt_expires_at.seconds, r.enrollment_jwt_expires_at.nanos) == \
+        (int(when.timestamp()), when.microsecond * 1000)
     st.PatchIdentityRoleAttributes(pb.PatchIdentityRoleAttributesRequest(
         ziti_identity_id=r.ziti_identity_id, add=["x", "tunnels", "y"], remove=["network-net-1", "y"]), timeout=10)
     assert ident(sim, r.ziti_identity_id)[0]["roleAttributes"] == ["tunnels", "x"]
