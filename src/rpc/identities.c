@@ -440,6 +440,7 @@ typedef struct {
   char *service_id; /* arena */
   char **zids;      /* arena */
   size_t n, next;
+  int missing_sid; /* an app's rows name no service: an error, once deleted */
 } appdel_t;
 
 static void appdel_next(appdel_t *d);
@@ -468,6 +469,13 @@ static void appdel_next(appdel_t *d) {
   if (d->next < d->n) {
     zm_rpc_delete_identity_any(d->app, d->zids[d->next++],
                                on_app_identity_deleted, d);
+    return;
+  }
+  if (d->missing_sid) {
+    char m[128];
+    snprintf(m, sizeof m, "managed identity %s missing ziti service id",
+             d->identity_id);
+    zm_call_fail(d->call, ZM_GRPC_INTERNAL, m);
     return;
   }
   if (d->service_id == NULL || d->service_id[0] == '\0') {
@@ -506,11 +514,9 @@ static void on_app_rows(int err, const zm_managed_row_t *rows, size_t n,
                    "missing");
       return;
     }
-    char m[128];
-    snprintf(m, sizeof m, "managed identity %s missing ziti service id",
-             d->identity_id);
-    zm_call_fail(d->call, ZM_GRPC_INTERNAL, m);
-    return;
+    /* as the Go service: its identities are deleted first, then the
+     * missing service id is the error */
+    d->missing_sid = 1;
   }
   appdel_next(d);
 }

@@ -199,9 +199,12 @@ def test_app_identity_reenrols_and_deletes(sim, srv, st):
     assert man == [(r2.ziti_identity_id, pb.IDENTITY_TYPE_APP)]
     svc = st.CreateService(pb.CreateServiceRequest(name="app-web", role_attributes=["app-services"],
                                                    host_v1_config=pb.HostV1Config(**HOST)), timeout=20)
-    # without a service id and a row that has none: INTERNAL (as the Go service)
-    code, _ = rpc_code(st.DeleteAppIdentity, pb.DeleteAppIdentityRequest(identity_id=app), timeout=10)
+    # without a service id and a row that has none: the identity goes, then INTERNAL (as the Go service)
+    code, e = rpc_code(st.DeleteAppIdentity, pb.DeleteAppIdentityRequest(identity_id=app), timeout=10)
     assert code == grpc.StatusCode.INTERNAL
+    assert e.details() == "managed identity %s missing ziti service id" % app
+    assert sim.state()["identities"] == []
+    assert zmtest.query(srv.store_path, "SELECT ziti_identity_id FROM managed_identities") == []
     st.DeleteAppIdentity(pb.DeleteAppIdentityRequest(identity_id=app, ziti_service_id=svc.ziti_service_id),
                          timeout=20)
     s, c, _ = objects(sim)
