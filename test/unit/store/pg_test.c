@@ -249,7 +249,14 @@ static void test_fresh_schema(void **state) {
       "service_identities|lease_expires_at|timestamp with time zone|NO|\n"
       "service_identities|created_at|timestamp with time zone|NO|now()\n");
   free(cols);
-  /* primary keys and the two indexes */
+  /* primary keys and the Go service's three indexes, by its names */
+  char *idx = qs("SELECT indexname FROM pg_indexes WHERE tablename IN"
+                 " ('managed_identities', 'service_identities') AND indexname"
+                 " LIKE 'idx_%' ORDER BY indexname");
+  assert_string_equal(idx, "idx_managed_identities_identity_id\n"
+                           "idx_managed_identities_type\n"
+                           "idx_service_identities_lease\n");
+  free(idx);
   assert_int_equal(qi("SELECT count(*) FROM pg_indexes WHERE tablename ="
                       " 'managed_identities' AND indexdef LIKE"
                       " '%btree (identity_id)' AND indexdef NOT LIKE"
@@ -265,11 +272,14 @@ static void test_fresh_schema(void **state) {
                       " 'service_identities')"),
                    2);
   char *mig = qs("SELECT version FROM schema_migrations ORDER BY version");
+  /* the Go service's file names: its migrator finds nothing to apply */
   assert_string_equal(mig, "0001_init.sql\n0002_service_identities.sql\n"
-                           "0003_managed_identity_service.sql\n"
-                           "0004_workload_id.sql\n"
-                           "0005_identity_type_smallint.sql\n"
-                           "0006_lease_index.sql\n0007_agent_id.sql\n"
+                           "0003_drop_tenant_id.sql\n"
+                           "0004_add_ziti_service_id.sql\n"
+                           "0005_add_identity_id_index.sql\n"
+                           "0006_make_identity_id_unique.sql\n"
+                           "0007_add_workload_id.sql\n"
+                           "0007_make_identity_id_non_unique.sql\n"
                            "0008_identity_agent_environment.sql\n");
   free(mig);
   assert_int_equal(qi("SELECT count(*) FROM zm_schema_migrations"), 1);
@@ -278,7 +288,7 @@ static void test_fresh_schema(void **state) {
   /* Again: nothing changes. */
   uv_loop_init(&loop);
   st = open_store(&loop);
-  assert_int_equal(qi("SELECT count(*) FROM schema_migrations"), 8);
+  assert_int_equal(qi("SELECT count(*) FROM schema_migrations"), 9);
   assert_int_equal(qi("SELECT count(*) FROM zm_schema_migrations"), 1);
   close_all(st, &loop);
 }
