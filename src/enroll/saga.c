@@ -886,6 +886,14 @@ static void abandon(enroll_t *e) {
 
 static void on_condemned(int err, void *data) {
   enroll_t *e = data;
+  if (err == ZM_E_NOT_FOUND) {
+    ZM_WARN("enroll %s: compensation: the pending record is gone (the "
+            "commit landed after all, or recovery took it): %s is not "
+            "deleted here",
+            e->name, e->id);
+    compensate_finish(e, 0);
+    return;
+  }
   if (err != 0) {
     ZM_WARN("enroll %s: compensation: delete %s failed: %s; it stays "
             "DELETING and is retried",

@@ -889,6 +889,10 @@ void zm_life_condemn_kind(zm_life_t *l, const char *name, const char *id,
   u->id = zm_xstrdup(id);
   u->tomb_kind = tomb_kind;
   int64_t now = zm_life_now(l);
+  /* TAKE, not DEL: PENDING -> DELETING only from PENDING. Without the row
+   * the create was recorded after all (a COMMIT whose answer was lost, or a
+   * late one) or recovery owns it: the unit fails and nothing is deleted,
+   * where a DELETE would leave a recorded identity that is gone. */
   zm_store_op_t ops[2] = {
       {.kind = ZM_STORE_PUT_TOMB,
        .tomb = {.ziti_identity_id = id,
@@ -897,7 +901,7 @@ void zm_life_condemn_kind(zm_life_t *l, const char *name, const char *id,
                 .next_try_ms = now,
                 .created_at_ms = now},
        .ms = claim_until(l)},
-      {.kind = ZM_STORE_DEL_PENDING, .name = name},
+      {.kind = ZM_STORE_TAKE_PENDING, .name = name},
   };
   zm_store_submit(l->store, ops, name != NULL ? 2 : 1, on_tombstoned, u);
 }

@@ -299,6 +299,43 @@ static void test_delete_without_answer_stays_deleting(void **state) {
   assert_int_equal(scalar(f, "SELECT count(*) FROM deleting_identities"), 1);
 }
 
+/* CONDEMN leads only from PENDING: a compensation that comes after the
+ * commit did land (its answer lost) must not delete a recorded identity. */
+static void test_condemn_needs_the_pending_record(void **state) {
+  fx_t *f = *state;
+  res_t r = {0};
+  zm_managed_row_t m = {.ziti_identity_id = "m-c",
+                        .identity_id = "0b9ad0e0-1111-4222-8333-444455556677",
+                        .identity_type = 1};
+  zm_pending_row_t p = {.name = "agent-c", .kind = ZM_PENDING_AGENT, .type = 1};
+  zm_life_intent(f->life, &p, uv_now(&f->loop) + 1000, on_res, &r);
+  run_until(f, &r.done, 1);
+  r.done = 0;
+  zm_life_commit_managed(f->life, "agent-c", &m, on_res, &r);
+  run_until(f, &r.done, 1);
+  assert_int_equal(r.err, 0);
+  r.done = 0;
+  zm_life_condemn(f->life, "agent-c", "m-c", 1, on_res, &r);
+  run_until(f, &r.done, 1);
+  assert_int_equal(r.err, ZM_E_NOT_FOUND);
+  assert_int_equal(scalar(f, "SELECT count(*) FROM deleting_identities"), 0);
+  assert_int_equal(scalar(f, "SELECT count(*) FROM managed_identities"), 1);
+  zm_index_managed_t cm;
+  assert_int_equal(zm_life_cached_managed(f->life, "m-c", &cm), 1);
+  /* from PENDING it is a tombstone (no controller here: stays DELETING) */
+  zm_pending_row_t q = {.name = "agent-d", .kind = ZM_PENDING_AGENT, .type = 1};
+  r.done = 0;
+  zm_life_intent(f->life, &q, uv_now(&f->loop) + 1000, on_res, &r);
+  run_until(f, &r.done, 1);
+  r.done = 0;
+  zm_life_condemn(f->life, "agent-d", "m-d", 1, on_res, &r);
+  run_until(f, &r.done, 1);
+  assert_int_equal(scalar(f, "SELECT count(*) FROM pending_identities"), 0);
+  assert_int_equal(scalar(f, "SELECT count(*) FROM deleting_identities WHERE "
+                             "ziti_identity_id = 'm-d'"),
+                   1);
+}
+
 static void test_no_collection_right_after_a_resume(void **state) {
   fx_t *f = *state;
   /* first start of this store: resumed now, so every lease lives TTL +
@@ -319,6 +356,8 @@ int main(void) {
                                       setup_long_ttl, teardown),
       cmocka_unit_test_setup_teardown(test_agent_lock, setup, teardown),
       cmocka_unit_test_setup_teardown(test_delete_without_answer_stays_deleting,
+                                      setup, teardown),
+      cmocka_unit_test_setup_teardown(test_condemn_needs_the_pending_record,
                                       setup, teardown),
       cmocka_unit_test_setup_teardown(test_no_collection_right_after_a_resume,
                                       setup, teardown),
