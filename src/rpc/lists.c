@@ -267,16 +267,16 @@ static int is_alpha(char c) {
 static int tag_key_ok(const char *k) {
   if (k == NULL || strlen(k) > 128)
     return 0;
-  for (const char *p = k;; p++) {
-    if (!is_alpha(*p))
+  const char *p = k;
+  for (;;) {
+    if (!is_alpha(*p++))
       return 0; /* a segment starts with a letter */
-    while (is_alpha(p[1]) || p[1] == '_' || p[1] == '-')
+    while (is_alpha(*p) || *p == '_' || *p == '-')
       p++;
-    if (p[1] == '\0')
+    if (*p == '\0')
       return 1;
-    if (p[1] != '.')
+    if (*p++ != '.')
       return 0;
-    p++;
   }
 }
 
