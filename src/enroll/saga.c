@@ -490,11 +490,16 @@ static void on_created(const zm_ziti_result_t *r, void *data) {
   enroll_t *e = data;
   if (r->err != 0) {
     e->create_unanswered = !create_answered(r);
-    /* A refusal proves the create did not happen: an identity found under
-     * the name is somebody else's (a device's name is the caller's own). A
-     * 2xx we could not read, or a 500, may have come after it did. */
-    e->create_refused = r->err == ZM_E_EXISTS || r->err == ZM_E_INVAL ||
-                        r->err == ZM_E_UNAUTHORIZED || r->err == ZM_E_NOT_FOUND;
+    /* A refusal proves this create did not happen. "Exists" proves it only
+     * for a device, whose name is the caller's own (an identity found under
+     * it would be somebody else's): any other name carries our random
+     * suffix, and "exists" then means an earlier send of this very create
+     * landed (re-sent after a 429 a proxy answered after all). A 2xx we
+     * could not read, or a 500, may have come after it did too. */
+    e->create_refused =
+        (r->err == ZM_E_EXISTS && e->kind == ZM_ENROLL_KIND_DEVICE) ||
+        r->err == ZM_E_INVAL || r->err == ZM_E_UNAUTHORIZED ||
+        r->err == ZM_E_NOT_FOUND;
     fail_from_ziti(e, "create identity", r);
     return;
   }
