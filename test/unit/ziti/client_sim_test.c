@@ -276,6 +276,20 @@ typedef struct {
   zm_ziti_t *z;
 } env_t;
 
+/* A loop and a client on cfg; every unset file is the simulator's. */
+static void env_open_cfg(env_t *e, zm_ziti_config_t cfg) {
+  assert_int_equal(uv_loop_init(&e->loop), 0);
+  if (cfg.controller_url == NULL)
+    cfg.controller_url = g_sim.url;
+  if (cfg.ca_file == NULL)
+    cfg.ca_file = g_sim.ca_file;
+  if (cfg.cert_file == NULL)
+    cfg.cert_file = g_sim.cert_file;
+  if (cfg.key_file == NULL)
+    cfg.key_file = g_sim.key_file;
+  assert_int_equal(zm_ziti_new(&e->z, &e->loop, &cfg), 0);
+}
+
 static void env_open(env_t *e, const char *ca_file, unsigned pool,
                      uint64_t idle_ms) {
   assert_int_equal(uv_loop_init(&e->loop), 0);
@@ -344,12 +358,7 @@ static void test_http_url_is_https(void **state) {
   memcpy(url, "HTTP://", 7);
   memcpy(url + 7, g_sim.url + 8, strlen(g_sim.url + 8) + 1);
   env_t e;
-  assert_int_equal(uv_loop_init(&e.loop), 0);
-  zm_ziti_config_t cfg = {.controller_url = url,
-                          .ca_file = g_sim.ca_file,
-                          .cert_file = g_sim.cert_file,
-                          .key_file = g_sim.key_file};
-  assert_int_equal(zm_ziti_new(&e.z, &e.loop, &cfg), 0);
+  env_open_cfg(&e, (zm_ziti_config_t){.controller_url = url});
   res_t o;
   create(&e, "http-url", NULL, &o);
   assert_int_equal(o.err, 0);
@@ -668,13 +677,8 @@ static void test_reauth_reads_renewed_credentials(void **state) {
   copy_file(g_sim.cert_file, cert);
   copy_file(g_sim.key_file, key);
   env_t e;
-  assert_int_equal(uv_loop_init(&e.loop), 0);
-  zm_ziti_config_t cfg = {.controller_url = g_sim.url,
-                          .ca_file = g_sim.ca_file,
-                          .cert_file = cert,
-                          .key_file = key,
-                          .pool_size = 2};
-  assert_int_equal(zm_ziti_new(&e.z, &e.loop, &cfg), 0);
+  env_open_cfg(&e, (zm_ziti_config_t){
+                       .cert_file = cert, .key_file = key, .pool_size = 2});
   res_t o;
   create(&e, "creds-1", NULL, &o);
   assert_int_equal(o.err, 0);
@@ -1097,12 +1101,7 @@ static void test_dns_host(void **state) {
   const char *port = strrchr(g_sim.url, ':');
   snprintf(url, sizeof(url), "https://localhost%s", port);
   env_t e;
-  assert_int_equal(uv_loop_init(&e.loop), 0);
-  zm_ziti_config_t cfg = {.controller_url = url,
-                          .ca_file = g_sim.ca_file,
-                          .cert_file = g_sim.cert_file,
-                          .key_file = g_sim.key_file};
-  assert_int_equal(zm_ziti_new(&e.z, &e.loop, &cfg), 0);
+  env_open_cfg(&e, (zm_ziti_config_t){.controller_url = url});
   res_t o;
   create(&e, "dns-1", NULL, &o);
   assert_int_equal(o.err, 0);
